@@ -1,0 +1,460 @@
+"""Dataset discovery, the stratified train/val split, transforms, robust image loading and download.
+
+Importable module plus a small CLI:
+    python data.py download [--dest data] [--url URL]
+    python data.py stats --data_dir data/inaturalist_12K
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+DEFAULT_DATA_DIR = "data/inaturalist_12K"
+DATASET_URL = "https://storage.googleapis.com/wandb_datasets/nature_12K.zip"
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Eval images are resized so the short side is image_size / CROP_RATIO, then centre-cropped
+# (the standard 0.875 ratio); the decoded cache stores images at that size.
+CROP_RATIO = 0.875
+HELDOUT_NAMES = ("test", "val")
+
+# Keep PIL strict: a truncated file must raise (and be skipped), not decode as grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class UserError(Exception):
+    """Bad input from the user: the scripts print it as one line and exit, no traceback."""
+
+
+# ----------------------------------------------------------------------------- discovery
+@dataclass
+class Dataset:
+    """The files of one dataset root: class names and (path, label) samples per split."""
+
+    root: Path
+    classes: list[str]
+    train: list[tuple[str, int]]
+    heldout: list[tuple[str, int]]
+    heldout_name: str
+
+
+def is_image_file(path: str | Path) -> bool:
+    name = os.path.basename(str(path))
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def list_class_dirs(split_dir: Path) -> list[str]:
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def list_images(class_dir: Path) -> list[str]:
+    """Image files below one class folder (recursively), sorted so order never depends on the OS."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
+    return sorted(files)
+
+
+def resolve_data_dir(data_dir: str | Path) -> Path:
+    """The folder that holds train/; accepts the zip's parent folder too."""
+    root = Path(data_dir).expanduser()
+    if (root / "train").is_dir():
+        return root
+    if (root / "inaturalist_12K" / "train").is_dir():
+        return root / "inaturalist_12K"
+    raise UserError(
+        f"no dataset found: looked for {root / 'train'}/<class>/*.jpg; get iNaturalist 12K with "
+        f"'python data.py download --dest data' (or add --download), or pass --data_dir DIR"
+    )
+
+
+def find_heldout_dir(root: Path) -> tuple[Path, str] | None:
+    for name in HELDOUT_NAMES:
+        if (root / name).is_dir():
+            return root / name, name
+    return None
+
+
+def scan_split(split_dir: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
+    samples = []
+    for label, name in enumerate(classes):
+        files = list_images(split_dir / name)
+        if not files:
+            raise UserError(f"class folder {split_dir / name} has no images")
+        samples.extend((f, label) for f in files)
+    return samples
+
+
+def discover(data_dir: str | Path, need_heldout: bool = False) -> Dataset:
+    """Find classes and samples; class folders must match between train/ and the held-out split."""
+    root = resolve_data_dir(data_dir)
+    classes = list_class_dirs(root / "train")
+    if not classes:
+        raise UserError(f"{root / 'train'} has no class folders (expected train/<class>/*.jpg)")
+    heldout = find_heldout_dir(root)
+    heldout_samples: list[tuple[str, int]] = []
+    heldout_name = ""
+    if heldout is not None:
+        held_dir, heldout_name = heldout
+        held_classes = list_class_dirs(held_dir)
+        if held_classes != classes:
+            only_train = sorted(set(classes) - set(held_classes))
+            only_held = sorted(set(held_classes) - set(classes))
+            raise UserError(
+                f"class folders differ between {root / 'train'} and {held_dir}: "
+                f"only in train: {only_train or 'none'}; only in {heldout_name}: {only_held or 'none'}"
+            )
+        heldout_samples = scan_split(held_dir, classes)
+    elif need_heldout:
+        raise UserError(f"no held-out split: expected {root / 'val'} or {root / 'test'}")
+    return Dataset(root, classes, scan_split(root / "train", classes), heldout_samples, heldout_name)
+
+
+# ----------------------------------------------------------------------------- split
+def stratified_split(
+    samples: Sequence[tuple[str, int]], val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Indices of train and val: `val_fraction` of every class, the same for the same seed."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(i)
+    rng = random.Random(seed)
+    train_idx, val_idx = [], []
+    for label in sorted(by_class):
+        idx = sorted(by_class[label], key=lambda i: samples[i][0])
+        rng.shuffle(idx)
+        n_val = round(len(idx) * val_fraction)
+        if val_fraction > 0 and len(idx) > 1:
+            n_val = min(max(n_val, 1), len(idx) - 1)  # every class in both parts
+        val_idx.extend(idx[:n_val])
+        train_idx.extend(idx[n_val:])
+    return sorted(train_idx), sorted(val_idx)
+
+
+def split_to_json(root: Path, samples, train_idx, val_idx) -> dict:
+    """The split as paths relative to the data root, so it survives moving the dataset."""
+    rel = lambda i: os.path.relpath(samples[i][0], root)  # noqa: E731
+    return {"train": [rel(i) for i in train_idx], "val": [rel(i) for i in val_idx]}
+
+
+def split_from_json(root: Path, split: dict, classes: Sequence[str]) -> tuple[list, list]:
+    """Samples of a saved split; the label comes from the class folder in the path."""
+    index = {c: i for i, c in enumerate(classes)}
+
+    def load(rel_paths):
+        out = []
+        for rel in rel_paths:
+            cls = Path(rel).parts[1] if len(Path(rel).parts) > 2 else Path(rel).parts[0]
+            if cls not in index:
+                raise UserError(f"saved split names class '{cls}' that is not among {list(classes)}")
+            out.append((str(root / rel), index[cls]))
+        return out
+
+    return load(split["train"]), load(split["val"])
+
+
+# ----------------------------------------------------------------------------- images
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: EXIF rotation applied, 16-bit scaled, alpha over white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bit instead of clipping everything to white.
+        img = img.point(lambda v: v / 256).convert("L")
+    elif img.mode == "F":
+        img = img.convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
+        return background
+    return img.convert("RGB")
+
+
+def load_image(path: str, draft_size: int | None = None) -> Image.Image:
+    """Decode one file to RGB. Raises on unreadable, truncated or decompression-bomb files."""
+    with warnings.catch_warnings():
+        # A huge image is an error here, not a warning: it would stall a worker for seconds.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if draft_size and img.format == "JPEG":
+                # DCT-domain downscaling: decode at 1/2..1/8 size when the target is much smaller.
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            return to_rgb(img)
+
+
+class BadImageLog:
+    """Reports each unreadable file once per process and counts skips for the epoch summary."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.epoch_count = 0
+
+    def report(self, path: str, reason: str) -> None:
+        self.epoch_count += 1
+        if path not in self.seen:
+            self.seen.add(path)
+            print(f"warning: skipping unreadable image {path} ({reason})", file=sys.stderr)
+
+    def take_epoch_count(self) -> int:
+        n, self.epoch_count = self.epoch_count, 0
+        return n
+
+
+BAD_IMAGES = BadImageLog()
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """(path, label) samples decoded with PIL; an unreadable file yields None (dropped by collate)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            img = load_image(path)
+        except Exception as e:  # any decode failure: skip the file, never end the run
+            return ("__bad__", path, f"{type(e).__name__}: {e}".splitlines()[0][:200])
+        return (self.transform(img) if self.transform else img), label
+
+
+def collate_skip_bad(batch):
+    """Default collate over the readable samples; bad ones are reported in the main process."""
+    good = []
+    for item in batch:
+        if isinstance(item, tuple) and len(item) == 3 and item[0] == "__bad__":
+            BAD_IMAGES.report(item[1], item[2])
+        else:
+            good.append(item)
+    if not good:
+        return None
+    return torch.utils.data.default_collate(good)
+
+
+# ----------------------------------------------------------------------------- transforms
+def resize_size(image_size: int) -> int:
+    return int(round(image_size / CROP_RATIO))
+
+
+def build_transforms(image_size: int, augment: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """(train, eval) torchvision transforms; eval data is never augmented."""
+    from torchvision import transforms as T
+
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    eval_tf = T.Compose([T.Resize(resize_size(image_size)), T.CenterCrop(image_size), *normalize])
+    if not augment:
+        return eval_tf, eval_tf
+    train_tf = T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.25, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(0.3, 0.3, 0.3),
+        *normalize,
+    ])
+    return train_tf, eval_tf
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, sampler=None,
+                pin_memory: bool = False, drop_last: bool = False, seed: int = 0):
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=workers, collate_fn=collate_skip_bad, pin_memory=pin_memory,
+        drop_last=drop_last, persistent_workers=workers > 0, generator=generator,
+    )
+
+
+# ----------------------------------------------------------------------------- download
+def download_file(url: str, dest: Path, chunk: int = 1 << 20) -> None:
+    """Fetch url into dest with a progress bar, resuming a partial dest.part via HTTP Range."""
+    from tqdm import tqdm
+
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        resp = urllib.request.urlopen(req, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # range past the end: the part file is already complete
+            part.replace(dest)
+            return
+        raise UserError(f"download failed: {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"download failed: {url}: {getattr(e, 'reason', e)} (no internet?)") from None
+    with resp:
+        if have and resp.status != 206:
+            have = 0  # server ignored Range: start over
+        length = resp.headers.get("Content-Length")
+        total = have + int(length) if length else None
+        with open(part, "ab" if have else "wb") as f, tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, desc=dest.name
+        ) as bar:
+            try:
+                while True:
+                    block = resp.read(chunk)
+                    if not block:
+                        break
+                    f.write(block)
+                    bar.update(len(block))
+            except (OSError, urllib.error.URLError) as e:
+                raise UserError(f"download interrupted ({e}); run the same command again to resume") from None
+    if total is not None and part.stat().st_size < total:
+        raise UserError(
+            f"download incomplete ({part.stat().st_size} of {total} bytes); run the same command again to resume"
+        )
+    part.replace(dest)
+
+
+def check_zip_members(zf: zipfile.ZipFile, dest: Path) -> None:
+    """Refuse entries that would land outside dest (../, absolute paths) or are symlinks."""
+    base = dest.resolve()
+    for info in zf.infolist():
+        name = info.filename
+        target = (base / name).resolve()
+        if name.startswith(("/", "\\")) or ":" in name.split("/")[0] or not (
+            target == base or base in target.parents
+        ):
+            raise UserError(f"refusing archive entry outside the destination: {name!r}")
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise UserError(f"refusing symbolic link in archive: {name!r}")
+
+
+def extract_zip(archive: Path, dest: Path) -> None:
+    """Verify the archive, then extract into a temp folder and move into place (never half-extracted)."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise UserError(f"corrupt archive {archive}: bad CRC in {bad}; delete it and download again")
+            check_zip_members(zf, dest)
+            tmp = dest / f".extract-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            zf.extractall(tmp)
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"corrupt archive {archive}: {e}; delete it and download again") from None
+    for entry in tmp.iterdir():
+        target = dest / entry.name
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        entry.replace(target)
+    tmp.rmdir()
+
+
+def download_dataset(dest: str | Path = "data", url: str = DATASET_URL) -> Path:
+    """Download and extract nature_12K.zip into dest; a no-op when it is already there."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    marker = dest / ".extracted"
+    archive = dest / (Path(url.split("?")[0]).name or "dataset.zip")
+    if marker.exists() and marker.read_text().strip() == archive.name:
+        print(f"dataset already downloaded and extracted in {dest}")
+        return dest
+    if not archive.exists():
+        download_file(url, archive)
+    print(f"extracting {archive} ...")
+    extract_zip(archive, dest)
+    marker.write_text(archive.name + "\n")
+    print(f"done: {dest}")
+    return dest
+
+
+def ensure_data(data_dir: str | Path, download: bool, url: str = DATASET_URL) -> Path:
+    """Resolve the data root; with download=True fetch it first when missing."""
+    try:
+        return resolve_data_dir(data_dir)
+    except UserError:
+        if not download:
+            raise
+    data_dir = Path(data_dir)
+    dest = data_dir.parent if data_dir.name == "inaturalist_12K" else data_dir
+    download_dataset(dest, url)
+    return resolve_data_dir(data_dir)
+
+
+# ----------------------------------------------------------------------------- stats
+def dataset_stats(data_dir: str | Path, check_images: bool = True) -> dict:
+    """Images per class per split, and the files that cannot be decoded."""
+    ds = discover(data_dir)
+    splits = {"train": ds.train}
+    if ds.heldout_name:
+        splits[ds.heldout_name] = ds.heldout
+    counts = {name: [0] * len(ds.classes) for name in splits}
+    unreadable = []
+    for name, samples in splits.items():
+        for path, label in samples:
+            counts[name][label] += 1
+            if check_images:
+                try:
+                    load_image(path, draft_size=64)
+                except Exception as e:
+                    unreadable.append((path, f"{type(e).__name__}: {e}".splitlines()[0][:200]))
+    return {"root": str(ds.root), "classes": ds.classes, "counts": counts, "unreadable": unreadable}
+
+
+def print_stats(stats: dict) -> None:
+    splits = list(stats["counts"])
+    width = max(len(c) for c in stats["classes"] + ["class"])
+    print(f"{stats['root']}")
+    print(f"{'class':<{width}} " + " ".join(f"{s:>8}" for s in splits))
+    for i, c in enumerate(stats["classes"]):
+        print(f"{c:<{width}} " + " ".join(f"{stats['counts'][s][i]:>8}" for s in splits))
+    print(f"{'total':<{width}} " + " ".join(f"{sum(stats['counts'][s]):>8}" for s in splits))
+    print(f"unreadable files: {len(stats['unreadable'])}")
+    for path, reason in stats["unreadable"]:
+        print(f"  {path}: {reason}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Download and inspect the image dataset.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    dl = sub.add_parser("download", help="download and extract nature_12K.zip (resumable)")
+    dl.add_argument("--dest", default="data", help="folder to download and extract into (default: data)")
+    dl.add_argument("--url", default=DATASET_URL, help="archive URL (default: the public nature_12K.zip)")
+    st = sub.add_parser("stats", help="images per class per split, and unreadable files")
+    st.add_argument("--data_dir", "--data-dir", default=DEFAULT_DATA_DIR,
+                    help=f"dataset root holding train/ and val/ or test/ (default: {DEFAULT_DATA_DIR})")
+    st.add_argument("--json", help="also write the statistics to this JSON file")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.command == "download":
+        download_dataset(args.dest, args.url)
+    else:
+        stats = dataset_stats(args.data_dir)
+        print_stats(stats)
+        if args.json:
+            Path(args.json).write_text(json.dumps(stats, indent=1))
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; run the same command again to resume")

@@ -1,0 +1,787 @@
+"""The training loop shared by Part A and Part B: flags, run folders, AMP steps, checkpoints, logging.
+
+Scripts call `add_training_args` for the common flags, `setup_run` to get the data and run folder,
+then `fit` with their model; `load_checkpoint` is the one safe way to read a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import netrc
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+import data
+from data import UserError
+
+CHECKPOINT_FORMAT = "inat-classifier/1"
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")
+
+
+# ----------------------------------------------------------------------------- flags
+def str2bool(value: str | bool) -> bool:
+    """Parse what `wandb agent` and people pass: True/False, true/false, 1/0, yes/no."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("true", "t", "1", "yes", "y", "on"):
+        return True
+    if v in ("false", "f", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False, 1/0, yes/no), got '{value}'")
+
+
+def spellings(name: str) -> list[str]:
+    """`--batch_size` and its hyphen spelling `--batch-size`."""
+    names = [f"--{name}"]
+    if "_" in name:
+        names.append(f"--{name.replace('_', '-')}")
+    return names
+
+
+def add_flag(group, name: str, **kwargs) -> None:
+    group.add_argument(*spellings(name), dest=name, **kwargs)
+
+
+def add_bool(group, name: str, default: bool, help: str) -> None:
+    """`--name`, `--name=False` (as wandb agent passes it), and `--no-name`."""
+    group.add_argument(*spellings(name), dest=name, type=str2bool, nargs="?", const=True,
+                       default=default, metavar="BOOL",
+                       help=f"{help} (default: {default}; --no-{name} turns it off)")
+    group.add_argument(*{f"--no-{name}", f"--no-{name.replace('_', '-')}", f"--no_{name}"},
+                       dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
+def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """The data, optimisation, run and logging flags shared by both training scripts."""
+    d = defaults
+    g = parser.add_argument_group("data")
+    add_flag(g, "data_dir", default=data.DEFAULT_DATA_DIR,
+             help="dataset root holding train/<class>/ and a held-out val/ or test/ (default: %(default)s)")
+    add_bool(g, "download", False, "download nature_12K.zip first when --data_dir is missing")
+    add_flag(g, "val_fraction", type=float, default=0.2,
+             help="fraction of every class of train/ held out for validation (default: %(default)s)")
+    add_flag(g, "image_size", type=int, default=d.get("image_size", 224),
+             help="input size in pixels, square (default: %(default)s)")
+    add_bool(g, "augment", d.get("augment", False),
+             "random resized crop, horizontal flip and colour jitter on training images")
+    add_flag(g, "batch_size", type=int, default=d.get("batch_size", 64), help="batch size (default: %(default)s)")
+    add_flag(g, "workers", type=int, default=min(8, os.cpu_count() or 1),
+             help="data loading processes (default: %(default)s, the number of cores up to 8)")
+
+    g = parser.add_argument_group("optimisation")
+    add_flag(g, "epochs", type=int, default=d.get("epochs", 10), help="training epochs (default: %(default)s)")
+    add_flag(g, "optimizer", default=d.get("optimizer", "adamw"), choices=("adam", "adamw", "sgd"),
+             help="optimizer (default: %(default)s)")
+    add_flag(g, "lr", type=float, default=d.get("lr", 1e-3), help="peak learning rate (default: %(default)s)")
+    add_flag(g, "weight_decay", type=float, default=d.get("weight_decay", 0.05),
+             help="weight decay, not applied to biases and norm layers (default: %(default)s)")
+    add_flag(g, "momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    add_flag(g, "scheduler", default=d.get("scheduler", "cosine"), choices=("cosine", "onecycle", "step", "none"),
+             help="learning-rate schedule, stepped every batch (default: %(default)s)")
+    add_flag(g, "warmup_epochs", type=float, default=d.get("warmup_epochs", 1.0),
+             help="linear warm-up from lr/100 over this many epochs (default: %(default)s)")
+    add_flag(g, "label_smoothing", type=float, default=d.get("label_smoothing", 0.1),
+             help="label smoothing of the cross-entropy loss (default: %(default)s)")
+    add_flag(g, "grad_clip", type=float, default=0.0, help="clip the gradient norm to this; 0 = off (default: %(default)s)")
+    add_flag(g, "patience", type=int, default=0,
+             help="stop after this many epochs without a better val_acc; 0 = never (default: %(default)s)")
+    add_flag(g, "seed", type=int, default=42, help="random seed for the split, init and batches (default: %(default)s)")
+    add_flag(g, "amp", default="auto", choices=("auto", "fp16", "bf16", "off"),
+             help="mixed precision: auto = fp16 autocast + GradScaler on CUDA, off elsewhere (default: %(default)s)")
+    add_flag(g, "device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)")
+
+    g = parser.add_argument_group("run folder and logging")
+    add_flag(g, "out_dir", default="runs", help="parent folder of run folders (default: %(default)s)")
+    add_flag(g, "run_name", default=None, help="run folder name (default: built from the hyperparameters and time)")
+    add_flag(g, "resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    add_flag(g, "save_every", type=int, default=0,
+             help="also write last.pt every N batches, for very long epochs; 0 = end of epoch only (default: %(default)s)")
+    add_flag(g, "wandb", default="auto", choices=("auto", "online", "offline", "disabled"),
+             help="W&B logging: auto = online when an API key is configured, else offline (default: %(default)s)")
+    add_flag(g, "wandb_project", default=d.get("wandb_project", "inat12k"), help="W&B project (default: %(default)s)")
+    add_flag(g, "wandb_entity", default=None, help="W&B entity (team or user); default: your default entity")
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if not 0 <= args.label_smoothing < 1:
+        raise UserError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+
+
+def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
+            argv: list[str] | None = None) -> None:
+    """Parse and run; bad input becomes one 'error:' line and exit code 2, never a traceback."""
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (UserError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+# ----------------------------------------------------------------------------- device, AMP
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is visible")
+    return device
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full precision."""
+    if mode == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if mode == "fp16":
+        if device.type == "cpu":
+            raise UserError("--amp fp16 needs a GPU; use --amp bf16 or off on CPU")
+        return torch.float16
+    return torch.bfloat16 if mode == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# ----------------------------------------------------------------------------- optimisation
+def param_groups_with_decay(named_params: Iterable[tuple[str, nn.Parameter]], lr: float,
+                            weight_decay: float, name: str) -> list[dict]:
+    """Split parameters so biases and norm weights (1-d) get no weight decay."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": name})
+    if no_decay:
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": name + "_no_decay"})
+    return groups
+
+
+def build_optimizer(groups: list[dict], args: argparse.Namespace) -> torch.optim.Optimizer:
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=args.lr)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of each group's base LR at a given optimizer step."""
+    if warmup > 0 and step < warmup:
+        return 0.01 + 0.99 * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "step":  # x0.1 at 1/3 and 2/3 of training
+        return 0.1 ** int(3 * progress if progress < 1 else 2)
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int):
+    total = max(1, args.epochs * steps_per_epoch)
+    if args.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+            pct_start=max(0.05, min(0.5, args.warmup_epochs / max(1, args.epochs))),
+            cycle_momentum=args.optimizer == "sgd")
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, args.scheduler))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temp file, fsync, then rename: a crash mid-write never breaks `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load one of our checkpoints safely (weights_only); any other file is a one-line error."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a PyTorch checkpoint, or truncated (no zip archive structure)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unsupported content"
+        raise UserError(f"{path}: refused to load: it holds objects beyond weights and plain data "
+                        f"(not one of our checkpoints, or unsafe): {reason[:150]}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt): "
+                        f"{str(e).splitlines()[0][:150] if str(e) else type(e).__name__}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint written by this tool (no '{CHECKPOINT_FORMAT}' format tag)")
+    return ckpt
+
+
+def load_weights(model: nn.Module, state: dict, path: str | Path) -> None:
+    """Load a state dict, turning architecture or class-set mismatches into one line."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise UserError(f"{path}: weights do not fit the model (other architecture or class set): {detail[:200]}") from None
+
+
+def json_safe(config: dict) -> dict:
+    """Flags as plain JSON types, so they load with weights_only=True and dump to args.json."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = [x if isinstance(x, (bool, int, float, str)) else str(x) for x in v]
+        else:
+            out[k] = str(v)
+    return out
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- run setup
+@dataclass
+class RunSetup:
+    """What a training script needs before it builds its model: data, split and run folder."""
+
+    args: argparse.Namespace
+    run_dir: Path
+    root: Path
+    classes: list[str]
+    train_samples: list
+    val_samples: list
+    split: dict
+    resume: dict | None = None
+
+
+def unique_run_dir(out_dir: Path, name: str) -> Path:
+    """A new folder that no other process (sweep agent) can also get: mkdir is atomic."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        path = out_dir / (name if i == 0 else f"{name}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"could not create a new run folder under {out_dir}")
+
+
+def resume_args(args: argparse.Namespace, ckpt: dict) -> argparse.Namespace:
+    """The saved flags, keeping only this invocation's machine-specific ones."""
+    saved = dict(ckpt["config"])
+    for key in ("workers", "device", "wandb", "resume", "data_dir", "save_every"):
+        saved[key] = getattr(args, key)
+    if args.data_dir == data.DEFAULT_DATA_DIR:
+        saved["data_dir"] = ckpt["config"]["data_dir"]
+    merged = vars(args).copy()
+    merged.update(saved)
+    return argparse.Namespace(**merged)
+
+
+def setup_run(args: argparse.Namespace, name: str,
+              validate: Callable[[int], Any] | None = None) -> RunSetup:
+    """Resolve data, split and run folder for a new run, or reload them for --resume.
+
+    `validate(num_classes)` may raise on bad model flags before any folder is created.
+    """
+    check_common_args(args)
+    ckpt = None
+    if args.resume:
+        last = Path(args.resume) / "last.pt"
+        ckpt = load_checkpoint(last)
+        if "optimizer" not in ckpt:
+            raise UserError(f"{last}: has no training state to resume from")
+        args = resume_args(args, ckpt)
+        run_dir = Path(args.resume)
+    root = data.ensure_data(args.data_dir, args.download)
+    ds = data.discover(root)
+    if ckpt is not None:
+        if ckpt["class_names"] != ds.classes:
+            raise UserError(f"classes in {root} differ from the run's: {ckpt['class_names']}")
+        split = ckpt["split"]
+        train_samples, val_samples = data.split_from_json(ds.root, split, ds.classes)
+    else:
+        train_idx, val_idx = data.stratified_split(ds.train, args.val_fraction, args.seed)
+        split = data.split_to_json(ds.root, ds.train, train_idx, val_idx)
+        train_samples = [ds.train[i] for i in train_idx]
+        val_samples = [ds.train[i] for i in val_idx]
+        if not val_samples:
+            raise UserError("the validation split is empty; use --val_fraction > 0")
+        if validate is not None:
+            validate(len(ds.classes))  # bad model flags fail before a run folder exists
+        if args.run_name:
+            run_dir = Path(args.out_dir) / args.run_name
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise UserError(f"run folder {run_dir} already exists; pass --resume {run_dir} to continue "
+                                f"it, or choose another --run_name")
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = unique_run_dir(Path(args.out_dir), f"{name}-{datetime.now():%Y%m%d-%H%M%S}")
+        (run_dir / "split.json").write_text(json.dumps(split))
+        (run_dir / "args.json").write_text(json.dumps(json_safe(vars(args)), indent=1))
+    return RunSetup(args, run_dir, ds.root, ds.classes, train_samples, val_samples, split, ckpt)
+
+
+# ----------------------------------------------------------------------------- sampling
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled order fixed by (seed, epoch), so a resumed run sees the same batches.
+
+    `skip` drops the first samples of the epoch (resume mid-epoch); `rank`/`world` shard the
+    order for DistributedDataParallel.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        idx = self.order()
+        if self.world > 1:  # pad so every rank gets the same count, as DistributedSampler does
+            idx += idx[: (-len(idx)) % self.world]
+            idx = idx[self.rank :: self.world]
+        return iter(idx[self.skip :])
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world) - self.skip
+
+
+def image_loaders(setup: RunSetup, image_size: int, mean, std, device: torch.device):
+    """Train and val DataLoaders of decoded images (augmented train when --augment)."""
+    args = setup.args
+    train_tf, eval_tf = data.build_transforms(image_size, args.augment, mean, std)
+    pin = device.type == "cuda"
+    train_ds = data.ImageListDataset(setup.train_samples, train_tf)
+    val_ds = data.ImageListDataset(setup.val_samples, eval_tf)
+    train_loader = data.make_loader(train_ds, args.batch_size, False, args.workers,
+                                    sampler=EpochSampler(len(train_ds), args.seed), pin_memory=pin,
+                                    drop_last=len(train_ds) > args.batch_size, seed=args.seed)
+    val_loader = data.make_loader(val_ds, args.batch_size, False, args.workers, pin_memory=pin)
+    return train_loader, val_loader
+
+
+# ----------------------------------------------------------------------------- logging
+def write_metrics_csv(run_dir: Path, history: list[dict]) -> None:
+    """Rewrite metrics.csv from the history (idempotent, so a resume never duplicates rows)."""
+    tmp = run_dir / ".metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, run_dir / "metrics.csv")
+
+
+def read_metrics_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_curves(histories: dict[str, list[dict]], out: Path) -> None:
+    """Loss and accuracy per epoch, train dashed and val solid, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for i, (label, hist) in enumerate(histories.items()):
+        color = f"C{i % 10}"
+        epochs = [h["epoch"] for h in hist]
+        prefix = f"{label} " if len(histories) > 1 else ""
+        for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+            ax.plot(epochs, [h[f"train_{key}"] for h in hist], "--o", color=color, ms=3, label=f"{prefix}train")
+            ax.plot(epochs, [h[f"val_{key}"] for h in hist], "-o", color=color, ms=3, label=f"{prefix}val")
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def wandb_api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    candidates = [os.environ.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc"]
+    for path in filter(None, candidates):
+        try:
+            hosts = netrc.netrc(str(path)).hosts
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if any("wandb" in h for h in hosts):
+            return True
+    return False
+
+
+class WandbLogger:
+    """W&B that never prompts and needs no account: auto picks online only when a key exists."""
+
+    def __init__(self, args: argparse.Namespace, run_dir: Path, name: str, config: dict) -> None:
+        self.run = None
+        mode = args.wandb
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            if mode == "auto":
+                print("W&B: wandb is not installed; logging only to metrics.csv")
+                return
+            raise UserError(f"--wandb {mode} needs the wandb package (pip install wandb), or use --wandb disabled")
+        if mode == "auto":
+            env_mode = os.environ.get("WANDB_MODE")
+            if env_mode in ("online", "offline", "disabled", "dryrun", "run"):
+                mode = {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)
+            elif wandb_api_key_configured():
+                mode = "online"
+            else:
+                mode = "offline"
+                print(f"W&B: no API key configured, logging offline to {run_dir / 'wandb'} "
+                      f"(upload later with 'wandb sync {run_dir / 'wandb'}/offline-run-*')")
+        if mode == "disabled":
+            return
+        self.wandb = wandb
+        kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=name,
+                      config=config, dir=str(run_dir), reinit=True)
+        try:
+            self.run = wandb.init(mode=mode, **kwargs)
+        except Exception as e:  # no key, no network: never lose the run over logging
+            if mode != "online":
+                raise UserError(f"W&B could not start in {mode} mode: {str(e).splitlines()[0][:200]}") from None
+            print(f"W&B: online logging failed ({str(e).splitlines()[0][:150]}); logging offline instead")
+            self.run = wandb.init(mode="offline", **kwargs)
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: Path) -> None:
+        if self.run is not None and path.exists():
+            self.run.log({key: self.wandb.Image(str(path))})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+# ----------------------------------------------------------------------------- loop
+class StopRequested:
+    """Turns Ctrl-C / SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt ...", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """train(), but batch norm whose parameters are all frozen keeps its running statistics."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while training and is saved in last.pt."""
+
+    epoch: int = 0  # completed epochs
+    history: list = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    batches_done: int = 0  # within the current epoch, when saved mid-epoch
+    partial: dict = field(default_factory=dict)  # running sums of the current epoch
+
+
+def to_device(batch, device: torch.device):
+    x, y = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, device, dtype,
+                    epoch: int, args, state: TrainState, stop: StopRequested,
+                    save_mid_epoch: Callable[[int, dict], None]) -> dict:
+    """One pass over the training data; returns train_loss and train_acc."""
+    from tqdm import tqdm
+
+    set_train_mode(model)
+    sums = {"loss": 0.0, "correct": 0.0, "seen": 0, **state.partial}
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen_since_sync, step = 0, state.batches_done
+    t0, t_seen = time.perf_counter(), 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
+               total=len(loader), disable=not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None)
+
+    def sync(batch_idx: int) -> None:
+        nonlocal loss_sum, correct, seen_since_sync
+        ls, cs = loss_sum.item(), correct.item()
+        if not math.isfinite(ls):
+            raise NonFiniteLoss(f"loss became {ls} at epoch {epoch}, batch {batch_idx}")
+        sums["loss"] += ls
+        sums["correct"] += cs
+        sums["seen"] += seen_since_sync
+        loss_sum.zero_(), correct.zero_()
+        seen_since_sync = 0
+
+    for batch in bar:
+        if batch is None:  # every image of the batch was unreadable
+            continue
+        x, y = to_device(batch, device)
+        with autocast(device, dtype):
+            out = model(x)
+            loss = criterion(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach().float() * y.shape[0]
+        correct += (out.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
+        seen_since_sync += y.shape[0]
+        t_seen += y.shape[0]
+        step += 1
+        if step % 20 == 0 or stop or (args.save_every and step % args.save_every == 0):
+            sync(step)
+            bar.set_postfix(loss=f"{sums['loss'] / max(1, sums['seen']):.3f}",
+                            acc=f"{sums['correct'] / max(1, sums['seen']):.3f}",
+                            img_s=f"{t_seen / (time.perf_counter() - t0):.0f}")
+        if stop or (args.save_every and step % args.save_every == 0):
+            save_mid_epoch(step, dict(sums))
+            if stop:
+                bar.close()
+                return {}
+    sync(step)
+    bar.close()
+    n = max(1, sums["seen"])
+    return {"train_loss": sums["loss"] / n, "train_acc": sums["correct"] / n}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None = None,
+             criterion: nn.Module | None = None, return_outputs: bool = False) -> dict:
+    """Loss and accuracy over a loader (each sample once); optionally the probabilities and targets."""
+    model.eval()
+    criterion = criterion or nn.CrossEntropyLoss()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n, probs, targets = 0, [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        x, y = to_device(batch, device)
+        with autocast(device, dtype):
+            out = model(x)
+        out = out.float()
+        loss_sum += criterion(out, y).double() * y.shape[0]
+        correct += (out.argmax(1) == y).sum()
+        n += y.shape[0]
+        if return_outputs:
+            probs.append(out.softmax(1).cpu())
+            targets.append(y.cpu())
+    result = {"loss": (loss_sum / max(1, n)).item(), "acc": correct.item() / max(1, n), "n": n}
+    if return_outputs:
+        result["probs"] = torch.cat(probs) if probs else torch.zeros(0)
+        result["targets"] = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+    return result
+
+
+def checkpoint_payload(meta: dict, model: nn.Module, state: TrainState) -> dict:
+    return {**meta, "format": CHECKPOINT_FORMAT, "model_state": model.state_dict(), "epoch": state.epoch,
+            "metrics": state.history, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch}
+
+
+def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_groups: list[dict],
+        meta: dict, device: torch.device, save_model: nn.Module | None = None,
+        on_epoch_start: Callable[[int], None] | None = None) -> TrainState:
+    """Train with AMP, validate, checkpoint and log every epoch; resumable and interruptible.
+
+    `model` is what runs on each batch; `save_model` (default `model`) is what the checkpoints
+    hold, e.g. the full network when only its head trains on cached features. `meta` (spec, class
+    names, normalisation, image size, split, config) goes into every checkpoint.
+    """
+    args, run_dir = setup.args, setup.run_dir
+    save_model = save_model or model
+    dtype = amp_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    optimizer = build_optimizer(param_groups, args)
+    scheduler = build_scheduler(optimizer, args, len(train_loader))
+    state = TrainState()
+    if setup.resume is not None:
+        ck = setup.resume
+        load_weights(save_model, ck["model_state"], run_dir / "last.pt")
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"])
+        state = TrainState(ck["epoch"], ck["metrics"], ck["best_val_acc"], ck["best_epoch"],
+                           ck.get("batches_done", 0), ck.get("partial", {}))
+        print(f"resuming {run_dir} after epoch {state.epoch}"
+              + (f", batch {state.batches_done}" if state.batches_done else ""))
+    logger = WandbLogger(args, run_dir, run_dir.name, meta["config"])
+    meta = {**meta, "config": json_safe(meta["config"])}
+
+    def save_last(batches_done: int = 0, partial: dict | None = None) -> None:
+        payload = checkpoint_payload(meta, save_model, state)
+        payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                       scaler=scaler.state_dict(), rng=rng_state(), batches_done=batches_done,
+                       partial=partial or {})
+        atomic_torch_save(payload, run_dir / "last.pt")
+
+    from tqdm import tqdm
+
+    try:
+        with StopRequested() as stop:
+            epochs = tqdm(range(state.epoch + 1, args.epochs + 1), desc="epochs", dynamic_ncols=True,
+                          initial=state.epoch, total=args.epochs,
+                          disable=not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None)
+            for epoch in epochs:
+                if on_epoch_start is not None:
+                    on_epoch_start(epoch)
+                sampler = getattr(train_loader, "sampler", None)
+                if isinstance(sampler, EpochSampler):
+                    sampler.set_epoch(epoch, state.batches_done * args.batch_size)
+                # Per-epoch seeds make a resumed run draw the same augmentations and dropout.
+                torch.manual_seed(args.seed * 1000 + epoch)
+                if getattr(train_loader, "generator", None) is not None:
+                    train_loader.generator.manual_seed(args.seed * 1000 + epoch)
+                t0 = time.perf_counter()
+                train = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion,
+                                        device, dtype, epoch, args, state, stop,
+                                        lambda b, p: save_last(b, p))
+                if stop:
+                    raise KeyboardInterrupt
+                state.batches_done, state.partial = 0, {}
+                val = evaluate(model, val_loader, device, dtype, criterion)
+                bad = data.BAD_IMAGES.take_epoch_count()
+                row = {"epoch": epoch, **train, "val_loss": val["loss"], "val_acc": val["acc"],
+                       "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.perf_counter() - t0}
+                state.history.append(row)
+                state.epoch = epoch
+                improved = val["acc"] > state.best_val_acc
+                if improved:
+                    state.best_val_acc, state.best_epoch = val["acc"], epoch
+                    atomic_torch_save(checkpoint_payload(meta, save_model, state), run_dir / "best.pt")
+                save_last()
+                write_metrics_csv(run_dir, state.history)
+                plot_curves({run_dir.name: state.history}, run_dir / "curves.png")
+                logger.log({**row, "skipped_images": bad}, step=epoch)
+                tqdm.write(f"epoch {epoch:>3}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
+                           f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f}  "
+                           f"val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  {row['epoch_time']:.1f}s"
+                           + (f"  ({bad} unreadable images skipped)" if bad else "")
+                           + ("  *" if improved else ""))
+                if args.patience and epoch - state.best_epoch >= args.patience:
+                    print(f"early stop: no better val_acc for {args.patience} epochs")
+                    break
+    except KeyboardInterrupt:
+        logger.finish()
+        print(f"interrupted: saved {run_dir / 'last.pt'}; continue with --resume {run_dir}", file=sys.stderr)
+        sys.exit(130)
+    except NonFiniteLoss as e:
+        logger.finish()
+        last_good = run_dir / "last.pt"
+        raise UserError(f"{e}; stopped instead of training on garbage. Last good checkpoint: "
+                        f"{last_good if last_good.exists() else 'none yet'} (try a lower --lr or --grad_clip)") from None
+    logger.log_image("curves", run_dir / "curves.png")
+    if state.best_val_acc >= 0:
+        logger.run and logger.run.summary.update({"best_val_acc": state.best_val_acc})
+    logger.finish()
+    return state

@@ -1,0 +1,92 @@
+"""Part A: train the flexible from-scratch ConvNet on a folder-per-class dataset.
+
+    python train_parta.py --filters 32 --activation relu
+    python train_parta.py --resume runs/<run>
+"""
+from __future__ import annotations
+
+import argparse
+
+import data
+import engine
+from engine import add_bool, add_flag
+from models import ACTIVATIONS, ConvNet, count_complexity, convnet_spec, format_count
+
+DEFAULTS = dict(image_size=224, batch_size=64, epochs=20, lr=1e-3, optimizer="adamw", weight_decay=0.05,
+                scheduler="cosine", warmup_epochs=1.0, label_smoothing=0.1, augment=True,
+                wandb_project="inat12k-parta")
+
+
+def parse_kernel_size(value: str) -> list[int] | int:
+    """'3' or '7,5,3,3,3' (one per block)."""
+    try:
+        sizes = [int(v) for v in str(value).replace(" ", "").strip("[]").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"kernel size must be an int or a comma list like 7,5,3,3,3, got '{value}'")
+    if not sizes:
+        raise argparse.ArgumentTypeError("kernel size is empty")
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train the from-scratch CNN (Part A).")
+    g = parser.add_argument_group("model")
+    add_flag(g, "filters", type=int, default=32, help="filters in the first conv block (default: %(default)s)")
+    add_flag(g, "filter_org", type=float, default=2.0,
+             help="filter factor from block to block: 1 same, 2 doubling, 0.5 halving (default: %(default)s)")
+    add_flag(g, "conv_layers", type=int, default=5, help="number of conv blocks (default: %(default)s)")
+    add_flag(g, "kernel_size", type=parse_kernel_size, default=3,
+             help="kernel size, one int or one per block like 7,5,3,3,3 (default: %(default)s)")
+    add_flag(g, "activation", default="gelu", choices=tuple(ACTIVATIONS),
+             help="activation after every conv and the dense layer (default: %(default)s)")
+    add_bool(g, "batch_norm", True, "batch normalisation after every conv")
+    add_flag(g, "dropout", type=float, default=0.3, help="dropout before and after the dense layer (default: %(default)s)")
+    add_flag(g, "dense_neurons", type=int, default=512, help="neurons in the hidden dense layer (default: %(default)s)")
+    add_flag(g, "pool", default="flatten", choices=("flatten", "avg"),
+             help="flatten the last feature map, or global-average-pool it, before the dense layer (default: %(default)s)")
+    engine.add_training_args(parser, DEFAULTS)
+    return parser
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """A readable name from the hyperparameters a sweep varies."""
+    ks = args.kernel_size if isinstance(args.kernel_size, int) else "-".join(map(str, args.kernel_size))
+    return (f"parta-f{args.filters}x{args.filter_org:g}-l{args.conv_layers}-k{ks}-{args.activation}"
+            f"-bn{int(args.batch_norm)}-do{args.dropout:g}-d{args.dense_neurons}-aug{int(args.augment)}"
+            f"-bs{args.batch_size}-lr{args.lr:.0e}")
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> ConvNet:
+    return ConvNet(num_classes=num_classes, image_size=args.image_size, conv_layers=args.conv_layers,
+                   filters=args.filters, filter_org=args.filter_org, kernel_size=args.kernel_size,
+                   activation=args.activation, batch_norm=args.batch_norm, dropout=args.dropout,
+                   dense_neurons=args.dense_neurons, pool=args.pool)
+
+
+def main(args: argparse.Namespace) -> engine.TrainState:
+    if args.dense_neurons < 1:
+        raise data.UserError(f"--dense_neurons must be >= 1, got {args.dense_neurons}")
+    setup = engine.setup_run(args, run_name(args), validate=lambda n: build_model(args, n))
+    args = setup.args
+    device = engine.select_device(args.device)
+    model = build_model(args, len(setup.classes))
+    params, macs = count_complexity(model, args.image_size)
+    print(f"ConvNet: {format_count(params)} parameters ({params:,}), {format_count(macs)} multiply-accumulates "
+          f"per {args.image_size}x{args.image_size} image")
+    print(f"data: {setup.root} | {len(setup.classes)} classes | train {len(setup.train_samples)} | "
+          f"val {len(setup.val_samples)} | device {device} | run {setup.run_dir}")
+    model.to(device)
+    train_loader, val_loader = engine.image_loaders(setup, args.image_size, data.IMAGENET_MEAN,
+                                                    data.IMAGENET_STD, device)
+    groups = engine.param_groups_with_decay(model.named_parameters(), args.lr, args.weight_decay, "model")
+    meta = {"spec": convnet_spec(args, args.image_size), "class_names": setup.classes,
+            "mean": list(data.IMAGENET_MEAN), "std": list(data.IMAGENET_STD), "image_size": args.image_size,
+            "split": setup.split, "config": vars(args), "params": params, "macs": macs}
+    state = engine.fit(setup, model, train_loader, val_loader, groups, meta, device)
+    print(f"run folder: {setup.run_dir}")
+    print(f"best val_acc: {state.best_val_acc:.4f} (epoch {state.best_epoch})")
+    return state
+
+
+if __name__ == "__main__":
+    engine.run_cli(main, get_args_parser())
