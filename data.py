@@ -143,7 +143,8 @@ def stratified_split(
         rng.shuffle(idx)
         n_val = round(len(idx) * val_fraction)
         if val_fraction > 0 and len(idx) > 1:
-            n_val = min(max(n_val, 1), len(idx) - 1)  # every class in both parts
+            n_val = max(n_val, 1)  # every class in both parts
+        n_val = min(n_val, len(idx) - 1)  # never leave a class without training images
         val_idx.extend(idx[:n_val])
         train_idx.extend(idx[n_val:])
     return sorted(train_idx), sorted(val_idx)

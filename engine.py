@@ -119,7 +119,7 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any])
 
 def check_common_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "image_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
@@ -531,6 +531,14 @@ class WandbLogger:
 
 
 # ----------------------------------------------------------------------------- loop
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on a terminal (or with TQDM_FORCE set); silent in logs and CI."""
+    from tqdm import tqdm
+
+    quiet = not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None
+    return tqdm(iterable, dynamic_ncols=True, disable=quiet, **kwargs)
+
+
 class StopRequested:
     """Turns Ctrl-C / SIGTERM into a flag the loop checks after each step."""
 
@@ -565,13 +573,18 @@ class NonFiniteLoss(Exception):
 
 
 def set_train_mode(model: nn.Module) -> None:
-    """train(), but batch norm whose parameters are all frozen keeps its running statistics."""
+    """train(), but every frozen part (all its parameters frozen) stays in eval mode.
+
+    Frozen batch norm keeps its running statistics, and a frozen body runs deterministically
+    (no dropout or stochastic depth), exactly as when its features are cached.
+    """
     model.train()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                m.eval()
+        if m is model:
+            continue
+        flags = [p.requires_grad for p in m.parameters()]
+        if flags and not any(flags):
+            m.eval()
 
 
 @dataclass
@@ -595,16 +608,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
                     epoch: int, args, state: TrainState, stop: StopRequested,
                     save_mid_epoch: Callable[[int, dict], None]) -> dict:
     """One pass over the training data; returns train_loss and train_acc."""
-    from tqdm import tqdm
-
     set_train_mode(model)
     sums = {"loss": 0.0, "correct": 0.0, "seen": 0, **state.partial}
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen_since_sync, step = 0, state.batches_done
     t0, t_seen = time.perf_counter(), 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
-               total=len(loader), disable=not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None)
+    bar = progress(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, total=len(loader))
 
     def sync(batch_idx: int) -> None:
         nonlocal loss_sum, correct, seen_since_sync
@@ -729,9 +739,8 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
 
     try:
         with StopRequested() as stop:
-            epochs = tqdm(range(state.epoch + 1, args.epochs + 1), desc="epochs", dynamic_ncols=True,
-                          initial=state.epoch, total=args.epochs,
-                          disable=not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None)
+            epochs = progress(range(state.epoch + 1, args.epochs + 1), desc="epochs",
+                              initial=state.epoch, total=args.epochs)
             for epoch in epochs:
                 if on_epoch_start is not None:
                     on_epoch_start(epoch)

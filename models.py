@@ -5,6 +5,7 @@ Every model is described by a small JSON-able `spec` dict stored in checkpoints,
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -152,8 +153,236 @@ def format_count(n: float) -> str:
     return str(int(n))
 
 
+# ----------------------------------------------------------------------------- Part B
+PACKAGED_MODELS = ("efficientnet_lite0",)
+
+
+@dataclass
+class Backbone:
+    """A pretrained classifier with a new head, and what its weights expect as input."""
+
+    model: nn.Module
+    spec: dict
+    head_name: str
+    image_size: int
+    mean: tuple
+    std: tuple
+    weights_source: str
+
+
+def classification_model_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models)) + list(PACKAGED_MODELS)
+
+
+def model_kwargs(name: str) -> dict:
+    # Auxiliary heads only help ImageNet-scale training from scratch; drop them so the
+    # model returns plain logits in train mode too.
+    return {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+
+
+def find_head(model: nn.Module) -> str:
+    """Name of the final classification layer: the last Linear (or SqueezeNet's last 1x1 conv)."""
+    last_linear = last_conv = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last_linear = name
+        elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1):
+            last_conv = name
+    head = last_linear or last_conv
+    if head is None:
+        raise ValueError("could not find a classification layer to replace")
+    return head
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    """Swap the final classification layer for a new one with num_classes outputs; returns its name."""
+    name = find_head(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+    setattr(parent, attr, new)
+    return name
+
+
+def torchvision_weights(name: str, weights: str):
+    """The torchvision weights enum for 'DEFAULT', 'IMAGENET1K_V2' or 'ResNet50_Weights.IMAGENET1K_V2'."""
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(name)
+    except (KeyError, ValueError):
+        return None
+    short = weights.split(".")[-1]
+    if short not in enum.__members__:
+        raise ValueError(f"unknown weights '{weights}' for {name}; available: DEFAULT, "
+                         f"{', '.join(enum.__members__)}, a local .pth file, or none")
+    return enum[short]
+
+
+def input_spec(weights_enum) -> tuple[int, tuple, tuple]:
+    """(image size, mean, std) from the weights' own preprocessing metadata; ImageNet's otherwise."""
+    if weights_enum is None:
+        return 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    t = weights_enum.transforms()
+    return int(t.crop_size[0]), tuple(t.mean), tuple(t.std)
+
+
+def load_local_state(path: str) -> dict:
+    """A state dict from a local .pth/.pt file, read safely; one-line errors for bad files."""
+    import os
+    import pickle
+    import zipfile
+
+    if not os.path.isfile(path):
+        raise ValueError(f"weights file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a PyTorch weights file, or truncated (no zip archive structure)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused to load: not a plain state_dict (it holds other Python objects)") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if isinstance(state, dict) and "model_state" in state:  # one of our own checkpoints
+        state = state["model_state"]
+    elif isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state_dict (expected a mapping of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_backbone_state(model: nn.Module, state: dict, head_name: str, path: str) -> None:
+    """Load every non-head weight strictly; the head may differ (it is replaced anyway)."""
+    own = model.state_dict()
+    head_keys = {k for k in own if k.startswith(head_name + ".")}
+    state = {k: v for k, v in state.items() if k not in head_keys or own[k].shape == v.shape}
+    missing = [k for k in own if k not in state and k not in head_keys]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        problem = (f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else
+                   f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else
+                   f"shape mismatch for {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs model {tuple(own[wrong[0]].shape)}")
+        raise ValueError(f"{path}: weights do not match this architecture: {problem}")
+    model.load_state_dict(state, strict=False)
+
+
+def build_backbone(name: str, weights: str, num_classes: int) -> Backbone:
+    """A torchvision classifier by name with `weights` (DEFAULT, a weight name, a file, none) and a new head."""
+    if name in PACKAGED_MODELS:
+        return build_packaged(name, weights, num_classes)
+    import torchvision
+    from torchvision.models import get_model
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown model '{name}'; pick a torchvision classification model such as "
+                         f"resnet50, resnet18, googlenet, efficientnet_v2_s, convnext_tiny, vit_b_16, "
+                         f"or efficientnet_lite0 (see --help)")
+    local = weights.lower() not in ("none", "default") and ("/" in weights or weights.endswith((".pth", ".pt", ".bin")))
+    enum = None if weights.lower() == "none" else torchvision_weights(name, "DEFAULT" if local else weights)
+    image_size, mean, std = input_spec(enum)
+    model = get_model(name, weights=None, **model_kwargs(name))
+    if local:
+        load_backbone_state(model, load_local_state(weights), find_head(model), weights)
+        source = f"file:{weights}"
+    elif enum is not None:
+        try:
+            state = enum.get_state_dict(progress=True, check_hash=True)
+        except Exception as e:  # no internet (offline cluster) or a broken download
+            raise ValueError(f"could not download {enum} ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                             f"on an offline machine pass --weights /path/to/{name}.pth (a state_dict saved "
+                             f"where there is internet)") from None
+        model.load_state_dict(state)
+        source = str(enum)
+    else:
+        source = "none"
+    head = replace_head(model, num_classes)
+    spec = {"kind": "torchvision", "name": name, "kwargs": model_kwargs(name)}
+    return Backbone(model, spec, head, image_size, mean, std, source)
+
+
+def build_packaged(name: str, weights: str, num_classes: int) -> Backbone:
+    raise ValueError(f"{name} is not available")
+
+
 def build_from_spec(spec: dict, num_classes: int) -> nn.Module:
     """Rebuild a model from the `spec` saved in a checkpoint (weights are loaded separately)."""
     if spec["kind"] == "convnet":
         return ConvNet(num_classes=num_classes, **spec["kwargs"])
+    if spec["kind"] == "torchvision":
+        from torchvision.models import get_model
+
+        model = get_model(spec["name"], weights=None, **spec.get("kwargs", {}))
+        replace_head(model, num_classes)
+        return model
     raise ValueError(f"unknown model kind in checkpoint: {spec['kind']}")
+
+
+# ----------------------------------------------------------------------------- freezing
+def has_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
+
+
+def list_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's top-level children with parameters, in order.
+
+    A model whose body is one big `features` Sequential (EfficientNet, MobileNet, ConvNeXt, VGG)
+    has that Sequential's children listed instead, so `last:K` stays meaningful.
+    """
+    stages = [(n, m) for n, m in model.named_children() if has_params(m)]
+    if len(stages) < 4:
+        expanded = []
+        for n, m in stages:
+            if isinstance(m, nn.Sequential) and n != stages[-1][0]:
+                expanded.extend((f"{n}.{c}", cm) for c, cm in m.named_children() if has_params(cm))
+            else:
+                expanded.append((n, m))
+        stages = expanded
+    return stages
+
+
+def apply_freeze(model: nn.Module, strategy: str, head_name: str) -> None:
+    """Set requires_grad for all, none, upto:NAME or last:K; the new head always trains."""
+    stages = list_stages(model)
+    names = [n for n, _ in stages]
+    head = model.get_submodule(head_name)
+    head_stage = next(i for i, (n, _) in enumerate(stages) if head_name == n or head_name.startswith(n + "."))
+    if strategy == "none":
+        trainable = set(names)
+    elif strategy == "all":
+        trainable = set()
+    elif strategy.startswith("upto:"):
+        stop = strategy[5:]
+        if stop not in names:
+            raise ValueError(f"--freeze upto:{stop}: no such stage; stages are {', '.join(names)}")
+        trainable = set(names[names.index(stop) + 1 :])
+    elif strategy.startswith("last:"):
+        try:
+            k = int(strategy[5:])
+        except ValueError:
+            raise ValueError(f"--freeze {strategy}: K must be an integer") from None
+        body = names[:head_stage]
+        if k < 0:
+            raise ValueError(f"--freeze {strategy}: K must be >= 0")
+        trainable = set(body[len(body) - k :] if k else []) | set(names[head_stage:])
+    else:
+        raise ValueError(f"unknown --freeze '{strategy}'; use all, none, upto:STAGE or last:K")
+    for p in model.parameters():
+        p.requires_grad = strategy == "none"
+    for name, m in stages:
+        if name in trainable:
+            for p in m.parameters():
+                p.requires_grad = True
+    for p in head.parameters():
+        p.requires_grad = True
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
