@@ -7,7 +7,9 @@ Importable module plus a small CLI:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
@@ -256,6 +259,39 @@ def collate_skip_bad(batch):
     return torch.utils.data.default_collate(good)
 
 
+# ----------------------------------------------------------------------------- sampling
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled order fixed by (seed, epoch), so a resumed run sees the same batches.
+
+    `skip` drops the first samples of the epoch (resume mid-epoch); `rank`/`world` shard the
+    order for DistributedDataParallel.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        idx = self.order()
+        if self.world > 1:  # pad so every rank gets the same count, as DistributedSampler does
+            idx += idx[: (-len(idx)) % self.world]
+            idx = idx[self.rank :: self.world]
+        return iter(idx[self.skip :])
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world) - self.skip
+
+
 # ----------------------------------------------------------------------------- transforms
 def resize_size(image_size: int) -> int:
     return int(round(image_size / CROP_RATIO))
@@ -287,6 +323,273 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, sampler=N
         num_workers=workers, collate_fn=collate_skip_bad, pin_memory=pin_memory,
         drop_last=drop_last, persistent_workers=workers > 0, generator=generator,
     )
+
+
+# ----------------------------------------------------------------------------- decoded cache
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """$INAT_CACHE_DIR, else $XDG_CACHE_HOME/inat-classifier, else ~/.cache/inat-classifier."""
+    if os.environ.get("INAT_CACHE_DIR"):
+        return Path(os.environ["INAT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "inat-classifier"
+
+
+def decode_fixed(path: str, size: int) -> np.ndarray:
+    """One image as uint8 (3, size, size): short side resized to `size` (as T.Resize), centre-cropped."""
+    img = load_image(path, draft_size=size)
+    w, h = img.size
+    # torchvision's Resize(int) rule: the long side is truncated, not rounded.
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[str], size: int) -> None:
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, decode_fixed(self.paths[i], self.size), ""
+        except Exception as e:
+            return i, None, f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+def cache_key(paths: Sequence[str], size: int) -> str:
+    """Changes when any file is added, removed, resized or touched, or the size changes."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}:{size}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"\n{os.path.abspath(p)}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class DecodedCache:
+    """Decoded images of a file list as one memory-mapped uint8 array (N, 3, S, S)."""
+
+    paths: list[str]
+    images: np.ndarray
+    valid: np.ndarray  # False where the file could not be decoded
+    path: Path
+
+
+def _build_cache_array(paths: Sequence[str], size: int, target: Path, workers: int) -> list[int]:
+    """Decode everything in parallel into target (written in place, renamed by the caller)."""
+    arr = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+    loader = torch.utils.data.DataLoader(_DecodeDataset(paths, size), batch_size=32, num_workers=workers,
+                                         collate_fn=list)
+    bad = []
+    from tqdm import tqdm
+
+    quiet = not sys.stderr.isatty()
+    for batch in tqdm(loader, desc=f"decoding {len(paths)} images to {size}px", disable=quiet, leave=False):
+        for i, img, reason in batch:
+            if img is None:
+                BAD_IMAGES.report(paths[i], reason)
+                bad.append(i)
+            else:
+                arr[i] = img
+    arr.flush()
+    del arr
+    with open(target, "rb+") as f:
+        os.fsync(f.fileno())
+    return bad
+
+
+def open_decoded_cache(paths: Sequence[str], size: int, cache_dir: str | Path, workers: int = 0) -> DecodedCache:
+    """The cache for these files at this size: reused when valid, (re)built otherwise.
+
+    The array is renamed into place and its .json written last, so a build killed half way is
+    never mistaken for a finished one; a lock file makes concurrent builders wait for one another.
+    """
+    import fcntl
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(paths, size)
+    array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+
+    def try_open() -> DecodedCache | None:
+        try:
+            meta = json.loads(meta_path.read_text())
+            images = np.load(array_path, mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        if images.shape != (len(paths), 3, size, size) or meta.get("n") != len(paths):
+            return None
+        valid = np.ones(len(paths), dtype=bool)
+        valid[meta["bad"]] = False
+        return DecodedCache(list(paths), images, valid, array_path)
+
+    cache = try_open()
+    if cache is not None:
+        return cache
+    with open(cache_dir / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building this very cache
+        cache = try_open()
+        if cache is not None:
+            return cache
+        tmp = cache_dir / f".{key}.{os.getpid()}.npy.tmp"
+        try:
+            bad = _build_cache_array(paths, size, tmp, workers)
+            os.replace(tmp, array_path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        meta_tmp = meta_path.with_name(meta_path.name + f".{os.getpid()}.tmp")
+        meta_tmp.write_text(json.dumps({"n": len(paths), "size": size, "bad": bad, "version": CACHE_VERSION}))
+        os.replace(meta_tmp, meta_path)
+    cache = try_open()
+    assert cache is not None
+    return cache
+
+
+# ----------------------------------------------------------------------------- device-side batches
+def augment_params(n: int, generator: torch.Generator, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3),
+                   jitter: float = 0.3) -> dict[str, torch.Tensor]:
+    """Random resized crop boxes (as fractions of the side), flips and colour factors for a batch."""
+    area = torch.empty(n).uniform_(*scale, generator=generator)
+    log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = torch.exp(log_r)
+    w = torch.sqrt(area * r).clamp(max=1.0)
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    factors = torch.empty(n, 3).uniform_(1 - jitter, 1 + jitter, generator=generator)
+    return {"w": w, "h": h, "cx": cx, "cy": cy, "flip": flip, "color": factors}
+
+
+def gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def augment_batch(x: torch.Tensor, out_size: int, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Random resized crop + flip (one grid_sample) and colour jitter, on float images in [0, 1]."""
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    p = {k: v.to(x.device, non_blocking=True) for k, v in params.items()}
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = p["w"] * p["flip"]
+    theta[:, 0, 2] = p["cx"]
+    theta[:, 1, 1] = p["h"]
+    theta[:, 1, 2] = p["cy"]
+    grid = F.affine_grid(theta, [n, x.shape[1], out_size, out_size], align_corners=False)
+    x = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+    b, c, s = (p["color"][:, i].view(n, 1, 1, 1).to(x.dtype) for i in range(3))
+    x = x * b
+    m = gray(x).mean(dim=(2, 3), keepdim=True)
+    x = (x - m) * c + m
+    g = gray(x)
+    x = (x - g) * s + g
+    return x.clamp_(0, 1)
+
+
+def center_crop_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    top = int(round((x.shape[-2] - size) / 2.0))
+    left = int(round((x.shape[-1] - size) / 2.0))
+    return x[..., top : top + size, left : left + size]
+
+
+class DeviceLoader:
+    """Batches sliced from a decoded cache, moved to the device, augmented and normalised there.
+
+    The CPU only gathers uint8 rows (in a background thread, pinned for CUDA); crop, flip,
+    colour jitter and normalisation run on whole batches on the training device.
+    """
+
+    def __init__(self, cache: DecodedCache, indices: Sequence[int], labels: Sequence[int], batch_size: int,
+                 image_size: int, mean, std, device: torch.device, augment: bool, shuffle: bool,
+                 seed: int = 0, drop_last: bool = False, channels_last: bool = False) -> None:
+        keep = [k for k, i in enumerate(indices) if cache.valid[i]]
+        self.cache = cache
+        self.indices = np.asarray([indices[k] for k in keep], dtype=np.int64)
+        self.labels = torch.as_tensor([labels[k] for k in keep], dtype=torch.long)
+        self.skipped = len(indices) - len(keep)
+        self.batch_size, self.image_size, self.device = batch_size, image_size, device
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.augment, self.drop_last, self.channels_last = augment, drop_last, channels_last
+        self.sampler = EpochSampler(len(self.indices), seed, shuffle)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed)
+        self.pin = device.type == "cuda"
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def host_batches(self):
+        order = list(self.sampler)
+        for start in range(0, len(order), self.batch_size):
+            pos = np.asarray(order[start : start + self.batch_size], dtype=np.int64)
+            if self.drop_last and len(pos) < self.batch_size:
+                break
+            rows = self.indices[pos]
+            sort = np.argsort(rows, kind="stable")  # sequential reads from the memory map
+            pos, rows = pos[sort], rows[sort]
+            x = torch.from_numpy(np.ascontiguousarray(self.cache.images[rows]))
+            y = self.labels[torch.from_numpy(pos)]
+            yield (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+
+    def __iter__(self):
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue(maxsize=3)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for item in self.host_batches():
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as e:  # surface errors in the consumer
+                q.put(e)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield self.to_device(*item)
+        finally:
+            stop.set()
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        x = x.float().div_(255)
+        if self.augment:
+            x = augment_batch(x, self.image_size, augment_params(x.shape[0], self.generator))
+        else:
+            x = center_crop_batch(x, self.image_size)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
 
 
 # ----------------------------------------------------------------------------- download

@@ -82,6 +82,10 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any])
     add_flag(g, "batch_size", type=int, default=d.get("batch_size", 64), help="batch size (default: %(default)s)")
     add_flag(g, "workers", type=int, default=min(8, os.cpu_count() or 1),
              help="data loading processes (default: %(default)s, the number of cores up to 8)")
+    add_flag(g, "cache", default="auto", metavar="auto|off|DIR",
+             help="decode every image once to a memory-mapped uint8 array and augment batches on the device; "
+                  "auto keeps it in $INAT_CACHE_DIR or ~/.cache/inat-classifier, off decodes JPEGs every "
+                  "epoch with PIL (default: %(default)s)")
 
     g = parser.add_argument_group("optimisation")
     add_flag(g, "epochs", type=int, default=d.get("epochs", 10), help="training epochs (default: %(default)s)")
@@ -104,6 +108,8 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any])
     add_flag(g, "amp", default="auto", choices=("auto", "fp16", "bf16", "off"),
              help="mixed precision: auto = fp16 autocast + GradScaler on CUDA, off elsewhere (default: %(default)s)")
     add_flag(g, "device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)")
+    add_bool(g, "channels_last", False, "channels-last memory format (faster convolutions on recent GPUs)")
+    add_bool(g, "compile", False, "torch.compile the model (faster steps after a one-off compile)")
 
     g = parser.add_argument_group("run folder and logging")
     add_flag(g, "out_dir", default="runs", help="parent folder of run folders (default: %(default)s)")
@@ -376,51 +382,42 @@ def setup_run(args: argparse.Namespace, name: str,
     return RunSetup(args, run_dir, ds.root, ds.classes, train_samples, val_samples, split, ckpt)
 
 
-# ----------------------------------------------------------------------------- sampling
-class EpochSampler(torch.utils.data.Sampler):
-    """Shuffled order fixed by (seed, epoch), so a resumed run sees the same batches.
+# ----------------------------------------------------------------------------- loaders
+def open_cache(setup: RunSetup, image_size: int) -> tuple[data.DecodedCache, dict] | None:
+    """The decoded-image cache over all of train/ (both sides of any split), or None with --cache off."""
+    args = setup.args
+    if args.cache == "off":
+        return None
+    cache_dir = data.default_cache_dir() if args.cache == "auto" else Path(args.cache)
+    samples = sorted(set(setup.train_samples) | set(setup.val_samples))
+    cache = data.open_decoded_cache([p for p, _ in samples], data.resize_size(image_size), cache_dir, args.workers)
+    return cache, {s: i for i, s in enumerate(samples)}
 
-    `skip` drops the first samples of the epoch (resume mid-epoch); `rank`/`world` shard the
-    order for DistributedDataParallel.
-    """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
-        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator()
-        g.manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def __iter__(self):
-        idx = self.order()
-        if self.world > 1:  # pad so every rank gets the same count, as DistributedSampler does
-            idx += idx[: (-len(idx)) % self.world]
-            idx = idx[self.rank :: self.world]
-        return iter(idx[self.skip :])
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.world) - self.skip
+def make_image_loader(setup: RunSetup, samples: list, image_size: int, mean, std, device: torch.device,
+                      train: bool, cached: tuple | None):
+    """Batches of one split: from the decoded cache (device-side augmentation) or decoded with PIL."""
+    args = setup.args
+    augment = train and args.augment
+    drop_last = train and len(samples) > args.batch_size
+    if cached is not None:
+        cache, pos = cached
+        return data.DeviceLoader(cache, [pos[s] for s in samples], [label for _, label in samples],
+                                 args.batch_size, image_size, mean, std, device, augment=augment,
+                                 shuffle=train, seed=args.seed, drop_last=drop_last,
+                                 channels_last=getattr(args, "channels_last", False))
+    train_tf, eval_tf = data.build_transforms(image_size, augment, mean, std)
+    ds = data.ImageListDataset(samples, train_tf if train else eval_tf)
+    sampler = data.EpochSampler(len(ds), args.seed) if train else None
+    return data.make_loader(ds, args.batch_size, False, args.workers, sampler=sampler,
+                            pin_memory=device.type == "cuda", drop_last=drop_last, seed=args.seed)
 
 
 def image_loaders(setup: RunSetup, image_size: int, mean, std, device: torch.device):
-    """Train and val DataLoaders of decoded images (augmented train when --augment)."""
-    args = setup.args
-    train_tf, eval_tf = data.build_transforms(image_size, args.augment, mean, std)
-    pin = device.type == "cuda"
-    train_ds = data.ImageListDataset(setup.train_samples, train_tf)
-    val_ds = data.ImageListDataset(setup.val_samples, eval_tf)
-    train_loader = data.make_loader(train_ds, args.batch_size, False, args.workers,
-                                    sampler=EpochSampler(len(train_ds), args.seed), pin_memory=pin,
-                                    drop_last=len(train_ds) > args.batch_size, seed=args.seed)
-    val_loader = data.make_loader(val_ds, args.batch_size, False, args.workers, pin_memory=pin)
-    return train_loader, val_loader
+    """Train and val loaders (train shuffled, and augmented with --augment)."""
+    cached = open_cache(setup, image_size)
+    return (make_image_loader(setup, setup.train_samples, image_size, mean, std, device, True, cached),
+            make_image_loader(setup, setup.val_samples, image_size, mean, std, device, False, cached))
 
 
 # ----------------------------------------------------------------------------- logging
@@ -708,6 +705,12 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
     """
     args, run_dir = setup.args, setup.run_dir
     save_model = save_model or model
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    if getattr(args, "channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    # Checkpoints keep the plain module's state; only the steps run through the compiled one.
+    step_model = torch.compile(model) if getattr(args, "compile", False) else model
     dtype = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
@@ -745,20 +748,20 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
                 if on_epoch_start is not None:
                     on_epoch_start(epoch)
                 sampler = getattr(train_loader, "sampler", None)
-                if isinstance(sampler, EpochSampler):
+                if isinstance(sampler, data.EpochSampler):
                     sampler.set_epoch(epoch, state.batches_done * args.batch_size)
                 # Per-epoch seeds make a resumed run draw the same augmentations and dropout.
                 torch.manual_seed(args.seed * 1000 + epoch)
                 if getattr(train_loader, "generator", None) is not None:
                     train_loader.generator.manual_seed(args.seed * 1000 + epoch)
                 t0 = time.perf_counter()
-                train = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion,
+                train = train_one_epoch(step_model, train_loader, optimizer, scheduler, scaler, criterion,
                                         device, dtype, epoch, args, state, stop,
                                         lambda b, p: save_last(b, p))
                 if stop:
                     raise KeyboardInterrupt
                 state.batches_done, state.partial = 0, {}
-                val = evaluate(model, val_loader, device, dtype, criterion)
+                val = evaluate(step_model, val_loader, device, dtype, criterion)
                 bad = data.BAD_IMAGES.take_epoch_count()
                 row = {"epoch": epoch, **train, "val_loss": val["loss"], "val_acc": val["acc"],
                        "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.perf_counter() - t0}

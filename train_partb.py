@@ -108,7 +108,7 @@ def feature_cache_key(args: argparse.Namespace, bb: Backbone, image_size: int, s
     if weights.startswith("file:"):
         st = os.stat(weights[5:])
         weights += f":{st.st_size}:{st.st_mtime_ns}"
-    blob = json.dumps([args.model, weights, image_size, list(bb.mean), list(bb.std), files])
+    blob = json.dumps([args.model, weights, image_size, list(bb.mean), list(bb.std), args.cache != "off", files])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -173,22 +173,19 @@ def head_on_features(bb: Backbone) -> nn.Module:
 
 
 def feature_loaders(args, setup: engine.RunSetup, bb: Backbone, image_size: int, device: torch.device):
-    train_loader, val_loader = engine.image_loaders(setup, image_size, bb.mean, bb.std, device)
+    """Loaders of cached backbone features for both splits (computed once, then reused)."""
     cache_dir = Path(args.feature_cache_dir or Path(args.out_dir) / "feature_cache")
-    tr = cached_features(args, bb, image_size, setup.train_samples, val_like(train_loader), device, cache_dir, "train")
-    va = cached_features(args, bb, image_size, setup.val_samples, val_loader, device, cache_dir, "val")
-    train_ds, val_ds = torch.utils.data.TensorDataset(*tr), torch.utils.data.TensorDataset(*va)
+    cached = engine.open_cache(setup, image_size)
+    splits = {}
+    for split, samples in (("train", setup.train_samples), ("val", setup.val_samples)):
+        images = engine.make_image_loader(setup, samples, image_size, bb.mean, bb.std, device, False, cached)
+        splits[split] = torch.utils.data.TensorDataset(
+            *cached_features(args, bb, image_size, samples, images, device, cache_dir, split))
+    train_ds, val_ds = splits["train"], splits["val"]
     train = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size,
-                                        sampler=engine.EpochSampler(len(train_ds), args.seed),
+                                        sampler=data.EpochSampler(len(train_ds), args.seed),
                                         drop_last=len(train_ds) > args.batch_size)
-    val = torch.utils.data.DataLoader(val_ds, batch_size=args.batch_size)
-    return train, val
-
-
-def val_like(train_loader):
-    """The training images in a fixed order (features do not depend on the order)."""
-    return data.make_loader(train_loader.dataset, train_loader.batch_size, False, train_loader.num_workers,
-                            pin_memory=train_loader.pin_memory)
+    return train, torch.utils.data.DataLoader(val_ds, batch_size=args.batch_size)
 
 
 # ----------------------------------------------------------------------------- main
