@@ -267,8 +267,9 @@ class EpochSampler(torch.utils.data.Sampler):
     order for DistributedDataParallel.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
-        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 pad: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.rank, self.world, self.pad = n, seed, shuffle, rank, world, pad
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -283,13 +284,16 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         idx = self.order()
-        if self.world > 1:  # pad so every rank gets the same count, as DistributedSampler does
-            idx += idx[: (-len(idx)) % self.world]
+        if self.world > 1:
+            if self.pad:  # every rank gets the same count, as DistributedSampler does
+                idx += idx[: (-len(idx)) % self.world]
             idx = idx[self.rank :: self.world]
         return iter(idx[self.skip :])
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world) - self.skip
+        if self.world == 1 or self.pad:
+            return math.ceil(self.n / self.world) - self.skip
+        return len(range(self.rank, self.n, self.world)) - self.skip
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -510,8 +514,9 @@ class DeviceLoader:
     """
 
     def __init__(self, cache: DecodedCache, indices: Sequence[int], labels: Sequence[int], batch_size: int,
-                 image_size: int, mean, std, device: torch.device, augment: bool, shuffle: bool,
-                 seed: int = 0, drop_last: bool = False, channels_last: bool = False) -> None:
+                 image_size: int, mean, std, device: torch.device, augment: bool, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False, channels_last: bool = False,
+                 sampler: EpochSampler | None = None) -> None:
         keep = [k for k, i in enumerate(indices) if cache.valid[i]]
         self.cache = cache
         self.indices = np.asarray([indices[k] for k in keep], dtype=np.int64)
@@ -521,7 +526,9 @@ class DeviceLoader:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.augment, self.drop_last, self.channels_last = augment, drop_last, channels_last
-        self.sampler = EpochSampler(len(self.indices), seed, shuffle)
+        if sampler is not None and self.skipped:  # unreadable images drop out: re-shard what is left
+            sampler = EpochSampler(len(self.indices), seed, sampler.shuffle, sampler.rank, sampler.world, sampler.pad)
+        self.sampler = sampler or EpochSampler(len(self.indices), seed, shuffle)
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         self.pin = device.type == "cuda"

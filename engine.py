@@ -148,8 +148,8 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
 # ----------------------------------------------------------------------------- device, AMP
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
+        if torch.cuda.is_available():  # under torchrun, each process takes its own GPU
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -298,6 +298,58 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU) when launched by torchrun."""
+    import torch.distributed as td
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not td.is_initialized():
+        use_nccl = torch.cuda.is_available() and torch.cuda.device_count() > local_rank
+        if use_nccl:
+            torch.cuda.set_device(local_rank)
+        td.init_process_group("nccl" if use_nccl else "gloo")
+    return Dist(rank, world, local_rank)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum numbers over all processes (identity without torchrun)."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    td.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast(obj: Any, dist: Dist) -> Any:
+    """Rank 0's value of obj on every process."""
+    if dist.world == 1:
+        return obj
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # ----------------------------------------------------------------------------- run setup
 @dataclass
 class RunSetup:
@@ -311,6 +363,12 @@ class RunSetup:
     val_samples: list
     split: dict
     resume: dict | None = None
+    dist: Dist = field(default_factory=Dist)
+
+    @property
+    def rank_batch_size(self) -> int:
+        """--batch_size is the global batch; each torchrun process takes its share."""
+        return max(1, self.args.batch_size // self.dist.world)
 
 
 def unique_run_dir(out_dir: Path, name: str) -> Path:
@@ -345,6 +403,10 @@ def setup_run(args: argparse.Namespace, name: str,
     `validate(num_classes)` may raise on bad model flags before any folder is created.
     """
     check_common_args(args)
+    dist = init_distributed()
+    if dist.world > 1 and args.batch_size % dist.world:
+        raise UserError(f"--batch_size {args.batch_size} (the global batch) must be divisible by the "
+                        f"{dist.world} processes")
     ckpt = None
     if args.resume:
         last = Path(args.resume) / "last.pt"
@@ -369,17 +431,23 @@ def setup_run(args: argparse.Namespace, name: str,
             raise UserError("the validation split is empty; use --val_fraction > 0")
         if validate is not None:
             validate(len(ds.classes))  # bad model flags fail before a run folder exists
-        if args.run_name:
-            run_dir = Path(args.out_dir) / args.run_name
-            if run_dir.exists() and any(run_dir.iterdir()):
-                raise UserError(f"run folder {run_dir} already exists; pass --resume {run_dir} to continue "
-                                f"it, or choose another --run_name")
-            run_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            run_dir = unique_run_dir(Path(args.out_dir), f"{name}-{datetime.now():%Y%m%d-%H%M%S}")
-        (run_dir / "split.json").write_text(json.dumps(split))
-        (run_dir / "args.json").write_text(json.dumps(json_safe(vars(args)), indent=1))
-    return RunSetup(args, run_dir, ds.root, ds.classes, train_samples, val_samples, split, ckpt)
+        run_dir = broadcast(new_run_dir(args, name, split) if dist.main else None, dist)
+    return RunSetup(args, run_dir, ds.root, ds.classes, train_samples, val_samples, split, ckpt, dist)
+
+
+def new_run_dir(args: argparse.Namespace, name: str, split: dict) -> Path:
+    """Create the run folder (unique unless --run_name) with split.json and args.json."""
+    if args.run_name:
+        run_dir = Path(args.out_dir) / args.run_name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"run folder {run_dir} already exists; pass --resume {run_dir} to continue "
+                            f"it, or choose another --run_name")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = unique_run_dir(Path(args.out_dir), f"{name}-{datetime.now():%Y%m%d-%H%M%S}")
+    (run_dir / "split.json").write_text(json.dumps(split))
+    (run_dir / "args.json").write_text(json.dumps(json_safe(vars(args)), indent=1))
+    return run_dir
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -397,19 +465,22 @@ def open_cache(setup: RunSetup, image_size: int) -> tuple[data.DecodedCache, dic
 def make_image_loader(setup: RunSetup, samples: list, image_size: int, mean, std, device: torch.device,
                       train: bool, cached: tuple | None):
     """Batches of one split: from the decoded cache (device-side augmentation) or decoded with PIL."""
-    args = setup.args
+    args, dist = setup.args, setup.dist
     augment = train and args.augment
+    batch = setup.rank_batch_size
     drop_last = train and len(samples) > args.batch_size
+    # Training shards are padded to equal length (as DistributedSampler); validation shards are
+    # not, so every validation image is counted exactly once over all processes.
+    sampler = data.EpochSampler(len(samples), args.seed, shuffle=train, rank=dist.rank, world=dist.world, pad=train)
     if cached is not None:
         cache, pos = cached
         return data.DeviceLoader(cache, [pos[s] for s in samples], [label for _, label in samples],
-                                 args.batch_size, image_size, mean, std, device, augment=augment,
-                                 shuffle=train, seed=args.seed, drop_last=drop_last,
+                                 batch, image_size, mean, std, device, augment=augment,
+                                 sampler=sampler, seed=args.seed, drop_last=drop_last,
                                  channels_last=getattr(args, "channels_last", False))
     train_tf, eval_tf = data.build_transforms(image_size, augment, mean, std)
     ds = data.ImageListDataset(samples, train_tf if train else eval_tf)
-    sampler = data.EpochSampler(len(ds), args.seed) if train else None
-    return data.make_loader(ds, args.batch_size, False, args.workers, sampler=sampler,
+    return data.make_loader(ds, batch, False, args.workers, sampler=sampler,
                             pin_memory=device.type == "cuda", drop_last=drop_last, seed=args.seed)
 
 
@@ -478,6 +549,12 @@ def wandb_api_key_configured() -> bool:
 class WandbLogger:
     """W&B that never prompts and needs no account: auto picks online only when a key exists."""
 
+    @classmethod
+    def off(cls) -> "WandbLogger":
+        logger = cls.__new__(cls)
+        logger.run = None
+        return logger
+
     def __init__(self, args: argparse.Namespace, run_dir: Path, name: str, config: dict) -> None:
         self.run = None
         mode = args.wandb
@@ -529,11 +606,19 @@ class WandbLogger:
 
 # ----------------------------------------------------------------------------- loop
 def progress(iterable=None, **kwargs):
-    """A tqdm bar on a terminal (or with TQDM_FORCE set); silent in logs and CI."""
+    """A tqdm bar on a terminal (or with TQDM_FORCE set) of rank 0; silent in logs, CI and other ranks."""
     from tqdm import tqdm
 
-    quiet = not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None
+    quiet = (not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None) or os.environ.get("RANK", "0") != "0"
     return tqdm(iterable, dynamic_ncols=True, disable=quiet, **kwargs)
+
+
+def say(message: str) -> None:
+    """Print without breaking the progress bars."""
+    from tqdm import tqdm
+
+    tqdm.write(message)
+    sys.stdout.flush()
 
 
 class StopRequested:
@@ -606,6 +691,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
                     save_mid_epoch: Callable[[int, dict], None]) -> dict:
     """One pass over the training data; returns train_loss and train_acc."""
     set_train_mode(model)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     sums = {"loss": 0.0, "correct": 0.0, "seen": 0, **state.partial}
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -644,6 +730,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
         seen_since_sync += y.shape[0]
         t_seen += y.shape[0]
         step += 1
+        if world > 1 and all_reduce_sum([1.0 if stop else 0.0], device)[0] > 0 and not stop:
+            stop.signum = signal.SIGTERM  # another process was told to stop: stop together
         if step % 20 == 0 or stop or (args.save_every and step % args.save_every == 0):
             sync(step)
             bar.set_postfix(loss=f"{sums['loss'] / max(1, sums['seen']):.3f}",
@@ -656,8 +744,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
                 return {}
     sync(step)
     bar.close()
-    n = max(1, sums["seen"])
-    return {"train_loss": sums["loss"] / n, "train_acc": sums["correct"] / n}
+    loss, correct_total, seen = all_reduce_sum([sums["loss"], sums["correct"], float(sums["seen"])], device)
+    return {"train_loss": loss / max(1, seen), "train_acc": correct_total / max(1, seen)}
 
 
 @torch.no_grad()
@@ -682,7 +770,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
         if return_outputs:
             probs.append(out.softmax(1).cpu())
             targets.append(y.cpu())
-    result = {"loss": (loss_sum / max(1, n)).item(), "acc": correct.item() / max(1, n), "n": n}
+    total_loss, total_correct, n = all_reduce_sum([loss_sum.item(), float(correct.item()), float(n)], device)
+    n = int(n)
+    result = {"loss": total_loss / max(1, n), "acc": total_correct / max(1, n), "n": n}
     if return_outputs:
         result["probs"] = torch.cat(probs) if probs else torch.zeros(0)
         result["targets"] = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
@@ -694,23 +784,34 @@ def checkpoint_payload(meta: dict, model: nn.Module, state: TrainState) -> dict:
             "metrics": state.history, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch}
 
 
+def wrap_ddp(model: nn.Module, setup: RunSetup, device: torch.device) -> nn.Module:
+    """DistributedDataParallel over the currently trainable parameters (identity without torchrun)."""
+    if setup.dist.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_groups: list[dict],
         meta: dict, device: torch.device, save_model: nn.Module | None = None,
-        on_epoch_start: Callable[[int], None] | None = None) -> TrainState:
+        on_epoch_start: Callable[[int], bool] | None = None) -> TrainState:
     """Train with AMP, validate, checkpoint and log every epoch; resumable and interruptible.
 
     `model` is what runs on each batch; `save_model` (default `model`) is what the checkpoints
     hold, e.g. the full network when only its head trains on cached features. `meta` (spec, class
     names, normalisation, image size, split, config) goes into every checkpoint.
+    `on_epoch_start(epoch)` returns True when it changed which parameters train.
+    Under torchrun, rank 0 alone writes checkpoints, metrics and W&B.
     """
-    args, run_dir = setup.args, setup.run_dir
+    args, run_dir, main = setup.args, setup.run_dir, setup.dist.main
     save_model = save_model or model
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     if getattr(args, "channels_last", False):
         model.to(memory_format=torch.channels_last)
     # Checkpoints keep the plain module's state; only the steps run through the compiled one.
-    step_model = torch.compile(model) if getattr(args, "compile", False) else model
+    compiled = torch.compile(model) if getattr(args, "compile", False) else model
     dtype = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
@@ -728,72 +829,87 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
                            ck.get("batches_done", 0), ck.get("partial", {}))
         print(f"resuming {run_dir} after epoch {state.epoch}"
               + (f", batch {state.batches_done}" if state.batches_done else ""))
-    logger = WandbLogger(args, run_dir, run_dir.name, meta["config"])
+    logger = WandbLogger(args, run_dir, run_dir.name, meta["config"]) if main else WandbLogger.off()
     meta = {**meta, "config": json_safe(meta["config"])}
 
     def save_last(batches_done: int = 0, partial: dict | None = None) -> None:
+        if not main:
+            return
         payload = checkpoint_payload(meta, save_model, state)
         payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                        scaler=scaler.state_dict(), rng=rng_state(), batches_done=batches_done,
                        partial=partial or {})
         atomic_torch_save(payload, run_dir / "last.pt")
 
-    from tqdm import tqdm
+    def end_of_epoch(epoch: int, row: dict, bad: int) -> bool:
+        """Record the epoch (rank 0 writes files and logs); True when val_acc improved."""
+        state.history.append(row)
+        state.epoch = epoch
+        improved = row["val_acc"] > state.best_val_acc
+        if improved:
+            state.best_val_acc, state.best_epoch = row["val_acc"], epoch
+        if main:
+            if improved:
+                atomic_torch_save(checkpoint_payload(meta, save_model, state), run_dir / "best.pt")
+            save_last()
+            write_metrics_csv(run_dir, state.history)
+            plot_curves({run_dir.name: state.history}, run_dir / "curves.png")
+            logger.log({**row, "skipped_images": bad}, step=epoch)
+            say(f"epoch {epoch:>3}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
+                f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f}  "
+                f"val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  {row['epoch_time']:.1f}s"
+                + (f"  ({bad} unreadable images skipped)" if bad else "") + ("  *" if improved else ""))
+        return improved
 
+    step_model = wrap_ddp(compiled, setup, device)
     try:
         with StopRequested() as stop:
-            epochs = progress(range(state.epoch + 1, args.epochs + 1), desc="epochs",
-                              initial=state.epoch, total=args.epochs)
-            for epoch in epochs:
-                if on_epoch_start is not None:
-                    on_epoch_start(epoch)
+            for epoch in progress(range(state.epoch + 1, args.epochs + 1), desc="epochs", initial=state.epoch,
+                                  total=args.epochs):
+                if on_epoch_start is not None and on_epoch_start(epoch):
+                    step_model = wrap_ddp(compiled, setup, device)  # DDP must see newly trainable weights
                 sampler = getattr(train_loader, "sampler", None)
                 if isinstance(sampler, data.EpochSampler):
-                    sampler.set_epoch(epoch, state.batches_done * args.batch_size)
+                    sampler.set_epoch(epoch, state.batches_done * setup.rank_batch_size)
                 # Per-epoch seeds make a resumed run draw the same augmentations and dropout.
-                torch.manual_seed(args.seed * 1000 + epoch)
+                torch.manual_seed(args.seed * 1000 + epoch + 7919 * setup.dist.rank)
                 if getattr(train_loader, "generator", None) is not None:
-                    train_loader.generator.manual_seed(args.seed * 1000 + epoch)
+                    train_loader.generator.manual_seed(args.seed * 1000 + epoch + 7919 * setup.dist.rank)
                 t0 = time.perf_counter()
                 train = train_one_epoch(step_model, train_loader, optimizer, scheduler, scaler, criterion,
-                                        device, dtype, epoch, args, state, stop,
-                                        lambda b, p: save_last(b, p))
+                                        device, dtype, epoch, args, state, stop, save_last)
                 if stop:
                     raise KeyboardInterrupt
                 state.batches_done, state.partial = 0, {}
                 val = evaluate(step_model, val_loader, device, dtype, criterion)
-                bad = data.BAD_IMAGES.take_epoch_count()
                 row = {"epoch": epoch, **train, "val_loss": val["loss"], "val_acc": val["acc"],
                        "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.perf_counter() - t0}
-                state.history.append(row)
-                state.epoch = epoch
-                improved = val["acc"] > state.best_val_acc
-                if improved:
-                    state.best_val_acc, state.best_epoch = val["acc"], epoch
-                    atomic_torch_save(checkpoint_payload(meta, save_model, state), run_dir / "best.pt")
-                save_last()
-                write_metrics_csv(run_dir, state.history)
-                plot_curves({run_dir.name: state.history}, run_dir / "curves.png")
-                logger.log({**row, "skipped_images": bad}, step=epoch)
-                tqdm.write(f"epoch {epoch:>3}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
-                           f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f}  "
-                           f"val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  {row['epoch_time']:.1f}s"
-                           + (f"  ({bad} unreadable images skipped)" if bad else "")
-                           + ("  *" if improved else ""))
+                end_of_epoch(epoch, row, data.BAD_IMAGES.take_epoch_count())
                 if args.patience and epoch - state.best_epoch >= args.patience:
                     print(f"early stop: no better val_acc for {args.patience} epochs")
                     break
     except KeyboardInterrupt:
         logger.finish()
-        print(f"interrupted: saved {run_dir / 'last.pt'}; continue with --resume {run_dir}", file=sys.stderr)
+        if main:
+            print(f"interrupted: progress is in {run_dir / 'last.pt'}; continue with --resume {run_dir}",
+                  file=sys.stderr)
         sys.exit(130)
     except NonFiniteLoss as e:
         logger.finish()
         last_good = run_dir / "last.pt"
         raise UserError(f"{e}; stopped instead of training on garbage. Last good checkpoint: "
                         f"{last_good if last_good.exists() else 'none yet'} (try a lower --lr or --grad_clip)") from None
+    if state.best_val_acc >= 0 and logger.run is not None:
+        logger.run.summary["best_val_acc"] = state.best_val_acc
     logger.log_image("curves", run_dir / "curves.png")
-    if state.best_val_acc >= 0:
-        logger.run and logger.run.summary.update({"best_val_acc": state.best_val_acc})
     logger.finish()
+    finish_distributed()
     return state
+
+
+def finish_distributed() -> None:
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.barrier()
+        td.destroy_process_group()

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -189,13 +190,15 @@ def feature_loaders(args, setup: engine.RunSetup, bb: Backbone, image_size: int,
 
 
 # ----------------------------------------------------------------------------- main
-def unfreezer(bb: Backbone, args: argparse.Namespace):
+def unfreezer(bb: Backbone, args: argparse.Namespace) -> Callable[[int], bool]:
     def on_epoch_start(epoch: int) -> None:
         if args.unfreeze_at is not None and epoch >= args.unfreeze_at:
             if not all(p.requires_grad for p in bb.model.parameters()):
                 for p in bb.model.parameters():
                     p.requires_grad = True
                 print(f"epoch {epoch}: unfreezing the whole model (backbone lr {args.backbone_lr:.1e})")
+                return True
+        return False
     return on_epoch_start
 
 
@@ -216,6 +219,7 @@ def main(args: argparse.Namespace) -> engine.TrainState | None:
     built: dict = {}
 
     def build(num_classes: int) -> None:
+        torch.manual_seed(args.seed)  # the new head's initial weights
         built["bb"] = build_backbone(args.model, args.weights, num_classes)
         apply_freeze(built["bb"].model, args.freeze, built["bb"].head_name)
 
@@ -246,8 +250,9 @@ def main(args: argparse.Namespace) -> engine.TrainState | None:
         model, on_epoch_start = bb.model, unfreezer(bb, args)
     state = engine.fit(setup, model, train_loader, val_loader, groups, meta, device,
                        save_model=bb.model, on_epoch_start=on_epoch_start)
-    print(f"run folder: {setup.run_dir}")
-    print(f"best val_acc: {state.best_val_acc:.4f} (epoch {state.best_epoch})")
+    if setup.dist.main:
+        print(f"run folder: {setup.run_dir}")
+        print(f"best val_acc: {state.best_val_acc:.4f} (epoch {state.best_epoch})")
     return state
 
 
