@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 import data
 import engine
 from engine import add_bool, add_flag
@@ -69,6 +71,7 @@ def main(args: argparse.Namespace) -> engine.TrainState:
     setup = engine.setup_run(args, run_name(args), validate=lambda n: build_model(args, n))
     args = setup.args
     device = engine.select_device(args.device)
+    torch.manual_seed(args.seed)  # --seed fixes the initial weights too
     model = build_model(args, len(setup.classes))
     params, macs = count_complexity(model, args.image_size)
     print(f"ConvNet: {format_count(params)} parameters ({params:,}), {format_count(macs)} multiply-accumulates "
@@ -83,8 +86,9 @@ def main(args: argparse.Namespace) -> engine.TrainState:
             "mean": list(data.IMAGENET_MEAN), "std": list(data.IMAGENET_STD), "image_size": args.image_size,
             "split": setup.split, "config": vars(args), "params": params, "macs": macs}
     state = engine.fit(setup, model, train_loader, val_loader, groups, meta, device)
-    print(f"run folder: {setup.run_dir}")
-    print(f"best val_acc: {state.best_val_acc:.4f} (epoch {state.best_epoch})")
+    if setup.dist.main:
+        print(f"run folder: {setup.run_dir}")
+        print(f"best val_acc: {state.best_val_acc:.4f} (epoch {state.best_epoch})")
     return state
 
 
