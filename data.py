@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -461,43 +462,95 @@ def open_decoded_cache(paths: Sequence[str], size: int, cache_dir: str | Path, w
 # ----------------------------------------------------------------------------- device-side batches
 def augment_params(n: int, generator: torch.Generator, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3),
                    jitter: float = 0.3) -> dict[str, torch.Tensor]:
-    """Random resized crop boxes (as fractions of the side), flips and colour factors for a batch."""
+    """Random resized crop boxes (fractions of the side), flips and colour factors for a batch.
+
+    The same distributions as RandomResizedCrop(scale, ratio), RandomHorizontalFlip and
+    ColorJitter(jitter, jitter, jitter) in build_transforms.
+    """
     area = torch.empty(n).uniform_(*scale, generator=generator)
-    log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    r = torch.exp(log_r)
-    w = torch.sqrt(area * r).clamp(max=1.0)
-    h = torch.sqrt(area / r).clamp(max=1.0)
-    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    factors = torch.empty(n, 3).uniform_(1 - jitter, 1 + jitter, generator=generator)
-    return {"w": w, "h": h, "cx": cx, "cy": cy, "flip": flip, "color": factors}
+    r = torch.exp(torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
+    return {
+        "w": torch.sqrt(area * r).clamp(max=1.0),
+        "h": torch.sqrt(area / r).clamp(max=1.0),
+        "u": torch.rand(n, generator=generator),  # left edge, as a fraction of the free width
+        "v": torch.rand(n, generator=generator),
+        "flip": torch.rand(n, generator=generator) < 0.5,
+        "color": torch.empty(n, 3).uniform_(1 - jitter, 1 + jitter, generator=generator),
+    }
 
 
-def gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def augment_batch(x: torch.Tensor, out_size: int, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Random resized crop + flip (one grid_sample) and colour jitter, on float images in [0, 1]."""
+def crop_resize_flip(x: torch.Tensor, out_size: int, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-image crop box resized to out_size, mirrored where flip; uint8 stays uint8 on CPU."""
     import torch.nn.functional as F
 
-    n = x.shape[0]
-    p = {k: v.to(x.device, non_blocking=True) for k, v in params.items()}
-    theta = torch.zeros(n, 2, 3, device=x.device)
-    theta[:, 0, 0] = p["w"] * p["flip"]
-    theta[:, 0, 2] = p["cx"]
-    theta[:, 1, 1] = p["h"]
-    theta[:, 1, 2] = p["cy"]
-    grid = F.affine_grid(theta, [n, x.shape[1], out_size, out_size], align_corners=False)
-    x = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
-    b, c, s = (p["color"][:, i].view(n, 1, 1, 1).to(x.dtype) for i in range(3))
-    x = x * b
-    m = gray(x).mean(dim=(2, 3), keepdim=True)
-    x = (x - m) * c + m
-    g = gray(x)
-    x = (x - g) * s + g
-    return x.clamp_(0, 1)
+    if x.dtype == torch.uint8 and x.device.type != "cpu":
+        x = x.float()  # bilinear resize of uint8 is a CPU-only kernel
+    n, _, height, width = x.shape
+    out = torch.empty((n, x.shape[1], out_size, out_size), dtype=x.dtype, device=x.device)
+    for i in range(n):
+        w = max(1, int(round(p["w"][i].item() * width)))
+        h = max(1, int(round(p["h"][i].item() * height)))
+        left = int(round(p["u"][i].item() * (width - w)))
+        top = int(round(p["v"][i].item() * (height - h)))
+        crop = F.interpolate(x[i : i + 1, :, top : top + h, left : left + w], size=(out_size, out_size),
+                             mode="bilinear", align_corners=False, antialias=x.dtype == torch.uint8)
+        out[i] = crop[0].flip(-1) if p["flip"][i] else crop[0]
+    return out
+
+
+GRAY = (0.299, 0.587, 0.114)
+
+
+def color_affine(factors: torch.Tensor, channel_means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brightness, contrast and saturation of each image as one affine colour map x -> A x + t.
+
+    All three are linear in the pixel values (contrast pivots on the image's mean grey), so they
+    compose into a 3x3 matrix and an offset per image: one pass over the pixels instead of six.
+    """
+    n = factors.shape[0]
+    b, c, s = factors[:, 0], factors[:, 1], factors[:, 2]
+    w = torch.tensor(GRAY, dtype=factors.dtype, device=factors.device)
+    eye = torch.eye(3, dtype=factors.dtype, device=factors.device).expand(n, 3, 3)
+    sat = s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * w.view(1, 1, 3)  # x + (1-s)(grey - x)
+    A = (c * b).view(n, 1, 1) * sat
+    mean_grey = (channel_means * w).sum(1)
+    t = ((1 - c) * b * mean_grey).view(n, 1).expand(n, 3)  # sat maps grey to itself
+    return A, t
+
+
+def augment_batch(x: torch.Tensor, out_size: int, params: dict[str, torch.Tensor], mean=None, std=None) -> torch.Tensor:
+    """Random resized crop, flip and colour jitter of a uint8 batch (N, 3, S, S), then normalise.
+
+    Returns float32 (N, 3, out_size, out_size): in [0, 1] without mean/std, else normalised
+    (and clipped to what [0, 1] normalises to).
+    """
+    p = {k: v.to(x.device) for k, v in params.items()}
+    scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
+    x = crop_resize_flip(x, out_size, p).float()
+    A, t = color_affine(p["color"].float(), x.mean(dim=(2, 3)) * scale)
+    A = A * scale
+    return affine_normalize(x, A, t, mean, std)
+
+
+def affine_normalize(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, mean, std) -> torch.Tensor:
+    """y = norm(clip01(A x + t)) per image, as one batched matmul plus one clamp."""
+    n, c, h, w = x.shape
+    mean_t = torch.tensor(mean if mean is not None else (0.0,) * 3, device=x.device)
+    std_t = torch.tensor(std if std is not None else (1.0,) * 3, device=x.device)
+    A = A / std_t.view(1, 3, 1)
+    t = (t - mean_t) / std_t
+    y = torch.baddbmm(t.unsqueeze(2), A, x.reshape(n, c, h * w)).view(n, c, h, w)
+    lo, hi = (-mean_t / std_t).tolist(), ((1 - mean_t) / std_t).tolist()
+    for ch in range(c):  # in-place scalar clamps: much faster than a tensor-bound clamp on CPU
+        y[:, ch].clamp_(lo[ch], hi[ch])
+    return y
+
+
+def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, 3, H, W) to normalised float32, without augmentation."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    inv = 1 / (torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255)
+    return x.float().sub_(m).mul_(inv)
 
 
 def center_crop_batch(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -523,8 +576,7 @@ class DeviceLoader:
         self.labels = torch.as_tensor([labels[k] for k in keep], dtype=torch.long)
         self.skipped = len(indices) - len(keep)
         self.batch_size, self.image_size, self.device = batch_size, image_size, device
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.augment, self.drop_last, self.channels_last = augment, drop_last, channels_last
         if sampler is not None and self.skipped:  # unreadable images drop out: re-shard what is left
             sampler = EpochSampler(len(self.indices), seed, sampler.shuffle, sampler.rank, sampler.world, sampler.pad)
@@ -546,7 +598,12 @@ class DeviceLoader:
             rows = self.indices[pos]
             sort = np.argsort(rows, kind="stable")  # sequential reads from the memory map
             pos, rows = pos[sort], rows[sort]
-            x = torch.from_numpy(np.ascontiguousarray(self.cache.images[rows]))
+            if self.augment:
+                x = self.cache.images[rows]
+            else:  # copy only the centre crop
+                size, top = self.image_size, int(round((self.cache.images.shape[-1] - self.image_size) / 2.0))
+                x = self.cache.images[rows, :, top : top + size, top : top + size]
+            x = torch.from_numpy(np.ascontiguousarray(x))
             y = self.labels[torch.from_numpy(pos)]
             yield (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
 
@@ -588,12 +645,10 @@ class DeviceLoader:
     def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        x = x.float().div_(255)
         if self.augment:
-            x = augment_batch(x, self.image_size, augment_params(x.shape[0], self.generator))
+            x = augment_batch(x, self.image_size, augment_params(x.shape[0], self.generator), self.mean, self.std)
         else:
-            x = center_crop_batch(x, self.image_size)
-        x = (x - self.mean) / self.std
+            x = normalize_batch(x, self.mean, self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
@@ -665,7 +720,7 @@ def extract_zip(archive: Path, dest: Path) -> None:
             tmp = dest / f".extract-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             zf.extractall(tmp)
-    except (zipfile.BadZipFile, EOFError) as e:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream
         raise UserError(f"corrupt archive {archive}: {e}; delete it and download again") from None
     for entry in tmp.iterdir():
         target = dest / entry.name
