@@ -522,9 +522,12 @@ def plot_curves(histories: dict[str, list[dict]], out: Path) -> None:
         for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
             ax.plot(epochs, [h[f"train_{key}"] for h in hist], "--o", color=color, ms=3, label=f"{prefix}train")
             ax.plot(epochs, [h[f"val_{key}"] for h in hist], "-o", color=color, ms=3, label=f"{prefix}val")
+    from matplotlib.ticker import MaxNLocator
+
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -108,7 +108,7 @@ def plot_confusion(cm, class_names: list[str], out: Path, normalize: bool = True
             for j in range(n):
                 v = shown[i, j].item()
                 ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center", fontsize=7,
-                        color="white" if v > 0.5 * (shown.max().item() or 1) else "black")
+                        color="white" if v > 0.5 * (1 if normalize else (shown.max().item() or 1)) else "black")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

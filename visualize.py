@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -37,6 +38,8 @@ from engine import add_bool, add_flag
 # Activation modules the guided rule is applied to (each is ~identity for x > 0 and "off" for x < 0).
 GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
                       nn.SiLU, nn.Mish, nn.Hardswish)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 RIGHT, WRONG = "#1a9850", "#d73027"  # frame colours of right and wrong predictions
 
 
@@ -173,7 +176,8 @@ def plot_prediction_grid(records: list[dict], ckpt: dict, out: Path, cols: int, 
     plt = pyplot()
     names = ckpt["class_names"]
     rows = max(1, math.ceil(len(records) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.35 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.35 * rows + 0.6),
+                             squeeze=False, layout="constrained")
     colours = []
     for ax in axes.flat:
         ax.axis("off")
@@ -191,7 +195,6 @@ def plot_prediction_grid(records: list[dict], ckpt: dict, out: Path, cols: int, 
     n_right = sum(r["correct"] for r in records)
     fig.suptitle(f"{title}\n{n_right}/{len(records)} right (green frame), "
                  f"{len(records) - n_right} wrong (red frame)", fontsize=11)
-    fig.tight_layout()
     save_figure(fig, out, dpi)
     return colours
 
@@ -235,7 +238,8 @@ def plot_filters(weight: torch.Tensor, out: Path, title: str, max_filters: int =
     colour = w.shape[1] == 3
     rows, cols = grid_shape(n, 8 if n <= 64 else 16)
     panel = 1.1 if cols <= 8 else 0.8
-    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols, panel * rows + 0.7), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols, panel * rows + 0.7),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[:n]):
@@ -249,7 +253,6 @@ def plot_filters(weight: torch.Tensor, out: Path, title: str, max_filters: int =
             ax.imshow(f.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
         ax.set_title(str(i), fontsize=7, pad=2)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     save_figure(fig, out, dpi)
 
 
@@ -272,7 +275,8 @@ def conv_stages(model: nn.Module) -> list[str]:
 
     ConvNet -> features.0 .. features.N-1 (conv -> norm -> activation -> pool blocks);
     torchvision ResNet -> conv1, layer1 .. layer4; VGG/EfficientNet/ConvNeXt -> features.<i>;
-    a wrapper with one conv-holding backbone is looked through.
+    timm EfficientNet -> conv_stem, blocks.0 .. blocks.6, conv_head. A wrapper with one
+    conv-holding backbone is looked through; a Sequential body named features/blocks is opened.
     """
     node, prefix = model, ""
     while True:
@@ -280,7 +284,12 @@ def conv_stages(model: nn.Module) -> list[str]:
         if len(kids) == 1 and sum(isinstance(c, nn.Conv2d) for c in kids[0][1].modules()) > 1:
             node, prefix = kids[0][1], f"{prefix}{kids[0][0]}."
             continue
-        return [prefix + n for n, _ in kids]
+        names = []
+        for n, m in kids:
+            body = n in ("features", "blocks") and isinstance(m, nn.Sequential)
+            names.extend([f"{prefix}{n}.{c}" for c, cm in m.named_children() if contains_conv(cm)]
+                         if body else [prefix + n])
+        return names
 
 
 @torch.no_grad()
@@ -289,7 +298,7 @@ def capture_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> 
     outputs, hooks = {}, []
     for name in names:
         def hook(m, inp, out, name=name):
-            outputs[name] = out.detach().float().cpu() if torch.is_tensor(out) else None
+            outputs[name] = out.detach().float().cpu().clone() if torch.is_tensor(out) else None
         hooks.append(resolve_module(model, name).register_forward_hook(hook))
     try:
         model.eval()
@@ -306,7 +315,8 @@ def plot_feature_maps(image: torch.Tensor, maps: dict[str, torch.Tensor], ckpt: 
     plt = pyplot()
     rows = len(maps)
     cols = channels + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 0.8, 1.75 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 0.8, 1.75 * rows + 0.6),
+                             squeeze=False, layout="constrained")
     rgb = unnormalize(image, ckpt["mean"], ckpt["std"]).numpy()
     for r, (name, fmap) in enumerate(maps.items()):
         fmap = fmap[0]
@@ -322,7 +332,6 @@ def plot_feature_maps(image: torch.Tensor, maps: dict[str, torch.Tensor], ckpt: 
             ax.imshow(fmap[ch].numpy(), cmap="viridis", interpolation="nearest")
             ax.set_title(f"ch {ch}", fontsize=7, pad=2)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     save_figure(fig, out, dpi)
 
 
@@ -334,6 +343,8 @@ def cmd_feature_maps(args, model, ckpt, device) -> Path:
         samples, _ = heldout(ckpt, args.data_dir, args.split)
         path = choose_samples(samples, 1, args.seed)[0][0]
         x = load_input(path, ckpt)
+    if args.channels < 1:
+        raise UserError(f"--channels must be >= 1, got {args.channels}")
     names = args.layers or conv_stages(model)
     if not names:
         raise UserError("found no conv stages in the model; name them with --layers")
@@ -379,17 +390,21 @@ def _guided_hook(module: nn.Module, inputs, output):
 
 
 def auto_cam_layer(model: nn.Module, x: torch.Tensor) -> str:
-    """The last conv-holding module (not the model itself) whose output is a spatial 4-D feature map.
+    """The last conv stage's feature map: the layer Grad-CAM and --neuron use by default.
 
-    Found by running x once; of modules returning the very same tensor (a block and the
-    container ending with it) the deepest is named: ConvNet -> features.<last>, ResNet -> layer4.1.
+    Found by running x once: the last conv-holding module (not the model itself) whose output is
+    a spatial 4-D map; of modules returning the very same tensor (a block and the container
+    ending with it) the deepest. A Sequential block that ends in pooling gives the map before the
+    pooling instead; norm/activation layers right after it with the same shape are included.
+    ConvNet -> features.<last>.2 (the last block's activation, before its max-pool); ResNet ->
+    layer4.1; VGG -> features.29 (the last ReLU); EfficientNet -> features.8; timm -> bn2.
     """
     events, hooks = [], []
     for name, m in model.named_modules():
-        if name and contains_conv(m):
+        if name:
             def hook(mod, inp, out, name=name):
                 if torch.is_tensor(out) and out.ndim == 4 and out.shape[2] * out.shape[3] > 1:
-                    events.append((name, out))
+                    events.append((name, mod, out))
             hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -397,11 +412,24 @@ def auto_cam_layer(model: nn.Module, x: torch.Tensor) -> str:
     finally:
         for h in hooks:
             h.remove()
-    if not events:
-        raise UserError("the model has no layer with a 4-D feature map output; pass --layer NAME")
-    last = events[-1][1]
-    same = [n for n, o in events if o is last]
-    return max(same, key=lambda n: n.count("."))
+    conv_idx = [i for i, (_, m, _) in enumerate(events) if contains_conv(m)]
+    if not conv_idx:
+        raise UserError("the model has no conv layer with a 4-D feature map output; pass --layer NAME")
+    last_i = conv_idx[-1]
+    last = events[last_i][2]
+    name = max((n for n, m, o in events if o is last and contains_conv(m)), key=lambda n: n.count("."))
+    module = resolve_module(model, name)
+    kids = list(module.named_children()) if isinstance(module, nn.Sequential) else []
+    if len(kids) > 1 and isinstance(kids[-1][1], POOLS):
+        # A block ending in pooling: use the feature map before it (twice the resolution).
+        return f"{name}.{kids[-2][0]}"
+    for n, m, o in events[last_i + 1:]:  # e.g. timm's bn2 (batch norm + activation) after conv_head
+        if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d)):
+            continue
+        if not (isinstance(m, NORMS + GUIDED_ACTIVATIONS) and o.shape == last.shape):
+            break
+        name = n
+    return name
 
 
 def parse_neurons(specs: Sequence[str] | None) -> list[tuple[str | None, int]]:
@@ -461,8 +489,13 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, target: torch.Tensor | Se
                 hooks.append(m.register_forward_hook(_guided_hook))
         if neuron is not None:
             layer, index = neuron
-            hooks.append(resolve_module(work, layer).register_forward_hook(
-                lambda m, i, o: captured.__setitem__("act", o)))
+
+            def capture(m, inp, out):  # keep this output; later in-place ops get a clone
+                if torch.is_tensor(out):
+                    captured["act"] = out
+                    return out.clone()
+
+            hooks.append(resolve_module(work, layer).register_forward_hook(capture))
         x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logits = work(x)
@@ -513,11 +546,13 @@ def cmd_guided_backprop(args, model, ckpt, device) -> Path:
     probs = logits.float().softmax(1).cpu()
     plt = pyplot()
     cols = 2 + len(neuron_maps)
-    fig, axes = plt.subplots(len(paths), cols, figsize=(2.6 * cols, 2.85 * len(paths) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(paths), cols, figsize=(2.6 * cols, 2.85 * len(paths) + 0.6),
+                             squeeze=False, layout="constrained")
     for r, path in enumerate(paths):
         pred = int(probs[r].argmax())
         true = f"true: {names[labels[r]]}\n" if labels[r] is not None else f"{Path(path).name[:28]}\n"
-        panels = [(unnormalize(x[r].cpu(), ckpt["mean"], ckpt["std"]), f"{true}pred: {names[pred]} ({probs[r, pred]:.0%})"),
+        panels = [(unnormalize(x[r].cpu(), ckpt["mean"], ckpt["std"]),
+                   f"{true}pred: {names[pred]} ({probs[r, pred]:.0%})"),
                   (gradient_image(grads[r], ckpt["std"]), f"guided backprop\nfor '{names[pred]}'")]
         for (layer, index), g in neuron_maps:
             panels.append((gradient_image(g[r], ckpt["std"]),
@@ -527,7 +562,6 @@ def cmd_guided_backprop(args, model, ckpt, device) -> Path:
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.suptitle("Guided backpropagation: input pixels that increase the score (grey = no effect)", fontsize=10)
-    fig.tight_layout()
     out = output_dir(args) / "guided_backprop.png"
     save_figure(fig, out, args.dpi)
     return out
@@ -572,8 +606,9 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | Sequence[
     weights = grad.float().mean((2, 3), keepdim=True)
     cam = torch.relu((weights * act.detach().float()).sum(1, keepdim=True))
     cam = nn.functional.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)
-    return (cam / peak).cpu(), logits.detach().float().cpu(), layer
+    peak = cam.flatten(1).amax(1).view(-1, 1, 1)
+    cam = torch.where(peak > 0, cam / peak.clamp(min=torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
+    return cam.cpu(), logits.detach().float().cpu(), layer
 
 
 def cmd_gradcam(args, model, ckpt, device) -> Path:
@@ -585,7 +620,8 @@ def cmd_gradcam(args, model, ckpt, device) -> Path:
     n = len(paths)
     per_row = 2 if n > 1 else 1  # image pairs (image, heat map) per row
     rows = math.ceil(n / per_row)
-    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(5.4 * per_row, 2.9 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(5.4 * per_row, 2.9 * rows + 0.6),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):
@@ -599,7 +635,6 @@ def cmd_gradcam(args, model, ckpt, device) -> Path:
         axes[r, 2 * c + 1].imshow(cams[i].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
         axes[r, 2 * c + 1].set_title(f"Grad-CAM for '{names[pred]}' ({probs[i, pred]:.0%})", fontsize=8)
     fig.suptitle(f"Grad-CAM at layer '{layer}' for the predicted class (red = most evidence)", fontsize=10)
-    fig.tight_layout()
     out = output_dir(args) / "gradcam.png"
     save_figure(fig, out, args.dpi)
     return out
@@ -625,15 +660,22 @@ def cmd_confusion(args, model, ckpt, device) -> Path:
 
 # ----------------------------------------------------------------------------- curves
 def short_labels(names: Sequence[str]) -> list[str]:
-    """Run names cut down to the '-'-separated parts that differ between them."""
+    """Run names cut down to the '-'-separated parts that differ between them (time stamps only if needed).
+
+    'parta-f32x2-...-lr1e-03-20250101-120000' and '...-lr5e-03-...' -> 'lr1e-03', 'lr5e-03'.
+    """
     if len(names) < 2:
         return list(names)
-    parts = [n.split("-") for n in names]
+    parts = [re.findall(r"[^-]+?e-\d+|[^-]+", n) for n in names]
     if len({len(p) for p in parts}) != 1:
         return list(names)
-    keep = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
-    labels = ["-".join(p[i] for i in keep) for p in parts]
-    return labels if len(set(labels)) == len(labels) and all(labels) else list(names)
+    differ = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
+    no_time = [i for i in differ if not all(re.fullmatch(r"\d{6}|\d{8}", p[i]) for p in parts)]
+    for keep in (no_time, differ):
+        labels = ["-".join(p[i] for i in keep) for p in parts]
+        if keep and len(set(labels)) == len(labels):
+            return labels
+    return list(names)
 
 
 def cmd_curves(args) -> Path:
@@ -717,12 +759,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(g, "ckpt", required=True, help="checkpoint file (best.pt or last.pt) or its run folder")
     add_flag(g, "data_dir", default=None, help="dataset root (default: the one the run trained on)")
     add_flag(g, "split", default="test", choices=("test", "val"),
-             help="held-out images: test = the val/ or test/ folder; val = the run's validation split (default: %(default)s)")
+             help="held-out images: test = the val/ or test/ folder; val = the run's validation split "
+                  "(default: %(default)s)")
     add_flag(g, "seed", type=int, default=0, help="which held-out images are drawn (default: %(default)s)")
     add_flag(g, "device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
 
     def images(p, n_default):
-        p.add_argument("--image", nargs="+", metavar="PATH", help="image file(s) to explain (default: held-out images)")
+        p.add_argument("--image", nargs="+", metavar="PATH",
+                       help="image file(s) to explain (default: --n held-out images)")
         add_flag(p, "n", type=int, default=n_default,
                  help="without --image: this many held-out images, drawn by --seed (default: %(default)s)")
 
@@ -737,10 +781,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("filters", parents=[model_common, common], help="conv filters as a grid",
                        description="The first conv layer's filters in colour, or another conv layer's "
                                    "(input channels averaged).")
-    add_flag(p, "layer", default=None, help="module name of a conv layer, from model.named_modules() (default: the first Conv2d)")
-    add_flag(p, "max_filters", type=int, default=64, help="show at most this many filters; 0 = all (default: %(default)s)")
+    add_flag(p, "layer", default=None,
+             help="module name of a conv layer (or a block: its first conv), from model.named_modules() "
+                  "(default: the first Conv2d)")
+    add_flag(p, "max_filters", type=int, default=64,
+             help="show at most this many filters; 0 = all (default: %(default)s)")
 
-    p = sub.add_parser("feature_maps", parents=[model_common, common], help="activations of each conv stage for one image",
+    p = sub.add_parser("feature_maps", parents=[model_common, common],
+                       help="activations of each conv stage for one image",
                        description="The most active channels of every conv stage's output for one image.")
     add_flag(p, "image", default=None, help="image file (default: one held-out image drawn by --seed)")
     p.add_argument("--layers", nargs="+", metavar="NAME",
