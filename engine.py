@@ -62,7 +62,7 @@ def add_bool(group, name: str, default: bool, help: str) -> None:
     group.add_argument(*spellings(name), dest=name, type=str2bool, nargs="?", const=True,
                        default=default, metavar="BOOL",
                        help=f"{help} (default: {default}; --no-{name} turns it off)")
-    group.add_argument(*{f"--no-{name}", f"--no-{name.replace('_', '-')}", f"--no_{name}"},
+    group.add_argument(*dict.fromkeys([f"--no-{name}", f"--no-{name.replace('_', '-')}", f"--no_{name}"]),
                        dest=name, action="store_false", help=argparse.SUPPRESS)
 
 
@@ -584,7 +584,7 @@ class WandbLogger:
             return
         self.wandb = wandb
         kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=name,
-                      config=config, dir=str(run_dir), reinit=True)
+                      config=config, dir=str(run_dir))
         try:
             self.run = wandb.init(mode=mode, **kwargs)
         except Exception as e:  # no key, no network: never lose the run over logging

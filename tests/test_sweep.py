@@ -1,0 +1,317 @@
+"""sweep.yaml and sweep_offline.py: every swept value reaches train_parta.py as intended, and the
+offline runner trains, ranks, fails gracefully, early-stops and resumes. No network, ~30 s on 2 cores."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import engine  # noqa: E402
+import sweep_offline  # noqa: E402
+import train_parta  # noqa: E402
+
+sweeps = sweep_offline.import_sweeps()
+from sweeps.params import HyperParameter  # noqa: E402
+from wandb.sdk.launch.sweeps.utils import create_sweep_command_args  # noqa: E402
+
+SWEEP_YAML = REPO / "sweep.yaml"
+# The type each swept flag must arrive with in train_parta's args.
+EXPECTED_TYPES = {"filters": int, "filter_org": float, "conv_layers": int, "activation": str, "dropout": float,
+                  "batch_norm": bool, "batch_size": int, "lr": float, "augment": bool, "dense_neurons": int,
+                  "epochs": int, "image_size": int}
+
+
+def sweep_config() -> dict:
+    return yaml.safe_load(SWEEP_YAML.read_text())
+
+
+def agent_args(values: dict) -> list[str]:
+    """The ${args} `wandb agent` puts on the command line for a run with these values."""
+    return create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})["args"]
+
+
+def parse(argv: list[str]):
+    return train_parta.get_args_parser().parse_args(argv)
+
+
+def param_cases() -> list[tuple[str, object]]:
+    """Every listed value and fixed value of sweep.yaml, plus samples of every distribution."""
+    cases = []
+    rng_state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        for name, spec in sweep_config()["parameters"].items():
+            if "values" in spec:
+                cases += [(name, v) for v in spec["values"]]
+            elif "value" in spec:
+                cases.append((name, spec["value"]))
+            else:
+                param = HyperParameter(name, spec)
+                cases += [(name, sweep_offline.plain(param.sample())) for _ in range(4)]
+                cases += [(name, spec["min"]), (name, spec["max"])]
+    finally:
+        np.random.set_state(rng_state)
+    return cases
+
+
+# ----------------------------------------------------------------------------- sweep.yaml
+def test_sweep_yaml_is_a_valid_wandb_sweep():
+    cfg = sweep_config()
+    assert sweeps.schema_violations_from_proposed_config(cfg) == []
+    assert cfg["program"] == "train_parta.py" and (REPO / cfg["program"]).is_file()
+    assert cfg["method"] == "bayes"
+    assert cfg["metric"] == {"name": "val_acc", "goal": "maximize"}
+    assert cfg["metric"]["name"] in engine.METRIC_FIELDS
+    assert cfg["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
+    assert cfg["early_terminate"]["type"] == "hyperband" and cfg["early_terminate"]["min_iter"] >= 1
+    params = cfg["parameters"]
+    assert params["filters"]["values"] == [32, 64, 128]
+    assert params["filter_org"]["values"] == [0.5, 1, 2]
+    assert params["conv_layers"]["values"] == [3, 4, 5]
+    assert params["activation"]["values"] == ["relu", "gelu", "silu", "mish"]
+    assert params["dropout"]["values"] == [0.2, 0.3]
+    assert params["batch_norm"]["values"] == [True, False]
+    assert params["batch_size"]["values"] == [32, 64]
+    assert params["lr"] == {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}
+    assert params["augment"]["values"] == [True, False]
+    assert params["dense_neurons"]["values"] == [128, 256, 512]
+    assert set(params) == set(EXPECTED_TYPES)
+    assert "value" in params["epochs"] and "value" in params["image_size"]
+
+
+def test_every_parameter_is_a_flag_of_train_parta():
+    dests = {a.dest for a in train_parta.get_args_parser()._actions}
+    for name in sweep_config()["parameters"]:
+        assert name in dests, f"sweep parameter {name} is not a flag of train_parta.py"
+
+
+@pytest.mark.parametrize("name,value", param_cases(), ids=lambda v: str(v))
+def test_agent_argument_parses_to_the_intended_value(name, value):
+    argv = agent_args({name: value})
+    assert argv == [f"--{name}={value}"]
+    got = getattr(parse(argv), name)
+    want_type = EXPECTED_TYPES[name]
+    assert type(got) is want_type, f"{argv} gave {got!r} ({type(got).__name__}), want {want_type.__name__}"
+    assert got == (value if want_type is bool else want_type(value))
+
+
+def test_booleans_and_float_factors_survive_the_agent_format():
+    args = parse(agent_args({"batch_norm": False, "augment": False, "filter_org": 0.5}))
+    assert args.batch_norm is False and args.augment is False
+    assert args.filter_org == 0.5 and isinstance(args.filter_org, float)
+    args = parse(["--batch_norm=True", "--augment=True", "--filter_org=2"])
+    assert args.batch_norm is True and args.augment is True and args.filter_org == 2.0
+
+
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_engine_proposals_parse_as_a_whole(method):
+    cfg = dict(sweep_config(), method=method)
+    for i in range(3):
+        proposal = sweep_offline.propose(cfg, [], seed=7, number=i)
+        values = {k: v["value"] for k, v in proposal.items()}
+        args = parse(agent_args(values))
+        for k, v in values.items():
+            assert getattr(args, k) == v and type(getattr(args, k)) is EXPECTED_TYPES[k]
+        assert 1e-4 <= args.lr <= 1e-2
+
+
+def test_runner_builds_the_agents_command():
+    cfg = sweep_config()
+    proposal = sweep_offline.propose(cfg, [], seed=1, number=1)
+    cmd = sweep_offline.build_command(cfg, proposal, "python")
+    values = {k: v["value"] for k, v in proposal.items()}
+    assert cmd[:3] == ["/usr/bin/env", "python", "train_parta.py"]
+    assert cmd[3:] == agent_args(values)
+    alt = dict(cfg, command=["${env}", "${interpreter}", "${program}", "--seed", "1", "${args_no_hyphens}"])
+    alt_cmd = sweep_offline.build_command(alt, proposal, "py")
+    assert alt_cmd[1:5] == ["py", "train_parta.py", "--seed", "1"]
+    assert alt_cmd[5:] == create_sweep_command_args({"args": proposal})["args_no_hyphens"]
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """ImageFolder of coloured 32 px JPEGs: 3 classes x 12 train images, 3 x 3 in val/."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    colours = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+    for split, n in (("train", 12), ("val", 3)):
+        for cls, rgb in colours.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                noise = rng.integers(-40, 40, (32, 32, 3))
+                pixels = np.clip(np.array(rgb) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{cls}_{i:02d}.jpg", quality=90)
+    return root
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def tiny_sweep_config() -> dict:
+    """sweep.yaml scaled to the fixture: 32 px, one epoch, few filters."""
+    cfg = sweep_config()
+    cfg["method"] = "random"
+    cfg["parameters"].update(filters={"values": [4, 8]}, dense_neurons={"values": [16, 32]},
+                             batch_size={"values": [8, 16]}, epochs={"value": 1}, image_size={"value": 32})
+    return cfg
+
+
+def read_leaderboard(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "leaderboard.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- training
+def test_sampled_configuration_trains_one_epoch(tiny_data, tmp_path):
+    proposal = sweep_offline.propose(sweep_config(), [], seed=3, number=1)
+    argv = agent_args({k: v["value"] for k, v in proposal.items()})
+    argv += ["--epochs", "1", "--image_size", "32", "--data_dir", str(tiny_data), "--workers", "0",
+             "--out_dir", str(tmp_path / "runs"), "--run_name", "one", "--wandb", "disabled", "--device", "cpu"]
+    state = train_parta.main(parse(argv))
+    rows = engine.read_metrics_csv(tmp_path / "runs" / "one" / "metrics.csv")
+    assert len(rows) == 1 and 0.0 <= rows[0]["val_acc"] <= 1.0
+    assert state.best_val_acc == pytest.approx(rows[0]["val_acc"])
+
+
+def test_offline_random_sweep_ranks_and_resumes(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # runs inherit it: one torch thread is fastest on 2 shared cores
+    cfg_path = write_yaml(tmp_path / "tiny_sweep.yaml", tiny_sweep_config())
+    sweep_dir = tmp_path / "sweep"
+    extra = ["--", "--data_dir", str(tiny_data), "--workers", "0", "--device", "cpu"]
+    code = sweep_offline.main(sweep_offline.parse_args(
+        ["--config", str(cfg_path), "--sweep_dir", str(sweep_dir), "--count", "3", "--seed", "0", "--quiet", *extra]))
+    assert code == 0
+    board = read_leaderboard(sweep_dir)
+    assert [r["rank"] for r in board] == ["1", "2", "3"]
+    assert all(r["state"] == "finished" for r in board), board
+    accs = [float(r["val_acc"]) for r in board]
+    assert accs == sorted(accs, reverse=True)
+    out = capsys.readouterr().out
+    assert "leaderboard of" in out and "run-001" in out
+
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    for rec in state["runs"]:
+        values = {k: v["value"] for k, v in rec["config"].items()}
+        n = len(values)
+        assert rec["command"][3:3 + n] == agent_args(values)  # exactly what wandb agent passes
+        assert rec["command"][3 + n:] == ["--out_dir", str(sweep_dir / "runs"), "--run_name", rec["name"],
+                                          "--wandb", "disabled", *extra[1:]]
+        best = max(r["val_acc"] for r in engine.read_metrics_csv(Path(rec["run_dir"]) / "metrics.csv"))
+        assert rec["metric"] == pytest.approx(best)
+        assert next(float(r["val_acc"]) for r in board if r["run"] == rec["name"]) == pytest.approx(best)
+
+    # Continue the same sweep: one more run, numbered after the others, earlier runs kept.
+    code = sweep_offline.main(sweep_offline.parse_args(  # no -- flags: the sweep's last ones are reused
+        ["--sweep_dir", str(sweep_dir), "--count", "1", "--seed", "0", "--quiet"]))
+    assert code == 0
+    state2 = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [r["name"] for r in state2["runs"]] == ["run-001", "run-002", "run-003", "run-004"]
+    assert state2["runs"][:3] == state["runs"]
+    assert len(read_leaderboard(sweep_dir)) == 4
+    assert (sweep_dir / "runs" / "run-004" / "metrics.csv").is_file()
+    assert state2["runs"][3]["command"][-len(extra) + 1:] == extra[1:]
+
+
+# ----------------------------------------------------------------------------- runner logic (fake program)
+FAKE_TRAIN = r'''
+import argparse, csv, os, sys, time
+p = argparse.ArgumentParser()
+p.add_argument("--q", type=float, required=True)
+p.add_argument("--epochs", type=int, default=3)
+p.add_argument("--sleep", type=float, default=0.0)
+p.add_argument("--out_dir"); p.add_argument("--run_name"); p.add_argument("--wandb")
+a = p.parse_args()
+if a.q < 0:
+    sys.exit("error: q must be >= 0")
+run = os.path.join(a.out_dir, a.run_name)
+os.makedirs(run)
+rows = []
+for e in range(1, a.epochs + 1):
+    time.sleep(a.sleep)
+    rows.append({"epoch": e, "train_loss": 1, "train_acc": a.q, "val_loss": 1, "val_acc": a.q * e / a.epochs,
+                 "lr": 0.1, "epoch_time": a.sleep})
+    with open(run + "/.m", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader(); w.writerows(rows)
+    os.replace(run + "/.m", run + "/metrics.csv")
+print("run folder: " + run)
+'''
+
+
+def fake_sweep(tmp_path: Path, method: str, q_values: list, extra_params: dict | None = None, **top) -> Path:
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+    params = {"q": {"values": q_values}, **(extra_params or {})}
+    cfg = {"program": "fake_train.py", "method": method, "metric": {"name": "val_acc", "goal": "maximize"},
+           "parameters": params, **top}
+    return write_yaml(tmp_path / "fake.yaml", cfg)
+
+
+def test_failed_run_is_recorded_and_grid_completes(tmp_path, capsys):
+    cfg = fake_sweep(tmp_path, "grid", [0.5, -1, 0.9])
+    sweep_dir = tmp_path / "s"
+    code = sweep_offline.main(sweep_offline.parse_args(
+        ["--config", str(cfg), "--sweep_dir", str(sweep_dir), "--count", "5", "--quiet"]))
+    assert code == 0
+    board = read_leaderboard(sweep_dir)
+    assert [(r["run"], r["state"]) for r in board] == [("run-003", "finished"), ("run-001", "finished"),
+                                                       ("run-002", "failed")]
+    assert "q must be >= 0" in board[2]["note"]
+    assert "grid search complete" in capsys.readouterr().out
+    # the sweep's config is fixed once started
+    other = write_yaml(tmp_path / "other.yaml", dict(yaml.safe_load(cfg.read_text()), method="random"))
+    with pytest.raises(sweep_offline.UserError, match="differs"):
+        sweep_offline.main(sweep_offline.parse_args(["--config", str(other), "--sweep_dir", str(sweep_dir)]))
+
+
+def test_hyperband_stops_a_run_below_the_band_threshold(tmp_path):
+    cfg = fake_sweep(tmp_path, "grid", [0.9, 0.8, 0.1],
+                     {"epochs": {"value": 8}, "sleep": {"value": 0.15}},
+                     early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2})
+    sweep_dir = tmp_path / "s"
+    code = sweep_offline.main(sweep_offline.parse_args(
+        ["--config", str(cfg), "--sweep_dir", str(sweep_dir), "--count", "3", "--quiet", "--poll_s", "0.05"]))
+    assert code == 0
+    runs = {r["name"]: r for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"]}
+    assert runs["run-001"]["state"] == runs["run-002"]["state"] == "finished"
+    assert runs["run-003"]["state"] == "stopped" and 2 <= runs["run-003"]["epochs"] < 8
+
+
+def test_bayes_gets_the_history_of_earlier_runs(tmp_path):
+    cfg = yaml.safe_load(fake_sweep(tmp_path, "bayes", [0.1, 0.5, 0.9], {"r": {"min": 0.0, "max": 1.0}}).read_text())
+    records = [
+        {"name": "run-001", "number": 1, "state": "finished", "config": {"q": {"value": 0.5}, "r": {"value": 0.2}},
+         "history": [{"epoch": 1, "val_acc": 0.3}, {"epoch": 2, "val_acc": 0.4}, {"epoch": 3, "val_acc": 0.35}]},
+        {"name": "run-002", "number": 2, "state": "failed", "config": {"q": {"value": 0.9}, "r": {"value": 0.7}},
+         "history": []},
+        {"name": "run-003", "number": 3, "state": "interrupted", "config": {"q": {"value": 0.1}, "r": {"value": 0.1}},
+         "history": [{"epoch": 1, "val_acc": 0.05}]},
+        {"name": "run-004", "number": 4, "state": "stopped", "config": {"q": {"value": 0.1}, "r": {"value": 0.9}},
+         "history": [{"epoch": 1, "val_acc": 0.1}, {"epoch": 2, "val_acc": 0.15}]},
+    ]
+    runs = sweep_offline.engine_runs(records, "val_acc")
+    assert [(r.name, r.state) for r in runs] == [("run-001", "finished"), ("run-002", "failed"),
+                                                 ("run-004", "finished")]
+    assert runs[0].metric_extremum("val_acc", "maximum") == pytest.approx(0.4)  # best epoch, not the last
+    proposal = sweep_offline.propose(cfg, records, seed=0, number=5)
+    assert proposal["q"]["value"] in (0.1, 0.5, 0.9) and 0.0 <= proposal["r"]["value"] <= 1.0
+
+
+def test_runner_owns_its_bookkeeping_flags(tmp_path):
+    cfg = fake_sweep(tmp_path, "random", [0.5])
+    for flag in (["--out_dir", "x"], ["--run-name=x"], ["--wandb", "online"]):
+        with pytest.raises(sweep_offline.UserError, match="set by the sweep runner"):
+            sweep_offline.main(sweep_offline.parse_args(["--config", str(cfg), "--sweep_dir", str(tmp_path / "s"),
+                                                         "--", *flag]))
