@@ -102,6 +102,15 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any])
     add_flag(g, "label_smoothing", type=float, default=d.get("label_smoothing", 0.1),
              help="label smoothing of the cross-entropy loss (default: %(default)s)")
     add_flag(g, "grad_clip", type=float, default=0.0, help="clip the gradient norm to this; 0 = off (default: %(default)s)")
+    add_flag(g, "mixup", type=float, default=d.get("mixup", 0.0),
+             help="MixUp with this Beta alpha on training batches; 0 = off (default: %(default)s)")
+    add_flag(g, "cutmix", type=float, default=d.get("cutmix", 0.0),
+             help="CutMix with this Beta alpha (one of MixUp/CutMix per batch when both are on); 0 = off (default: %(default)s)")
+    add_flag(g, "ema", type=float, default=d.get("ema", 0.0),
+             help="keep an exponential moving average of the weights with this decay (e.g. 0.999) and "
+                  "validate and save it; 0 = off (default: %(default)s)")
+    add_bool(g, "lr_find", False, "sweep the LR exponentially over a few hundred steps, save lr_find.png, "
+             "print a suggestion, restore the model and exit")
     add_flag(g, "patience", type=int, default=0,
              help="stop after this many epochs without a better val_acc; 0 = never (default: %(default)s)")
     add_flag(g, "seed", type=int, default=42, help="random seed for the split, init and batches (default: %(default)s)")
@@ -689,10 +698,63 @@ def to_device(batch, device: torch.device):
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+@dataclass
+class StepExtras:
+    """Optional per-step additions: batch mixing (MixUp/CutMix) and a weight EMA."""
+
+    mix: Callable | None = None
+    ema: nn.Module | None = None
+
+
+def build_mix(args: argparse.Namespace, num_classes: int) -> Callable | None:
+    """torchvision's MixUp / CutMix on whole batches (soft targets), or None."""
+    if not (args.mixup > 0 or args.cutmix > 0):
+        return None
+    from torchvision.transforms import v2
+
+    mixes = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
+            ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
+def build_ema(model: nn.Module, decay: float) -> nn.Module | None:
+    if decay <= 0:
+        return None
+    if not decay < 1:
+        raise UserError(f"--ema must be in (0, 1), got {decay}")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class EmaWeights:
+    """Within the block, the model holds the EMA's weights (for validation and checkpoints)."""
+
+    def __init__(self, model: nn.Module, ema: nn.Module | None) -> None:
+        self.model, self.ema, self.backup = model, ema, None
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.backup = [t.detach().clone() for t in self.tensors(self.model)]
+            for dst, src in zip(self.tensors(self.model), self.tensors(self.ema.module)):
+                dst.data.copy_(src.data)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.backup is not None:
+            for dst, src in zip(self.tensors(self.model), self.backup):
+                dst.data.copy_(src)
+
+    @staticmethod
+    def tensors(m: nn.Module) -> list[torch.Tensor]:
+        return list(m.parameters()) + [b for b in m.buffers() if b.dtype.is_floating_point]
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, device, dtype,
                     epoch: int, args, state: TrainState, stop: StopRequested,
-                    save_mid_epoch: Callable[[int, dict], None]) -> dict:
+                    save_mid_epoch: Callable[[int, dict], None], extras: StepExtras | None = None) -> dict:
     """One pass over the training data; returns train_loss and train_acc."""
+    extras = extras or StepExtras()
     set_train_mode(model)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sums = {"loss": 0.0, "correct": 0.0, "seen": 0, **state.partial}
@@ -717,6 +779,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
         if batch is None:  # every image of the batch was unreadable
             continue
         x, y = to_device(batch, device)
+        if extras.mix is not None:
+            x, y = extras.mix(x, y)  # soft targets; accuracy below counts the dominant class
         with autocast(device, dtype):
             out = model(x)
             loss = criterion(out, y)
@@ -728,6 +792,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if extras.ema is not None:
+            extras.ema.update_parameters(model)
         loss_sum += loss.detach().float() * y.shape[0]
         correct += (out.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
         seen_since_sync += y.shape[0]
@@ -783,8 +849,84 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
 
 
 def checkpoint_payload(meta: dict, model: nn.Module, state: TrainState) -> dict:
-    return {**meta, "format": CHECKPOINT_FORMAT, "model_state": model.state_dict(), "epoch": state.epoch,
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # a snapshot, not live tensors
+    return {**meta, "format": CHECKPOINT_FORMAT, "model_state": weights, "epoch": state.epoch,
             "metrics": state.history, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch}
+
+
+def lr_range_test(model: nn.Module, loader, optimizer, criterion, device: torch.device, dtype,
+                  start: float = 1e-7, end: float = 10.0, steps: int = 200) -> tuple[list, list, float]:
+    """Exponentially increase the LR step by step, recording the smoothed loss; restores everything.
+
+    Returns (lrs, losses, suggestion); see suggest_lr.
+    """
+    import copy
+
+    model_state = copy.deepcopy(model.state_dict())
+    opt_state = copy.deepcopy(optimizer.state_dict())
+    base = [g["lr"] for g in optimizer.param_groups]  # keep the groups' LR ratios
+    lrs, losses, smooth, best = [], [], None, math.inf
+    set_train_mode(model)
+    gamma = (end / start) ** (1 / max(1, steps - 1))
+    batches = iter(loader)
+    try:
+        for i in range(steps):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                batch = next(batches)
+            if batch is None:
+                continue
+            lr = start * gamma**i
+            for g, b in zip(optimizer.param_groups, base):
+                g["lr"] = lr * b / base[0]
+            x, y = to_device(batch, device)
+            with autocast(device, dtype):
+                loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            smooth = 0.98 * (smooth or 0.0) + 0.02 * loss.item()
+            corrected = smooth / (1 - 0.98 ** (len(losses) + 1))  # debiased running mean
+            lrs.append(lr)
+            losses.append(corrected)
+            best = min(best, corrected)
+            if not math.isfinite(corrected) or corrected > 4 * best:
+                break  # diverged: the rest of the range tells nothing
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(opt_state)
+    suggestion = suggest_lr(lrs, losses)
+    return lrs, losses, suggestion
+
+
+def suggest_lr(lrs: list[float], losses: list[float]) -> float:
+    """A tenth of the LR at the lowest smoothed loss: the classic, robust rule of thumb."""
+    if not lrs:
+        return float("nan")
+    return lrs[losses.index(min(losses))] / 10
+
+
+def run_lr_finder(model, loader, optimizer, criterion, device, dtype, run_dir: Path, main: bool) -> float:
+    lrs, losses, suggestion = lr_range_test(model, loader, optimizer, criterion, device, dtype)
+    if main:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+        ax.plot(lrs, losses)
+        ax.axvline(suggestion, color="C3", ls="--", label=f"suggestion {suggestion:.1e}")
+        ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss", title="LR range test")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / "lr_find.png")
+        plt.close(fig)
+        print(f"LR finder: suggested --lr {suggestion:.1e} (plot: {run_dir / 'lr_find.png'}); model restored")
+    return suggestion
 
 
 def wrap_ddp(model: nn.Module, setup: RunSetup, device: torch.device) -> nn.Module:
@@ -819,15 +961,22 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = build_optimizer(param_groups, args)
+    if getattr(args, "lr_find", False):
+        run_lr_finder(model, train_loader, optimizer, criterion, device, dtype, run_dir, main)
+        finish_distributed()
+        return TrainState()
     scheduler = build_scheduler(optimizer, args, len(train_loader))
+    extras = StepExtras(build_mix(args, len(meta["class_names"])), build_ema(model, getattr(args, "ema", 0.0)))
     state = TrainState()
     if setup.resume is not None:
         ck = setup.resume
-        load_weights(save_model, ck["model_state"], run_dir / "last.pt")
+        load_weights(save_model, ck.get("train_state", ck["model_state"]), run_dir / "last.pt")
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"])
+        if extras.ema is not None and "ema" in ck:
+            extras.ema.load_state_dict(ck["ema"])
         state = TrainState(ck["epoch"], ck["metrics"], ck["best_val_acc"], ck["best_epoch"],
                            ck.get("batches_done", 0), ck.get("partial", {}))
         print(f"resuming {run_dir} after epoch {state.epoch}"
@@ -838,10 +987,14 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
     def save_last(batches_done: int = 0, partial: dict | None = None) -> None:
         if not main:
             return
-        payload = checkpoint_payload(meta, save_model, state)
+        with EmaWeights(model, extras.ema):
+            payload = checkpoint_payload(meta, save_model, state)
         payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                        scaler=scaler.state_dict(), rng=rng_state(), batches_done=batches_done,
                        partial=partial or {})
+        if extras.ema is not None:
+            payload["ema"] = extras.ema.state_dict()
+            payload["train_state"] = {k: v.detach().clone() for k, v in save_model.state_dict().items()}
         atomic_torch_save(payload, run_dir / "last.pt")
 
     def end_of_epoch(epoch: int, row: dict, bad: int) -> bool:
@@ -853,7 +1006,8 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
             state.best_val_acc, state.best_epoch = row["val_acc"], epoch
         if main:
             if improved:
-                atomic_torch_save(checkpoint_payload(meta, save_model, state), run_dir / "best.pt")
+                with EmaWeights(model, extras.ema):  # the weights that were validated
+                    atomic_torch_save(checkpoint_payload(meta, save_model, state), run_dir / "best.pt")
             save_last()
             write_metrics_csv(run_dir, state.history)
             plot_curves({run_dir.name: state.history}, run_dir / "curves.png")
@@ -880,11 +1034,12 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
                     train_loader.generator.manual_seed(args.seed * 1000 + epoch + 7919 * setup.dist.rank)
                 t0 = time.perf_counter()
                 train = train_one_epoch(step_model, train_loader, optimizer, scheduler, scaler, criterion,
-                                        device, dtype, epoch, args, state, stop, save_last)
+                                        device, dtype, epoch, args, state, stop, save_last, extras)
                 if stop:
                     raise KeyboardInterrupt
                 state.batches_done, state.partial = 0, {}
-                val = evaluate(step_model, val_loader, device, dtype, criterion)
+                with EmaWeights(model, extras.ema):
+                    val = evaluate(step_model, val_loader, device, dtype, criterion)
                 row = {"epoch": epoch, **train, "val_loss": val["loss"], "val_acc": val["acc"],
                        "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.perf_counter() - t0}
                 end_of_epoch(epoch, row, data.BAD_IMAGES.take_epoch_count())
