@@ -434,6 +434,8 @@ def open_decoded_cache(paths: Sequence[str], size: int, cache_dir: str | Path, w
             return None
         valid = np.ones(len(paths), dtype=bool)
         valid[meta["bad"]] = False
+        for i in meta["bad"]:  # a reused cache still says which files it could not decode
+            BAD_IMAGES.report(paths[i], "could not be decoded when the cache was built")
         return DecodedCache(list(paths), images, valid, array_path)
 
     cache = try_open()

@@ -151,7 +151,8 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
     try:
         main(args)
     except (UserError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- device, AMP
@@ -992,6 +993,8 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
         payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                        scaler=scaler.state_dict(), rng=rng_state(), batches_done=batches_done,
                        partial=partial or {})
+        if getattr(train_loader, "generator", None) is not None:
+            payload["loader_rng"] = train_loader.generator.get_state()
         if extras.ema is not None:
             payload["ema"] = extras.ema.state_dict()
             payload["train_state"] = {k: v.detach().clone() for k, v in save_model.state_dict().items()}
@@ -1028,10 +1031,16 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
                 sampler = getattr(train_loader, "sampler", None)
                 if isinstance(sampler, data.EpochSampler):
                     sampler.set_epoch(epoch, state.batches_done * setup.rank_batch_size)
-                # Per-epoch seeds make a resumed run draw the same augmentations and dropout.
-                torch.manual_seed(args.seed * 1000 + epoch + 7919 * setup.dist.rank)
-                if getattr(train_loader, "generator", None) is not None:
-                    train_loader.generator.manual_seed(args.seed * 1000 + epoch + 7919 * setup.dist.rank)
+                generator = getattr(train_loader, "generator", None)
+                if state.batches_done and setup.resume is not None:
+                    # Resumed mid-epoch: the saved RNG states continue the epoch where it stopped.
+                    if generator is not None and "loader_rng" in setup.resume:
+                        generator.set_state(setup.resume["loader_rng"])
+                else:
+                    # Per-epoch seeds make a resumed run draw the same augmentations and dropout.
+                    torch.manual_seed(args.seed * 1000 + epoch + 7919 * setup.dist.rank)
+                    if generator is not None:
+                        generator.manual_seed(args.seed * 1000 + epoch + 7919 * setup.dist.rank)
                 t0 = time.perf_counter()
                 train = train_one_epoch(step_model, train_loader, optimizer, scheduler, scaler, criterion,
                                         device, dtype, epoch, args, state, stop, save_last, extras)

@@ -116,6 +116,18 @@ def build_fixture(root: Path) -> Fixture:
     return Fixture(root, list(CLASSES), train_counts, {c: N_VAL for c in CLASSES}, odd, truncated, junk)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Nothing a test runs may write the decoded-image cache into the user's ~/.cache."""
+    old = os.environ.get("INAT_CACHE_DIR")
+    os.environ["INAT_CACHE_DIR"] = str(tmp_path_factory.mktemp("inat-cache"))
+    yield
+    if old is None:
+        os.environ.pop("INAT_CACHE_DIR", None)
+    else:
+        os.environ["INAT_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Fixture:
     """The shared small ImageFolder (read-only for tests: copy it before changing anything)."""
@@ -154,8 +166,12 @@ def assert_one_line_error(proc, *fragments: str) -> str:
 
 
 def train_args(data_dir: Path, out_dir: Path, run_name: str, epochs: int = 3, *extra) -> list[str]:
-    """Small, fast Part A flags for the fixture (32 px, 2 conv blocks, no workers, no W&B)."""
+    """Small, fast Part A flags for the fixture (32 px, 2 conv blocks, no workers, no W&B).
+
+    The decoded-image cache goes to out_dir/_cache: per test, never the user's ~/.cache.
+    """
     return ["--data_dir", str(data_dir), "--out_dir", str(out_dir), "--run_name", run_name,
+            "--cache", str(Path(out_dir) / "_cache"),
             "--image_size", "32", "--conv_layers", "2", "--filters", "8", "--dense_neurons", "32",
             "--batch_size", "16", "--epochs", str(epochs), "--lr", "0.005", "--warmup_epochs", "0",
             "--workers", "0", "--wandb", "disabled", "--device", "cpu", *map(str, extra)]
@@ -173,6 +189,7 @@ class FileServer:
         self.files: dict[str, bytes] = {}
         self.requests: list[dict] = []
         self.cut_first: set[str] = set()
+        self.ignore_range = False  # answer every request with 200 and the whole body
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -187,7 +204,7 @@ class FileServer:
                 if body is None:
                     self.send_error(404)
                     return
-                rng = self.headers.get("Range")
+                rng = None if owner.ignore_range else self.headers.get("Range")
                 if rng:
                     start = int(rng.split("=")[1].split("-")[0])
                     if start >= len(body):
@@ -216,7 +233,7 @@ class FileServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:
@@ -246,3 +263,27 @@ def zip_folder(folder: Path, prefix: str = "") -> bytes:
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- a trained run
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    state: object  # engine.TrainState
+    args: object  # the parsed flags
+    data: Fixture
+
+
+TRAINED_EPOCHS = 3
+
+
+@pytest.fixture(scope="session")
+def trained_run(image_folder, tmp_path_factory) -> TrainedRun:
+    """One in-process Part A run on the fixture (32 px, 3 epochs, default augmentation and dropout)."""
+    import train_parta
+
+    out = tmp_path_factory.mktemp("runs")
+    args = train_parta.get_args_parser().parse_args(
+        train_args(image_folder.root, out, "trained", TRAINED_EPOCHS, "--seed", "0"))
+    state = train_parta.main(args)
+    return TrainedRun(out / "trained", state, args, image_folder)

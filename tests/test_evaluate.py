@@ -1,0 +1,181 @@
+"""evaluate.py: metrics from a checkpoint alone, the CLI's files, and top-3 predictions."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import evaluate
+from conftest import run_cli
+
+EVAL_KEYS = {"accuracy", "macro_f1", "per_class", "confusion_matrix"}
+
+
+def copy_checkpoint(trained_run, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(trained_run.run_dir / "best.pt", dest / "best.pt"))
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    with Image.open(path) as img:
+        assert img.format == "PNG" and min(img.size) > 100
+        img.verify()
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_confusion_matrix_rows_true_columns_predicted():
+    targets = torch.tensor([0, 0, 0, 1, 1, 2])
+    preds = torch.tensor([0, 1, 0, 1, 1, 0])
+    cm = evaluate.confusion_matrix(targets, preds, 3)
+    assert cm.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_classification_metrics_by_hand():
+    cm = torch.tensor([[2, 1], [0, 3]])
+    m = evaluate.classification_metrics(cm, ["a", "b"])
+    assert m["accuracy"] == pytest.approx(5 / 6)
+    a, b = m["per_class"]["a"], m["per_class"]["b"]
+    assert (a["precision"], a["accuracy"], a["support"]) == (pytest.approx(1.0), pytest.approx(2 / 3), 3)
+    assert (b["precision"], b["accuracy"], b["support"]) == (pytest.approx(3 / 4), pytest.approx(1.0), 3)
+    f1_a, f1_b = 2 * 1 * (2 / 3) / (1 + 2 / 3), 2 * 0.75 * 1 / 1.75
+    assert a["f1"] == pytest.approx(f1_a) and b["f1"] == pytest.approx(f1_b)
+    assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 2)
+    assert m["confusion_matrix"] == [[2, 1], [0, 3]]
+    # a class never predicted and never present: zeros, not NaN
+    m3 = evaluate.classification_metrics(torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0]]), ["a", "b", "c"])
+    assert m3["per_class"]["c"] == {"accuracy": 0.0, "precision": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_flip_tta_averages_image_and_mirror():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    expected = (model(x).softmax(1) + model(torch.flip(x, dims=[3])).softmax(1)) / 2
+    assert torch.allclose(evaluate.FlipTTA(model)(x).exp(), expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- in process
+def test_split_val_reproduces_the_runs_best_val_acc(trained_run):
+    args = evaluate.get_args_parser().parse_args(
+        ["--ckpt", str(trained_run.run_dir / "best.pt"), "--split", "val", "--workers", "0", "--device", "cpu",
+         "--out", str(trained_run.run_dir / "eval_val")])
+    metrics = evaluate.main(args)
+    assert metrics["accuracy"] == pytest.approx(trained_run.state.best_val_acc, abs=1e-9)
+    val = json.loads((trained_run.run_dir / "split.json").read_text())["val"]
+    assert metrics["n"] == len([p for p in val if "odd_truncated" not in p])  # unreadable ones skipped
+
+
+def test_tta_evaluation_runs_and_is_a_probability_model(trained_run, tmp_path):
+    args = evaluate.get_args_parser().parse_args(
+        ["--ckpt", str(trained_run.run_dir / "best.pt"), "--tta", "--workers", "0", "--device", "cpu",
+         "--out", str(tmp_path)])
+    metrics = evaluate.main(args)
+    assert metrics["tta"] is True and metrics["n"] == sum(trained_run.data.val_counts.values())
+    assert metrics["accuracy"] >= 0.8
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_evaluate_cli_writes_report_json_and_png_beside_checkpoint(trained_run, tmp_path):
+    ckpt = copy_checkpoint(trained_run, tmp_path / "run")
+    proc = run_cli("evaluate.py", "--ckpt", ckpt, "--workers", "0", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "test accuracy" in proc.stdout
+    report = json.loads((ckpt.parent / "eval.json").read_text())
+    assert EVAL_KEYS <= set(report)
+    assert set(report["per_class"]) == set(trained_run.data.classes)
+    assert all(report["per_class"][c]["support"] == trained_run.data.val_counts[c] for c in trained_run.data.classes)
+    cm = report["confusion_matrix"]
+    assert len(cm) == 4 and all(len(r) == 4 for r in cm)
+    assert sum(map(sum, cm)) == sum(trained_run.data.val_counts.values())
+    assert report["accuracy"] == pytest.approx(sum(cm[i][i] for i in range(4)) / sum(map(sum, cm)))
+    assert report["accuracy"] >= 0.8  # the held-out colours are learnable
+    assert f"test accuracy: {report['accuracy']:.4f}" in proc.stdout
+    assert_png(ckpt.parent / "confusion_matrix.png")
+
+
+def test_evaluate_cli_out_dir(trained_run, tmp_path):
+    ckpt = copy_checkpoint(trained_run, tmp_path / "run")
+    out = tmp_path / "reports" / "a"
+    proc = run_cli("evaluate.py", "--ckpt", ckpt.parent, "--out", out, "--workers", "0", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert EVAL_KEYS <= set(json.loads((out / "eval.json").read_text()))
+    assert_png(out / "confusion_matrix.png")
+    assert not (ckpt.parent / "eval.json").exists() and not (ckpt.parent / "confusion_matrix.png").exists()
+
+
+def test_predict_prints_top3_and_writes_csv(trained_run, tmp_path):
+    ckpt = copy_checkpoint(trained_run, tmp_path / "run")
+    val = trained_run.data.root / "val"
+    single = sorted((val / "yellow").iterdir())[0]
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, p in enumerate(sorted((val / "red").iterdir())[:3]):
+        shutil.copy(p, folder / f"red{i}{p.suffix}")
+    shutil.copy(sorted((val / "green").iterdir())[0], folder / "sub" / "green.png")
+    shutil.copy(trained_run.data.truncated, folder / "broken.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    out_csv = tmp_path / "pred.csv"
+    proc = run_cli("evaluate.py", "--ckpt", ckpt, "--predict", single, folder, "--csv", out_csv, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ": " in ln and not ln.startswith("wrote")]
+    assert len(lines) == 5  # the single file, 3 red and 1 green: notes.txt ignored, broken.jpg skipped
+    for ln in lines:
+        entries = ln.rsplit(": ", 1)[1].split(", ")
+        assert len(entries) == 3
+        probs = [float(e.split()[-1]) for e in entries]
+        assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
+    assert "broken.jpg" in proc.stderr and "skipping unreadable image" in proc.stderr
+    with open(out_csv, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3"]
+    assert len(rows) == 1 + 5
+    by_name = {Path(r[0]).name: r for r in rows[1:]}
+    assert by_name[single.name][1] == "yellow"
+    assert [by_name[f"red{i}{p.suffix}"][1] for i, p in enumerate(sorted((val / "red").iterdir())[:3])] == ["red"] * 3
+    assert by_name["green.png"][1] == "green"
+    for r in rows[1:]:
+        assert sum(float(r[i]) for i in (2, 4, 6)) <= 1.0 + 1e-5
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+def test_restore_model_refuses_files_that_are_not_our_checkpoints(trained_run, tmp_path):
+    import data
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(data.UserError, match="not a checkpoint written by this tool"):
+        evaluate.restore_model(foreign, torch.device("cpu"))
+
+    import argparse
+
+    unsafe = tmp_path / "unsafe.pt"  # arbitrary pickled objects are refused, never executed
+    torch.save({"format": "inat-classifier/1", "obj": argparse.Namespace(a=1)}, unsafe)
+    with pytest.raises(data.UserError, match="refused to load"):
+        evaluate.restore_model(unsafe, torch.device("cpu"))
+
+    cut = tmp_path / "cut.pt"
+    full = (trained_run.run_dir / "best.pt").read_bytes()
+    cut.write_bytes(full[: len(full) // 2])
+    with pytest.raises(data.UserError) as e:
+        evaluate.restore_model(cut, torch.device("cpu"))
+    assert str(cut) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_restore_model_with_other_class_count_is_a_user_error(trained_run, tmp_path):
+    import data
+    import engine
+
+    ck = torch.load(trained_run.run_dir / "best.pt", map_location="cpu", weights_only=True)
+    ck["class_names"] = ck["class_names"][:3]
+    bad = tmp_path / "best.pt"
+    torch.save(ck, bad)
+    assert engine.load_checkpoint(bad)["class_names"] == trained_run.data.classes[:3]
+    with pytest.raises(data.UserError, match="weights do not fit"):
+        evaluate.restore_model(bad, torch.device("cpu"))

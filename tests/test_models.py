@@ -1,0 +1,145 @@
+"""models.py: ConvNet shapes over its flags, filter widths, size checks, and count_complexity."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from models import ACTIVATIONS, ConvNet, block_widths, build_from_spec, count_complexity
+
+ACTS = sorted(ACTIVATIONS)
+GRID = list(itertools.product([0.5, 1.0, 2.0], [1, 2, 3, 4, 5], [32, 48, 64, 100]))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("filter_org, conv_layers, image_size", GRID)
+def test_convnet_output_shape_over_flag_grid(filter_org, conv_layers, image_size):
+    i = GRID.index((filter_org, conv_layers, image_size))
+    kernel = 3 if i % 2 else [5, 3, 4, 1, 3][:conv_layers]  # int, or one per block (even and 1x1 too)
+    model = ConvNet(num_classes=7, image_size=image_size, conv_layers=conv_layers, filters=8,
+                    filter_org=filter_org, kernel_size=kernel, activation=ACTS[i % len(ACTS)],
+                    batch_norm=bool(i % 3), dropout=0.2, dense_neurons=16, pool=("flatten", "avg")[i % 2])
+    out = model(torch.randn(2, 3, image_size, image_size))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == block_widths(8, filter_org, conv_layers)
+    expected_k = [kernel] * conv_layers if isinstance(kernel, int) else kernel
+    assert [c.kernel_size[0] for c in convs] == expected_k
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("batch_norm", [True, False])
+@pytest.mark.parametrize("pool", ["flatten", "avg"])
+def test_every_activation_batch_norm_and_pool(activation, batch_norm, pool):
+    model = ConvNet(num_classes=4, image_size=32, conv_layers=3, filters=4, activation=activation,
+                    batch_norm=batch_norm, dense_neurons=8, pool=pool)
+    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 4)
+    assert any(isinstance(m, ACTIVATIONS[activation]) for m in model.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == batch_norm
+    # conv bias is redundant before batch norm
+    assert all((c.bias is None) == batch_norm for c in model.modules() if isinstance(c, nn.Conv2d))
+    # and it trains: one step reduces the loss on a fixed batch
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("filters", [1, 2, 3, 16])
+def test_halving_filters_never_go_below_one(filters):
+    model = ConvNet(num_classes=3, image_size=32, conv_layers=5, filters=filters, filter_org=0.5,
+                    batch_norm=False, dense_neurons=4)
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert min(widths) >= 1 and widths[0] == filters
+    assert widths == sorted(widths, reverse=True)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    assert block_widths(16, 0.5, 5) == [16, 8, 4, 2, 1]
+    assert block_widths(32, 2, 3) == [32, 64, 128]
+
+
+@pytest.mark.parametrize("image_size, conv_layers", [(16, 5), (31, 5), (3, 2), (1, 1)])
+def test_too_small_image_size_is_a_clear_value_error(image_size, conv_layers):
+    with pytest.raises(ValueError) as e:
+        ConvNet(num_classes=3, image_size=image_size, conv_layers=conv_layers)
+    msg = str(e.value)
+    assert f"image_size {image_size} is too small" in msg and f"at least {2 ** conv_layers}" in msg
+
+
+def test_smallest_allowed_image_size_works():
+    model = ConvNet(num_classes=3, image_size=32, conv_layers=5, filters=4, dense_neurons=4)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(activation="tanhh"), "unknown activation"),
+    (dict(conv_layers=0), "conv_layers"),
+    (dict(filters=0), "filters"),
+    (dict(filter_org=0.0), "filter_org"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(pool="max"), "pool"),
+    (dict(conv_layers=3, kernel_size=[3, 3]), "kernel_size lists 2 sizes"),
+    (dict(conv_layers=2, kernel_size=[3, 0]), "kernel sizes must be >= 1"),
+])
+def test_bad_constructor_arguments_raise_value_error(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        ConvNet(num_classes=3, image_size=64, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(conv_layers=5, filters=8, filter_org=2.0, batch_norm=True, pool="flatten"),
+    dict(conv_layers=3, filters=6, filter_org=0.5, kernel_size=[7, 5, 3], batch_norm=False, pool="avg"),
+])
+def test_count_complexity_params_equal_numel_sum(kwargs):
+    model = ConvNet(num_classes=10, image_size=64, dense_neurons=32, **kwargs)
+    params, macs = count_complexity(model, 64)
+    assert params == sum(p.numel() for p in model.parameters())
+    assert macs > 0
+
+
+def test_count_complexity_one_layer_by_hand():
+    # conv 3->4, 3x3 'same' on 8x8; pool -> 4x4x4 = 64; dense 64->5; head 5->3
+    model = ConvNet(num_classes=3, image_size=8, conv_layers=1, filters=4, kernel_size=3,
+                    batch_norm=False, dense_neurons=5, pool="flatten", activation="relu")
+    params, macs = count_complexity(model, 8)
+    conv_macs = (4 * 8 * 8) * (3 * 3 * 3)
+    dense_macs = 64 * 5 + 5 * 3
+    assert macs == conv_macs + dense_macs == 7247
+    assert params == (4 * 3 * 3 * 3 + 4) + (64 * 5 + 5) + (5 * 3 + 3) == 455
+
+
+def test_count_complexity_two_layers_by_hand():
+    # block 1: conv 3->4, 5x5 on 16x16 (no bias: batch norm), pool -> 8x8
+    # block 2: conv 4->8, 3x3 on 8x8, pool -> 4x4; avg pool -> 8; dense 8->6; head 6->2
+    model = ConvNet(num_classes=2, image_size=16, conv_layers=2, filters=4, filter_org=2.0,
+                    kernel_size=[5, 3], batch_norm=True, dense_neurons=6, pool="avg")
+    params, macs = count_complexity(model, 16)
+    expected_macs = (4 * 16 * 16) * (5 * 5 * 3) + (8 * 8 * 8) * (3 * 3 * 4) + 8 * 6 + 6 * 2
+    assert macs == expected_macs
+    expected_params = (4 * 5 * 5 * 3 + 2 * 4) + (8 * 3 * 3 * 4 + 2 * 8) + (8 * 6 + 6) + (6 * 2 + 2)
+    assert params == expected_params
+    # counting neither changes the mode nor leaves hooks behind
+    model.train()
+    count_complexity(model, 16)
+    assert model.training
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_build_from_spec_rebuilds_the_same_architecture():
+    kwargs = dict(conv_layers=2, filters=4, filter_org=2.0, kernel_size=[5, 3], activation="silu",
+                  batch_norm=True, dropout=0.1, dense_neurons=8, pool="avg", image_size=32)
+    a = ConvNet(num_classes=5, **kwargs)
+    b = build_from_spec({"kind": "convnet", "kwargs": kwargs}, 5)
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(a(x), b(x))
+    with pytest.raises(ValueError, match="unknown model kind"):
+        build_from_spec({"kind": "transformer", "kwargs": {}}, 5)
