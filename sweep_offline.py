@@ -582,7 +582,7 @@ def main(args: argparse.Namespace) -> int:
         print_leaderboard(sweep_dir, state, args.top)
         return 0
     program = resolve_program(config["program"], config_path)
-    runs_dir, logs_dir = sweep_dir / "runs", sweep_dir / "logs"
+    runs_dir = sweep_dir / "runs"
     if not train_args and state.get("train_args"):  # a continued sweep keeps its data_dir, workers...
         train_args = list(state["train_args"])
         print(f"[sweep] flags for every run, as last time: {' '.join(train_args)}")
@@ -671,7 +671,7 @@ def run_loop(args, sweep_dir: Path, state: dict, program: str, train_args: list[
                 record.pop("pid", None)
                 save_state(sweep_dir, state)
                 print_leaderboard(sweep_dir, state, args.top)
-                print(f"[sweep] interrupted; run the same command again to continue the sweep", file=sys.stderr)
+                print("[sweep] interrupted; run the same command again to continue the sweep", file=sys.stderr)
                 return 130
             record.pop("pid", None)
             record["duration_s"] = round(time.time() - t0, 1)

@@ -179,14 +179,21 @@ def feature_loaders(args, setup: engine.RunSetup, bb: Backbone, image_size: int,
     cached = engine.open_cache(setup, image_size)
     splits = {}
     for split, samples in (("train", setup.train_samples), ("val", setup.val_samples)):
-        images = engine.make_image_loader(setup, samples, image_size, bb.mean, bb.std, device, False, cached)
+        # Every process computes the whole split (the cache file must be complete), then trains on
+        # its shard of it.
+        images = engine.make_image_loader(setup, samples, image_size, bb.mean, bb.std, device, False, cached,
+                                          shard=False)
         splits[split] = torch.utils.data.TensorDataset(
             *cached_features(args, bb, image_size, samples, images, device, cache_dir, split))
     train_ds, val_ds = splits["train"], splits["val"]
-    train = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size,
-                                        sampler=data.EpochSampler(len(train_ds), args.seed),
-                                        drop_last=len(train_ds) > args.batch_size)
-    return train, torch.utils.data.DataLoader(val_ds, batch_size=args.batch_size)
+    dist, batch = setup.dist, setup.rank_batch_size
+    train = torch.utils.data.DataLoader(
+        train_ds, batch_size=batch, drop_last=len(train_ds) > args.batch_size,
+        sampler=data.EpochSampler(len(train_ds), args.seed, rank=dist.rank, world=dist.world))
+    val = torch.utils.data.DataLoader(
+        val_ds, batch_size=batch,
+        sampler=data.EpochSampler(len(val_ds), args.seed, shuffle=False, rank=dist.rank, world=dist.world, pad=False))
+    return train, val
 
 
 # ----------------------------------------------------------------------------- main
