@@ -179,9 +179,19 @@ def default_partb_model() -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
+    for name in ("batches", "batch_size", "partb_batches", "partb_epochs"):
+        if getattr(args, name) < 1:
+            raise data.UserError(f"--{name} must be >= 1")
     device = engine.select_device(args.device)
     ds = data.discover(args.data_dir)
     samples = sorted(ds.train)
+    if args.batch_size * 4 > len(samples):
+        raise data.UserError(f"--batch_size {args.batch_size} is too large for {len(samples)} training images")
+    with tempfile.TemporaryDirectory() as tmp:  # removed even when a measurement fails
+        return measure_all(args, ds, samples, device, Path(args.cache or tmp))
+
+
+def measure_all(args: argparse.Namespace, ds, samples: list, device: torch.device, cache_dir: Path) -> dict:
     size = args.image_size
     result = {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
               "cpu_cores": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
@@ -189,8 +199,6 @@ def main(args: argparse.Namespace) -> dict:
               "batches": args.batches, "train_images": len(samples)}
     print(f"device {result['device']} | {len(samples)} images | {size}px | batch {args.batch_size} | "
           f"reference workers {args.workers}")
-    tmp = tempfile.TemporaryDirectory() if args.cache is None else None
-    cache_dir = Path(args.cache or tmp.name)
     t0 = time.perf_counter()
     cache = data.open_decoded_cache([p for p, _ in samples], data.resize_size(size), cache_dir, args.workers)
     result["cache_build_s"] = time.perf_counter() - t0
@@ -236,8 +244,6 @@ def main(args: argparse.Namespace) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")
-    if tmp is not None:
-        tmp.cleanup()
     return result
 
 

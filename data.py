@@ -248,16 +248,18 @@ class ImageListDataset(torch.utils.data.Dataset):
 
 
 def collate_skip_bad(batch):
-    """Default collate over the readable samples; bad ones are reported in the main process."""
-    good = []
+    """Collate the readable samples; returns (x, y, bad) so the main process, not a worker,
+    reports the unreadable files (x and y are None when none of the batch was readable)."""
+    good, bad = [], []
     for item in batch:
         if isinstance(item, tuple) and len(item) == 3 and item[0] == "__bad__":
-            BAD_IMAGES.report(item[1], item[2])
+            bad.append(item[1:])
         else:
             good.append(item)
     if not good:
-        return None
-    return torch.utils.data.default_collate(good)
+        return None, None, bad
+    x, y = torch.utils.data.default_collate(good)
+    return x, y, bad
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -489,14 +491,13 @@ def crop_resize_flip(x: torch.Tensor, out_size: int, p: dict[str, torch.Tensor])
         x = x.float()  # bilinear resize of uint8 is a CPU-only kernel
     n, _, height, width = x.shape
     out = torch.empty((n, x.shape[1], out_size, out_size), dtype=x.dtype, device=x.device)
-    for i in range(n):
-        w = max(1, int(round(p["w"][i].item() * width)))
-        h = max(1, int(round(p["h"][i].item() * height)))
-        left = int(round(p["u"][i].item() * (width - w)))
-        top = int(round(p["v"][i].item() * (height - h)))
+    boxes = zip(p["w"].tolist(), p["h"].tolist(), p["u"].tolist(), p["v"].tolist(), p["flip"].tolist())
+    for i, (fw, fh, fu, fv, flip) in enumerate(boxes):
+        w, h = max(1, int(round(fw * width))), max(1, int(round(fh * height)))
+        left, top = int(round(fu * (width - w))), int(round(fv * (height - h)))
         crop = F.interpolate(x[i : i + 1, :, top : top + h, left : left + w], size=(out_size, out_size),
                              mode="bilinear", align_corners=False, antialias=x.dtype == torch.uint8)
-        out[i] = crop[0].flip(-1) if p["flip"][i] else crop[0]
+        out[i] = crop[0].flip(-1) if flip else crop[0]
     return out
 
 
@@ -511,7 +512,7 @@ def color_affine(factors: torch.Tensor, channel_means: torch.Tensor) -> tuple[to
     """
     n = factors.shape[0]
     b, c, s = factors[:, 0], factors[:, 1], factors[:, 2]
-    w = torch.tensor(GRAY, dtype=factors.dtype, device=factors.device)
+    w = torch.tensor(GRAY, dtype=factors.dtype).to(factors.device, non_blocking=True)
     eye = torch.eye(3, dtype=factors.dtype, device=factors.device).expand(n, 3, 3)
     sat = s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * w.view(1, 1, 3)  # x + (1-s)(grey - x)
     A = (c * b).view(n, 1, 1) * sat
@@ -526,10 +527,9 @@ def augment_batch(x: torch.Tensor, out_size: int, params: dict[str, torch.Tensor
     Returns float32 (N, 3, out_size, out_size): in [0, 1] without mean/std, else normalised
     (and clipped to what [0, 1] normalises to).
     """
-    p = {k: v.to(x.device) for k, v in params.items()}
     scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
-    x = crop_resize_flip(x, out_size, p).float()
-    A, t = color_affine(p["color"].float(), x.mean(dim=(2, 3)) * scale)
+    x = crop_resize_flip(x, out_size, params).float()  # crop boxes stay on the CPU: no syncs
+    A, t = color_affine(params["color"].float().to(x.device, non_blocking=True), x.mean(dim=(2, 3)) * scale)
     A = A * scale
     return affine_normalize(x, A, t, mean, std)
 
@@ -537,12 +537,15 @@ def augment_batch(x: torch.Tensor, out_size: int, params: dict[str, torch.Tensor
 def affine_normalize(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, mean, std) -> torch.Tensor:
     """y = norm(clip01(A x + t)) per image, as one batched matmul plus one clamp."""
     n, c, h, w = x.shape
-    mean_t = torch.tensor(mean if mean is not None else (0.0,) * 3, device=x.device)
-    std_t = torch.tensor(std if std is not None else (1.0,) * 3, device=x.device)
-    A = A / std_t.view(1, 3, 1)
-    t = (t - mean_t) / std_t
+    mean = tuple(mean) if mean is not None else (0.0,) * 3
+    std = tuple(std) if std is not None else (1.0,) * 3
+    inv_std = torch.tensor([1 / s for s in std], dtype=A.dtype).to(x.device, non_blocking=True).view(1, 3, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=A.dtype).to(x.device, non_blocking=True)
+    A = A * inv_std
+    t = t * inv_std.view(1, 3) - shift
     y = torch.baddbmm(t.unsqueeze(2), A, x.reshape(n, c, h * w)).view(n, c, h, w)
-    lo, hi = (-mean_t / std_t).tolist(), ((1 - mean_t) / std_t).tolist()
+    lo = [-m / s for m, s in zip(mean, std)]
+    hi = [(1 - m) / s for m, s in zip(mean, std)]
     for ch in range(c):  # in-place scalar clamps: much faster than a tensor-bound clamp on CPU
         y[:, ch].clamp_(lo[ch], hi[ch])
     return y
@@ -550,8 +553,8 @@ def affine_normalize(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, mean, st
 
 def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (N, 3, H, W) to normalised float32, without augmentation."""
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    inv = 1 / (torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255)
+    m = torch.tensor([v * 255 for v in mean]).to(x.device, non_blocking=True).view(1, 3, 1, 1)
+    inv = torch.tensor([1 / (v * 255) for v in std]).to(x.device, non_blocking=True).view(1, 3, 1, 1)
     return x.float().sub_(m).mul_(inv)
 
 
@@ -826,7 +829,8 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    except (UserError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit("interrupted; run the same command again to resume")

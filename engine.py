@@ -29,7 +29,7 @@ import data
 from data import UserError
 
 CHECKPOINT_FORMAT = "inat-classifier/1"
-CHECKPOINT_KEYS = ("model_state", "spec", "class_names", "image_size", "mean", "std", "config", "split")
+CHECKPOINT_KEYS = ("model_state", "spec", "class_names", "image_size", "mean", "std", "config")
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")
 
 
@@ -143,6 +143,9 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if not 0 <= args.label_smoothing < 1:
         raise UserError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    for name in ("patience", "save_every", "warmup_epochs", "weight_decay", "grad_clip", "mixup", "cutmix"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
 
 
 def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
@@ -151,8 +154,11 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
     args = parser.parse_args(argv)
     try:
         main(args)
-    except (UserError, ValueError) as e:
+    except (UserError, ValueError, OSError) as e:  # OSError: unwritable folders, vanished files
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory; lower --batch_size or --image_size, or use --amp fp16/bf16", file=sys.stderr)
         sys.exit(2)
 
 
@@ -170,6 +176,10 @@ def select_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps asked for, but MPS is not available on this machine")
     return device
 
 
@@ -705,8 +715,16 @@ class TrainState:
     partial: dict = field(default_factory=dict)  # running sums of the current epoch
 
 
-def to_device(batch, device: torch.device):
-    x, y = batch
+def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x, y) on the device; reports the unreadable files a PIL batch skipped. None if nothing is left."""
+    if len(batch) == 3:
+        x, y, bad = batch
+        for path, reason in bad:
+            data.BAD_IMAGES.report(path, reason)
+    else:
+        x, y = batch
+    if x is None:
+        return None
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
@@ -765,7 +783,7 @@ class EmaWeights:
 def check_finite_weights(model: nn.Module, epoch: int, step: int) -> None:
     """Never save weights an overflowing update made NaN/inf as a 'good' checkpoint."""
     tensors = [t for t in model.state_dict().values() if t.is_floating_point()]  # BN statistics too
-    if not all(torch.isfinite(t).all() for t in tensors):
+    if not torch.stack([torch.isfinite(t).all() for t in tensors]).all().item():
         raise NonFiniteLoss(f"weights became non-finite at epoch {epoch}, batch {step}")
 
 
@@ -789,7 +807,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
     def sync(batch_idx: int) -> None:
         nonlocal seen_since_sync
         ls, cs, bad = loss_sum.item(), correct.item(), int(first_bad.item())
-        if bad >= 0 or not math.isfinite(ls):
+        failed = bad >= 0 or not math.isfinite(ls)
+        if world > 1:  # every process must stop together, or the others wait forever
+            failed = all_reduce_sum([float(failed)], device)[0] > 0
+        if failed:
             raise NonFiniteLoss(f"loss became {ls} at epoch {epoch}, batch {bad if bad >= 0 else batch_idx}")
         sums["loss"] += ls
         sums["correct"] += cs
@@ -798,9 +819,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
         seen_since_sync = 0
 
     for batch in bar:
-        if batch is None:  # every image of the batch was unreadable
+        moved = to_device(batch, device)
+        if moved is None:  # every image of the batch was unreadable
             continue
-        x, y = to_device(batch, device)
+        x, y = moved
         if extras.mix is not None:
             x, y = extras.mix(x, y)  # soft targets; accuracy below counts the dominant class
         with autocast(device, dtype):
@@ -823,17 +845,22 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
         seen_since_sync += y.shape[0]
         t_seen += y.shape[0]
         step += 1
-        if world > 1 and all_reduce_sum([1.0 if stop else 0.0], device)[0] > 0 and not stop:
-            stop.signum = signal.SIGTERM  # another process was told to stop: stop together
-        if step % 20 == 0 or stop or (args.save_every and step % args.save_every == 0):
+        checkpoint_due = bool(args.save_every) and step % args.save_every == 0
+        if world > 1:
+            # Processes agree on stopping only at shared points, so no collective is left waiting.
+            stopping = (step % 20 == 0 or checkpoint_due) and all_reduce_sum([float(bool(stop))], device)[0] > 0
+        else:
+            stopping = bool(stop)
+        if step % 20 == 0 or stopping or checkpoint_due:
             sync(step)
             bar.set_postfix(loss=f"{sums['loss'] / max(1, sums['seen']):.3f}",
                             acc=f"{sums['correct'] / max(1, sums['seen']):.3f}",
                             img_s=f"{t_seen / (time.perf_counter() - t0):.0f}")
-        if stop or (args.save_every and step % args.save_every == 0):
+        if stopping or checkpoint_due:
             check_finite_weights(model, epoch, step)
             save_mid_epoch(step, dict(sums))
-            if stop:
+            if stopping:
+                stop.signum = stop.signum or signal.SIGTERM
                 bar.close()
                 return {}
     sync(step)
@@ -853,9 +880,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
     correct = torch.zeros((), device=device, dtype=torch.long)
     n, probs, targets = 0, [], []
     for batch in loader:
-        if batch is None:
+        moved = to_device(batch, device)
+        if moved is None:
             continue
-        x, y = to_device(batch, device)
+        x, y = moved
         with autocast(device, dtype):
             out = model(x)
         out = out.float()
@@ -881,7 +909,7 @@ def checkpoint_payload(meta: dict, model: nn.Module, state: TrainState) -> dict:
 
 
 def lr_range_test(model: nn.Module, loader, optimizer, criterion, device: torch.device, dtype,
-                  start: float = 1e-7, end: float = 10.0, steps: int = 200) -> tuple[list, list, float]:
+                  start: float = 1e-7, end: float = 10.0, steps: int = 200, scaler=None) -> tuple[list, list, float]:
     """Exponentially increase the LR step by step, recording the smoothed loss; restores everything.
 
     Returns (lrs, losses, suggestion); see suggest_lr.
@@ -894,6 +922,8 @@ def lr_range_test(model: nn.Module, loader, optimizer, criterion, device: torch.
     lrs, losses, smooth, best = [], [], None, math.inf
     set_train_mode(model)
     gamma = (end / start) ** (1 / max(1, steps - 1))
+    if len(loader) == 0:
+        raise UserError("--lr_find: the training loader is empty (lower --batch_size)")
     batches = iter(loader)
     try:
         for i in range(steps):
@@ -902,17 +932,23 @@ def lr_range_test(model: nn.Module, loader, optimizer, criterion, device: torch.
             except StopIteration:
                 batches = iter(loader)
                 batch = next(batches)
-            if batch is None:
+            moved = to_device(batch, device)
+            if moved is None:
                 continue
+            x, y = moved
             lr = start * gamma**i
             for g, b in zip(optimizer.param_groups, base):
                 g["lr"] = lr * b / base[0]
-            x, y = to_device(batch, device)
             with autocast(device, dtype):
                 loss = criterion(model(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:  # fp16 needs loss scaling here as in training
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             smooth = 0.98 * (smooth or 0.0) + 0.02 * loss.item()
             corrected = smooth / (1 - 0.98 ** (len(losses) + 1))  # debiased running mean
             lrs.append(lr)
@@ -934,8 +970,9 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
     return lrs[losses.index(min(losses))] / 10
 
 
-def run_lr_finder(model, loader, optimizer, criterion, device, dtype, run_dir: Path, main: bool) -> float:
-    lrs, losses, suggestion = lr_range_test(model, loader, optimizer, criterion, device, dtype)
+def run_lr_finder(model, loader, optimizer, criterion, device, dtype, run_dir: Path, main: bool,
+                  scaler=None) -> float:
+    lrs, losses, suggestion = lr_range_test(model, loader, optimizer, criterion, device, dtype, scaler=scaler)
     if main:
         import matplotlib
 
@@ -988,7 +1025,7 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = build_optimizer(param_groups, args)
     if getattr(args, "lr_find", False):
-        run_lr_finder(model, train_loader, optimizer, criterion, device, dtype, run_dir, main)
+        run_lr_finder(model, train_loader, optimizer, criterion, device, dtype, run_dir, main, scaler)
         finish_distributed()
         return TrainState()
     scheduler = build_scheduler(optimizer, args, len(train_loader))
@@ -1091,6 +1128,9 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
         last_good = run_dir / "last.pt"
         raise UserError(f"{e}; stopped instead of training on garbage. Last good checkpoint: "
                         f"{last_good if last_good.exists() else 'none yet'} (try a lower --lr or --grad_clip)") from None
+    except Exception:  # never leave a W&B run open on an unexpected error
+        logger.finish()
+        raise
     if state.best_val_acc >= 0 and logger.run is not None:
         logger.run.summary["best_val_acc"] = state.best_val_acc
     logger.log_image("curves", run_dir / "curves.png")

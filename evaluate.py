@@ -163,6 +163,8 @@ def heldout_samples(ckpt: dict, data_dir: str, split: str) -> tuple[list, str]:
         raise UserError(f"classes in {ds.root} ({', '.join(ds.classes)}) differ from the checkpoint's "
                         f"({', '.join(ckpt['class_names'])})")
     if split == "val":
+        if "split" not in ckpt:
+            raise UserError("--split val needs the run's saved split, and this checkpoint has none")
         return data.split_from_json(ds.root, ckpt["split"], ds.classes)[1], "val (the run's validation split)"
     return ds.heldout, f"{ds.heldout_name} (held-out)"
 

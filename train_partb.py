@@ -57,6 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
              help="where cached features are kept and reused across runs (default: OUT_DIR/feature_cache)")
     engine.add_training_args(parser, DEFAULTS)
     for action in parser._actions:  # Part B's own defaults for two shared flags
+        if action.help == argparse.SUPPRESS:
+            continue
         if action.dest == "augment":
             action.help = ("random resized crop, flip and colour jitter on training images (default: on when "
                            "any of the body trains, off when it is frozen so features can be cached)")
@@ -78,10 +80,13 @@ def resolve_recipe(args: argparse.Namespace) -> None:
     body_frozen = args.freeze == "all" and (args.unfreeze_at is None or args.unfreeze_at > args.epochs)
     if args.augment is None:
         args.augment = not body_frozen
-    args.use_cache = body_frozen and not args.augment and args.cache_features != "off"
+    mixing = args.mixup > 0 or args.cutmix > 0
+    args.use_cache = body_frozen and not args.augment and not mixing and args.cache_features != "off"
     if args.cache_features == "on" and not args.use_cache:
         raise UserError("--cache_features on needs the whole body frozen for every epoch (--freeze all, no "
-                        "--unfreeze_at) and no augmentation (--no-augment)")
+                        "--unfreeze_at), no augmentation (--no-augment) and no --mixup/--cutmix")
+    if args.lr_mult <= 0 or args.backbone_lr <= 0:
+        raise UserError("--lr_mult and --backbone_lr must be > 0")
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -109,7 +114,8 @@ def feature_cache_key(args: argparse.Namespace, bb: Backbone, image_size: int, s
     if weights.startswith("file:"):
         st = os.stat(weights[5:])
         weights += f":{st.st_size}:{st.st_mtime_ns}"
-    blob = json.dumps([args.model, weights, image_size, list(bb.mean), list(bb.std), args.cache != "off", files])
+    blob = json.dumps([args.model, weights, image_size, list(bb.mean), list(bb.std), args.cache != "off",
+                       args.amp, files])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -134,9 +140,10 @@ def extract_features(bb: Backbone, loader, device: torch.device, dtype) -> tuple
     feats, labels = [], []
     try:
         for batch in engine.progress(loader, desc="features", leave=False):
-            if batch is None:
+            moved = engine.to_device(batch, device)
+            if moved is None:
                 continue
-            x, y = engine.to_device(batch, device)
+            x, y = moved
             with engine.autocast(device, dtype):
                 bb.model(x)
             feats.append(capture.value.float().flatten(1).cpu())

@@ -176,9 +176,12 @@ def test_unreadable_image_is_reported_once_and_skipped(image_folder, monkeypatch
     good = sorted((image_folder.root / "val" / "red").glob("*"))[:3]
     samples = [(str(good[0]), 0), (str(image_folder.truncated), 1), (str(good[1]), 0), (str(good[2]), 0)]
     _, eval_tf = data.build_transforms(32, augment=False)
-    loader = data.make_loader(data.ImageListDataset(samples, eval_tf), batch_size=2, shuffle=False, workers=0)
+    # Two worker processes: the report must still reach the main process's log and count.
+    loader = data.make_loader(data.ImageListDataset(samples, eval_tf), batch_size=2, shuffle=False, workers=2)
+    import engine
+
     for _ in range(2):  # two epochs
-        batches = list(loader)
+        batches = [engine.to_device(b, torch.device("cpu")) for b in loader]
         assert [b[0].shape[0] for b in batches] == [1, 2]  # the bad one dropped from its batch
         assert batches[0][1].tolist() == [0]
         assert data.BAD_IMAGES.take_epoch_count() == 1
@@ -189,7 +192,10 @@ def test_unreadable_image_is_reported_once_and_skipped(image_folder, monkeypatch
 def test_batch_of_only_bad_images_collates_to_none(image_folder, monkeypatch, capsys):
     monkeypatch.setattr(data, "BAD_IMAGES", data.BadImageLog())
     ds = data.ImageListDataset([(str(image_folder.truncated), 0)], None)
-    assert data.collate_skip_bad([ds[0]]) is None
+    import engine
+
+    batch = data.collate_skip_bad([ds[0]])
+    assert batch[0] is None and engine.to_device(batch, torch.device("cpu")) is None
     assert str(image_folder.truncated) in capsys.readouterr().err
 
 

@@ -282,8 +282,10 @@ def test_bad_input_is_one_error_line(viz_run, tmp_path, capsys, argv, fragment):
     argv = [a.format(tmp=tmp_path, ckpt=viz_run.ckpt) for a in argv]
     with pytest.raises(SystemExit) as e:
         visualize.engine.run_cli(visualize.main, visualize.get_args_parser(), argv)
-    assert str(e.value.code).startswith("error: ") and fragment in str(e.value.code), e.value.code
-    assert "\n" not in str(e.value.code)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert err.startswith("error: ") and fragment in err, err
+    assert "\n" not in err
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
