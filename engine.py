@@ -1139,6 +1139,13 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
     return state
 
 
+def report(setup: RunSetup, state: TrainState) -> None:
+    """The closing lines of a training script (rank 0 only)."""
+    if setup.dist.main and not getattr(setup.args, "lr_find", False):
+        print(f"run folder: {setup.run_dir}")
+        print(f"best val_acc: {state.best_val_acc:.4f} (epoch {state.best_epoch})")
+
+
 def finish_distributed() -> None:
     import torch.distributed as td
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from engine import str2bool
+
 STATE_FORMAT = "sweep-offline/1"
 DEFAULT_CONFIG = "sweep.yaml"
 DEFAULT_SWEEP_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # as wandb agent
@@ -490,7 +492,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wandb", default="disabled", choices=("disabled", "offline"),
                         help="W&B logging of every run: disabled, or offline into the run folder for a "
                              "later 'wandb sync' (default: %(default)s)")
-    parser.add_argument("--early_terminate", "--early-terminate", type=lambda v: _str2bool(v), default=True,
+    parser.add_argument("--early_terminate", "--early-terminate", type=str2bool, default=True,
                         metavar="BOOL", help="apply the yaml's early_terminate (hyperband) to each run while it "
                                              "trains, as the W&B controller does (default: %(default)s)")
     parser.add_argument("--poll_s", type=float, default=5.0,
@@ -510,15 +512,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true",
                         help="do not echo the runs' output (it is always in SWEEP_DIR/logs/run-NNN.log)")
     return parser
-
-
-def _str2bool(value: str) -> bool:
-    v = str(value).strip().lower()
-    if v in ("true", "t", "1", "yes", "y", "on"):
-        return True
-    if v in ("false", "f", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got '{value}'")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -86,9 +86,7 @@ def main(args: argparse.Namespace) -> engine.TrainState:
             "mean": list(data.IMAGENET_MEAN), "std": list(data.IMAGENET_STD), "image_size": args.image_size,
             "split": setup.split, "config": vars(args), "params": params, "macs": macs}
     state = engine.fit(setup, model, train_loader, val_loader, groups, meta, device)
-    if setup.dist.main and not args.lr_find:
-        print(f"run folder: {setup.run_dir}")
-        print(f"best val_acc: {state.best_val_acc:.4f} (epoch {state.best_epoch})")
+    engine.report(setup, state)
     return state
 
 

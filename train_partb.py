@@ -264,9 +264,7 @@ def main(args: argparse.Namespace) -> engine.TrainState | None:
         model, on_epoch_start = bb.model, unfreezer(bb, args)
     state = engine.fit(setup, model, train_loader, val_loader, groups, meta, device,
                        save_model=bb.model, on_epoch_start=on_epoch_start)
-    if setup.dist.main and not args.lr_find:
-        print(f"run folder: {setup.run_dir}")
-        print(f"best val_acc: {state.best_val_acc:.4f} (epoch {state.best_epoch})")
+    engine.report(setup, state)
     return state
 
 
