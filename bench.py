@@ -98,10 +98,10 @@ def train_step_fn(model: nn.Module, device: torch.device, channels_last: bool):
     return step
 
 
-def parta_model(num_classes: int, image_size: int, device: torch.device, channels_last: bool) -> nn.Module:
+def parta_model(args: argparse.Namespace, num_classes: int, device: torch.device, channels_last: bool) -> nn.Module:
     torch.manual_seed(0)
-    model = ConvNet(num_classes, image_size, filters=32, filter_org=2, activation="gelu", batch_norm=True,
-                    dropout=0.3, dense_neurons=512).to(device)
+    model = ConvNet(num_classes, args.image_size, filters=args.parta_filters, filter_org=args.parta_filter_org,
+                    activation="relu", batch_norm=True, dropout=0.3, dense_neurons=512).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
@@ -166,7 +166,12 @@ def get_args_parser() -> argparse.ArgumentParser:
              help="Part B backbone (default: efficientnet_lite0 when timm and its weights package are installed, else resnet18)")
     add_flag(parser, "partb_epochs", type=int, default=5, help="Part B head-only epochs (default: %(default)s)")
     add_flag(parser, "partb_batches", type=int, default=10, help="Part B batches per epoch (default: %(default)s)")
-    engine.add_bool(parser, "channels_last", False, "use channels-last for our Part A training steps")
+    engine.add_bool(parser, "channels_last", True, "use channels-last for our Part A training steps, as the "
+                    "training scripts do by default")
+    add_flag(parser, "parta_filters", type=int, default=32,
+             help="Part A CNN's first-block filters (default: %(default)s, the seeds' 5 x 32 network)")
+    add_flag(parser, "parta_filter_org", type=float, default=1.0,
+             help="Part A CNN's filter factor per block (default: %(default)s; train_parta.py's default is 2)")
     add_flag(parser, "json", default=None, help="write all figures to this JSON file")
     return parser
 
@@ -218,9 +223,9 @@ def measure_all(args: argparse.Namespace, ds, samples: list, device: torch.devic
     print("Part A training steps (with augmentation):")
     n_cls = len(ds.classes)
     measure("reference_parta_train", reference_loader(ds.root, size, True, args.batch_size, args.workers),
-            train_step_fn(parta_model(n_cls, size, device, False), device, False))
+            train_step_fn(parta_model(args, n_cls, device, False), device, False))
     measure("ours_parta_train", our_loader(cache, samples, size, True, args.batch_size, device, args.channels_last),
-            train_step_fn(parta_model(n_cls, size, device, args.channels_last), device, args.channels_last))
+            train_step_fn(parta_model(args, n_cls, device, args.channels_last), device, args.channels_last))
     name = args.partb_model or default_partb_model()
     bb = partb_backbone(name, n_cls)
     bb.model.to(device)

@@ -555,7 +555,12 @@ def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (N, 3, H, W) to normalised float32, without augmentation."""
     m = torch.tensor([v * 255 for v in mean]).to(x.device, non_blocking=True).view(1, 3, 1, 1)
     inv = torch.tensor([1 / (v * 255) for v in std]).to(x.device, non_blocking=True).view(1, 3, 1, 1)
-    return x.float().sub_(m).mul_(inv)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    # On a CPU, a few images at a time stay in cache: one trip through memory instead of three.
+    step = 8 if x.device.type == "cpu" else len(x)
+    for i in range(0, len(x), step):
+        out[i : i + step].copy_(x[i : i + step]).sub_(m).mul_(inv)
+    return out
 
 
 def center_crop_batch(x: torch.Tensor, size: int) -> torch.Tensor:
