@@ -753,9 +753,15 @@ def build_ema(model: nn.Module, decay: float) -> nn.Module | None:
         return None
     if not decay < 1:
         raise UserError(f"--ema must be in (0, 1), got {decay}")
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    def ema(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        # Warm-up (as timm does): early on the average follows the model closely, so short runs
+        # are not validated on weights still dominated by the random initialisation.
+        d = torch.clamp((1 + n) / (10 + n), max=decay).to(averaged.dtype)
+        return averaged * d + current * (1 - d)
+
+    return AveragedModel(model, avg_fn=ema, use_buffers=True)
 
 
 class EmaWeights:
