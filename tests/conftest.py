@@ -135,6 +135,17 @@ def image_folder(tmp_path_factory) -> Fixture:
 
 
 # ----------------------------------------------------------------------------- CLI
+def read_rows(path: Path) -> list[dict]:
+    """metrics.csv rows as dicts; [] while the file does not exist yet."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
 def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env["PYTHONUNBUFFERED"] = "1"

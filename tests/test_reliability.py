@@ -7,7 +7,6 @@ elsewhere and not repeated here (see tests/test_download.py): corrupt / truncate
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -34,20 +33,12 @@ import data
 import engine
 import evaluate
 import train_parta
-from conftest import COLOURS, REPO, assert_one_line_error, clean_env, make_dataset, run_cli, train_args
+from conftest import read_rows, COLOURS, REPO, assert_one_line_error, clean_env, make_dataset, run_cli, train_args
 
 MACHINE_FLAGS = ["--workers", "0", "--wandb", "disabled", "--device", "cpu"]
 
 
 # ----------------------------------------------------------------------------- helpers
-def read_rows(path: Path) -> list[dict]:
-    try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except FileNotFoundError:
-        return []
-
-
 @dataclass
 class Done:
     returncode: int

@@ -18,18 +18,10 @@ import data
 import engine
 import evaluate
 import train_parta
-from conftest import REPO, TRAINED_EPOCHS, clean_env, make_dataset, run_cli, train_args
+from conftest import read_rows, REPO, TRAINED_EPOCHS, clean_env, make_dataset, run_cli, train_args
 from models import ConvNet
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time"]
-
-
-def read_rows(path: Path) -> list[dict]:
-    try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except FileNotFoundError:
-        return []
 
 
 # ----------------------------------------------------------------------------- one trained run
