@@ -170,12 +170,6 @@ class Backbone:
     weights_source: str
 
 
-def classification_model_names() -> list[str]:
-    import torchvision
-
-    return sorted(torchvision.models.list_models(module=torchvision.models)) + list(PACKAGED_MODELS)
-
-
 def model_kwargs(name: str) -> dict:
     # Auxiliary heads only help ImageNet-scale training from scratch; drop them so the
     # model returns plain logits in train mode too.

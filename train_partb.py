@@ -153,8 +153,9 @@ def extract_features(bb: Backbone, loader, device: torch.device, dtype) -> tuple
     return torch.cat(feats), torch.cat(labels)
 
 
-def cached_features(args, bb: Backbone, image_size: int, samples: list, loader, device, cache_dir: Path, split: str):
-    """Features of one split from the cache, computing and saving them on a miss."""
+def cached_features(args, bb: Backbone, image_size: int, samples: list, make_loader: Callable, device,
+                    cache_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of one split from the cache; on a miss, images are loaded (make_loader()) and run once."""
     key = feature_cache_key(args, bb, image_size, samples)
     path = cache_dir / f"{args.model}-{split}-{key}.pt"
     if path.exists():
@@ -164,7 +165,7 @@ def cached_features(args, bb: Backbone, image_size: int, samples: list, loader, 
             return blob["features"], blob["labels"]
         except Exception:
             print(f"features: {path} is unreadable, recomputing")
-    feats, labels = extract_features(bb, loader, device, engine.amp_dtype(args.amp, device))
+    feats, labels = extract_features(bb, make_loader(), device, engine.amp_dtype(args.amp, device))
     cache_dir.mkdir(parents=True, exist_ok=True)
     engine.atomic_torch_save({"features": feats, "labels": labels}, path)
     print(f"features: {split} {tuple(feats.shape)} saved to {path}")
@@ -183,15 +184,23 @@ def head_on_features(bb: Backbone) -> nn.Module:
 def feature_loaders(args, setup: engine.RunSetup, bb: Backbone, image_size: int, device: torch.device):
     """Loaders of cached backbone features for both splits (computed once, then reused)."""
     cache_dir = Path(args.feature_cache_dir or Path(args.out_dir) / "feature_cache")
-    cached = engine.open_cache(setup, image_size)
+    decoded: dict = {}
+
+    def images(samples: list):
+        """Decoded images are only needed on a feature-cache miss: open their cache lazily."""
+        def make():
+            if "cache" not in decoded:
+                decoded["cache"] = engine.open_cache(setup, image_size)
+            # Every process computes the whole split (the cache file must be complete), then
+            # trains on its shard of it.
+            return engine.make_image_loader(setup, samples, image_size, bb.mean, bb.std, device, False,
+                                            decoded["cache"], shard=False)
+        return make
+
     splits = {}
     for split, samples in (("train", setup.train_samples), ("val", setup.val_samples)):
-        # Every process computes the whole split (the cache file must be complete), then trains on
-        # its shard of it.
-        images = engine.make_image_loader(setup, samples, image_size, bb.mean, bb.std, device, False, cached,
-                                          shard=False)
         splits[split] = torch.utils.data.TensorDataset(
-            *cached_features(args, bb, image_size, samples, images, device, cache_dir, split))
+            *cached_features(args, bb, image_size, samples, images(samples), device, cache_dir, split))
     train_ds, val_ds = splits["train"], splits["val"]
     dist, batch = setup.dist, setup.rank_batch_size
     train = torch.utils.data.DataLoader(
