@@ -80,6 +80,9 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any])
              help="input size in pixels, square (default: %(default)s)")
     add_bool(g, "augment", d.get("augment", False),
              "random resized crop, horizontal flip and colour jitter on training images")
+    add_flag(g, "crop_scale", type=float, default=d.get("crop_scale", 0.25),
+             help="smallest area fraction the random resized crop keeps; higher = milder augmentation "
+                  "(default: %(default)s)")
     add_flag(g, "batch_size", type=int, default=d.get("batch_size", 64), help="batch size (default: %(default)s)")
     add_flag(g, "workers", type=int, default=min(8, os.cpu_count() or 1),
              help="data loading processes (default: %(default)s, the number of cores up to 8)")
@@ -142,6 +145,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if not 0 < args.crop_scale <= 1:
+        raise UserError(f"--crop_scale must be in (0, 1], got {args.crop_scale}")
     if not 0 <= args.label_smoothing < 1:
         raise UserError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     for name in ("patience", "save_every", "warmup_epochs", "weight_decay", "grad_clip", "mixup", "cutmix"):
@@ -509,8 +514,8 @@ def make_image_loader(setup: RunSetup, samples: list, image_size: int, mean, std
         return data.DeviceLoader(cache, [pos[s] for s in samples], [label for _, label in samples],
                                  batch, image_size, mean, std, device, augment=augment,
                                  sampler=sampler, seed=args.seed, drop_last=drop_last,
-                                 channels_last=getattr(args, "channels_last", False))
-    train_tf, eval_tf = data.build_transforms(image_size, augment, mean, std)
+                                 channels_last=getattr(args, "channels_last", False), crop_scale=args.crop_scale)
+    train_tf, eval_tf = data.build_transforms(image_size, augment, mean, std, args.crop_scale)
     ds = data.ImageListDataset(samples, train_tf if train else eval_tf)
     return data.make_loader(ds, batch, False, args.workers, sampler=sampler,
                             pin_memory=device.type == "cuda", drop_last=drop_last, seed=args.seed)
@@ -1023,6 +1028,8 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
     save_model = save_model or model
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    elif device.type == "cpu":
+        data.keep_freed_memory()  # about 2x faster CPU training steps: no page faults per batch
     if getattr(args, "channels_last", False):
         model.to(memory_format=torch.channels_last)
     # Checkpoints keep the plain module's state; only the steps run through the compiled one.

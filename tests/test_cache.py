@@ -124,3 +124,27 @@ def test_eval_batches_are_never_augmented(folder, tmp_path):
         loader.sampler.set_epoch(epoch)
         got = torch.cat([x for x, _ in loader])
         assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_crop_scale_bounds_the_crop_area_on_both_pipelines():
+    g = torch.Generator().manual_seed(0)
+    mild = data.augment_params(2000, g, scale=(0.8, 1.0))
+    strong = data.augment_params(2000, g, scale=(0.1, 1.0))
+    # w and h are clamped to the full side, so the kept area can only shrink below the drawn one.
+    assert (mild["w"] * mild["h"]).min() > 0.55 and (strong["w"] * strong["h"]).min() < 0.15
+    train_tf, _ = data.build_transforms(32, True, crop_scale=0.8)
+    crop = next(t for t in train_tf.transforms if type(t).__name__ == "RandomResizedCrop")
+    assert crop.scale == (0.8, 1.0)
+
+
+def test_device_loader_draws_crops_at_its_crop_scale(folder, tmp_path):
+    paths = train_paths(folder)
+    cache = data.open_decoded_cache(paths, 36, tmp_path / "cache")
+
+    def batch(scale: float) -> torch.Tensor:
+        loader = data.DeviceLoader(cache, list(range(len(paths))), [0] * len(paths), len(paths), 32,
+                                   data.IMAGENET_MEAN, data.IMAGENET_STD, torch.device("cpu"), augment=True,
+                                   seed=3, crop_scale=scale)
+        return next(iter(loader))[0]
+
+    assert torch.equal(batch(0.5), batch(0.5)) and not torch.equal(batch(0.5), batch(0.3))

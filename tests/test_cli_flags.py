@@ -169,3 +169,11 @@ def test_predict_on_a_missing_path(trained_run, tmp_path):
     proc = run_cli("evaluate.py", "--ckpt", trained_run.run_dir / "best.pt", "--predict", tmp_path / "nothing.jpg",
                    "--device", "cpu")
     assert_one_line_error(proc, "--predict: no such file or folder", str(tmp_path / "nothing.jpg"))
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
+def test_crop_scale_outside_0_1_is_a_one_line_error(tmp_path, value):
+    root = make_dataset(tmp_path / "ds", ["a", "b"], n_train=4, n_val=1, size=16)
+    proc = run_cli("train_parta.py", *train_args(root, tmp_path / "runs", "r", 1), "--crop_scale", value)
+    assert_one_line_error(proc, "--crop_scale must be in (0, 1]")
+    assert not (tmp_path / "runs" / "r").exists()
