@@ -440,5 +440,23 @@ def apply_freeze(model: nn.Module, strategy: str, head_name: str) -> None:
         p.requires_grad = True
 
 
+def freeze_batchnorm(model: nn.Module, head_name: str) -> int:
+    """Freeze the body's batch-norm layers (affine and running statistics); returns how many.
+
+    With no trainable parameters, set_train_mode keeps them in eval mode, so small batches of a new
+    dataset (and their augmentation) never overwrite the statistics the backbone was trained with,
+    as in detection fine-tuning (FrozenBatchNorm2d) and Keras' fine-tuning guide.
+    """
+    head = model.get_submodule(head_name)
+    in_head = {id(m) for m in head.modules()}
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in in_head:
+            for p in m.parameters():
+                p.requires_grad = False
+            n += 1
+    return n
+
+
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())

@@ -15,7 +15,7 @@ from engine import add_bool, add_flag
 from models import ACTIVATIONS, ConvNet, count_complexity, convnet_spec, format_count
 
 DEFAULTS = dict(image_size=224, batch_size=64, epochs=20, lr=1e-3, optimizer="adamw", weight_decay=0.05,
-                scheduler="cosine", warmup_epochs=1.0, label_smoothing=0.1, augment=True,
+                scheduler="cosine", warmup_epochs=1.0, label_smoothing=0.1, augment=True, crop_scale=0.5,
                 wandb_project="inat12k-parta")
 
 
@@ -33,8 +33,8 @@ def parse_kernel_size(value: str) -> list[int] | int:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the from-scratch CNN (Part A).")
     g = parser.add_argument_group("model")
-    add_flag(g, "filters", type=int, default=32, help="filters in the first conv block (default: %(default)s)")
-    add_flag(g, "filter_org", type=float, default=2.0,
+    add_flag(g, "filters", type=int, default=64, help="filters in the first conv block (default: %(default)s)")
+    add_flag(g, "filter_org", type=float, default=1.5,
              help="filter factor from block to block: 1 same, 2 doubling, 0.5 halving (default: %(default)s)")
     add_flag(g, "conv_layers", type=int, default=5, help="number of conv blocks (default: %(default)s)")
     add_flag(g, "kernel_size", type=parse_kernel_size, default=3,
@@ -42,9 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(g, "activation", default="gelu", choices=tuple(ACTIVATIONS),
              help="activation after every conv and the dense layer (default: %(default)s)")
     add_bool(g, "batch_norm", True, "batch normalisation after every conv")
-    add_flag(g, "dropout", type=float, default=0.3, help="dropout before and after the dense layer (default: %(default)s)")
+    add_flag(g, "dropout", type=float, default=0.1, help="dropout before and after the dense layer (default: %(default)s)")
     add_flag(g, "dense_neurons", type=int, default=512, help="neurons in the hidden dense layer (default: %(default)s)")
-    add_flag(g, "pool", default="flatten", choices=("flatten", "avg"),
+    add_flag(g, "pool", default="avg", choices=("flatten", "avg"),
              help="flatten the last feature map, or global-average-pool it, before the dense layer (default: %(default)s)")
     engine.add_training_args(parser, DEFAULTS)
     return parser

@@ -21,7 +21,7 @@ import engine
 from data import UserError
 from engine import add_bool, add_flag
 from models import (Backbone, apply_freeze, build_backbone, count_complexity, count_trainable, format_count,
-                    list_stages)
+                    freeze_batchnorm, list_stages)
 
 DEFAULTS = dict(image_size=None, batch_size=64, epochs=10, lr=1e-3, optimizer="adamw", weight_decay=0.01,
                 scheduler="cosine", warmup_epochs=0.5, label_smoothing=0.1, augment=None,
@@ -50,6 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(g, "unfreeze_at", type=int, default=None,
              help="from this epoch on train everything at the backbone LR (gradual unfreezing; "
                   "default: 2 with --freeze auto, never otherwise)")
+    add_bool(g, "freeze_bn", True, "keep the pretrained body's batch-norm layers frozen (statistics and "
+             "affine) while the body trains, so small batches of new data do not overwrite them")
     add_flag(g, "cache_features", default="auto", choices=("auto", "on", "off"),
              help="with the whole body frozen and no augmentation, compute its features once and train the "
                   "head on them; auto = whenever possible (default: %(default)s)")
@@ -213,15 +215,24 @@ def feature_loaders(args, setup: engine.RunSetup, bb: Backbone, image_size: int,
 
 
 # ----------------------------------------------------------------------------- main
+def freeze(bb: Backbone, args: argparse.Namespace, strategy: str) -> None:
+    apply_freeze(bb.model, strategy, bb.head_name)
+    if args.freeze_bn:
+        freeze_batchnorm(bb.model, bb.head_name)
+
+
 def unfreezer(bb: Backbone, args: argparse.Namespace) -> Callable[[int], bool]:
-    def on_epoch_start(epoch: int) -> None:
-        if args.unfreeze_at is not None and epoch >= args.unfreeze_at:
-            if not all(p.requires_grad for p in bb.model.parameters()):
-                for p in bb.model.parameters():
-                    p.requires_grad = True
-                print(f"epoch {epoch}: unfreezing the whole model (backbone lr {args.backbone_lr:.1e})")
-                return True
-        return False
+    done = False  # per process: a resumed run unfreezes again at its first epoch past --unfreeze_at
+
+    def on_epoch_start(epoch: int) -> bool:
+        nonlocal done
+        if done or args.unfreeze_at is None or epoch < args.unfreeze_at:
+            return False
+        done = True
+        freeze(bb, args, "none")
+        print(f"epoch {epoch}: unfreezing the whole model (backbone lr {args.backbone_lr:.1e}"
+              f"{', batch norm frozen' if args.freeze_bn else ''})")
+        return True
     return on_epoch_start
 
 
@@ -244,7 +255,7 @@ def main(args: argparse.Namespace) -> engine.TrainState | None:
     def build(num_classes: int) -> None:
         torch.manual_seed(args.seed)  # the new head's initial weights
         built["bb"] = build_backbone(args.model, args.weights, num_classes)
-        apply_freeze(built["bb"].model, args.freeze, built["bb"].head_name)
+        freeze(built["bb"], args, args.freeze)
 
     setup = engine.setup_run(args, run_name(args) if not args.resume else "", validate=build)
     args = setup.args

@@ -142,6 +142,18 @@ def test_unfreezing_at_the_given_epoch_takes_effect(tiny_data, r18_file, tmp_pat
     assert last["freeze"] == "all" and last["weights_source"] == f"file:{r18_file}"
 
 
+@pytest.mark.parametrize("bn_flag,bn_frozen", [("--freeze_bn=True", True), ("--freeze_bn=False", False)])
+def test_freeze_bn_keeps_the_bodys_batch_norm_while_the_rest_trains(tiny_data, r18_file, tmp_path, bn_flag,
+                                                                       bn_frozen):
+    partb(tiny_data, tmp_path, "--model", "resnet18", "--weights", str(r18_file), "--freeze", "none",
+          "--epochs", "1", "--lr", "0.01", bn_flag)
+    state = engine.load_checkpoint(run_dir_of(tmp_path) / "last.pt")["model_state"]
+    original = torch.load(r18_file, weights_only=True)
+    assert not torch.equal(state["layer4.0.conv1.weight"], original["layer4.0.conv1.weight"])
+    for key in ("layer4.0.bn1.running_mean", "layer4.0.bn1.weight", "bn1.running_var"):
+        assert torch.equal(state[key], original[key]) == bn_frozen, key
+
+
 def test_upto_last_and_backbone_lr_run_end_to_end(tiny_data, r18_file, tmp_path):
     for i, extra in enumerate((["--freeze", "upto:layer3"], ["--freeze", "last:1", "--backbone_lr", "1e-4"])):
         state = partb(tiny_data, tmp_path / str(i), "--model", "resnet18", "--weights", str(r18_file),
