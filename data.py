@@ -304,6 +304,21 @@ def resize_size(image_size: int) -> int:
     return int(round(image_size / CROP_RATIO))
 
 
+CACHE_HEADROOM = 1.25
+
+
+def cache_size(image_size: int, augment: bool) -> int:
+    """Side of the square the decoded cache stores: the eval resize, plus headroom when augmenting.
+
+    Random resized crops keep down to half the area (--crop_scale 0.5). Cut from a square stored at
+    the eval resize they would be upscaled, i.e. blurred, to image_size: that cost 2-4 points of
+    val accuracy against PIL crops from the full photo. 1.25x keeps them at >= image_size pixels;
+    eval batches then crop the same centre and resize it down.
+    """
+    size = resize_size(image_size)
+    return int(round(size * CACHE_HEADROOM)) if augment else size
+
+
 def build_transforms(image_size: int, augment: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_scale: float = 0.25):
     """(train, eval) torchvision transforms; eval data is never augmented."""
     from torchvision import transforms as T
@@ -639,8 +654,10 @@ class DeviceLoader:
             pos, rows = pos[sort], rows[sort]
             if self.augment:
                 x = self.cache.images[rows]
-            else:  # copy only the centre crop
-                size, top = self.image_size, int(round((self.cache.images.shape[-1] - self.image_size) / 2.0))
+            else:  # copy only the centre crop (the eval transform's, scaled to what is stored)
+                stored = self.cache.images.shape[-1]
+                size = max(self.image_size, int(round(self.image_size * stored / resize_size(self.image_size))))
+                top = int(round((stored - size) / 2.0))
                 x = self.cache.images[rows, :, top : top + size, top : top + size]
             x = torch.from_numpy(np.ascontiguousarray(x))
             y = self.labels[torch.from_numpy(pos)]
@@ -685,8 +702,14 @@ class DeviceLoader:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if self.augment:
-            x = augment_batch(x, self.image_size, augment_params(x.shape[0], self.generator, scale=(self.crop_scale, 1.0)), self.mean, self.std)
+            params = augment_params(x.shape[0], self.generator, scale=(self.crop_scale, 1.0))
+            x = augment_batch(x, self.image_size, params, self.mean, self.std)
         else:
+            if x.shape[-1] != self.image_size:  # stored with headroom: the eval centre, resized down
+                import torch.nn.functional as F
+
+                x = F.interpolate(x if x.device.type == "cpu" else x.float(), size=(self.image_size,) * 2,
+                                  mode="bilinear", align_corners=False, antialias=True)
             x = normalize_batch(x, self.mean, self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -492,7 +492,8 @@ def open_cache(setup: RunSetup, image_size: int) -> tuple[data.DecodedCache, dic
         return None
     cache_dir = data.default_cache_dir() if args.cache == "auto" else Path(args.cache)
     samples = sorted(set(setup.train_samples) | set(setup.val_samples))
-    cache = data.open_decoded_cache([p for p, _ in samples], data.resize_size(image_size), cache_dir, args.workers)
+    size = data.cache_size(image_size, args.augment)
+    cache = data.open_decoded_cache([p for p, _ in samples], size, cache_dir, args.workers)
     return cache, {s: i for i, s in enumerate(samples)}
 
 

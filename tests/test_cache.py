@@ -148,3 +148,18 @@ def test_device_loader_draws_crops_at_its_crop_scale(folder, tmp_path):
         return next(iter(loader))[0]
 
     assert torch.equal(batch(0.5), batch(0.5)) and not torch.equal(batch(0.5), batch(0.3))
+
+
+def test_training_caches_keep_headroom_and_eval_batches_resize_the_same_centre(folder, tmp_path):
+    assert data.cache_size(64, augment=False) == data.resize_size(64) == 73
+    assert data.cache_size(64, augment=True) == 91  # crops of half the area stay >= 64 px
+    paths = train_paths(folder)
+    stored = data.cache_size(32, augment=True)
+    cache = data.open_decoded_cache(paths, stored, tmp_path / "cache")
+    loader = data.DeviceLoader(cache, list(range(len(paths))), [0] * len(paths), len(paths), 32, data.IMAGENET_MEAN,
+                               data.IMAGENET_STD, torch.device("cpu"), augment=False)
+    got = next(iter(loader))[0]
+    centre = data.center_crop_batch(torch.from_numpy(np.array(cache.images)), round(32 * stored / data.resize_size(32)))
+    resized = torch.nn.functional.interpolate(centre, size=(32, 32), mode="bilinear", antialias=True)
+    assert got.shape == (len(paths), 3, 32, 32)
+    assert torch.allclose(got, data.normalize_batch(resized, data.IMAGENET_MEAN, data.IMAGENET_STD), atol=1e-6)
