@@ -198,9 +198,7 @@ def main(args: argparse.Namespace) -> dict:
     for name in ("batches", "batch_size", "partb_batches", "partb_epochs"):
         if getattr(args, name) < 1:
             raise data.UserError(f"--{name} must be >= 1")
-    device = engine.select_device(args.device)
-    if device.type == "cpu":
-        data.keep_freed_memory()  # as the training scripts do: both pipelines get the same allocator
+    device = engine.select_device(args.device)  # on a CPU this also tunes the allocator, for both pipelines
     ds = data.discover(args.data_dir)
     samples = sorted(ds.train)
     if args.batch_size * 4 > len(samples):

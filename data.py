@@ -593,7 +593,8 @@ def keep_freed_memory() -> None:
     A 224 px float batch is tens of MB, above glibc's mmap threshold: every batch would be a fresh
     mapping whose pages fault in one by one, which costs more than the normalisation itself on a
     CPU (measured 3x). PyTorch's CPU tuning guide suggests jemalloc/tcmalloc for the same reason;
-    mallopt needs no preload. A no-op off glibc; process-wide, so only for training processes.
+    mallopt needs no preload. A no-op off glibc; process-wide: engine.select_device calls it once a
+    run's device is the CPU.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED or not sys.platform.startswith("linux"):
@@ -636,8 +637,6 @@ class DeviceLoader:
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         self.pin = device.type == "cuda"
-        if device.type == "cpu":
-            keep_freed_memory()
 
     def __len__(self) -> int:
         n = len(self.sampler)

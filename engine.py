@@ -170,6 +170,13 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
 
 # ----------------------------------------------------------------------------- device, AMP
 def select_device(name: str = "auto") -> torch.device:
+    device = _resolve_device(name)
+    if device.type == "cpu":
+        data.keep_freed_memory()  # about 2x faster CPU steps and batches: no page faults per batch
+    return device
+
+
+def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():  # under torchrun, each process takes its own GPU
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -1029,8 +1036,6 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
     save_model = save_model or model
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    elif device.type == "cpu":
-        data.keep_freed_memory()  # about 2x faster CPU training steps: no page faults per batch
     if getattr(args, "channels_last", False):
         model.to(memory_format=torch.channels_last)
     # Checkpoints keep the plain module's state; only the steps run through the compiled one.

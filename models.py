@@ -440,8 +440,8 @@ def apply_freeze(model: nn.Module, strategy: str, head_name: str) -> None:
         p.requires_grad = True
 
 
-def freeze_batchnorm(model: nn.Module, head_name: str) -> int:
-    """Freeze the body's batch-norm layers (affine and running statistics); returns how many.
+def freeze_batchnorm(model: nn.Module, head_name: str) -> None:
+    """Freeze the body's batch-norm layers (affine and running statistics).
 
     With no trainable parameters, set_train_mode keeps them in eval mode, so small batches of a new
     dataset (and their augmentation) never overwrite the statistics the backbone was trained with,
@@ -449,13 +449,10 @@ def freeze_batchnorm(model: nn.Module, head_name: str) -> int:
     """
     head = model.get_submodule(head_name)
     in_head = {id(m) for m in head.modules()}
-    n = 0
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in in_head:
             for p in m.parameters():
                 p.requires_grad = False
-            n += 1
-    return n
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:

@@ -16,7 +16,8 @@ if [ ! -d "$SUB" ]; then  # train: the first PER_CLASS photos of every class; va
   for dir in "$DATA"/train/*/; do
     cls=$(basename "$dir")
     mkdir -p "$SUB/train/$cls" "$SUB/val"
-    ls "$dir" | sort | head -n "$PER_CLASS" | while read -r f; do ln -s "$dir$f" "$SUB/train/$cls/$f"; done
+    files=("$dir"*)  # glob order is sorted
+    for f in "${files[@]:0:$PER_CLASS}"; do ln -s "$f" "$SUB/train/$cls/"; done
     ln -s "$DATA/val/$cls" "$SUB/val/$cls"
   done
 fi
