@@ -9,10 +9,16 @@ import argparse
 
 import torch
 
-import data
 import engine
-from engine import add_bool, add_flag
+from checkpoint import TrainState, checkpoint_meta
+from cli import UserError, add_bool, add_flag, run_cli
+from devices import select_device
+from flags import add_training_args
+from loaders import image_loaders
 from models import ACTIVATIONS, ConvNet, count_complexity, convnet_spec, format_count
+from optim import param_groups_with_decay
+from presets import Preprocess
+from runs import setup_run
 
 DEFAULTS = dict(image_size=224, batch_size=64, epochs=20, lr=1e-3, optimizer="adamw", weight_decay=0.05,
                 scheduler="cosine", warmup_epochs=1.0, label_smoothing=0.1, augment=True, crop_scale=0.5,
@@ -46,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(g, "dense_neurons", type=int, default=512, help="neurons in the hidden dense layer (default: %(default)s)")
     add_flag(g, "pool", default="avg", choices=("flatten", "avg"),
              help="flatten the last feature map, or global-average-pool it, before the dense layer (default: %(default)s)")
-    engine.add_training_args(parser, DEFAULTS)
+    add_training_args(parser, DEFAULTS)
     return parser
 
 
@@ -59,18 +65,19 @@ def run_name(args: argparse.Namespace) -> str:
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> ConvNet:
+    """The ConvNet the flags describe."""
     return ConvNet(num_classes=num_classes, image_size=args.image_size, conv_layers=args.conv_layers,
                    filters=args.filters, filter_org=args.filter_org, kernel_size=args.kernel_size,
                    activation=args.activation, batch_norm=args.batch_norm, dropout=args.dropout,
                    dense_neurons=args.dense_neurons, pool=args.pool)
 
 
-def main(args: argparse.Namespace) -> engine.TrainState:
+def main(args: argparse.Namespace) -> TrainState:
     if args.dense_neurons < 1:
-        raise data.UserError(f"--dense_neurons must be >= 1, got {args.dense_neurons}")
-    setup = engine.setup_run(args, run_name(args), validate=lambda n: build_model(args, n))
+        raise UserError(f"--dense_neurons must be >= 1, got {args.dense_neurons}")
+    setup = setup_run(args, run_name(args), validate=lambda n: build_model(args, n))
     args = setup.args
-    device = engine.select_device(args.device)
+    device = select_device(args.device)
     torch.manual_seed(args.seed)  # --seed fixes the initial weights too
     model = build_model(args, len(setup.classes))
     params, macs = count_complexity(model, args.image_size)
@@ -79,16 +86,15 @@ def main(args: argparse.Namespace) -> engine.TrainState:
     print(f"data: {setup.root} | {len(setup.classes)} classes | train {len(setup.train_samples)} | "
           f"val {len(setup.val_samples)} | device {device} | run {setup.run_dir}")
     model.to(device)
-    train_loader, val_loader = engine.image_loaders(setup, args.image_size, data.IMAGENET_MEAN,
-                                                    data.IMAGENET_STD, device)
-    groups = engine.param_groups_with_decay(model.named_parameters(), args.lr, args.weight_decay, "model")
-    meta = {"spec": convnet_spec(args, args.image_size), "class_names": setup.classes,
-            "mean": list(data.IMAGENET_MEAN), "std": list(data.IMAGENET_STD), "image_size": args.image_size,
-            "split": setup.split, "config": vars(args), "params": params, "macs": macs}
+    preprocess = Preprocess.for_size(args.image_size)
+    train_loader, val_loader = image_loaders(setup, preprocess, device)
+    groups = param_groups_with_decay(model.named_parameters(), args.lr, args.weight_decay, "model")
+    meta = checkpoint_meta(convnet_spec(args, args.image_size), setup.classes, preprocess, setup.split, vars(args),
+                           params=params, macs=macs)
     state = engine.fit(setup, model, train_loader, val_loader, groups, meta, device)
     engine.report(setup, state)
     return state
 
 
 if __name__ == "__main__":
-    engine.run_cli(main, get_args_parser())
+    run_cli(main, get_args_parser())

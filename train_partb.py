@@ -7,21 +7,22 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
-from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
-import data
 import engine
-from data import UserError
-from engine import add_bool, add_flag
-from models import (Backbone, apply_freeze, build_backbone, count_complexity, count_trainable, format_count,
-                    freeze_batchnorm, list_stages)
+from checkpoint import TrainState, checkpoint_meta
+from cli import UserError, add_bool, add_flag, run_cli
+from devices import select_device
+from features import feature_loaders, head_on_features
+from flags import add_training_args
+from freezing import apply_freeze, count_trainable, freeze_batchnorm, list_stages
+from loaders import image_loaders
+from models import Backbone, build_backbone, count_complexity, format_count
+from optim import param_groups_with_decay
+from presets import Preprocess
+from runs import setup_run
 
 DEFAULTS = dict(image_size=None, batch_size=64, epochs=10, lr=1e-3, optimizer="adamw", weight_decay=0.01,
                 scheduler="cosine", warmup_epochs=0.5, label_smoothing=0.1, augment=None,
@@ -57,15 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                   "head on them; auto = whenever possible (default: %(default)s)")
     add_flag(g, "feature_cache_dir", default=None,
              help="where cached features are kept and reused across runs (default: OUT_DIR/feature_cache)")
-    engine.add_training_args(parser, DEFAULTS)
-    for action in parser._actions:  # Part B's own defaults for two shared flags
-        if action.help == argparse.SUPPRESS:
-            continue
-        if action.dest == "augment":
-            action.help = ("random resized crop, flip and colour jitter on training images (default: on when "
-                           "any of the body trains, off when it is frozen so features can be cached)")
-        if action.dest == "image_size":
-            action.help = "input size in pixels (default: what the chosen weights were trained at, e.g. 224)"
+    add_training_args(parser, DEFAULTS, default_notes={
+        "augment": "on when any of the body trains, off when it is frozen so features can be cached",
+        "image_size": "what the chosen weights were trained at, e.g. 224"})
     return parser
 
 
@@ -101,127 +96,20 @@ def param_groups(bb: Backbone, args: argparse.Namespace) -> list[dict]:
     head = bb.model.get_submodule(bb.head_name)
     head_ids = {id(p) for p in head.parameters()}
     body = [(n, p) for n, p in bb.model.named_parameters() if id(p) not in head_ids]
-    return (engine.param_groups_with_decay(head.named_parameters(), args.lr, args.weight_decay, "head")
-            + engine.param_groups_with_decay(body, args.backbone_lr, args.weight_decay, "backbone"))
-
-
-# ----------------------------------------------------------------------------- feature cache
-def feature_cache_key(args: argparse.Namespace, bb: Backbone, image_size: int, samples: list) -> str:
-    """Hash of model, weights, preprocessing and the files (path, size, mtime)."""
-    files = []
-    for path, label in samples:
-        st = os.stat(path)
-        files.append((path, label, st.st_size, st.st_mtime_ns))
-    weights = bb.weights_source
-    if weights.startswith("file:"):
-        st = os.stat(weights[5:])
-        weights += f":{st.st_size}:{st.st_mtime_ns}"
-    blob = json.dumps([args.model, weights, image_size, list(bb.mean), list(bb.std), args.cache != "off",
-                       args.amp, files])
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-class HeadInput:
-    """Captures what flows into the head: the backbone's pooled features."""
-
-    def __init__(self, head: nn.Module) -> None:
-        self.value = None
-        self.handle = head.register_forward_hook(self.hook)
-
-    def hook(self, module, inputs, output) -> None:
-        self.value = inputs[0].detach()
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
-@torch.no_grad()
-def extract_features(bb: Backbone, loader, device: torch.device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    bb.model.eval()
-    capture = HeadInput(bb.model.get_submodule(bb.head_name))
-    feats, labels = [], []
-    try:
-        for batch in engine.progress(loader, desc="features", leave=False):
-            moved = engine.to_device(batch, device)
-            if moved is None:
-                continue
-            x, y = moved
-            with engine.autocast(device, dtype):
-                bb.model(x)
-            feats.append(capture.value.float().flatten(1).cpu())
-            labels.append(y.cpu())
-    finally:
-        capture.remove()
-    return torch.cat(feats), torch.cat(labels)
-
-
-def cached_features(args, bb: Backbone, image_size: int, samples: list, make_loader: Callable, device,
-                    cache_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of one split from the cache; on a miss, images are loaded (make_loader()) and run once."""
-    key = feature_cache_key(args, bb, image_size, samples)
-    path = cache_dir / f"{args.model}-{split}-{key}.pt"
-    if path.exists():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            print(f"features: reusing {path}")
-            return blob["features"], blob["labels"]
-        except Exception:
-            print(f"features: {path} is unreadable, recomputing")
-    feats, labels = extract_features(bb, make_loader(), device, engine.amp_dtype(args.amp, device))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    engine.atomic_torch_save({"features": feats, "labels": labels}, path)
-    print(f"features: {split} {tuple(feats.shape)} saved to {path}")
-    return feats, labels
-
-
-def head_on_features(bb: Backbone) -> nn.Module:
-    """The trainable part for cached features: the new head, after the dropout that precedes it."""
-    parent_name, _, _ = bb.head_name.rpartition(".")
-    parent = bb.model.get_submodule(parent_name) if parent_name else bb.model
-    drop = next((m for m in parent.children() if isinstance(m, nn.Dropout)), None) if parent_name else None
-    head = bb.model.get_submodule(bb.head_name)
-    return nn.Sequential(nn.Dropout(drop.p), head) if drop is not None else nn.Sequential(head)
-
-
-def feature_loaders(args, setup: engine.RunSetup, bb: Backbone, image_size: int, device: torch.device):
-    """Loaders of cached backbone features for both splits (computed once, then reused)."""
-    cache_dir = Path(args.feature_cache_dir or Path(args.out_dir) / "feature_cache")
-    decoded: dict = {}
-
-    def images(samples: list):
-        """Decoded images are only needed on a feature-cache miss: open their cache lazily."""
-        def make():
-            if "cache" not in decoded:
-                decoded["cache"] = engine.open_cache(setup, image_size)
-            # Every process computes the whole split (the cache file must be complete), then
-            # trains on its shard of it.
-            return engine.make_image_loader(setup, samples, image_size, bb.mean, bb.std, device, False,
-                                            decoded["cache"], shard=False)
-        return make
-
-    splits = {}
-    for split, samples in (("train", setup.train_samples), ("val", setup.val_samples)):
-        splits[split] = torch.utils.data.TensorDataset(
-            *cached_features(args, bb, image_size, samples, images(samples), device, cache_dir, split))
-    train_ds, val_ds = splits["train"], splits["val"]
-    dist, batch = setup.dist, setup.rank_batch_size
-    train = torch.utils.data.DataLoader(
-        train_ds, batch_size=batch, drop_last=len(train_ds) > args.batch_size,
-        sampler=data.EpochSampler(len(train_ds), args.seed, rank=dist.rank, world=dist.world))
-    val = torch.utils.data.DataLoader(
-        val_ds, batch_size=batch,
-        sampler=data.EpochSampler(len(val_ds), args.seed, shuffle=False, rank=dist.rank, world=dist.world, pad=False))
-    return train, val
+    return (param_groups_with_decay(head.named_parameters(), args.lr, args.weight_decay, "head")
+            + param_groups_with_decay(body, args.backbone_lr, args.weight_decay, "backbone"))
 
 
 # ----------------------------------------------------------------------------- main
 def freeze(bb: Backbone, args: argparse.Namespace, strategy: str) -> None:
+    """Apply a --freeze strategy, keeping the body's batch norm frozen with --freeze_bn."""
     apply_freeze(bb.model, strategy, bb.head_name)
     if args.freeze_bn:
         freeze_batchnorm(bb.model, bb.head_name)
 
 
 def unfreezer(bb: Backbone, args: argparse.Namespace) -> Callable[[int], bool]:
+    """fit's on_epoch_start: unfreeze everything at --unfreeze_at (True when it did)."""
     done = False  # per process: a resumed run unfreezes again at its first epoch past --unfreeze_at
 
     def on_epoch_start(epoch: int) -> bool:
@@ -237,50 +125,50 @@ def unfreezer(bb: Backbone, args: argparse.Namespace) -> Callable[[int], bool]:
 
 
 def print_stages(bb: Backbone) -> None:
+    """The model's stages (names for --freeze upto:/last:) with their parameter counts."""
     for name, m in list_stages(bb.model):
         n = sum(p.numel() for p in m.parameters())
         mark = "  <- head" if bb.head_name == name or bb.head_name.startswith(name + ".") else ""
         print(f"{name:<24} {type(m).__name__:<28} {n:>12,}{mark}")
 
 
-def main(args: argparse.Namespace) -> engine.TrainState | None:
+def build_backbone_for(args: argparse.Namespace, num_classes: int) -> Backbone:
+    """The pretrained backbone with a new head, frozen as --freeze says (the head's init fixed by --seed)."""
+    torch.manual_seed(args.seed)
+    bb = build_backbone(args.model, args.weights, num_classes)
+    freeze(bb, args, args.freeze)
+    return bb
+
+
+def main(args: argparse.Namespace) -> TrainState | None:
     if args.list_stages:
-        bb = build_backbone(args.model, "none" if args.weights in ("DEFAULT", "packaged") else args.weights, 10)
-        print_stages(bb)
+        print_stages(build_backbone(args.model, "none" if args.weights in ("DEFAULT", "packaged") else args.weights, 10))
         return None
     if not args.resume:
         resolve_recipe(args)
-    built: dict = {}
-
-    def build(num_classes: int) -> None:
-        torch.manual_seed(args.seed)  # the new head's initial weights
-        built["bb"] = build_backbone(args.model, args.weights, num_classes)
-        freeze(built["bb"], args, args.freeze)
-
-    setup = engine.setup_run(args, run_name(args) if not args.resume else "", validate=build)
+    built: dict = {}  # a new run builds (and so validates) the model before its folder exists
+    setup = setup_run(args, run_name(args) if not args.resume else "",
+                      validate=lambda n: built.setdefault("bb", build_backbone_for(args, n)))
     args = setup.args
-    if "bb" not in built:  # resume: rebuild with the saved flags
-        build(len(setup.classes))
-    bb: Backbone = built["bb"]
-    image_size = args.image_size or bb.image_size
-    args.image_size = image_size
-    device = engine.select_device(args.device)
+    bb = built.get("bb") or build_backbone_for(args, len(setup.classes))  # resume: the saved flags
+    args.image_size = args.image_size or bb.image_size
+    preprocess = Preprocess.for_size(args.image_size, bb.mean, bb.std)
+    device = select_device(args.device)
     trainable, total = count_trainable(bb.model)
-    _, macs = count_complexity(bb.model, image_size)
+    _, macs = count_complexity(bb.model, args.image_size)
     print(f"{args.model} ({bb.weights_source}): {format_count(total)} parameters, {format_count(trainable)} "
           f"trainable ({trainable:,}) with --freeze {args.freeze}; {format_count(macs)} MACs per image")
     print(f"data: {setup.root} | {len(setup.classes)} classes | train {len(setup.train_samples)} | "
-          f"val {len(setup.val_samples)} | {image_size}px | device {device} | run {setup.run_dir}")
+          f"val {len(setup.val_samples)} | {args.image_size}px | device {device} | run {setup.run_dir}")
     bb.model.to(device)
-    meta = {"spec": bb.spec, "class_names": setup.classes, "mean": list(bb.mean), "std": list(bb.std),
-            "image_size": image_size, "split": setup.split, "config": vars(args),
-            "weights_source": bb.weights_source, "freeze": args.freeze}
+    meta = checkpoint_meta(bb.spec, setup.classes, preprocess, setup.split, vars(args),
+                           weights_source=bb.weights_source, freeze=args.freeze)
     groups = param_groups(bb, args)
     if args.use_cache:
-        train_loader, val_loader = feature_loaders(args, setup, bb, image_size, device)
+        train_loader, val_loader = feature_loaders(setup, bb, preprocess, device)
         model, on_epoch_start = head_on_features(bb), None
     else:
-        train_loader, val_loader = engine.image_loaders(setup, image_size, bb.mean, bb.std, device)
+        train_loader, val_loader = image_loaders(setup, preprocess, device)
         model, on_epoch_start = bb.model, unfreezer(bb, args)
     state = engine.fit(setup, model, train_loader, val_loader, groups, meta, device,
                        save_model=bb.model, on_epoch_start=on_epoch_start)
@@ -289,4 +177,4 @@ def main(args: argparse.Namespace) -> engine.TrainState | None:
 
 
 if __name__ == "__main__":
-    engine.run_cli(main, get_args_parser())
+    run_cli(main, get_args_parser())

@@ -1,0 +1,70 @@
+"""The one mixed-precision training step: autocast forward, scaled backward, unscale + clip, step, update.
+
+Training, the LR finder and bench.py all step through `train_step`, in the spirit of timm's
+NativeScaler: fp16 always with a GradScaler (it rescues small gradients from underflow), bf16
+and full precision with a disabled one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cli import UserError
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full precision."""
+    if mode == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if mode == "fp16":
+        if device.type == "cpu":
+            raise UserError("--amp fp16 needs a GPU; use --amp bf16 or off on CPU")
+        return torch.float16
+    return torch.bfloat16 if mode == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 on CUDA; a disabled scaler (a plain step) otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+
+
+@dataclass
+class Training:
+    """What one optimisation step needs, in one object."""
+
+    model: nn.Module  # what runs on the batch (possibly compiled and DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None = full precision
+    scaler: torch.amp.GradScaler
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every batch
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    ema: nn.Module | None = None  # an AveragedModel updated after every step
+    mix: Callable | None = None  # MixUp/CutMix on the batch, or None
+
+
+def train_step(t: Training, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on (x, y); returns the loss and the logits, detached (no host sync)."""
+    with autocast(t.device, t.dtype):
+        out = t.model(x)
+        loss = t.criterion(out, y)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    if t.grad_clip > 0:
+        t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(t.model.parameters(), t.grad_clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    if t.scheduler is not None:
+        t.scheduler.step()
+    if t.ema is not None:
+        t.ema.update_parameters(t.model)
+    return loss.detach(), out.detach()

@@ -1,0 +1,147 @@
+"""Checkpoints: the training state they hold, written atomically, read safely (weights_only), rebuilt into models.
+
+A checkpoint describes itself: model spec, class names, preprocessing, split and flags travel with
+the weights, so evaluate.py and visualize.py need nothing but the file.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cli import UserError
+from models import build_from_spec
+from presets import Preprocess
+
+CHECKPOINT_FORMAT = "inat-classifier/1"
+CHECKPOINT_KEYS = ("model_state", "spec", "class_names", "preprocess", "config")
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while training and is saved in last.pt."""
+
+    epoch: int = 0  # completed epochs
+    history: list = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    batches_done: int = 0  # within the current epoch, when saved mid-epoch
+    partial: dict = field(default_factory=dict)  # running sums of the current epoch
+
+
+def json_safe(config: dict) -> dict:
+    """Flags as plain JSON types, so they load with weights_only=True and dump to args.json."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = [x if isinstance(x, (bool, int, float, str)) else str(x) for x in v]
+        else:
+            out[k] = str(v)
+    return out
+
+
+def checkpoint_meta(spec: dict, class_names: list[str], preprocess: Preprocess, split: dict, config: dict,
+                    **extra: Any) -> dict:
+    """What every checkpoint of a run says about itself, besides weights and training state."""
+    return {"spec": spec, "class_names": list(class_names), "preprocess": preprocess.to_dict(),
+            "split": split, "config": json_safe(config), **extra}
+
+
+def checkpoint_payload(meta: dict, model: nn.Module, state: TrainState) -> dict:
+    """meta plus a snapshot of the model's weights and the run's progress: a complete best.pt."""
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # a snapshot, not live tensors
+    return {**meta, "format": CHECKPOINT_FORMAT, "model_state": weights, "epoch": state.epoch,
+            "metrics": state.history, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch}
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temp file, fsync, then rename: a crash mid-write never breaks `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load one of our checkpoints safely (weights_only); any other file is a one-line error."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a PyTorch checkpoint, or truncated (no zip archive structure)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unsupported content"
+        raise UserError(f"{path}: refused to load: it holds objects beyond weights and plain data "
+                        f"(not one of our checkpoints, or unsafe): {reason[:150]}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt): "
+                        f"{str(e).splitlines()[0][:150] if str(e) else type(e).__name__}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint written by this tool (no '{CHECKPOINT_FORMAT}' format tag)")
+    if "preprocess" not in ckpt and all(k in ckpt for k in ("image_size", "mean", "std")):
+        # Written before checkpoints carried a Preprocess: the same rule, spelled out.
+        ckpt["preprocess"] = Preprocess.for_size(ckpt["image_size"], ckpt["mean"], ckpt["std"]).to_dict()
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: incomplete checkpoint, it lacks {', '.join(missing)}")
+    with zipfile.ZipFile(path) as zf:  # torch.load does not check the CRCs torch.save wrote
+        bad = zf.testzip()
+    if bad is not None:
+        raise UserError(f"{path}: corrupt checkpoint (bad CRC in {bad})")
+    return ckpt
+
+
+def load_weights(model: nn.Module, state: dict, path: str | Path) -> None:
+    """Load a state dict, turning architecture or class-set mismatches into one line."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise UserError(f"{path}: weights do not fit the model (other architecture or class set): {detail[:200]}") from None
+
+
+def restore_model(ckpt_path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """The trained model (eval mode, on device) and its checkpoint, from the file alone."""
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        model = build_from_spec(ckpt["spec"], len(ckpt["class_names"]))
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{ckpt_path}: checkpoint lacks a usable model description ({e})") from None
+    load_weights(model, ckpt["model_state"], ckpt_path)
+    return model.to(device).eval(), ckpt
+
+
+def rng_state() -> dict:
+    """The global RNG states (torch, Python, CUDA), for an exact resume."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

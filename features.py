@@ -1,0 +1,131 @@
+"""Part B's feature cache: a frozen backbone's pooled features computed once per split, reused across runs and epochs."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from amp import amp_dtype, autocast
+from checkpoint import atomic_torch_save
+from images import batch_to_device
+from loaders import make_image_loader, open_cache
+from models import Backbone
+from presets import Preprocess
+from runs import RunSetup
+from sampler import EpochSampler
+from tracking import progress
+
+
+def feature_cache_key(args: argparse.Namespace, bb: Backbone, preprocess: Preprocess, samples: list) -> str:
+    """Hash of model, weights, preprocessing and the files (path, size, mtime)."""
+    files = []
+    for path, label in samples:
+        st = os.stat(path)
+        files.append((path, label, st.st_size, st.st_mtime_ns))
+    weights = bb.weights_source
+    if weights.startswith("file:"):
+        st = os.stat(weights[5:])
+        weights += f":{st.st_size}:{st.st_mtime_ns}"
+    blob = json.dumps([args.model, weights, preprocess.to_dict(), args.cache != "off", args.amp, files])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class HeadInput:
+    """Captures what flows into the head: the backbone's pooled features."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.value = None
+        self.handle = head.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output) -> None:
+        self.value = inputs[0].detach()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@torch.no_grad()
+def extract_features(bb: Backbone, loader, device: torch.device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's inputs and the labels of every batch of loader, on the CPU."""
+    bb.model.eval()
+    capture = HeadInput(bb.model.get_submodule(bb.head_name))
+    feats, labels = [], []
+    try:
+        for batch in progress(loader, desc="features", leave=False):
+            moved = batch_to_device(batch, device)
+            if moved is None:
+                continue
+            x, y = moved
+            with autocast(device, dtype):
+                bb.model(x)
+            feats.append(capture.value.float().flatten(1).cpu())
+            labels.append(y.cpu())
+    finally:
+        capture.remove()
+    return torch.cat(feats), torch.cat(labels)
+
+
+def cached_features(args: argparse.Namespace, bb: Backbone, preprocess: Preprocess, samples: list,
+                    make_loader: Callable, device: torch.device, cache_dir: Path,
+                    split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of one split from the cache; on a miss, images are loaded (make_loader()) and run once."""
+    key = feature_cache_key(args, bb, preprocess, samples)
+    path = cache_dir / f"{args.model}-{split}-{key}.pt"
+    if path.exists():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            print(f"features: reusing {path}")
+            return blob["features"], blob["labels"]
+        except Exception:
+            print(f"features: {path} is unreadable, recomputing")
+    feats, labels = extract_features(bb, make_loader(), device, amp_dtype(args.amp, device))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"features": feats, "labels": labels}, path)
+    print(f"features: {split} {tuple(feats.shape)} saved to {path}")
+    return feats, labels
+
+
+def head_on_features(bb: Backbone) -> nn.Module:
+    """The trainable part for cached features: the new head, after the dropout that precedes it."""
+    parent_name, _, _ = bb.head_name.rpartition(".")
+    parent = bb.model.get_submodule(parent_name) if parent_name else bb.model
+    drop = next((m for m in parent.children() if isinstance(m, nn.Dropout)), None) if parent_name else None
+    head = bb.model.get_submodule(bb.head_name)
+    return nn.Sequential(nn.Dropout(drop.p), head) if drop is not None else nn.Sequential(head)
+
+
+def feature_loaders(setup: RunSetup, bb: Backbone, preprocess: Preprocess, device: torch.device):
+    """Loaders of cached backbone features for both splits (computed once, then reused)."""
+    args = setup.args
+    cache_dir = Path(args.feature_cache_dir or Path(args.out_dir) / "feature_cache")
+    decoded: dict = {}
+
+    def images(samples: list):
+        """Decoded images are only needed on a feature-cache miss: open their cache lazily."""
+        def make():
+            if "cache" not in decoded:
+                decoded["cache"] = open_cache(setup, preprocess)
+            # Every process computes the whole split (the cache file must be complete), then
+            # trains on its shard of it.
+            return make_image_loader(setup, samples, preprocess, device, False, decoded["cache"], shard=False)
+        return make
+
+    splits = {}
+    for split, samples in (("train", setup.train_samples), ("val", setup.val_samples)):
+        splits[split] = torch.utils.data.TensorDataset(
+            *cached_features(args, bb, preprocess, samples, images(samples), device, cache_dir, split))
+    train_ds, val_ds = splits["train"], splits["val"]
+    dist, batch = setup.dist, setup.rank_batch_size
+    train = torch.utils.data.DataLoader(
+        train_ds, batch_size=batch, drop_last=len(train_ds) > args.batch_size,
+        sampler=EpochSampler(len(train_ds), args.seed, rank=dist.rank, world=dist.world))
+    val = torch.utils.data.DataLoader(
+        val_ds, batch_size=batch,
+        sampler=EpochSampler(len(val_ds), args.seed, shuffle=False, rank=dist.rank, world=dist.world, pad=False))
+    return train, val

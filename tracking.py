@@ -1,0 +1,133 @@
+"""What a run reports: progress bars and lines, training curves, and W&B logging that needs no account."""
+from __future__ import annotations
+
+import argparse
+import netrc
+import os
+import sys
+from pathlib import Path
+
+from cli import UserError
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on a terminal (or with TQDM_FORCE set) of rank 0; silent in logs, CI and other ranks."""
+    from tqdm import tqdm
+
+    quiet = (not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None) or os.environ.get("RANK", "0") != "0"
+    return tqdm(iterable, dynamic_ncols=True, disable=quiet, **kwargs)
+
+
+def say(message: str) -> None:
+    """Print without breaking the progress bars."""
+    from tqdm import tqdm
+
+    tqdm.write(message)
+    sys.stdout.flush()
+
+
+def plot_curves(histories: dict[str, list[dict]], out: Path) -> None:
+    """Loss and accuracy per epoch, train dashed and val solid, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for i, (label, hist) in enumerate(histories.items()):
+        color = f"C{i % 10}"
+        epochs = [h["epoch"] for h in hist]
+        prefix = f"{label} " if len(histories) > 1 else ""
+        for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+            ax.plot(epochs, [h[f"train_{key}"] for h in hist], "--o", color=color, ms=3, label=f"{prefix}train")
+            ax.plot(epochs, [h[f"val_{key}"] for h in hist], "-o", color=color, ms=3, label=f"{prefix}val")
+    from matplotlib.ticker import MaxNLocator
+
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def wandb_api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    candidates = [os.environ.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc"]
+    for path in filter(None, candidates):
+        try:
+            hosts = netrc.netrc(str(path)).hosts
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if any("wandb" in h for h in hosts):
+            return True
+    return False
+
+
+class WandbLogger:
+    """W&B that never prompts and needs no account: auto picks online only when a key exists."""
+
+    @classmethod
+    def off(cls) -> "WandbLogger":
+        logger = cls.__new__(cls)
+        logger.run = None
+        return logger
+
+    def __init__(self, args: argparse.Namespace, run_dir: Path, name: str, config: dict) -> None:
+        self.run = None
+        mode = args.wandb
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            if mode == "auto":
+                print("W&B: wandb is not installed; logging only to metrics.csv")
+                return
+            raise UserError(f"--wandb {mode} needs the wandb package (pip install wandb), or use --wandb disabled")
+        if mode == "auto":
+            env_mode = os.environ.get("WANDB_MODE")
+            if env_mode in ("online", "offline", "disabled", "dryrun", "run"):
+                mode = {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)
+            elif wandb_api_key_configured():
+                mode = "online"
+            else:
+                mode = "offline"
+                print(f"W&B: no API key configured, logging offline to {run_dir / 'wandb'} "
+                      f"(upload later with 'wandb sync {run_dir / 'wandb'}/offline-run-*')")
+        if mode == "disabled":
+            return
+        self.wandb = wandb
+        kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=name,
+                      config=config, dir=str(run_dir))
+        try:
+            self.run = wandb.init(mode=mode, **kwargs)
+        except Exception as e:  # no key, no network: never lose the run over logging
+            if mode != "online":
+                raise UserError(f"W&B could not start in {mode} mode: {str(e).splitlines()[0][:200]}") from None
+            print(f"W&B: online logging failed ({str(e).splitlines()[0][:150]}); logging offline instead")
+            self.run = wandb.init(mode="offline", **kwargs)
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: Path) -> None:
+        if self.run is not None and path.exists():
+            self.run.log({key: self.wandb.Image(str(path))})
+
+    def close(self, best_val_acc: float, curves: Path) -> None:
+        """The end of a finished run: best val_acc as the summary, the curves as an image."""
+        if best_val_acc >= 0 and self.run is not None:
+            self.run.summary["best_val_acc"] = best_val_acc
+        self.log_image("curves", curves)
+        self.finish()
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
