@@ -21,9 +21,17 @@ import torch
 from torch import nn
 
 import data
-import engine
-from engine import add_flag
-from models import ConvNet
+from amp import Training, amp_dtype, grad_scaler, train_step
+from decoded_cache import DecodedCache, open_decoded_cache
+from cli import UserError, add_bool, add_flag, run_cli
+from device_batches import DeviceLoader
+from devices import select_device
+from features import extract_features, head_on_features
+from freezing import apply_freeze, set_train_mode
+from images import photo_short_side
+from models import ConvNet, build_backbone
+from presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from sampler import EpochSampler
 
 
 def reference_transform(image_size: int, augment: bool):
@@ -32,7 +40,7 @@ def reference_transform(image_size: int, augment: bool):
 
     aug = [T.RandomHorizontalFlip(), T.RandomRotation(15), T.ColorJitter(0.2, 0.2, 0.2)] if augment else []
     return T.Compose([T.Resize((image_size, image_size)), *aug, T.ToTensor(),
-                      T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def reference_loader(root: Path, image_size: int, augment: bool, batch_size: int, workers: int):
@@ -44,11 +52,11 @@ def reference_loader(root: Path, image_size: int, augment: bool, batch_size: int
                                        persistent_workers=workers > 0)
 
 
-def our_loader(cache: data.DecodedCache, samples: list, image_size: int, augment: bool, batch_size: int,
-               device: torch.device, channels_last: bool = False) -> data.DeviceLoader:
-    return data.DeviceLoader(cache, list(range(len(samples))), [label for _, label in samples], batch_size,
-                             image_size, data.IMAGENET_MEAN, data.IMAGENET_STD, device, augment=augment,
-                             shuffle=True, drop_last=True, channels_last=channels_last)
+def our_loader(cache: DecodedCache, samples: list, preprocess: Preprocess, augment: bool, batch_size: int,
+               device: torch.device, crop_scale: float, channels_last: bool = False) -> DeviceLoader:
+    return DeviceLoader(cache, list(range(len(samples))), [label for _, label in samples], batch_size,
+                        preprocess, device, augment=augment, crop_scale=crop_scale,
+                        sampler=EpochSampler(len(samples), seed=0), drop_last=True, channels_last=channels_last)
 
 
 def read_through(paths) -> float:
@@ -89,23 +97,22 @@ def images_per_second(loader, batches: int, device: torch.device, step=None, war
     return n / (time.perf_counter() - t0)
 
 
+def training_for(model: nn.Module, params, device: torch.device, label_smoothing: float = 0.0) -> Training:
+    """AdamW steps as the training scripts take them: AMP on CUDA, with its GradScaler for fp16."""
+    dtype = amp_dtype("auto", device)
+    return Training(model, torch.optim.AdamW(params, lr=1e-3), nn.CrossEntropyLoss(label_smoothing=label_smoothing),
+                    device, dtype, grad_scaler(device, dtype))
+
+
 def train_step_fn(model: nn.Module, device: torch.device, channels_last: bool):
-    """One Part A optimizer step, as the training loop does it (AMP on CUDA)."""
-    dtype = engine.amp_dtype("auto", device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    """One Part A optimizer step, the training loop's own (amp.train_step)."""
+    training = training_for(model, model.parameters(), device, label_smoothing=0.1)
     model.train()
 
     def step(x, y):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with engine.autocast(device, dtype):
-            loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(training, x, y)
     return step
 
 
@@ -117,8 +124,6 @@ def parta_model(args: argparse.Namespace, num_classes: int, device: torch.device
 
 
 def partb_backbone(name: str, num_classes: int):
-    from models import apply_freeze, build_backbone
-
     weights = "packaged" if name == "efficientnet_lite0" else "none"
     bb = build_backbone(name, weights, num_classes)
     apply_freeze(bb.model, "all", bb.head_name)
@@ -127,11 +132,8 @@ def partb_backbone(name: str, num_classes: int):
 
 def partb_times(bb, loader, device: torch.device, epochs: int, batches: int) -> dict:
     """Wall time of `epochs` head-only epochs over `batches` batches: backbone every epoch vs once."""
-    from train_partb import extract_features, head_on_features
-
     head = head_on_features(bb)
     params = [p for p in bb.model.parameters() if p.requires_grad]
-    loss_fn = nn.CrossEntropyLoss()
     subset = []
     for i, (x, y) in enumerate(loader):
         if i == batches:
@@ -139,22 +141,18 @@ def partb_times(bb, loader, device: torch.device, epochs: int, batches: int) -> 
         subset.append((x, y))
 
     def epochs_of(model, batches_xy):
-        opt = torch.optim.AdamW(params, lr=1e-3)
-        engine.set_train_mode(model)
+        training = training_for(model, params, device)
+        set_train_mode(model)
         for _ in range(epochs):
             for x, y in batches_xy:
-                with engine.autocast(device, engine.amp_dtype("auto", device)):
-                    loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                train_step(training, x, y)
         sync(device)
 
     t0 = time.perf_counter()
     epochs_of(bb.model, subset)
     uncached = time.perf_counter() - t0
     t0 = time.perf_counter()
-    feats, labels = extract_features(bb, subset, device, engine.amp_dtype("auto", device))
+    feats, labels = extract_features(bb, subset, device, amp_dtype("auto", device))
     feature_batches = list(zip(feats.to(device).split(loader.batch_size), labels.to(device).split(loader.batch_size)))
     epochs_of(head, feature_batches)
     cached = time.perf_counter() - t0
@@ -177,7 +175,9 @@ def get_args_parser() -> argparse.ArgumentParser:
              help="Part B backbone (default: efficientnet_lite0 when timm and its weights package are installed, else resnet18)")
     add_flag(parser, "partb_epochs", type=int, default=5, help="Part B head-only epochs (default: %(default)s)")
     add_flag(parser, "partb_batches", type=int, default=10, help="Part B batches per epoch (default: %(default)s)")
-    engine.add_bool(parser, "channels_last", True, "use channels-last for our Part A training steps, as the "
+    add_flag(parser, "crop_scale", type=float, default=0.25,
+             help="smallest area fraction of the random resized crops (default: %(default)s)")
+    add_bool(parser, "channels_last", True, "use channels-last for our Part A training steps, as the "
                     "training scripts do by default")
     add_flag(parser, "parta_filters", type=int, default=32,
              help="Part A CNN's first-block filters (default: %(default)s, the seeds' 5 x 32 network)")
@@ -197,14 +197,51 @@ def default_partb_model() -> str:
 def main(args: argparse.Namespace) -> dict:
     for name in ("batches", "batch_size", "partb_batches", "partb_epochs"):
         if getattr(args, name) < 1:
-            raise data.UserError(f"--{name} must be >= 1")
-    device = engine.select_device(args.device)  # on a CPU this also tunes the allocator, for both pipelines
+            raise UserError(f"--{name} must be >= 1")
+    if not 0 < args.crop_scale <= 1:
+        raise UserError(f"--crop_scale must be in (0, 1], got {args.crop_scale}")
+    device = select_device(args.device)  # on a CPU this also tunes the allocator, for both pipelines
     ds = data.discover(args.data_dir)
     samples = sorted(ds.train)
     if args.batch_size * 4 > len(samples):
-        raise data.UserError(f"--batch_size {args.batch_size} is too large for {len(samples)} training images")
+        raise UserError(f"--batch_size {args.batch_size} is too large for {len(samples)} training images")
     with tempfile.TemporaryDirectory() as tmp:  # removed even when a measurement fails
         return measure_all(args, ds, samples, device, Path(args.cache or tmp))
+
+
+def open_caches(args: argparse.Namespace, paths: list[str], preprocess: Preprocess, cache_dir: Path,
+                result: dict) -> tuple[DecodedCache, DecodedCache]:
+    """The decoded caches for evaluation-style and augmented batches, built (and timed) if missing."""
+    t0 = time.perf_counter()
+    cache = open_decoded_cache(paths, preprocess.resize_size, cache_dir, args.workers)
+    result["cache_build_s"] = time.perf_counter() - t0
+    print(f"decoded cache ready in {result['cache_build_s']:.1f}s ({cache.images.nbytes / 2**20:.0f} MiB)")
+    # Augmented training stores what the smallest crop needs (Preprocess.stored_side): crops keep full detail.
+    t0 = time.perf_counter()
+    side = preprocess.stored_side(True, args.crop_scale, max(map(photo_short_side, paths)))
+    aug_cache = open_decoded_cache(paths, side, cache_dir, args.workers)
+    result["aug_cache_build_s"] = time.perf_counter() - t0
+    print(f"decoded cache for augmented training ready in {result['aug_cache_build_s']:.1f}s "
+          f"({side}px, {aug_cache.images.nbytes / 2**20:.0f} MiB)")
+    result["read_through_s"] = read_through(paths + [cache.path, aug_cache.path])
+    print(f"photos and decoded cache read once in {result['read_through_s']:.1f}s (timings below: warm page cache)")
+    return cache, aug_cache
+
+
+def measure_partb(args: argparse.Namespace, samples: list, n_cls: int, device: torch.device, cache: DecodedCache,
+                  cache_dir: Path) -> dict:
+    """Part B head-only epochs through the backbone every epoch vs through the feature cache."""
+    name = args.partb_model or default_partb_model()
+    bb = partb_backbone(name, n_cls)
+    bb.model.to(device)
+    preprocess = Preprocess.for_size(bb.image_size, bb.mean, bb.std)
+    if preprocess.resize_size != cache.images.shape[-1]:
+        cache = open_decoded_cache([p for p, _ in samples], preprocess.resize_size, cache_dir, args.workers)
+    loader = our_loader(cache, samples, preprocess, False, args.batch_size, device, args.crop_scale)
+    pb = partb_times(bb, loader, device, args.partb_epochs, args.partb_batches)
+    print(f"Part B {name}, head only, {pb['epochs']} epochs of {pb['images']} images: "
+          f"backbone every epoch {pb['uncached_s']:.1f}s, feature cache {pb['cached_s']:.1f}s")
+    return {"model": name, **pb}
 
 
 def measure_all(args: argparse.Namespace, ds, samples: list, device: torch.device, cache_dir: Path) -> dict:
@@ -212,21 +249,11 @@ def measure_all(args: argparse.Namespace, ds, samples: list, device: torch.devic
     result = {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
               "cpu_cores": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
               "image_size": size, "batch_size": args.batch_size, "workers": args.workers,
-              "batches": args.batches, "train_images": len(samples)}
+              "batches": args.batches, "train_images": len(samples), "crop_scale": args.crop_scale}
     print(f"device {result['device']} | {len(samples)} images | {size}px | batch {args.batch_size} | "
           f"reference workers {args.workers}")
-    t0 = time.perf_counter()
-    cache = data.open_decoded_cache([p for p, _ in samples], data.resize_size(size), cache_dir, args.workers)
-    result["cache_build_s"] = time.perf_counter() - t0
-    print(f"decoded cache ready in {result['cache_build_s']:.1f}s ({cache.images.nbytes / 2**20:.0f} MiB)")
-    # Augmented training stores a larger square (data.cache_size): crops are cut from full detail.
-    t0 = time.perf_counter()
-    aug_cache = data.open_decoded_cache([p for p, _ in samples], data.cache_size(size, True), cache_dir, args.workers)
-    result["aug_cache_build_s"] = time.perf_counter() - t0
-    print(f"decoded cache for augmented training ready in {result['aug_cache_build_s']:.1f}s "
-          f"({aug_cache.images.nbytes / 2**20:.0f} MiB)")
-    result["read_through_s"] = read_through([p for p, _ in samples] + [cache.path, aug_cache.path])
-    print(f"photos and decoded cache read once in {result['read_through_s']:.1f}s (timings below: warm page cache)")
+    preprocess = Preprocess.for_size(size)
+    cache, aug_cache = open_caches(args, [p for p, _ in samples], preprocess, cache_dir, result)
 
     def measure(name: str, loader, step=None) -> float:
         ips = images_per_second(loader, args.batches, device, step)
@@ -234,31 +261,22 @@ def measure_all(args: argparse.Namespace, ds, samples: list, device: torch.devic
         print(f"  {name:<28} {ips:>9.1f} img/s")
         return ips
 
+    def ours(augment: bool, channels_last: bool = False) -> DeviceLoader:
+        return our_loader(aug_cache if augment else cache, samples, preprocess, augment, args.batch_size, device,
+                          args.crop_scale, channels_last)
+
     print("data loading:")
     for aug in (False, True):
         tag = "_aug" if aug else ""
         measure(f"reference_loading{tag}", reference_loader(ds.root, size, aug, args.batch_size, args.workers))
-        ours = our_loader(aug_cache if aug else cache, samples, size, aug, args.batch_size, device)
-        measure(f"ours_loading{tag}", ours)
+        measure(f"ours_loading{tag}", ours(aug))
     print("Part A training steps (with augmentation):")
     n_cls = len(ds.classes)
     measure("reference_parta_train", reference_loader(ds.root, size, True, args.batch_size, args.workers),
             train_step_fn(parta_model(args, n_cls, device, False), device, False))
-    measure("ours_parta_train", our_loader(aug_cache, samples, size, True, args.batch_size, device, args.channels_last),
+    measure("ours_parta_train", ours(True, args.channels_last),
             train_step_fn(parta_model(args, n_cls, device, args.channels_last), device, args.channels_last))
-    name = args.partb_model or default_partb_model()
-    bb = partb_backbone(name, n_cls)
-    bb.model.to(device)
-    if bb.image_size != size or tuple(bb.mean) != data.IMAGENET_MEAN:
-        pb_cache = data.open_decoded_cache([p for p, _ in samples], data.resize_size(bb.image_size), cache_dir, args.workers)
-    else:
-        pb_cache = cache
-    pb_loader = data.DeviceLoader(pb_cache, list(range(len(samples))), [label for _, label in samples],
-                                  args.batch_size, bb.image_size, bb.mean, bb.std, device, augment=False, shuffle=True)
-    pb = partb_times(bb, pb_loader, device, args.partb_epochs, args.partb_batches)
-    result["partb"] = {"model": name, **pb}
-    print(f"Part B {name}, head only, {pb['epochs']} epochs of {pb['images']} images: "
-          f"backbone every epoch {pb['uncached_s']:.1f}s, feature cache {pb['cached_s']:.1f}s")
+    pb = result["partb"] = measure_partb(args, samples, n_cls, device, cache, cache_dir)
     result["data_loading_ratio"] = result["ours_loading"] / result["reference_loading"]
     result["data_loading_aug_ratio"] = result["ours_loading_aug"] / result["reference_loading_aug"]
     result["parta_train_ratio"] = result["ours_parta_train"] / result["reference_parta_train"]
@@ -273,4 +291,4 @@ def measure_all(args: argparse.Namespace, ds, samples: list, device: torch.devic
 
 
 if __name__ == "__main__":
-    engine.run_cli(main, get_args_parser())
+    run_cli(main, get_args_parser())

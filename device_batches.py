@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache import DecodedCache
+from decoded_cache import DecodedCache
 from presets import ASPECT_RANGE, COLOR_JITTER, Preprocess
 from sampler import EpochSampler
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from cache import DecodedCache, default_cache_dir, open_decoded_cache
+from decoded_cache import DecodedCache, default_cache_dir, open_decoded_cache
 from device_batches import DeviceLoader
 from devices import Dist
 from images import ImageListDataset, make_loader, photo_short_side

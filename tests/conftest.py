@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from checkpoint import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -280,7 +281,7 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 @dataclass
 class TrainedRun:
     run_dir: Path
-    state: object  # engine.TrainState
+    state: object  # TrainState
     args: object  # the parsed flags
     data: Fixture
 

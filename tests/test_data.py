@@ -13,6 +13,10 @@ from PIL import Image
 
 import data
 from conftest import assert_one_line_error, make_dataset, run_cli
+from cli import UserError
+import images
+from images import BadImageLog, ImageListDataset, batch_to_device, collate_skip_bad, load_image, make_loader
+from presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -39,7 +43,7 @@ def test_discover_accepts_parent_folder_of_inaturalist_12K(tmp_path):
 
 def test_missing_data_dir_is_a_user_error_naming_where_it_looked(tmp_path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(UserError) as e:
         data.discover(missing)
     msg = str(e.value)
     assert str(missing / "train") in msg and "download" in msg and "\n" not in msg
@@ -51,7 +55,7 @@ def test_empty_class_folder_is_a_one_line_user_error(tmp_path):
     (root / "train" / "c" / "notes.txt").write_text("no images here")
     (root / "val" / "c").mkdir()
     shutil.copy(next((root / "val" / "a").iterdir()), root / "val" / "c" / "x.png")  # only train/c is empty
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(UserError) as e:
         data.discover(root)
     assert str(root / "train" / "c") in str(e.value) and "no images" in str(e.value)
     assert "\n" not in str(e.value)
@@ -62,7 +66,7 @@ def test_class_folders_differing_between_train_and_val_is_a_user_error(tmp_path)
     shutil.rmtree(root / "val" / "b")
     make_dataset(tmp_path / "other", ["z"], n_train=0, n_val=1, size=16)
     shutil.move(str(tmp_path / "other" / "val" / "z"), str(root / "val" / "z"))
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(UserError) as e:
         data.discover(root)
     msg = str(e.value)
     assert "only in train: ['b']" in msg and "only in val: ['z']" in msg and "\n" not in msg
@@ -115,7 +119,7 @@ def test_stratified_split_is_deterministic_per_seed_and_independent_of_input_ord
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
 def test_stratified_split_rejects_bad_fraction(fraction):
-    with pytest.raises(data.UserError, match="val_fraction"):
+    with pytest.raises(UserError, match="val_fraction"):
         data.stratified_split(synthetic_samples({0: 5}), fraction, seed=0)
 
 
@@ -139,7 +143,7 @@ def test_odd_image_modes_load_as_8bit_rgb(image_folder, kind):
     path = image_folder.odd[kind]
     with Image.open(path) as raw:
         assert raw.mode != "RGB"  # the fixture really is odd
-    img = data.load_image(str(path))
+    img = load_image(str(path))
     assert img.mode == "RGB" and img.size == (40, 40)
     arr = np.asarray(img)
     assert arr.dtype == np.uint8 and arr.shape == (40, 40, 3)
@@ -163,46 +167,44 @@ def test_exif_rotation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
     img.save(path, "JPEG", exif=exif)
-    assert data.load_image(str(path)).size == (20, 40)
+    assert load_image(str(path)).size == (20, 40)
 
 
 def test_truncated_jpeg_raises_in_load_image(image_folder):
     with pytest.raises(OSError):
-        data.load_image(str(image_folder.truncated))
+        load_image(str(image_folder.truncated))
 
 
 def test_unreadable_image_is_reported_once_and_skipped(image_folder, monkeypatch, capsys):
-    monkeypatch.setattr(data, "BAD_IMAGES", data.BadImageLog())  # a fresh per-process log
+    monkeypatch.setattr(images, "BAD_IMAGES", BadImageLog())  # a fresh per-process log
     good = sorted((image_folder.root / "val" / "red").glob("*"))[:3]
     samples = [(str(good[0]), 0), (str(image_folder.truncated), 1), (str(good[1]), 0), (str(good[2]), 0)]
-    _, eval_tf = data.build_transforms(32, augment=False)
+    eval_tf = Preprocess.for_size(32).eval_transform()
     # Two worker processes: the report must still reach the main process's log and count.
-    loader = data.make_loader(data.ImageListDataset(samples, eval_tf), batch_size=2, shuffle=False, workers=2)
-    import engine
-
+    loader = make_loader(ImageListDataset(samples, eval_tf), batch_size=2, workers=2)
     for _ in range(2):  # two epochs
-        batches = [engine.to_device(b, torch.device("cpu")) for b in loader]
+        batches = [batch_to_device(b, torch.device("cpu")) for b in loader]
         assert [b[0].shape[0] for b in batches] == [1, 2]  # the bad one dropped from its batch
         assert batches[0][1].tolist() == [0]
-        assert data.BAD_IMAGES.take_epoch_count() == 1
+        assert images.BAD_IMAGES.take_epoch_count() == 1
     err = capsys.readouterr().err
     assert err.count("skipping unreadable image") == 1 and str(image_folder.truncated) in err
 
 
 def test_batch_of_only_bad_images_collates_to_none(image_folder, monkeypatch, capsys):
-    monkeypatch.setattr(data, "BAD_IMAGES", data.BadImageLog())
-    ds = data.ImageListDataset([(str(image_folder.truncated), 0)], None)
-    import engine
-
-    batch = data.collate_skip_bad([ds[0]])
-    assert batch[0] is None and engine.to_device(batch, torch.device("cpu")) is None
+    monkeypatch.setattr(images, "BAD_IMAGES", BadImageLog())
+    ds = ImageListDataset([(str(image_folder.truncated), 0)], None)
+    batch = collate_skip_bad([ds[0]])
+    assert batch[0] is None and batch_to_device(batch, torch.device("cpu")) is None
     assert str(image_folder.truncated) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_transforms_give_normalised_tensors_of_image_size(image_folder, augment):
-    img = data.load_image(str(image_folder.odd["rgba_png"]))
-    train_tf, eval_tf = data.build_transforms(32, augment)
+    img = load_image(str(image_folder.odd["rgba_png"]))
+    pre = Preprocess.for_size(32)
+    train_tf = pre.train_transform(crop_scale=0.25) if augment else pre.eval_transform()
+    eval_tf = pre.eval_transform()
     for tf in (train_tf, eval_tf):
         x = tf(img)
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32
@@ -210,7 +212,7 @@ def test_transforms_give_normalised_tensors_of_image_size(image_folder, augment)
     assert torch.equal(eval_tf(img), eval_tf(img))
     # normalised with ImageNet statistics: a white pixel maps to (1 - mean) / std
     white = eval_tf(Image.new("RGB", (40, 40), (255, 255, 255)))
-    expected = (1 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
+    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(white[:, 0, 0], expected, atol=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""data.download_dataset against a loopback HTTP server: extract, no-op, resume, corrupt, zip slip."""
+"""download_dataset against a loopback HTTP server: extract, no-op, resume, corrupt, zip slip."""
 from __future__ import annotations
 
 import io
@@ -9,6 +9,8 @@ import pytest
 
 import data
 from conftest import make_dataset, run_cli, tree_bytes, zip_folder
+from cli import UserError
+from download import download_dataset
 
 URL_PATH = "/datasets/nature_12K.zip"
 
@@ -35,7 +37,7 @@ def leftovers(dest: Path) -> list[str]:
 def test_download_extracts_and_second_call_is_a_no_op(source, http_server, tmp_path, capsys):
     http_server.files[URL_PATH] = zip_folder(source)
     dest = tmp_path / "data"
-    assert data.download_dataset(dest, http_server.url(URL_PATH)) == dest
+    assert download_dataset(dest, http_server.url(URL_PATH)) == dest
     assert extracted(dest) == tree_bytes(source)
     assert len(http_server.requests) == 1 and http_server.requests[0]["range"] is None
     assert not list(dest.glob(".extract-*")) and not list(dest.glob("*.part"))
@@ -43,7 +45,7 @@ def test_download_extracts_and_second_call_is_a_no_op(source, http_server, tmp_p
     assert data.discover(dest).classes == ["ant", "bee"]
     mtimes = {p: p.stat().st_mtime_ns for p in dest.rglob("*")}
     capsys.readouterr()
-    data.download_dataset(dest, http_server.url(URL_PATH))
+    download_dataset(dest, http_server.url(URL_PATH))
     assert len(http_server.requests) == 1  # no second request
     assert {p: p.stat().st_mtime_ns for p in dest.rglob("*")} == mtimes  # nothing rewritten
     assert "already" in capsys.readouterr().out
@@ -54,15 +56,15 @@ def test_cut_transfer_resumes_with_a_range_request(source, http_server, tmp_path
     http_server.files[URL_PATH] = body
     http_server.cut_first.add(URL_PATH)
     dest = tmp_path / "data"
-    with pytest.raises(data.UserError) as e:
-        data.download_dataset(dest, http_server.url(URL_PATH))
+    with pytest.raises(UserError) as e:
+        download_dataset(dest, http_server.url(URL_PATH))
     assert "resume" in str(e.value)
     part = dest / "nature_12K.zip.part"
     assert part.is_file() and 0 < part.stat().st_size < len(body)
     assert not (dest / "inaturalist_12K").exists() and not (dest / "nature_12K.zip").exists()
     have = part.stat().st_size
 
-    data.download_dataset(dest, http_server.url(URL_PATH))
+    download_dataset(dest, http_server.url(URL_PATH))
     assert len(http_server.requests) == 2
     assert http_server.requests[1]["range"] == f"bytes={have}-"
     assert (dest / "nature_12K.zip").read_bytes() == body
@@ -76,7 +78,7 @@ def test_complete_part_file_is_finished_on_416(source, http_server, tmp_path):
     dest = tmp_path / "data"
     dest.mkdir()
     (dest / "nature_12K.zip.part").write_bytes(body)  # killed after the last byte, before the rename
-    data.download_dataset(dest, http_server.url(URL_PATH))
+    download_dataset(dest, http_server.url(URL_PATH))
     assert http_server.requests[0]["range"] == f"bytes={len(body)}-"
     assert extracted(dest) == tree_bytes(source)
 
@@ -88,14 +90,14 @@ def test_server_ignoring_range_restarts_cleanly(source, http_server, tmp_path):
     dest.mkdir()
     (dest / "nature_12K.zip.part").write_bytes(b"garbage that is not the start of the file")
     http_server.ignore_range = True
-    data.download_dataset(dest, http_server.url(URL_PATH))
+    download_dataset(dest, http_server.url(URL_PATH))
     assert (dest / "nature_12K.zip").read_bytes() == body
     assert extracted(dest) == tree_bytes(source)
 
 
 def test_http_error_is_a_user_error(http_server, tmp_path):
-    with pytest.raises(data.UserError, match="HTTP 404"):
-        data.download_dataset(tmp_path / "d", http_server.url("/missing.zip"))
+    with pytest.raises(UserError, match="HTTP 404"):
+        download_dataset(tmp_path / "d", http_server.url("/missing.zip"))
 
 
 def test_unreachable_server_is_a_user_error(tmp_path):
@@ -104,8 +106,8 @@ def test_unreachable_server_is_a_user_error(tmp_path):
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(data.UserError, match="download failed"):
-        data.download_dataset(tmp_path / "d", f"http://127.0.0.1:{port}/x.zip")
+    with pytest.raises(UserError, match="download failed"):
+        download_dataset(tmp_path / "d", f"http://127.0.0.1:{port}/x.zip")
 
 
 def corrupt_crc_zip(source: Path, method: int) -> bytes:
@@ -146,8 +148,8 @@ def test_corrupt_archive_is_a_user_error_and_extracts_nothing(source, http_serve
     }[kind]
     http_server.files[URL_PATH] = body
     dest = tmp_path / "data"
-    with pytest.raises(data.UserError) as e:
-        data.download_dataset(dest, http_server.url(URL_PATH))
+    with pytest.raises(UserError) as e:
+        download_dataset(dest, http_server.url(URL_PATH))
     assert "corrupt archive" in str(e.value) and "\n" not in str(e.value)
     assert leftovers(dest) == []  # no files, no temp folder, no .extracted marker
 
@@ -160,8 +162,8 @@ def test_zip_slip_entry_is_refused(http_server, tmp_path, entry):
         zf.writestr(entry, "escaped")
     http_server.files[URL_PATH] = buf.getvalue()
     dest = tmp_path / "inner" / "data"
-    with pytest.raises(data.UserError, match="refusing archive entry"):
-        data.download_dataset(dest, http_server.url(URL_PATH))
+    with pytest.raises(UserError, match="refusing archive entry"):
+        download_dataset(dest, http_server.url(URL_PATH))
     assert not (tmp_path / "inner" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
     assert leftovers(dest) == []
 
@@ -174,15 +176,15 @@ def test_symlink_entry_is_refused(http_server, tmp_path):
         zf.writestr(info, "/etc/passwd")
     http_server.files[URL_PATH] = buf.getvalue()
     dest = tmp_path / "data"
-    with pytest.raises(data.UserError, match="symbolic link"):
-        data.download_dataset(dest, http_server.url(URL_PATH))
+    with pytest.raises(UserError, match="symbolic link"):
+        download_dataset(dest, http_server.url(URL_PATH))
     assert leftovers(dest) == []
 
 
 def test_ensure_data_downloads_only_when_asked(source, http_server, tmp_path):
     http_server.files[URL_PATH] = zip_folder(source)
     target = tmp_path / "data" / "inaturalist_12K"
-    with pytest.raises(data.UserError, match="download"):
+    with pytest.raises(UserError, match="download"):
         data.ensure_data(target, download=False, url=http_server.url(URL_PATH))
     assert http_server.requests == []
     assert data.ensure_data(target, download=True, url=http_server.url(URL_PATH)) == target

@@ -13,6 +13,10 @@ from torch import nn
 
 import evaluate
 from conftest import run_cli
+from checkpoint import load_checkpoint, restore_model
+from cli import UserError
+from inference import FlipTTA
+from metrics import classification_metrics, confusion_matrix
 
 EVAL_KEYS = {"accuracy", "macro_f1", "per_class", "confusion_matrix"}
 
@@ -33,13 +37,13 @@ def assert_png(path: Path) -> None:
 def test_confusion_matrix_rows_true_columns_predicted():
     targets = torch.tensor([0, 0, 0, 1, 1, 2])
     preds = torch.tensor([0, 1, 0, 1, 1, 0])
-    cm = evaluate.confusion_matrix(targets, preds, 3)
+    cm = confusion_matrix(targets, preds, 3)
     assert cm.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
 
 
 def test_classification_metrics_by_hand():
     cm = torch.tensor([[2, 1], [0, 3]])
-    m = evaluate.classification_metrics(cm, ["a", "b"])
+    m = classification_metrics(cm, ["a", "b"])
     assert m["accuracy"] == pytest.approx(5 / 6)
     a, b = m["per_class"]["a"], m["per_class"]["b"]
     assert (a["precision"], a["accuracy"], a["support"]) == (pytest.approx(1.0), pytest.approx(2 / 3), 3)
@@ -49,7 +53,7 @@ def test_classification_metrics_by_hand():
     assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 2)
     assert m["confusion_matrix"] == [[2, 1], [0, 3]]
     # a class never predicted and never present: zeros, not NaN
-    m3 = evaluate.classification_metrics(torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0]]), ["a", "b", "c"])
+    m3 = classification_metrics(torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0]]), ["a", "b", "c"])
     assert m3["per_class"]["c"] == {"accuracy": 0.0, "precision": 0.0, "f1": 0.0, "support": 0}
 
 
@@ -58,7 +62,7 @@ def test_flip_tta_averages_image_and_mirror():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval()
     x = torch.randn(2, 3, 4, 4)
     expected = (model(x).softmax(1) + model(torch.flip(x, dims=[3])).softmax(1)) / 2
-    assert torch.allclose(evaluate.FlipTTA(model)(x).exp(), expected, atol=1e-6)
+    assert torch.allclose(FlipTTA(model)(x).exp(), expected, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- in process
@@ -150,21 +154,21 @@ def test_restore_model_refuses_files_that_are_not_our_checkpoints(trained_run, t
 
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
-    with pytest.raises(data.UserError, match="not a checkpoint written by this tool"):
-        evaluate.restore_model(foreign, torch.device("cpu"))
+    with pytest.raises(UserError, match="not a checkpoint written by this tool"):
+        restore_model(foreign, torch.device("cpu"))
 
     import argparse
 
     unsafe = tmp_path / "unsafe.pt"  # arbitrary pickled objects are refused, never executed
     torch.save({"format": "inat-classifier/1", "obj": argparse.Namespace(a=1)}, unsafe)
-    with pytest.raises(data.UserError, match="refused to load"):
-        evaluate.restore_model(unsafe, torch.device("cpu"))
+    with pytest.raises(UserError, match="refused to load"):
+        restore_model(unsafe, torch.device("cpu"))
 
     cut = tmp_path / "cut.pt"
     full = (trained_run.run_dir / "best.pt").read_bytes()
     cut.write_bytes(full[: len(full) // 2])
-    with pytest.raises(data.UserError) as e:
-        evaluate.restore_model(cut, torch.device("cpu"))
+    with pytest.raises(UserError) as e:
+        restore_model(cut, torch.device("cpu"))
     assert str(cut) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -176,6 +180,6 @@ def test_restore_model_with_other_class_count_is_a_user_error(trained_run, tmp_p
     ck["class_names"] = ck["class_names"][:3]
     bad = tmp_path / "best.pt"
     torch.save(ck, bad)
-    assert engine.load_checkpoint(bad)["class_names"] == trained_run.data.classes[:3]
-    with pytest.raises(data.UserError, match="weights do not fit"):
-        evaluate.restore_model(bad, torch.device("cpu"))
+    assert load_checkpoint(bad)["class_names"] == trained_run.data.classes[:3]
+    with pytest.raises(UserError, match="weights do not fit"):
+        restore_model(bad, torch.device("cpu"))

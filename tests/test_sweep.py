@@ -1,4 +1,4 @@
-"""sweep.yaml and sweep_offline.py: every swept value reaches train_parta.py as intended, and the
+"""sweep.yaml, sweep_engine.py and sweep_offline.py: every swept value reaches train_parta.py as intended, and the
 offline runner trains, ranks, fails gracefully, early-stops and resumes. No network, ~30 s on 2 cores."""
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import engine  # noqa: E402
+import sweep_engine  # noqa: E402
 import sweep_offline  # noqa: E402
 import train_parta  # noqa: E402
+from cli import UserError  # noqa: E402  (the one every module raises, sweep_offline too)
+from runs import METRIC_FIELDS, read_metrics_csv  # noqa: E402
 
-sweeps = sweep_offline.import_sweeps()
+sweeps = sweep_engine.import_sweeps()
 from sweeps.params import HyperParameter  # noqa: E402
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args  # noqa: E402
 
@@ -56,7 +58,7 @@ def param_cases() -> list[tuple[str, object]]:
                 cases.append((name, spec["value"]))
             else:
                 param = HyperParameter(name, spec)
-                cases += [(name, sweep_offline.plain(param.sample())) for _ in range(4)]
+                cases += [(name, sweep_engine.plain(param.sample())) for _ in range(4)]
                 cases += [(name, spec["min"]), (name, spec["max"])]
     finally:
         np.random.set_state(rng_state)
@@ -70,7 +72,7 @@ def test_sweep_yaml_is_a_valid_wandb_sweep():
     assert cfg["program"] == "train_parta.py" and (REPO / cfg["program"]).is_file()
     assert cfg["method"] == "bayes"
     assert cfg["metric"] == {"name": "val_acc", "goal": "maximize"}
-    assert cfg["metric"]["name"] in engine.METRIC_FIELDS
+    assert cfg["metric"]["name"] in METRIC_FIELDS
     assert cfg["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
     assert cfg["early_terminate"]["type"] == "hyperband" and cfg["early_terminate"]["min_iter"] >= 1
     params = cfg["parameters"]
@@ -116,7 +118,7 @@ def test_booleans_and_float_factors_survive_the_agent_format():
 def test_engine_proposals_parse_as_a_whole(method):
     cfg = dict(sweep_config(), method=method)
     for i in range(3):
-        proposal = sweep_offline.propose(cfg, [], seed=7, number=i)
+        proposal = sweep_engine.propose(cfg, [], seed=7, number=i)
         values = {k: v["value"] for k, v in proposal.items()}
         args = parse(agent_args(values))
         for k, v in values.items():
@@ -126,13 +128,13 @@ def test_engine_proposals_parse_as_a_whole(method):
 
 def test_runner_builds_the_agents_command():
     cfg = sweep_config()
-    proposal = sweep_offline.propose(cfg, [], seed=1, number=1)
-    cmd = sweep_offline.build_command(cfg, proposal, "python")
+    proposal = sweep_engine.propose(cfg, [], seed=1, number=1)
+    cmd = sweep_engine.build_command(cfg, proposal, "python")
     values = {k: v["value"] for k, v in proposal.items()}
     assert cmd[:3] == ["/usr/bin/env", "python", "train_parta.py"]
     assert cmd[3:] == agent_args(values)
     alt = dict(cfg, command=["${env}", "${interpreter}", "${program}", "--seed", "1", "${args_no_hyphens}"])
-    alt_cmd = sweep_offline.build_command(alt, proposal, "py")
+    alt_cmd = sweep_engine.build_command(alt, proposal, "py")
     assert alt_cmd[1:5] == ["py", "train_parta.py", "--seed", "1"]
     assert alt_cmd[5:] == create_sweep_command_args({"args": proposal})["args_no_hyphens"]
 
@@ -176,12 +178,12 @@ def read_leaderboard(sweep_dir: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- training
 def test_sampled_configuration_trains_one_epoch(tiny_data, tmp_path):
-    proposal = sweep_offline.propose(sweep_config(), [], seed=3, number=1)
+    proposal = sweep_engine.propose(sweep_config(), [], seed=3, number=1)
     argv = agent_args({k: v["value"] for k, v in proposal.items()})
     argv += ["--epochs", "1", "--image_size", "32", "--data_dir", str(tiny_data), "--workers", "0",
              "--out_dir", str(tmp_path / "runs"), "--run_name", "one", "--wandb", "disabled", "--device", "cpu"]
     state = train_parta.main(parse(argv))
-    rows = engine.read_metrics_csv(tmp_path / "runs" / "one" / "metrics.csv")
+    rows = read_metrics_csv(tmp_path / "runs" / "one" / "metrics.csv")
     assert len(rows) == 1 and 0.0 <= rows[0]["val_acc"] <= 1.0
     assert state.best_val_acc == pytest.approx(rows[0]["val_acc"])
 
@@ -209,7 +211,7 @@ def test_offline_random_sweep_ranks_and_resumes(tiny_data, tmp_path, capsys, mon
         assert rec["command"][3:3 + n] == agent_args(values)  # exactly what wandb agent passes
         assert rec["command"][3 + n:] == ["--out_dir", str(sweep_dir / "runs"), "--run_name", rec["name"],
                                           "--wandb", "disabled", *extra[1:]]
-        best = max(r["val_acc"] for r in engine.read_metrics_csv(Path(rec["run_dir"]) / "metrics.csv"))
+        best = max(r["val_acc"] for r in read_metrics_csv(Path(rec["run_dir"]) / "metrics.csv"))
         assert rec["metric"] == pytest.approx(best)
         assert next(float(r["val_acc"]) for r in board if r["run"] == rec["name"]) == pytest.approx(best)
 
@@ -272,7 +274,7 @@ def test_failed_run_is_recorded_and_grid_completes(tmp_path, capsys):
     assert "grid search complete" in capsys.readouterr().out
     # the sweep's config is fixed once started
     other = write_yaml(tmp_path / "other.yaml", dict(yaml.safe_load(cfg.read_text()), method="random"))
-    with pytest.raises(sweep_offline.UserError, match="differs"):
+    with pytest.raises(UserError, match="differs"):
         sweep_offline.main(sweep_offline.parse_args(["--config", str(other), "--sweep_dir", str(sweep_dir)]))
 
 
@@ -301,17 +303,17 @@ def test_bayes_gets_the_history_of_earlier_runs(tmp_path):
         {"name": "run-004", "number": 4, "state": "stopped", "config": {"q": {"value": 0.1}, "r": {"value": 0.9}},
          "history": [{"epoch": 1, "val_acc": 0.1}, {"epoch": 2, "val_acc": 0.15}]},
     ]
-    runs = sweep_offline.engine_runs(records, "val_acc")
+    runs = sweep_engine.engine_runs(records)
     assert [(r.name, r.state) for r in runs] == [("run-001", "finished"), ("run-002", "failed"),
                                                  ("run-004", "finished")]
     assert runs[0].metric_extremum("val_acc", "maximum") == pytest.approx(0.4)  # best epoch, not the last
-    proposal = sweep_offline.propose(cfg, records, seed=0, number=5)
+    proposal = sweep_engine.propose(cfg, records, seed=0, number=5)
     assert proposal["q"]["value"] in (0.1, 0.5, 0.9) and 0.0 <= proposal["r"]["value"] <= 1.0
 
 
 def test_runner_owns_its_bookkeeping_flags(tmp_path):
     cfg = fake_sweep(tmp_path, "random", [0.5])
     for flag in (["--out_dir", "x"], ["--run-name=x"], ["--wandb", "online"]):
-        with pytest.raises(sweep_offline.UserError, match="set by the sweep runner"):
+        with pytest.raises(UserError, match="set by the sweep runner"):
             sweep_offline.main(sweep_offline.parse_args(["--config", str(cfg), "--sweep_dir", str(tmp_path / "s"),
                                                          "--", *flag]))

@@ -20,6 +20,9 @@ import evaluate
 import train_parta
 from conftest import read_rows, REPO, TRAINED_EPOCHS, clean_env, make_dataset, run_cli, train_args
 from models import ConvNet
+from checkpoint import load_checkpoint, restore_model
+from cli import UserError
+from presets import IMAGENET_MEAN, IMAGENET_STD
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time"]
 
@@ -68,26 +71,26 @@ def test_run_folder_holds_curves_split_args_and_checkpoints(trained_run):
 
 
 def test_checkpoint_holds_everything_needed_to_use_it(trained_run):
-    ck = engine.load_checkpoint(trained_run.run_dir / "best.pt")
-    for key in ("class_names", "mean", "std", "image_size", "split", "config", "epoch", "metrics", "spec",
-                "model_state"):
+    ck = load_checkpoint(trained_run.run_dir / "best.pt")
+    for key in ("class_names", "preprocess", "split", "config", "epoch", "metrics", "spec", "model_state"):
         assert key in ck, key
     assert ck["class_names"] == trained_run.data.classes
-    assert ck["mean"] == list(data.IMAGENET_MEAN) and ck["std"] == list(data.IMAGENET_STD)
-    assert ck["image_size"] == 32
+    # the whole preprocessing travels with the weights: 32 px crops of the short side resized to 37
+    assert ck["preprocess"] == {"image_size": 32, "resize_size": 37, "mean": list(IMAGENET_MEAN),
+                                "std": list(IMAGENET_STD)}
     assert ck["split"] == json.loads((trained_run.run_dir / "split.json").read_text())
     assert ck["config"]["epochs"] == TRAINED_EPOCHS and ck["config"]["data_dir"] == str(trained_run.data.root)
     assert ck["epoch"] == trained_run.state.best_epoch == ck["best_epoch"]
     assert len(ck["metrics"]) == ck["epoch"]
     assert ck["best_val_acc"] == trained_run.state.best_val_acc == max(m["val_acc"] for m in ck["metrics"])
-    last = engine.load_checkpoint(trained_run.run_dir / "last.pt")
+    last = load_checkpoint(trained_run.run_dir / "last.pt")
     assert last["epoch"] == TRAINED_EPOCHS and len(last["metrics"]) == TRAINED_EPOCHS
     assert {"optimizer", "scheduler", "rng"} <= set(last)
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(trained_run):
     path = trained_run.run_dir / "best.pt"
-    restored, ck = evaluate.restore_model(path, torch.device("cpu"))
+    restored, ck = restore_model(path, torch.device("cpu"))
     assert not restored.training
     raw = torch.load(path, map_location="cpu", weights_only=True)
     fresh = ConvNet(num_classes=len(raw["class_names"]), **raw["spec"]["kwargs"])
@@ -122,7 +125,7 @@ def test_existing_run_name_is_refused_not_overwritten(trained_run):
     args = train_parta.get_args_parser().parse_args(
         train_args(trained_run.data.root, trained_run.run_dir.parent, "trained", 1))
     before = (trained_run.run_dir / "best.pt").read_bytes()
-    with pytest.raises(data.UserError, match="already exists"):
+    with pytest.raises(UserError, match="already exists"):
         train_parta.main(args)
     assert (trained_run.run_dir / "best.pt").read_bytes() == before
 
@@ -157,7 +160,7 @@ def resume_matches_uninterrupted(image_folder, tmp_path, extra):
     assert "interrupted" in err and f"--resume {run_dir}" in err and "Traceback" not in err
     rows_before = read_rows(run_dir / "metrics.csv")
     assert 2 <= len(rows_before) < 4
-    last = engine.load_checkpoint(run_dir / "last.pt")
+    last = load_checkpoint(run_dir / "last.pt")
     assert last["epoch"] == len(rows_before)
 
     res = run_cli("train_parta.py", "--resume", run_dir, "--workers", "0", "--wandb", "disabled", "--device", "cpu")
@@ -178,8 +181,8 @@ def test_interrupt_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
         assert round(float(r["val_acc"]), 4) == round(float(f["val_acc"]), 4), (r, f)
         assert round(float(r["train_loss"]), 4) == round(float(f["train_loss"]), 4), (r, f)
         assert round(float(r["val_loss"]), 4) == round(float(f["val_loss"]), 4), (r, f)
-    a = engine.load_checkpoint(run_dir / "last.pt")["model_state"]
-    b = engine.load_checkpoint(tmp_path / "full" / "last.pt")["model_state"]
+    a = load_checkpoint(run_dir / "last.pt")["model_state"]
+    b = load_checkpoint(tmp_path / "full" / "last.pt")["model_state"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
@@ -243,7 +246,7 @@ def test_one_epoch_on_real_photos(tmp_path):
     assert 0 <= row["val_acc"] <= 1 and row["train_loss"] == row["train_loss"]
     rows = read_rows(tmp_path / "runs" / "real" / "metrics.csv")
     assert len(rows) == 1
-    model, ck = evaluate.restore_model(tmp_path / "runs" / "real" / "best.pt", torch.device("cpu"))
+    model, ck = restore_model(tmp_path / "runs" / "real" / "best.pt", torch.device("cpu"))
     assert ck["class_names"] == classes and len(classes) == 10
     metrics = evaluate.main(evaluate.get_args_parser().parse_args(
         ["--ckpt", str(tmp_path / "runs" / "real" / "best.pt"), "--workers", "0", "--device", "cpu"]))

@@ -1,5 +1,6 @@
-"""visualize.py: every figure from a real (tiny) checkpoint, the prediction grid's frames, guided
-backpropagation (rule, hooks, copies), Grad-CAM on torchvision models, errors and W&B opt-in."""
+"""visualize.py, attribution.py, figures.py: every figure from a real (tiny) checkpoint, the prediction
+grid's frames, guided backpropagation (rule, hooks, copies), Grad-CAM on torchvision models, errors,
+W&B opt-in and the one-way imports."""
 from __future__ import annotations
 
 import shutil
@@ -13,12 +14,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-import data
-import evaluate
+import attribution
+import checkpoint
+import cli
+import figures
+import inference
 import train_parta
 import visualize
 from conftest import make_dataset, run_cli, assert_one_line_error, train_args
+from images import load_image
 from models import ACTIVATIONS, ConvNet
+from presets import Preprocess
 
 CLASSES3 = ["blue", "green", "red"]
 
@@ -117,14 +123,15 @@ def test_curves_one_and_several_runs(viz_run, tmp_path):
 
 # ----------------------------------------------------------------------------- prediction grid
 def test_prediction_grid_frames_exactly_the_wrong_predictions(viz_run, tmp_path):
-    model, ckpt = evaluate.restore_model(viz_run.ckpt, torch.device("cpu"))
-    samples, _ = evaluate.heldout_samples(ckpt, str(viz_run.root), "test")
+    model, ckpt = checkpoint.restore_model(viz_run.ckpt, torch.device("cpu"))
+    samples, _ = inference.heldout_samples(ckpt, str(viz_run.root), "test")
     chosen = visualize.choose_samples(samples, 9, seed=3)
     assert chosen == visualize.choose_samples(samples, 9, seed=3) != visualize.choose_samples(samples, 9, seed=4)
     records = visualize.prediction_samples(model, ckpt, chosen, torch.device("cpu"))
     # The model's own outputs, computed here independently.
-    tf = evaluate.eval_transform(ckpt)
-    x = torch.stack([tf(data.load_image(p)) for p, _ in chosen])
+    preprocess = Preprocess.from_dict(ckpt["preprocess"])
+    tf = preprocess.eval_transform()
+    x = torch.stack([tf(load_image(p)) for p, _ in chosen])
     with torch.no_grad():
         probs = model(x).softmax(1)
     assert [r["path"] for r in records] == [p for p, _ in chosen]
@@ -133,27 +140,43 @@ def test_prediction_grid_frames_exactly_the_wrong_predictions(viz_run, tmp_path)
         assert r["pred"] == int(p.argmax())
         assert r["confidence"] == pytest.approx(float(p.max()), abs=1e-5)
         assert r["correct"] == (int(p.argmax()) == label)
-    colours = visualize.plot_prediction_grid(records, ckpt, tmp_path / "grid.png", cols=3, title="t")
-    assert colours == [visualize.WRONG if int(p.argmax()) != y else visualize.RIGHT
+        assert torch.allclose(r["image"], tf(load_image(path)))
+    names = ckpt["class_names"]
+    colours = figures.plot_prediction_grid(records, names, preprocess, tmp_path / "grid.png", cols=3, title="t")
+    assert colours == [figures.WRONG if int(p.argmax()) != y else figures.RIGHT
                        for p, (_, y) in zip(probs, chosen)]
     assert_png(tmp_path / "grid.png")
     # A grid with both kinds for sure: the same images with every other true label moved on by one.
     relabelled = [(p, (y + i % 2) % 3) for i, (p, y) in enumerate(chosen)]
     records2 = visualize.prediction_samples(model, ckpt, relabelled, torch.device("cpu"))
-    expected = [visualize.WRONG if int(p.argmax()) != y else visualize.RIGHT for p, (_, y) in zip(probs, relabelled)]
-    assert visualize.RIGHT in expected and visualize.WRONG in expected
-    assert visualize.plot_prediction_grid(records2, ckpt, tmp_path / "grid2.png", cols=3, title="t") == expected
+    expected = [figures.WRONG if int(p.argmax()) != y else figures.RIGHT for p, (_, y) in zip(probs, relabelled)]
+    assert figures.RIGHT in expected and figures.WRONG in expected
+    assert figures.plot_prediction_grid(records2, names, preprocess, tmp_path / "grid2.png", cols=3,
+                                        title="t") == expected
     # Shown un-normalised, in true colours: the panel's mean colour is the file's.
     for r in records:
-        rgb = visualize.unnormalize(r["image"], ckpt["mean"], ckpt["std"])
-        ref = torch.from_numpy(np.array(data.load_image(r["path"]))).float() / 255
+        rgb = figures.unnormalize(r["image"], preprocess.mean, preprocess.std)
+        ref = torch.from_numpy(np.array(load_image(r["path"]))).float() / 255
         assert rgb.shape == (32, 32, 3) and 0 <= rgb.min() and rgb.max() <= 1
         assert torch.allclose(rgb.mean((0, 1)), ref.mean((0, 1)), atol=0.03)
 
 
+def test_prediction_samples_skip_unreadable_files(viz_run, tmp_path, capsys):
+    model, ckpt = checkpoint.restore_model(viz_run.ckpt, torch.device("cpu"))
+    samples, _ = inference.heldout_samples(ckpt, str(viz_run.root), "test")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    chosen = [samples[0], (str(bad), 1), samples[-1]]
+    records = visualize.prediction_samples(model, ckpt, chosen, torch.device("cpu"))
+    assert [r["path"] for r in records] == [samples[0][0], samples[-1][0]]
+    assert [r["true"] for r in records] == [samples[0][1], samples[-1][1]]
+    assert str(bad) in capsys.readouterr().err
+    assert visualize.prediction_samples(model, ckpt, [(str(bad), 0)], torch.device("cpu")) == []
+
+
 def test_per_class_shows_every_class(viz_run):
-    model, ckpt = evaluate.restore_model(viz_run.ckpt, torch.device("cpu"))
-    samples, _ = evaluate.heldout_samples(ckpt, str(viz_run.root), "test")
+    model, ckpt = checkpoint.restore_model(viz_run.ckpt, torch.device("cpu"))
+    samples, _ = inference.heldout_samples(ckpt, str(viz_run.root), "test")
     chosen = visualize.choose_samples(samples, 0, seed=0, per_class=3, num_classes=3)
     assert [y for _, y in chosen] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
@@ -176,7 +199,7 @@ def test_guided_backprop_equals_the_textbook_rule_for_relu():
     torch.manual_seed(0)
     model = ConvNet(3, image_size=32, conv_layers=2, filters=4, activation="relu", dense_neurons=16).eval()
     x = torch.randn(2, 3, 32, 32)
-    g, logits = visualize.guided_backprop(model, x)
+    g, logits = attribution.guided_backprop(model, x)
     ref = reference_guided_relu(model, x, logits.argmax(1))
     assert torch.allclose(g, ref, atol=1e-6)
 
@@ -188,8 +211,8 @@ def test_guided_backprop_every_activation_shape_nonzero_differs_and_leaves_model
     x = torch.randn(2, 3, 32, 32)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     before = input_grad(model, x)
-    g, logits = visualize.guided_backprop(model, x)
-    plain, _ = visualize.guided_backprop(model, x, guided=False)
+    g, logits = attribution.guided_backprop(model, x)
+    plain, _ = attribution.guided_backprop(model, x, guided=False)
     assert g.shape == x.shape
     assert g.abs().sum() > 0
     assert not torch.allclose(g, plain, atol=1e-7)  # negative paths are cut
@@ -211,7 +234,7 @@ def test_guided_rule_for_non_relu_cuts_negative_inputs_and_gradients():
         x = torch.tensor([[-2.0, -0.5, 0.5, 2.0, 1.0, -1.0]], requires_grad=True)
         gout = torch.tensor([[1.0, 1.0, 1.0, 1.0, -1.0, -1.0]])
         with torch.enable_grad():
-            y = visualize._guided_hook(act, (x,), act(x))
+            y = attribution._guided_hook(act, (x,), act(x))
             (g,) = torch.autograd.grad(y, x, gout)
             xx = x.detach().requires_grad_(True)
             (local,) = torch.autograd.grad(act(xx), xx, torch.ones_like(xx))
@@ -221,17 +244,17 @@ def test_guided_rule_for_non_relu_cuts_negative_inputs_and_gradients():
 
 
 def test_neuron_guided_backprop_and_bad_neuron(viz_run):
-    model, ckpt = evaluate.restore_model(viz_run.ckpt, torch.device("cpu"))
+    model, ckpt = checkpoint.restore_model(viz_run.ckpt, torch.device("cpu"))
     x = torch.randn(1, 3, 32, 32)
-    layer = visualize.auto_cam_layer(model, x)
+    layer = attribution.auto_cam_layer(model, x)
     assert layer == "features.1.2"  # the last block's activation, before its max-pool
-    g, _ = visualize.guided_backprop(model, x, neuron=(layer, 1), reduce="sum")
+    g, _ = attribution.guided_backprop(model, x, neuron=(layer, 1), reduce="sum")
     assert g.shape == x.shape
-    with pytest.raises(data.UserError, match="out of range"):
-        visualize.guided_backprop(model, x, neuron=(layer, 99))
-    with pytest.raises(data.UserError, match="no module named"):
-        visualize.guided_backprop(model, x, neuron=("nope", 0))
-    assert visualize.parse_neurons(["features.1:0-2", "3"]) == [("features.1", 0), ("features.1", 1),
+    with pytest.raises(cli.UserError, match="out of range"):
+        attribution.guided_backprop(model, x, neuron=(layer, 99))
+    with pytest.raises(cli.UserError, match="no module named"):
+        attribution.guided_backprop(model, x, neuron=("nope", 0))
+    assert attribution.parse_neurons(["features.1:0-2", "3"]) == [("features.1", 0), ("features.1", 1),
                                                                ("features.1", 2), (None, 3)]
     assert hooks_left(model) == 0
 
@@ -243,25 +266,25 @@ def test_gradcam_and_guided_backprop_on_torchvision_resnet18():
     model = torchvision.models.resnet18(weights=None, num_classes=3).eval()
     x = torch.randn(2, 3, 64, 64)
     before = input_grad(model, x)
-    cams, logits, layer = visualize.grad_cam(model, x)
+    cams, logits, layer = attribution.grad_cam(model, x)
     assert layer == "layer4.1"
     assert cams.shape == (2, 64, 64) and cams.min() >= 0 and cams.max() <= 1
-    cams3, _, layer3 = visualize.grad_cam(model, x, target=[0, 1], layer="layer3")
+    cams3, _, layer3 = attribution.grad_cam(model, x, target=[0, 1], layer="layer3")
     assert layer3 == "layer3" and cams3.shape == (2, 64, 64) and cams3.amax((1, 2)).gt(0.99).all()
-    g, _ = visualize.guided_backprop(model, x)  # ReLU(inplace=True), reused within each block
+    g, _ = attribution.guided_backprop(model, x)  # ReLU(inplace=True), reused within each block
     assert g.shape == x.shape and g.abs().sum() > 0
     assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
     assert hooks_left(model) == 0 and all(p.grad is None for p in model.parameters())
     assert torch.equal(before, input_grad(model, x))
-    assert visualize.conv_stages(model) == ["conv1", "layer1", "layer2", "layer3", "layer4"]
-    assert visualize.conv_layer(model)[0] == "conv1"
+    assert attribution.conv_stages(model) == ["conv1", "layer1", "layer2", "layer3", "layer4"]
+    assert attribution.conv_layer(model)[0] == "conv1"
 
 
 def test_gradcam_matches_a_direct_computation_on_convnet():
     torch.manual_seed(2)
     model = ConvNet(3, image_size=32, conv_layers=2, filters=4, activation="relu", dense_neurons=16).eval()
     x = torch.randn(1, 3, 32, 32)
-    cams, logits, layer = visualize.grad_cam(model, x, target=[2], layer="features.1")
+    cams, logits, layer = attribution.grad_cam(model, x, target=[2], layer="features.1")
     act = model.features(x).detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(model.classifier(model.pool(act))[0, 2], act)
     cam = torch.relu((grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True)).detach()
@@ -281,7 +304,7 @@ def test_gradcam_matches_a_direct_computation_on_convnet():
 def test_bad_input_is_one_error_line(viz_run, tmp_path, capsys, argv, fragment):
     argv = [a.format(tmp=tmp_path, ckpt=viz_run.ckpt) for a in argv]
     with pytest.raises(SystemExit) as e:
-        visualize.engine.run_cli(visualize.main, visualize.get_args_parser(), argv)
+        cli.run_cli(visualize.main, visualize.get_args_parser(), argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2
     assert err.startswith("error: ") and fragment in err, err
@@ -335,14 +358,14 @@ def test_wandb_is_opt_in_and_never_imported_unasked(viz_run, tmp_path, capsys, m
 
 
 def test_every_figure_from_a_part_b_torchvision_checkpoint(viz_run, tmp_path):
-    """A resnet18 checkpoint as Part B writes it (spec kind 'torchvision'), restored by evaluate.restore_model."""
+    """A resnet18 checkpoint as Part B writes it (spec kind 'torchvision'), restored by checkpoint.restore_model."""
     import models
 
     if not hasattr(models, "build_backbone"):
         pytest.skip("Part B backbones are not in models.py")
     torch.manual_seed(0)
     bb = models.build_backbone("resnet18", "none", 3)
-    ckpt = {"format": visualize.engine.CHECKPOINT_FORMAT, "spec": bb.spec, "class_names": CLASSES3,
+    ckpt = {"format": checkpoint.CHECKPOINT_FORMAT, "spec": bb.spec, "class_names": CLASSES3,
             "mean": list(bb.mean), "std": list(bb.std), "image_size": 64, "epoch": 1,
             "config": {"data_dir": str(viz_run.root), "wandb": "disabled"}, "model_state": bb.model.state_dict()}
     path = tmp_path / "run" / "best.pt"
@@ -353,5 +376,5 @@ def test_every_figure_from_a_part_b_torchvision_checkpoint(viz_run, tmp_path):
         out = viz(*argv, "--ckpt", path)
         assert out.parent == path.parent
         assert_png(out)
-    model, _ = evaluate.restore_model(path, torch.device("cpu"))
-    assert visualize.auto_cam_layer(model, torch.randn(1, 3, 64, 64)) == "layer4.1"
+    model, _ = checkpoint.restore_model(path, torch.device("cpu"))
+    assert attribution.auto_cam_layer(model, torch.randn(1, 3, 64, 64)) == "layer4.1"
