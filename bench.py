@@ -175,8 +175,9 @@ def get_args_parser() -> argparse.ArgumentParser:
              help="Part B backbone (default: efficientnet_lite0 when timm and its weights package are installed, else resnet18)")
     add_flag(parser, "partb_epochs", type=int, default=5, help="Part B head-only epochs (default: %(default)s)")
     add_flag(parser, "partb_batches", type=int, default=10, help="Part B batches per epoch (default: %(default)s)")
-    add_flag(parser, "crop_scale", type=float, default=0.25,
-             help="smallest area fraction of the random resized crops (default: %(default)s)")
+    add_flag(parser, "crop_scale", type=float, default=0.5,
+             help="smallest area fraction of our random resized crops; it also sets the side of the "
+                  "augmentation cache (default: %(default)s, train_parta.py's)")
     add_bool(parser, "channels_last", True, "use channels-last for our Part A training steps, as the "
                     "training scripts do by default")
     add_flag(parser, "parta_filters", type=int, default=32,
