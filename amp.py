@@ -1,8 +1,8 @@
 """The one mixed-precision training step: autocast forward, scaled backward, unscale + clip, step, update.
 
 Training, the LR finder and bench.py all step through `train_step`, in the spirit of timm's
-NativeScaler: fp16 always with a GradScaler (it rescues small gradients from underflow), bf16
-and full precision with a disabled one.
+NativeScaler: fp16 on CUDA with a GradScaler (it rescues small gradients from underflow), bf16,
+full precision and other devices with a disabled one (a plain step).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if mode == "bf16" else None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to dtype on device; a no-op context for full precision (dtype None)."""
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 

@@ -183,7 +183,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(parser, "parta_filters", type=int, default=32,
              help="Part A CNN's first-block filters (default: %(default)s, the seeds' 5 x 32 network)")
     add_flag(parser, "parta_filter_org", type=float, default=1.0,
-             help="Part A CNN's filter factor per block (default: %(default)s; train_parta.py's default is 2)")
+             help="Part A CNN's filter factor per block (default: %(default)s; train_parta.py's default is 1.5)")
     add_flag(parser, "json", default=None, help="write all figures to this JSON file")
     return parser
 
@@ -235,7 +235,7 @@ def measure_partb(args: argparse.Namespace, samples: list, n_cls: int, device: t
     name = args.partb_model or default_partb_model()
     bb = partb_backbone(name, n_cls)
     bb.model.to(device)
-    preprocess = Preprocess.for_size(bb.image_size, bb.mean, bb.std)
+    preprocess = bb.preprocess()
     if preprocess.resize_size != cache.images.shape[-1]:
         cache = open_decoded_cache([p for p, _ in samples], preprocess.resize_size, cache_dir, args.workers)
     loader = our_loader(cache, samples, preprocess, False, args.batch_size, device, args.crop_scale)

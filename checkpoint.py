@@ -20,7 +20,8 @@ from cli import UserError
 from models import build_from_spec
 from presets import Preprocess
 
-CHECKPOINT_FORMAT = "inat-classifier/1"
+CHECKPOINT_FORMAT = "inat-classifier/2"  # /2: preprocessing as one "preprocess" entry
+READABLE_FORMATS = (CHECKPOINT_FORMAT, "inat-classifier/1")  # /1: image_size, mean and std apart
 CHECKPOINT_KEYS = ("model_state", "spec", "class_names", "preprocess", "config")
 
 
@@ -95,7 +96,7 @@ def load_checkpoint(path: str | Path) -> dict:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt): "
                         f"{str(e).splitlines()[0][:150] if str(e) else type(e).__name__}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         raise UserError(f"{path}: not a checkpoint written by this tool (no '{CHECKPOINT_FORMAT}' format tag)")
     if "preprocess" not in ckpt and all(k in ckpt for k in ("image_size", "mean", "std")):
         # Written before checkpoints carried a Preprocess: the same rule, spelled out.
@@ -118,6 +119,11 @@ def load_weights(model: nn.Module, state: dict, path: str | Path) -> None:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
         raise UserError(f"{path}: weights do not fit the model (other architecture or class set): {detail[:200]}") from None
+
+
+def preprocess_of(ckpt: dict) -> Preprocess:
+    """How the checkpoint's model wants its images: resize, centre crop, mean/std."""
+    return Preprocess.from_dict(ckpt["preprocess"])
 
 
 def restore_model(ckpt_path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:

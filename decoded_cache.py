@@ -129,6 +129,8 @@ def open_decoded_cache(paths: Sequence[str], size: int, cache_dir: str | Path, w
         cache = try_open()
         if cache is not None:
             return cache
+        print(f"decoded cache: decoding {len(paths)} images to {size}x{size} px "
+              f"({len(paths) * 3 * size * size / 2**30:.1f} GiB) in {cache_dir}", flush=True)
         tmp = cache_dir / f".{key}.{os.getpid()}.npy.tmp"
         try:
             bad = _build_cache_array(paths, size, tmp, workers)

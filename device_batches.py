@@ -6,7 +6,7 @@ only gathers rows. The distributions are those of `Preprocess.train_transform` (
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ def crop_resize_flip(x: torch.Tensor, out_size: int, p: dict[str, torch.Tensor])
     """Per-image crop box resized to out_size, mirrored where flip; uint8 stays uint8 on CPU.
 
     Always antialiased, on every device, as PIL resizes: the same input gives the same pixels
-    on CPU and GPU (within float rounding).
+    on CPU and GPU (within the CPU path's rounding to uint8).
     """
     if x.dtype == torch.uint8 and x.device.type != "cpu":
         x = x.float()  # bilinear resize of uint8 is a CPU-only kernel
@@ -147,7 +147,8 @@ class DeviceLoader:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def host_batches(self):
+    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 rows, labels) of each batch, gathered on the host in sampler order."""
         order = list(self.sampler)
         for start in range(0, len(order), self.batch_size):
             pos = np.asarray(order[start : start + self.batch_size], dtype=np.int64)

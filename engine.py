@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -130,7 +130,7 @@ def stop_agreed(stop: StopRequested, step: int, checkpoint_due: bool, device: to
     return stopping
 
 
-def train_one_epoch(training: Training, loader, epoch: int, args: argparse.Namespace, state: TrainState,
+def train_one_epoch(training: Training, loader: Iterable, epoch: int, args: argparse.Namespace, state: TrainState,
                     stop: StopRequested, save_mid_epoch: Callable[[int, dict], None]) -> dict:
     """One pass over the training data; returns train_loss and train_acc ({} when stopped mid-epoch)."""
     set_train_mode(training.model)
@@ -165,7 +165,7 @@ def train_one_epoch(training: Training, loader, epoch: int, args: argparse.Names
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None = None,
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,
              criterion: nn.Module | None = None) -> dict:
     """Loss and accuracy over a loader, each sample counted once over all processes."""
     model.eval()
@@ -188,29 +188,35 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
     return {"loss": total_loss / max(1, n), "acc": total_correct / max(1, n), "n": int(n)}
 
 
-def build_training(args: argparse.Namespace, model: nn.Module, param_groups: list[dict], device: torch.device,
-                   steps_per_epoch: int, num_classes: int, dist: Dist) -> Training:
-    """Optimizer, schedule, loss, precision, EMA and mixing for `model`, compiled and DDP-wrapped as asked."""
+def plain_training(args: argparse.Namespace, model: nn.Module, param_groups: list[dict],
+                   device: torch.device) -> Training:
+    """Optimizer, loss and precision for `model` in channels-last as asked: what the LR finder steps with."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     if getattr(args, "channels_last", False):
         model.to(memory_format=torch.channels_last)
+    dtype = amp_dtype(args.amp, device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    return Training(model, build_optimizer(param_groups, args), criterion, device, dtype, grad_scaler(device, dtype))
+
+
+def full_training(plain: Training, args: argparse.Namespace, steps_per_epoch: int, num_classes: int,
+                  dist: Dist) -> Training:
+    """plain plus schedule, clipping, EMA and mixing, its model compiled and DDP-wrapped as asked."""
+    model = plain.model
     # Checkpoints keep the plain module's state; only the steps run through the compiled one.
     compiled = torch.compile(model) if getattr(args, "compile", False) else model
-    dtype = amp_dtype(args.amp, device)
-    optimizer = build_optimizer(param_groups, args)
-    return Training(model=wrap_ddp(compiled, dist, device), optimizer=optimizer,
-                    criterion=nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), device=device,
-                    dtype=dtype, scaler=grad_scaler(device, dtype),
-                    scheduler=build_scheduler(optimizer, args, steps_per_epoch), grad_clip=args.grad_clip,
-                    ema=build_ema(model, getattr(args, "ema", 0.0)), mix=build_mix(args, num_classes))
+    return Training(wrap_ddp(compiled, dist, plain.device), plain.optimizer, plain.criterion, plain.device,
+                    plain.dtype, plain.scaler, scheduler=build_scheduler(plain.optimizer, args, steps_per_epoch),
+                    grad_clip=args.grad_clip, ema=build_ema(model, getattr(args, "ema", 0.0)),
+                    mix=build_mix(args, num_classes))
 
 
 class Checkpointer:
     """Writes a run's best.pt and last.pt (rank 0 only); the EMA's weights when there is one."""
 
     def __init__(self, run_dir: Path, meta: dict, model: nn.Module, save_model: nn.Module, training: Training,
-                 train_loader, enabled: bool) -> None:
+                 train_loader: Iterable, enabled: bool) -> None:
         self.run_dir, self.meta, self.enabled = run_dir, meta, enabled
         self.model, self.save_model = model, save_model  # what trains; what the files hold (contains it)
         self.training, self.train_loader = training, train_loader
@@ -253,7 +259,7 @@ def resume_training(ckpt: dict, training: Training, save_model: nn.Module, run_d
     return state
 
 
-def seed_epoch(setup: RunSetup, train_loader, epoch: int, state: TrainState) -> None:
+def seed_epoch(setup: RunSetup, train_loader: Iterable, epoch: int, state: TrainState) -> None:
     """Fix the epoch's batch order and random draws, so a resumed run repeats them exactly."""
     args, rank = setup.args, setup.dist.rank
     sampler = getattr(train_loader, "sampler", None)
@@ -292,7 +298,7 @@ def record_epoch(setup: RunSetup, state: TrainState, row: dict, saver: Checkpoin
         + (f"  ({bad} unreadable images skipped)" if bad else "") + ("  *" if improved else ""))
 
 
-def run_epochs(setup: RunSetup, training: Training, train_loader, val_loader, state: TrainState,
+def run_epochs(setup: RunSetup, training: Training, train_loader: Iterable, val_loader: Iterable, state: TrainState,
                saver: Checkpointer, logger: WandbLogger, on_epoch_start: Callable[[int], bool] | None) -> None:
     """Train and validate epoch by epoch until --epochs, --patience or a stop signal (KeyboardInterrupt)."""
     args = setup.args
@@ -318,7 +324,7 @@ def run_epochs(setup: RunSetup, training: Training, train_loader, val_loader, st
                 break
 
 
-def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_groups: list[dict],
+def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: Iterable, param_groups: list[dict],
         meta: dict, device: torch.device, save_model: nn.Module | None = None,
         on_epoch_start: Callable[[int], bool] | None = None) -> TrainState:
     """Train with AMP, validate, checkpoint and log every epoch; resumable and interruptible.
@@ -330,13 +336,12 @@ def fit(setup: RunSetup, model: nn.Module, train_loader, val_loader, param_group
     """
     args, run_dir, main = setup.args, setup.run_dir, setup.dist.main
     save_model = save_model or model
-    training = build_training(args, model, param_groups, device, len(train_loader), len(meta["class_names"]),
-                              setup.dist)
+    plain = plain_training(args, model, param_groups, device)
     if getattr(args, "lr_find", False):
-        run_lr_finder(Training(model, training.optimizer, training.criterion, device, training.dtype,
-                               training.scaler, grad_clip=args.grad_clip), train_loader, run_dir, main)
+        run_lr_finder(plain, train_loader, run_dir, main)
         finish_distributed()
         return TrainState()
+    training = full_training(plain, args, len(train_loader), len(meta["class_names"]), setup.dist)
     state = resume_training(setup.resume, training, save_model, run_dir) if setup.resume else TrainState()
     logger = WandbLogger(args, run_dir, run_dir.name, meta["config"]) if main else WandbLogger.off()
     saver = Checkpointer(run_dir, meta, model, save_model, training, train_loader, enabled=main)

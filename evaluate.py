@@ -11,11 +11,13 @@ import json
 import os
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from checkpoint import restore_model
 from cli import add_bool, add_flag, run_cli
-from data import DEFAULT_DATA_DIR
 from devices import select_device
-from inference import FlipTTA, collect_images, evaluate_samples, heldout_samples, top_classes
+from inference import FlipTTA, collect_images, evaluate_samples, heldout_samples, run_data_dir, top_classes
 from metrics import plot_confusion, print_report
 
 
@@ -45,7 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def predict_files(args: argparse.Namespace, model, ckpt: dict, device) -> dict:
+def predict_files(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> dict:
+    """--predict: the top 3 classes of every image file, printed (and written to --csv)."""
     rows = top_classes(model, ckpt, collect_images(args.predict), device, batch_size=args.batch_size,
                        workers=args.workers)
     for r in rows:
@@ -63,7 +66,7 @@ def main(args: argparse.Namespace) -> dict:
         model = FlipTTA(model)
     if args.predict:
         return predict_files(args, model, ckpt, device)
-    data_dir = args.data_dir or ckpt["config"].get("data_dir", DEFAULT_DATA_DIR)
+    data_dir = run_data_dir(ckpt, args.data_dir)
     samples, split_name = heldout_samples(ckpt, data_dir, args.split)
     metrics = evaluate_samples(model, ckpt, samples, device, args.batch_size, args.workers)
     metrics.update(checkpoint=str(args.ckpt), split=split_name, data_dir=str(data_dir), tta=args.tta,

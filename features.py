@@ -1,4 +1,4 @@
-"""Part B's feature cache: a frozen backbone's pooled features computed once per split, reused across runs and epochs."""
+"""Part B's feature cache: a frozen backbone's pooled features, computed once per split and reused."""
 from __future__ import annotations
 
 import argparse
@@ -72,9 +72,9 @@ def extract_features(bb: Backbone, loader, device: torch.device, dtype) -> tuple
 
 
 def cached_features(args: argparse.Namespace, bb: Backbone, preprocess: Preprocess, samples: list,
-                    make_loader: Callable, device: torch.device, cache_dir: Path,
+                    open_images: Callable, device: torch.device, cache_dir: Path,
                     split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of one split from the cache; on a miss, images are loaded (make_loader()) and run once."""
+    """Features of one split from the cache; on a miss, images are loaded (open_images()) and run once."""
     key = feature_cache_key(args, bb, preprocess, samples)
     path = cache_dir / f"{args.model}-{split}-{key}.pt"
     if path.exists():
@@ -84,7 +84,7 @@ def cached_features(args: argparse.Namespace, bb: Backbone, preprocess: Preproce
             return blob["features"], blob["labels"]
         except Exception:
             print(f"features: {path} is unreadable, recomputing")
-    feats, labels = extract_features(bb, make_loader(), device, amp_dtype(args.amp, device))
+    feats, labels = extract_features(bb, open_images(), device, amp_dtype(args.amp, device))
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"features": feats, "labels": labels}, path)
     print(f"features: {split} {tuple(feats.shape)} saved to {path}")
@@ -100,7 +100,8 @@ def head_on_features(bb: Backbone) -> nn.Module:
     return nn.Sequential(nn.Dropout(drop.p), head) if drop is not None else nn.Sequential(head)
 
 
-def feature_loaders(setup: RunSetup, bb: Backbone, preprocess: Preprocess, device: torch.device):
+def feature_loaders(setup: RunSetup, bb: Backbone, preprocess: Preprocess,
+                    device: torch.device) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """Loaders of cached backbone features for both splits (computed once, then reused)."""
     args = setup.args
     cache_dir = Path(args.feature_cache_dir or Path(args.out_dir) / "feature_cache")

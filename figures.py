@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence
 
 import torch
@@ -16,7 +17,7 @@ from presets import Preprocess
 RIGHT, WRONG = "#1a9850", "#d73027"  # frame colours of right and wrong predictions
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """matplotlib.pyplot with the file-only backend, imported only when a figure is drawn."""
     import matplotlib
 

@@ -72,7 +72,8 @@ BAD_IMAGES = BadImageLog()
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """(path, label) samples decoded with PIL; an unreadable file yields None (dropped by collate)."""
+    """(path, label) samples decoded with PIL; an unreadable file yields ("__bad__", path, reason),
+    which collate_skip_bad drops and hands to the main process to report."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None) -> None:
         self.samples = list(samples)
@@ -90,7 +91,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), label
 
 
-def collate_skip_bad(batch):
+def collate_skip_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
     """Collate the readable samples; returns (x, y, bad) so the main process, not a worker,
     reports the unreadable files (x and y are None when none of the batch was readable)."""
     good, bad = [], []

@@ -14,6 +14,7 @@ from torch import nn
 
 import data
 from amp import amp_dtype, autocast
+from checkpoint import preprocess_of
 from cli import UserError
 from images import ImageListDataset, batch_to_device, load_image, make_loader
 from metrics import classification_metrics, confusion_matrix
@@ -87,13 +88,17 @@ def load_input(path: str | Path, preprocess: Preprocess) -> torch.Tensor:
     return preprocess.eval_transform()(img)
 
 
+def run_data_dir(ckpt: dict, data_dir: str | None) -> str:
+    """data_dir, or (None) the folder the checkpoint's run trained on."""
+    return data_dir or ckpt["config"].get("data_dir", data.DEFAULT_DATA_DIR)
+
+
 def heldout_samples(ckpt: dict, data_dir: str | None, split: str) -> tuple[list, str]:
     """Samples of the held-out split (test) or the run's saved validation split (val).
 
     data_dir None means the folder the run trained on.
     """
-    data_dir = data_dir or ckpt["config"].get("data_dir", data.DEFAULT_DATA_DIR)
-    ds = data.discover(data_dir, need_heldout=split == "test")
+    ds = data.discover(run_data_dir(ckpt, data_dir), need_heldout=split == "test")
     if ds.classes != ckpt["class_names"]:
         raise UserError(f"classes in {ds.root} ({', '.join(ds.classes)}) differ from the checkpoint's "
                         f"({', '.join(ckpt['class_names'])})")
@@ -107,7 +112,7 @@ def heldout_samples(ckpt: dict, data_dir: str | None, split: str) -> tuple[list,
 def evaluate_samples(model: nn.Module, ckpt: dict, samples: list, device: torch.device, batch_size: int,
                      workers: int) -> dict:
     """Accuracy, macro F1, per-class metrics, confusion matrix and loss of the model on samples."""
-    p = predict(model, samples, Preprocess.from_dict(ckpt["preprocess"]), device, batch_size, workers)
+    p = predict(model, samples, preprocess_of(ckpt), device, batch_size, workers)
     if len(p.targets) == 0:
         raise UserError(f"none of the {len(samples)} images could be read")
     n_classes = len(ckpt["class_names"])
@@ -135,8 +140,7 @@ def top_classes(model: nn.Module, ckpt: dict, files: list[str], device: torch.de
                 batch_size: int = 64, workers: int = 0) -> list[dict]:
     """Top-k classes with probabilities per readable image file."""
     names = ckpt["class_names"]
-    p = predict(model, [(f, -1) for f in files], Preprocess.from_dict(ckpt["preprocess"]), device,
-                batch_size, workers)
+    p = predict(model, [(f, -1) for f in files], preprocess_of(ckpt), device, batch_size, workers)
     if len(p.index) == 0:
         return []
     top = p.probs.topk(min(k, len(names)))

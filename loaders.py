@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -32,7 +33,7 @@ def open_cache(setup: RunSetup, preprocess: Preprocess) -> CachedImages | None:
 
 
 def make_image_loader(setup: RunSetup, samples: list, preprocess: Preprocess, device: torch.device,
-                      train: bool, cached: CachedImages | None, shard: bool = True):
+                      train: bool, cached: CachedImages | None, shard: bool = True) -> Iterable:
     """Batches of one split: from the decoded cache (device-side augmentation) or decoded with PIL.
 
     shard=False gives every process all the samples (e.g. to compute a complete feature cache).
@@ -55,7 +56,7 @@ def make_image_loader(setup: RunSetup, samples: list, preprocess: Preprocess, de
                        pin_memory=device.type == "cuda", drop_last=drop_last, seed=args.seed)
 
 
-def image_loaders(setup: RunSetup, preprocess: Preprocess, device: torch.device):
+def image_loaders(setup: RunSetup, preprocess: Preprocess, device: torch.device) -> tuple[Iterable, Iterable]:
     """Train and val loaders (train shuffled, and augmented with --augment)."""
     cached = open_cache(setup, preprocess)
     return (make_image_loader(setup, setup.train_samples, preprocess, device, True, cached),

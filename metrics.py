@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from figures import pyplot
+
 
 def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, n: int) -> torch.Tensor:
     """Rows are true classes, columns predicted classes."""
@@ -44,10 +46,7 @@ def print_report(metrics: dict, title: str) -> None:
 
 def plot_confusion(cm, class_names: list[str], out: Path, normalize: bool = True, title: str = "") -> None:
     """Confusion matrix heat map, normalised per true class, with class names on both axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cm = torch.as_tensor(cm, dtype=torch.float64)
     shown = cm / cm.sum(1, keepdim=True).clamp(min=1) if normalize else cm

@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -169,6 +171,10 @@ class Backbone:
     std: tuple
     weights_source: str
 
+    def preprocess(self, image_size: int | None = None) -> Preprocess:
+        """The weights' preprocessing, at their own input size unless --image_size says otherwise."""
+        return Preprocess.for_size(image_size or self.image_size, self.mean, self.std)
+
 
 def model_kwargs(name: str) -> dict:
     # Auxiliary heads only help ImageNet-scale training from scratch; drop them so the
@@ -222,7 +228,7 @@ def torchvision_weights(name: str, weights: str):
 def input_spec(weights_enum) -> tuple[int, tuple, tuple]:
     """(image size, mean, std) from the weights' own preprocessing metadata; ImageNet's otherwise."""
     if weights_enum is None:
-        return 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        return 224, IMAGENET_MEAN, IMAGENET_STD
     t = weights_enum.transforms()
     return int(t.crop_size[0]), tuple(t.mean), tuple(t.std)
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from amp import Training, train_step
 from cli import UserError
+from figures import pyplot
 from freezing import set_train_mode
 from images import batch_to_device
 
@@ -115,7 +116,7 @@ class EmaWeights:
         return list(m.parameters()) + [b for b in m.buffers() if b.dtype.is_floating_point]
 
 
-def lr_range_test(training: Training, loader, start: float = 1e-7, end: float = 10.0,
+def lr_range_test(training: Training, loader: Iterable, start: float = 1e-7, end: float = 10.0,
                   steps: int = 200) -> tuple[list, list, float]:
     """Exponentially increase the LR step by step, recording the smoothed loss; restores everything.
 
@@ -167,14 +168,11 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
     return lrs[losses.index(min(losses))] / 10
 
 
-def run_lr_finder(training: Training, loader, run_dir: Path, main: bool) -> float:
+def run_lr_finder(training: Training, loader: Iterable, run_dir: Path, main: bool) -> float:
     """The LR range test with its plot (lr_find.png) and suggestion, printed by rank 0."""
     lrs, losses, suggestion = lr_range_test(training, loader)
     if main:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
         ax.plot(lrs, losses)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,14 +48,14 @@ class Preprocess:
         return {"image_size": self.image_size, "resize_size": self.resize_size,
                 "mean": list(self.mean), "std": list(self.std)}
 
-    def eval_transform(self):
+    def eval_transform(self) -> Callable:
         """PIL image -> normalised tensor, never augmented."""
         from torchvision import transforms as T
 
         return T.Compose([T.Resize(self.resize_size), T.CenterCrop(self.image_size),
                           T.ToTensor(), T.Normalize(self.mean, self.std)])
 
-    def train_transform(self, crop_scale: float):
+    def train_transform(self, crop_scale: float) -> Callable:
         """PIL image -> augmented, normalised tensor (the PIL twin of device_batches.augment_batch)."""
         from torchvision import transforms as T
 

@@ -16,6 +16,7 @@ import random
 import warnings
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -30,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------- config
-def import_sweeps():
+def import_sweeps() -> ModuleType:
     """The `sweeps` package (W&B's sweep engine), quiet about its pydantic-v1 style config."""
     try:
         with warnings.catch_warnings():
@@ -87,7 +88,7 @@ def plain(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- proposals
-def to_sweep_run(record: dict):
+def to_sweep_run(record: dict) -> Any:
     """A stored run as the `sweeps.SweepRun` the engine expects (like wandb_controller builds them).
 
     Finished runs and runs stopped by hyperband feed their per-epoch history (the engine takes the

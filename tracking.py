@@ -6,11 +6,13 @@ import netrc
 import os
 import sys
 from pathlib import Path
+from typing import Any, Iterable
 
 from cli import UserError
+from figures import pyplot
 
 
-def progress(iterable=None, **kwargs):
+def progress(iterable: Iterable | None = None, **kwargs: Any) -> Iterable:
     """A tqdm bar on a terminal (or with TQDM_FORCE set) of rank 0; silent in logs, CI and other ranks."""
     from tqdm import tqdm
 
@@ -28,10 +30,7 @@ def say(message: str) -> None:
 
 def plot_curves(histories: dict[str, list[dict]], out: Path) -> None:
     """Loss and accuracy per epoch, train dashed and val solid, one colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for i, (label, hist) in enumerate(histories.items()):

@@ -21,7 +21,6 @@ from freezing import apply_freeze, count_trainable, freeze_batchnorm, list_stage
 from loaders import image_loaders
 from models import Backbone, build_backbone, count_complexity, format_count
 from optim import param_groups_with_decay
-from presets import Preprocess
 from runs import setup_run
 
 DEFAULTS = dict(image_size=None, batch_size=64, epochs=10, lr=1e-3, optimizer="adamw", weight_decay=0.01,
@@ -152,7 +151,7 @@ def main(args: argparse.Namespace) -> TrainState | None:
     args = setup.args
     bb = built.get("bb") or build_backbone_for(args, len(setup.classes))  # resume: the saved flags
     args.image_size = args.image_size or bb.image_size
-    preprocess = Preprocess.for_size(args.image_size, bb.mean, bb.std)
+    preprocess = bb.preprocess(args.image_size)
     device = select_device(args.device)
     trainable, total = count_trainable(bb.model)
     _, macs = count_complexity(bb.model, args.image_size)

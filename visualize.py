@@ -28,24 +28,18 @@ from torch import nn
 
 from attribution import (auto_cam_layer, capture_outputs, conv_layer, conv_stages, grad_cam, guided_backprop,
                          parse_neurons)
-from checkpoint import json_safe, restore_model
+from checkpoint import json_safe, preprocess_of, restore_model
 from cli import UserError, add_bool, add_flag, run_cli
 from devices import select_device
 from figures import (gradient_image, plot_feature_maps, plot_filters, plot_gradcam, plot_guided_backprop,
                      plot_prediction_grid, unnormalize)
 from inference import evaluate_samples, heldout_samples, load_input, predict
 from metrics import plot_confusion
-from presets import Preprocess
 from runs import read_metrics_csv
 from tracking import WandbLogger, plot_curves
 
 
 # ----------------------------------------------------------------------------- small helpers
-def preprocess_of(ckpt: dict) -> Preprocess:
-    """The checkpoint's preprocessing: how its images are resized, cropped and (un)normalised."""
-    return Preprocess.from_dict(ckpt["preprocess"])
-
-
 def label_from_path(path: str | Path, class_names: Sequence[str]) -> int | None:
     """The true class of an image inside a <class>/ folder, else None."""
     parent = Path(path).parent.name
@@ -107,7 +101,7 @@ def prediction_samples(model: nn.Module, ckpt: dict, samples: Sequence[tuple[str
     return records
 
 
-def cmd_predictions(args, model, ckpt, device) -> Path:
+def cmd_predictions(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
     if args.rows < 1 or args.cols < 1:
         raise UserError(f"--rows and --cols must be >= 1, got {args.rows} and {args.cols}")
     samples, split_name = heldout_samples(ckpt, args.data_dir, args.split)
@@ -123,7 +117,7 @@ def cmd_predictions(args, model, ckpt, device) -> Path:
 
 
 # ----------------------------------------------------------------------------- filters, feature maps
-def cmd_filters(args, model, ckpt, device) -> Path:
+def cmd_filters(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
     name, conv = conv_layer(model, args.layer)
     w = conv.weight
     kind = ("RGB, each filter min-max normalised" if w.shape[1] == 3 else
@@ -136,7 +130,7 @@ def cmd_filters(args, model, ckpt, device) -> Path:
     return out
 
 
-def cmd_feature_maps(args, model, ckpt, device) -> Path:
+def cmd_feature_maps(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
     preprocess = preprocess_of(ckpt)
     if args.image:
         path = args.image
@@ -181,7 +175,7 @@ def neuron_maps(args, model, x: torch.Tensor) -> list[tuple[tuple[str, int], tor
     return maps
 
 
-def cmd_guided_backprop(args, model, ckpt, device) -> Path:
+def cmd_guided_backprop(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
     x, labels, paths = images_for(args, ckpt)
     x = x.to(device)
     names, preprocess = ckpt["class_names"], preprocess_of(ckpt)
@@ -204,7 +198,7 @@ def cmd_guided_backprop(args, model, ckpt, device) -> Path:
     return out
 
 
-def cmd_gradcam(args, model, ckpt, device) -> Path:
+def cmd_gradcam(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
     x, labels, paths = images_for(args, ckpt)
     cams, logits, layer = grad_cam(model, x.to(device), layer=args.layer)
     probs = logits.softmax(1)
@@ -221,7 +215,7 @@ def cmd_gradcam(args, model, ckpt, device) -> Path:
 
 
 # ----------------------------------------------------------------------------- confusion
-def cmd_confusion(args, model, ckpt, device) -> Path:
+def cmd_confusion(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
     samples, split_name = heldout_samples(ckpt, args.data_dir, args.split)
     metrics = evaluate_samples(model, ckpt, samples, device, args.batch_size, args.workers)
     out = output_dir(args) / f"confusion_{args.split}.png"
@@ -251,7 +245,7 @@ def short_labels(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
-def cmd_curves(args) -> Path:
+def cmd_curves(args: argparse.Namespace) -> Path:
     histories, dirs = {}, []
     for run in args.run:
         path = Path(run)

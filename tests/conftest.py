@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from checkpoint import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -281,7 +280,7 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 @dataclass
 class TrainedRun:
     run_dir: Path
-    state: object  # TrainState
+    state: object  # checkpoint.TrainState
     args: object  # the parsed flags
     data: Fixture
 

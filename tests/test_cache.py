@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 from conftest import CLASSES, make_dataset
 from decoded_cache import decode_fixed, open_decoded_cache
 from device_batches import DeviceLoader, affine_normalize, augment_batch, augment_params, color_affine, normalize_batch

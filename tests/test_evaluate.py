@@ -150,8 +150,6 @@ def test_predict_prints_top3_and_writes_csv(trained_run, tmp_path):
 
 # ----------------------------------------------------------------------------- bad checkpoints
 def test_restore_model_refuses_files_that_are_not_our_checkpoints(trained_run, tmp_path):
-    import data
-
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     with pytest.raises(UserError, match="not a checkpoint written by this tool"):
@@ -173,9 +171,6 @@ def test_restore_model_refuses_files_that_are_not_our_checkpoints(trained_run, t
 
 
 def test_restore_model_with_other_class_count_is_a_user_error(trained_run, tmp_path):
-    import data
-    import engine
-
     ck = torch.load(trained_run.run_dir / "best.pt", map_location="cpu", weights_only=True)
     ck["class_names"] = ck["class_names"][:3]
     bad = tmp_path / "best.pt"
@@ -183,3 +178,18 @@ def test_restore_model_with_other_class_count_is_a_user_error(trained_run, tmp_p
     assert load_checkpoint(bad)["class_names"] == trained_run.data.classes[:3]
     with pytest.raises(UserError, match="weights do not fit"):
         restore_model(bad, torch.device("cpu"))
+
+
+def test_checkpoints_of_the_previous_format_still_evaluate(trained_run, tmp_path):
+    """Format /1 kept image_size, mean and std apart: read as the same Preprocess, same predictions."""
+    ck = torch.load(trained_run.run_dir / "best.pt", map_location="cpu", weights_only=True)
+    pre = ck.pop("preprocess")
+    old = {**ck, "format": "inat-classifier/1", "image_size": pre["image_size"], "mean": pre["mean"],
+           "std": pre["std"]}
+    torch.save(old, tmp_path / "best.pt")
+    assert load_checkpoint(tmp_path / "best.pt")["preprocess"] == pre
+    new_eval = run_cli("evaluate.py", "--ckpt", trained_run.run_dir / "best.pt", "--out", tmp_path / "new", check=True)
+    old_eval = run_cli("evaluate.py", "--ckpt", tmp_path / "best.pt", "--out", tmp_path / "old", check=True)
+    assert json.loads((tmp_path / "old" / "eval.json").read_text())["confusion_matrix"] == \
+        json.loads((tmp_path / "new" / "eval.json").read_text())["confusion_matrix"]
+    assert old_eval.returncode == new_eval.returncode == 0

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 import data
-import engine
 import evaluate
 import train_parta
 from conftest import read_rows, REPO, TRAINED_EPOCHS, clean_env, make_dataset, run_cli, train_args

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: the CUDA paths the CPU-only CI cannot run, one line per check, < 8 minutes.
 #   bash tools/gpu_check.sh [DATA_DIR] [OUT_DIR]
-# Without DATA_DIR it writes a small synthetic dataset of camera-size JPEGs (10 classes). Needs a
+# Without DATA_DIR it writes a small synthetic dataset of 640x480 JPEGs (10 classes). Needs a
 # CUDA GPU; torchrun runs only when 2 GPUs are visible. Exit code: the number of failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
