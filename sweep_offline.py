@@ -11,28 +11,32 @@ the same command again continues the sweep:
 
 Each run trains in SWEEP_DIR/runs/run-NNN (its metrics.csv, checkpoints, curves), its output goes
 to SWEEP_DIR/logs/run-NNN.log, the sweep's state to SWEEP_DIR/sweep.json and the ranking to
-SWEEP_DIR/leaderboard.csv. Runs are trained one after another. This file is the runner (command
-line, lock, training processes, signals, the run loop); the proposals, run commands, state and
-leaderboard are sweep_engine.py's.
+SWEEP_DIR/leaderboard.csv. One runner trains its runs one after another; any number of runners may
+work on the same sweep folder at once, like `wandb agent`s on one sweep (one per GPU, or a SLURM job
+array on a shared filesystem), each training its own --count runs:
+
+    CUDA_VISIBLE_DEVICES=0 python sweep_offline.py --sweep_dir sweeps/parta-sweep --count 5 &
+    CUDA_VISIBLE_DEVICES=1 python sweep_offline.py --sweep_dir sweeps/parta-sweep --count 5 &
+
+This file is the runner (command line, signals, the run loop); the proposals, run commands, state
+and leaderboard are sweep_engine.py's, the locks sweep_locks.py's, a run's process sweep_process.py's.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
-import threading
 import time
-from collections import deque
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import Iterator
 
 import yaml
 
 from cli import UserError, str2bool
+from sweep_locks import RunnerLease, runner_alive, state_lock
+from sweep_process import Interrupted, execute, failure_note, raise_interrupt, run_dir_from_output
 from sweep_engine import (check_config, check_train_args, default_sweep_dir, fmt, hyperband_should_stop, load_config,
                           load_state, mark_interrupted, metric_of, new_state, next_number, plain, print_leaderboard,
                           propose, read_history, resolve_program, run_command, save_state, searched_params,
@@ -41,141 +45,12 @@ from sweep_engine import (check_config, check_train_args, default_sweep_dir, fmt
 DEFAULT_CONFIG = "sweep.yaml"
 
 
-# ----------------------------------------------------------------------------- lock
-class SweepLock:
-    """One runner per sweep folder: SWEEP_DIR/.lock holds the pid of the runner using it."""
-
-    def __init__(self, sweep_dir: Path) -> None:
-        self.path = sweep_dir / ".lock"
-
-    def __enter__(self):
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and pid_alive(pid):
-                    raise UserError(f"another sweep_offline.py (pid {pid}) is running the sweep in "
-                                    f"{self.path.parent}; wait for it or stop it first") from None
-                self.path.unlink(missing_ok=True)  # stale lock of a runner that died
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            return self
-        raise UserError(f"could not lock {self.path}")
-
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# ----------------------------------------------------------------------------- one run
-class Interrupted(Exception):
-    pass
-
-
-def raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def pump_output(stream: IO[str], log_path: Path, tail: deque, echo: bool) -> None:
-    with open(log_path, "a", encoding="utf-8", errors="replace") as log:
-        for line in iter(stream.readline, ""):
-            log.write(line)
-            log.flush()
-            tail.append(line.rstrip("\n"))
-            if echo:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-
-
-def execute(command: list[str], record: dict, run_dir: Path, log_path: Path,
-            check_stop: Callable[[dict], bool] | None, poll_s: float, echo: bool) -> tuple[int, bool, list[str]]:
-    """Run one training process; returns (exit code, stopped by hyperband, last output lines).
-
-    The child gets its own session, so a Ctrl-C reaches only the runner, which then sends the child
-    one SIGTERM (the training loop saves last.pt and exits) and waits for it.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(command) + "\n")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", env=env, start_new_session=True)
-    record["pid"] = proc.pid
-    tail: deque = deque(maxlen=40)
-    pump = threading.Thread(target=pump_output, args=(proc.stdout, log_path, tail, echo), daemon=True)
-    pump.start()
-    stopped = False
-    seen_epochs = 0
-    try:
-        while True:
-            try:
-                proc.wait(timeout=poll_s)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if check_stop is None or stopped:
-                continue
-            history = read_history(run_dir)
-            if len(history) > seen_epochs:
-                seen_epochs = len(history)
-                record["history"] = history
-                if check_stop(record):
-                    stopped = True
-                    print(f"[sweep] {record['name']}: hyperband stops it after epoch {seen_epochs}", flush=True)
-                    proc.send_signal(signal.SIGTERM)
-    except KeyboardInterrupt:
-        print(f"\n[sweep] interrupted: stopping {record['name']} (it saves last.pt) ...", file=sys.stderr, flush=True)
-        terminate(proc)
-        pump.join(timeout=10)
-        raise Interrupted from None
-    pump.join(timeout=30)
-    return proc.returncode, stopped, list(tail)
-
-
-def terminate(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=120)
-    except (subprocess.TimeoutExpired, KeyboardInterrupt):
-        proc.kill()
-        proc.wait()
-
-
-def failure_note(tail: list[str], code: int) -> str:
-    for line in reversed(tail):
-        if line.startswith("error:") or "Error" in line:
-            return line.strip()[:200]
-    return f"exit code {code}"
-
-
-def run_dir_from_output(tail: list[str], default: Path) -> Path:
-    for line in reversed(tail):
-        if line.startswith("run folder: "):
-            return Path(line[len("run folder: "):].strip())
-    return default
-
-
 # ----------------------------------------------------------------------------- main
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Run the sweep of a W&B sweep.yaml offline: propose runs with the W&B sweep engine "
-                    "(grid, random, bayes), train them one after another, rank them by the metric.",
+                    "(grid, random, bayes), train them one after another, rank them by the metric. Several "
+                    "runners (one per GPU or machine) may work on the same --sweep_dir at once.",
         usage="%(prog)s [options] [-- TRAIN_FLAGS ...]",
         epilog="Flags after -- go to every run unchanged, after the sweep's own (they win), e.g. "
                "-- --data_dir data/inaturalist_12K --workers 4. Rerun with the same --sweep_dir to continue; "
@@ -265,7 +140,7 @@ def main(args: argparse.Namespace) -> int:
     sweep_dir, state, config_path = open_sweep(args)
     config = state["config"]
     if args.show:
-        print_leaderboard(sweep_dir, state, args.top)
+        show_leaderboard(sweep_dir, args.top)
         return 0
     program = resolve_program(config["program"], config_path)
     if not train_args and state.get("train_args"):  # a continued sweep keeps its data_dir, workers...
@@ -276,12 +151,13 @@ def main(args: argparse.Namespace) -> int:
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     hyperband = bool(config.get("early_terminate")) and args.early_terminate
-    with sigterm_interrupts(), SweepLock(sweep_dir):
-        state = take_over(sweep_dir, state, config, train_args)
+    with sigterm_interrupts(), RunnerLease(sweep_dir) as lease:
+        state = join_sweep(sweep_dir, state, config, train_args)
         metric, goal = metric_of(config)
         print(f"[sweep] {sweep_dir}: {config['method']} search, {metric} ({goal}), {len(state['runs'])} runs so "
-              f"far; training {args.count} more" + (" with hyperband early termination" if hyperband else ""))
-        return run_loop(args, sweep_dir, state, program, train_args, hyperband)
+              f"far; training {args.count} more" + (" with hyperband early termination" if hyperband else "")
+              + f" (runner {lease.id})")
+        return run_loop(args, sweep_dir, config, program, train_args, hyperband, lease.id)
 
 
 @contextmanager
@@ -299,16 +175,44 @@ def sigterm_interrupts() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous_handler)
 
 
-def take_over(sweep_dir: Path, state: dict, config: dict, train_args: list[str]) -> dict:
-    """Under the lock: the state as the last runner saved it, its run in progress marked interrupted."""
-    state = load_state(sweep_dir) or state  # as saved by a runner that held the lock before us
-    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    metric, goal = metric_of(config)
-    for rec in state["runs"]:  # the runner died while this run trained
-        if rec["state"] == "running":
-            mark_interrupted(rec, "the sweep runner stopped during this run", metric, goal)
-    state["train_args"] = train_args
-    save_state(sweep_dir, state)
+def reap_orphans(sweep_dir: Path, state: dict) -> None:
+    """Runs whose runner died (SIGKILL, a crash, a reboot) become 'interrupted', named as such, never lost."""
+    metric, goal = metric_of(state["config"])
+    for rec in state["runs"]:
+        if rec["state"] == "running" and not runner_alive(sweep_dir, rec.get("runner")):
+            mark_interrupted(rec, "its sweep runner died during this run", metric, goal)
+
+
+@contextmanager
+def changing_state(sweep_dir: Path) -> Iterator[dict]:
+    """Under the state lock: the state as every runner has saved it (orphans reaped), saved with its
+    leaderboard, atomically, when the block ends."""
+    with state_lock(sweep_dir):
+        state = load_state(sweep_dir)
+        if state is None:
+            raise UserError(f"{sweep_dir / 'sweep.json'} vanished while the sweep ran")
+        reap_orphans(sweep_dir, state)
+        yield state
+        save_state(sweep_dir, state)
+        write_leaderboard(sweep_dir, state)
+
+
+def join_sweep(sweep_dir: Path, state: dict, config: dict, train_args: list[str]) -> dict:
+    """Under the state lock: create the sweep's state, or join it as another runner may have saved it."""
+    with state_lock(sweep_dir):
+        state = load_state(sweep_dir) or state  # another runner may have created it meanwhile
+        (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        reap_orphans(sweep_dir, state)
+        state["train_args"] = train_args
+        save_state(sweep_dir, state)
+    return state
+
+
+def show_leaderboard(sweep_dir: Path, top: int) -> dict:
+    """Print (and write) the leaderboard of the state as all runners have saved it; returns that state."""
+    with changing_state(sweep_dir) as state:
+        pass
+    print_leaderboard(sweep_dir, state, top)
     return state
 
 
@@ -330,20 +234,17 @@ def dry_run(args: argparse.Namespace, sweep_dir: Path, state: dict, program: str
     return 0
 
 
-def run_loop(args: argparse.Namespace, sweep_dir: Path, state: dict, program: str, train_args: list[str],
-             hyperband: bool) -> int:
+def run_loop(args: argparse.Namespace, sweep_dir: Path, config: dict, program: str, train_args: list[str],
+             hyperband: bool, runner: str) -> int:
     """Propose, train and record runs until --count, a finished grid, too many failures or an interrupt."""
-    config = state["config"]
     failures_in_a_row, exit_code = 0, 0
     try:
         for _ in range(args.count):
-            number = next_number(state, sweep_dir / "runs")
-            proposal = propose(config, state["runs"], args.seed, number)
-            if proposal is None:
-                print("[sweep] grid search complete: every configuration has run")
+            record = claim_run(args, sweep_dir, program, train_args, runner)
+            if record is None:
+                print("[sweep] grid search complete: every configuration has run or is running")
                 break
-            record = start_run(args, sweep_dir, state, program, train_args, number, proposal)
-            if not train_run(args, sweep_dir, state, record, hyperband):
+            if not train_run(args, sweep_dir, config, record, hyperband):
                 return 130
             failures_in_a_row = failures_in_a_row + 1 if record["state"] == "failed" else 0
             if args.max_failures and failures_in_a_row >= args.max_failures:
@@ -352,18 +253,35 @@ def run_loop(args: argparse.Namespace, sweep_dir: Path, state: dict, program: st
                 exit_code = 1
                 break
     except KeyboardInterrupt:  # between runs
-        save_state(sweep_dir, state)
-        print_leaderboard(sweep_dir, state, args.top)
+        show_leaderboard(sweep_dir, args.top)
         print("[sweep] interrupted; run the same command again to continue the sweep", file=sys.stderr)
         return 130
-    print_leaderboard(sweep_dir, state, args.top)
+    show_leaderboard(sweep_dir, args.top)
     return exit_code
 
 
-def start_run(args: argparse.Namespace, sweep_dir: Path, state: dict, program: str, train_args: list[str], number: int,
-              proposal: dict) -> dict:
-    """The record of run `number`, saved as running before it starts (a killed runner leaves it marked)."""
-    config = state["config"]
+def claim_run(args: argparse.Namespace, sweep_dir: Path, program: str, train_args: list[str],
+              runner: str) -> dict | None:
+    """Under the state lock: the next number and proposal, seeing every runner's runs (running ones as
+    running, as the W&B controller does), saved as this runner's running run before it starts."""
+    with changing_state(sweep_dir) as state:
+        number = next_number(state, sweep_dir / "runs")
+        proposal = propose(state["config"], state["runs"], args.seed, number)
+        if proposal is None:
+            return None
+        record = new_record(args, sweep_dir, state["config"], program, train_args, number, proposal)
+        record["runner"] = runner
+        state["runs"].append(record)
+    values = " ".join(f"{k}={fmt(v.get('value'))}" for k, v in proposal.items()
+                      if k in searched_params(state["config"]))
+    print(f"\n[sweep] {record['name']}: {values}", flush=True)
+    print("[sweep] $ " + " ".join(record["command"]), flush=True)
+    return record
+
+
+def new_record(args: argparse.Namespace, sweep_dir: Path, config: dict, program: str, train_args: list[str],
+               number: int, proposal: dict) -> dict:
+    """The record of run `number`: its config, the agent's command, its folder and log."""
     name = f"run-{number:03d}"
     runs_dir, logs_dir = sweep_dir / "runs", sweep_dir / "logs"
     args_json = None
@@ -373,22 +291,31 @@ def start_run(args: argparse.Namespace, sweep_dir: Path, state: dict, program: s
         args_json.write_text(sweep_command_args(proposal)["args_json"][0])
     command = run_command(config, proposal, program, runs_dir, name, args.interpreter, args.wandb, train_args,
                           str(args_json) if args_json else None)
-    record = {"name": name, "number": number, "state": "running", "config": proposal,
-              "command": command, "run_dir": str(runs_dir / name), "log": str(logs_dir / f"{name}.log"),
-              "started": datetime.now().isoformat(timespec="seconds"), "history": []}
-    state["runs"].append(record)
-    save_state(sweep_dir, state)
-    values = " ".join(f"{k}={fmt(v.get('value'))}" for k, v in proposal.items() if k in searched_params(config))
-    print(f"\n[sweep] {name}: {values}", flush=True)
-    print("[sweep] $ " + " ".join(command), flush=True)
-    return record
+    return {"name": name, "number": number, "state": "running", "config": proposal,
+            "command": command, "run_dir": str(runs_dir / name), "log": str(logs_dir / f"{name}.log"),
+            "started": datetime.now().isoformat(timespec="seconds"), "history": []}
 
 
-def train_run(args: argparse.Namespace, sweep_dir: Path, state: dict, record: dict, hyperband: bool) -> bool:
-    """Train a started run and record its outcome; False when the runner was interrupted meanwhile."""
-    config = state["config"]
+def commit_run(sweep_dir: Path, record: dict) -> None:
+    """Under the state lock: this runner's record of a run, replacing its 'running' entry."""
+    with changing_state(sweep_dir) as state:
+        state["runs"] = [record if r["number"] == record["number"] else r for r in state["runs"]]
+
+
+def other_runs(sweep_dir: Path, current: dict) -> list[dict]:
+    """Every other run of the sweep, the running ones (of any runner) with their metrics so far."""
+    state = load_state(sweep_dir) or {"runs": []}  # written atomically: a consistent read without the lock
+    others = [r for r in state["runs"] if r["number"] != current["number"]]
+    for rec in others:
+        if rec["state"] == "running":
+            rec["history"] = read_history(Path(rec["run_dir"]))
+    return others
+
+
+def train_run(args: argparse.Namespace, sweep_dir: Path, config: dict, record: dict, hyperband: bool) -> bool:
+    """Train a claimed run and record its outcome; False when the runner was interrupted meanwhile."""
     metric, goal = metric_of(config)
-    check = (lambda rec: hyperband_should_stop(config, state["runs"][:-1], rec)) if hyperband else None
+    check = (lambda rec: hyperband_should_stop(config, other_runs(sweep_dir, rec), rec)) if hyperband else None
     t0 = time.time()
     try:
         code, stopped, tail = execute(record["command"], record, Path(record["run_dir"]), Path(record["log"]),
@@ -397,16 +324,15 @@ def train_run(args: argparse.Namespace, sweep_dir: Path, state: dict, record: di
         mark_interrupted(record, "interrupted (Ctrl-C / SIGTERM of the runner)", metric, goal,
                          duration_s=round(time.time() - t0, 1))
         record.pop("pid", None)
-        save_state(sweep_dir, state)
-        print_leaderboard(sweep_dir, state, args.top)
+        commit_run(sweep_dir, record)
+        show_leaderboard(sweep_dir, args.top)
         print("[sweep] interrupted; run the same command again to continue the sweep", file=sys.stderr)
         return False
     record.pop("pid", None)
     record["duration_s"] = round(time.time() - t0, 1)
     record["returncode"] = code
     finish_run(record, code, stopped, tail, metric, goal)
-    save_state(sweep_dir, state)
-    write_leaderboard(sweep_dir, state)
+    commit_run(sweep_dir, record)
     result = f"{metric} {record['metric']:.4f} (epoch {record['best_epoch']})" if record["metric"] is not None else "-"
     print(f"[sweep] {record['name']} {record['state']}: {result} in {record['duration_s']:.0f}s"
           + (f" ({record['note']})" if record.get("note") else ""), flush=True)

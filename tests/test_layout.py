@@ -13,7 +13,8 @@ SCRIPTS = {"train_parta", "train_partb", "evaluate", "visualize", "sweep_offline
 LAYERS = {
     "cli": 0, "presets": 0,
     "download": 1, "images": 1, "sampler": 1, "devices": 1, "amp": 1, "attribution": 1, "figures": 1,
-    "sweep_engine": 1,
+    "sweep_engine": 1, "sweep_locks": 1,
+    "sweep_process": 2,
     "data": 2, "decoded_cache": 2, "models": 2, "freezing": 2, "metrics": 2,
     "device_batches": 3, "checkpoint": 3, "optim": 3, "tracking": 3,
     "flags": 4, "inference": 4,

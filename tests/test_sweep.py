@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -317,3 +319,119 @@ def test_runner_owns_its_bookkeeping_flags(tmp_path):
         with pytest.raises(UserError, match="set by the sweep runner"):
             sweep_offline.main(sweep_offline.parse_args(["--config", str(cfg), "--sweep_dir", str(tmp_path / "s"),
                                                          "--", *flag]))
+
+
+# ----------------------------------------------------------------------------- sweep_partb.yaml
+SWEEP_PARTB_YAML = REPO / "sweep_partb.yaml"
+PARTB_TYPES = {"freeze": str, "lr": float, "lr_mult": float, "unfreeze_at": int, "augment": bool, "model": str,
+               "epochs": int}
+
+
+def partb_cases() -> list[tuple[str, object]]:
+    cases = []
+    np.random.seed(0)
+    for name, spec in yaml.safe_load(SWEEP_PARTB_YAML.read_text())["parameters"].items():
+        if "values" in spec:
+            cases += [(name, v) for v in spec["values"]]
+        elif "value" in spec:
+            cases.append((name, spec["value"]))
+        else:
+            cases += [(name, sweep_engine.plain(HyperParameter(name, spec).sample())) for _ in range(4)]
+            cases += [(name, spec["min"]), (name, spec["max"])]
+    return cases
+
+
+def test_partb_sweep_is_a_valid_wandb_sweep_over_the_freezing_strategies():
+    import train_partb
+    from freezing import list_stages
+    from models import build_backbone
+
+    cfg = yaml.safe_load(SWEEP_PARTB_YAML.read_text())
+    assert sweeps.schema_violations_from_proposed_config(cfg) == []
+    assert cfg["program"] == "train_partb.py" and cfg["metric"] == {"name": "val_acc", "goal": "maximize"}
+    assert set(cfg["parameters"]) == set(PARTB_TYPES)
+    freezes = cfg["parameters"]["freeze"]["values"]
+    assert {"auto", "all", "none"} <= set(freezes) and any(f.startswith("upto:") for f in freezes)
+    # the upto: stages exist in the sweep's model, which is train_partb.py's default
+    model = cfg["parameters"]["model"]["value"]
+    assert model == train_partb.get_args_parser().get_default("model")
+    stages = [name for name, _ in list_stages(build_backbone(model, "none", 10).model)]
+    assert all(f[5:] in stages for f in freezes if f.startswith("upto:"))
+
+
+@pytest.mark.parametrize("name,value", partb_cases(), ids=lambda v: str(v))
+def test_partb_agent_argument_parses_to_the_intended_value(name, value):
+    import train_partb
+
+    argv = agent_args({name: value})
+    assert argv == [f"--{name}={value}"]
+    got = getattr(train_partb.get_args_parser().parse_args(argv), name)
+    assert type(got) is PARTB_TYPES[name] and got == value
+
+
+# ----------------------------------------------------------------------------- several runners
+def start_runner(*args: str, cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(REPO / "sweep_offline.py"), *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_runners_share_one_sweep_folder(tiny_data, tmp_path):
+    cfg_path = write_yaml(tmp_path / "tiny_sweep.yaml", tiny_sweep_config())
+    sweep_dir = tmp_path / "sweep"
+    args = ["--config", cfg_path, "--sweep_dir", sweep_dir, "--count", "2", "--seed", "0", "--quiet", "--",
+            "--data_dir", tiny_data, "--workers", "0", "--device", "cpu"]
+    runners = [start_runner(*args, cwd=tmp_path) for _ in range(2)]
+    outputs = [r.communicate(timeout=600)[0] for r in runners]
+    assert [r.returncode for r in runners] == [0, 0], outputs
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    assert sorted(r["number"] for r in state["runs"]) == [1, 2, 3, 4]
+    assert len({r["run_dir"] for r in state["runs"]}) == 4 and all(r["state"] == "finished" for r in state["runs"])
+    assert len({r["runner"] for r in state["runs"]}) == 2  # each runner trained its own --count
+    assert all((Path(r["run_dir"]) / "metrics.csv").is_file() for r in state["runs"])
+    board = read_leaderboard(sweep_dir)
+    assert sorted(r["run"] for r in board) == ["run-001", "run-002", "run-003", "run-004"]
+    assert not list((sweep_dir / "runners").iterdir())  # both leases released
+
+
+def running_records(sweep_dir: Path) -> list[dict]:
+    try:
+        return [r for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"] if r["state"] == "running"]
+    except (OSError, ValueError):
+        return []
+
+
+def test_a_runner_killed_mid_run_is_reported_and_never_blocks_the_others(tmp_path, capsys):
+    import signal
+    import time
+
+    cfg = fake_sweep(tmp_path, "random", [0.2, 0.4, 0.6, 0.8], {"epochs": {"value": 60}, "sleep": {"value": 0.25}})
+    sweep_dir = tmp_path / "s"
+    slow = start_runner("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", "--quiet", cwd=tmp_path)
+    deadline = time.time() + 60
+    while not running_records(sweep_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    victim = running_records(sweep_dir)[0]
+    fast = start_runner("--sweep_dir", sweep_dir, "--count", "2", "--quiet", "--", "--sleep", "0.01",
+                        cwd=tmp_path)
+    while len(running_records(sweep_dir)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(running_records(sweep_dir)) == 2  # both train at the same moment
+    slow.send_signal(signal.SIGKILL)
+    slow.wait(timeout=30)
+    out = fast.communicate(timeout=120)[0]
+    assert fast.returncode == 0, out
+
+    sweep_offline.main(sweep_offline.parse_args(["--sweep_dir", str(sweep_dir), "--show"]))
+    shown = capsys.readouterr().out
+    runs = {r["number"]: r for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"]}
+    assert len(runs) == 3
+    killed = runs[victim["number"]]
+    assert killed["state"] == "interrupted" and "runner died" in killed["note"]
+    assert [r["state"] for n, r in sorted(runs.items()) if n != victim["number"]] == ["finished", "finished"]
+    assert victim["name"] in shown and "interrupted" in shown and "runner died" in shown
+    # the killed runner's training process got SIGTERM with it, instead of training on as an orphan
+    csv_path = Path(killed["run_dir"]) / "metrics.csv"
+    size = csv_path.stat().st_size if csv_path.exists() else 0
+    time.sleep(1.0)
+    assert (csv_path.stat().st_size if csv_path.exists() else 0) == size
