@@ -58,6 +58,6 @@ if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
 else
   echo "SKIP torchrun_2gpu (one GPU visible)"
 fi
-check pytest_cuda $PY -m pytest -q tests/test_cache.py -k "cuda or float_batches"
+check pytest_cuda $PY -m pytest -q tests -k "cuda or float_batches"
 check bench_224 $PY bench.py --data_dir "$DATA" --image_size 224 --batches 20 --cache "$OUT/cache" --json "$OUT/bench.json"
 exit $FAILED
