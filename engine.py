@@ -356,8 +356,14 @@ def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: I
     except NonFiniteLoss as e:
         logger.finish()
         last_good = run_dir / "last.pt"
-        raise UserError(f"{e}; stopped instead of training on garbage. Last good checkpoint: "
-                        f"{last_good if last_good.exists() else 'none yet'} (try a lower --lr or --grad_clip)") from None
+        message = (f"{e}; stopped instead of training on garbage. Last good checkpoint: "
+                   f"{last_good if last_good.exists() else 'none yet'} (try a lower --lr or --grad_clip)")
+        if distributed():  # every process stopped at the same batch; rank 0 says why, in one line
+            if main:
+                print(f"error: {message}", file=sys.stderr, flush=True)
+            finish_distributed()  # after the print: torchrun stops the others once one has exited
+            sys.exit(2)
+        raise UserError(message) from None
     except Exception:  # never leave a W&B run open on an unexpected error
         logger.finish()
         raise

@@ -298,3 +298,33 @@ def trained_run(image_folder, tmp_path_factory) -> TrainedRun:
         train_args(image_folder.root, out, "trained", TRAINED_EPOCHS, "--seed", "0"))
     state = train_parta.main(args)
     return TrainedRun(out / "trained", state, args, image_folder)
+
+
+# ----------------------------------------------------------------------------- shared reference runs
+# One uninterrupted run per flag set, shared by every resume / DDP test that compares against it
+# (tests/test_training.py, tests/test_reliability.py, tests/test_resume.py), so that stronger
+# comparisons do not cost a reference run each.
+REF_EPOCHS = 2
+DEFAULT_REF_FLAGS = ["--batch_size", "4"]  # Part A's defaults: augmentation and dropout on
+# Nothing random while training and no batch statistics: what 1 and 2 torchrun processes must agree on.
+PLAIN_REF_FLAGS = ["--dropout", "0", "--no-augment", "--no-batch_norm"]
+
+
+def _reference(image_folder, tmp_path_factory, name: str, flags: list) -> TrainedRun:
+    import train_parta
+
+    out = tmp_path_factory.mktemp(f"ref-{name}")
+    args = train_parta.get_args_parser().parse_args(train_args(image_folder.root, out, name, REF_EPOCHS, *flags))
+    return TrainedRun(out / name, train_parta.main(args), args, image_folder)
+
+
+@pytest.fixture(scope="session")
+def default_reference(image_folder, tmp_path_factory) -> TrainedRun:
+    """Uninterrupted Part A run: default flags (augmentation, dropout, batch norm), batch 4, 2 epochs."""
+    return _reference(image_folder, tmp_path_factory, "ref_default", DEFAULT_REF_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def plain_reference(image_folder, tmp_path_factory) -> TrainedRun:
+    """Uninterrupted Part A run without dropout, augmentation or batch norm: batch 16, 2 epochs."""
+    return _reference(image_folder, tmp_path_factory, "ref_plain", PLAIN_REF_FLAGS)

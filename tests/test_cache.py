@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import CLASSES, make_dataset
 from decoded_cache import decode_fixed, open_decoded_cache
-from device_batches import DeviceLoader, affine_normalize, augment_batch, augment_params, color_affine, normalize_batch
+from device_batches import DeviceLoader, affine_normalize, augment_batch, augment_params, color_affine
 from presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
@@ -25,12 +25,16 @@ def train_paths(root: Path) -> list[str]:
     return sorted(str(p) for p in (root / "train").rglob("*") if p.is_file())
 
 
-def test_cache_holds_exactly_the_directly_decoded_pixels(folder, tmp_path):
+def test_cache_holds_the_short_side_resized_centre_of_every_file(folder, tmp_path):
+    """Small PNG/JPEG files (no draft mode): the cache rows are torchvision's Resize + CenterCrop, exactly."""
+    from torchvision import transforms as T
+
     paths = train_paths(folder)
     cache = open_decoded_cache(paths, 36, tmp_path / "cache")
     assert cache.images.shape == (len(paths), 3, 36, 36) and cache.images.dtype == np.uint8
     for i, p in enumerate(paths):
-        assert np.array_equal(cache.images[i], decode_fixed(p, 36))
+        ref = T.PILToTensor()(T.CenterCrop(36)(T.Resize(36)(Image.open(p).convert("RGB"))))
+        assert torch.equal(torch.from_numpy(np.array(cache.images[i])), ref), p
 
 
 def test_decode_fixed_matches_the_eval_transform_resize_and_crop(tmp_path):
@@ -121,16 +125,27 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top : top + size, left : left + size]
 
 
+def torchvision_eval(paths, pre: Preprocess) -> torch.Tensor:
+    """The reference eval inputs: torchvision's own transforms on the full-resolution PIL images."""
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.Resize(pre.resize_size), T.CenterCrop(pre.image_size), T.ToTensor(),
+                    T.Normalize(pre.mean, pre.std)])
+    return torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+
+
 def test_eval_batches_are_never_augmented(folder, tmp_path):
+    """Every epoch, eval batches equal torchvision's eval transform of the files (no draft at 40 px)."""
     paths = train_paths(folder)
     cache = open_decoded_cache(paths, 36, tmp_path / "cache")
-    loader = DeviceLoader(cache, list(range(len(paths))), [0] * len(paths), 4, Preprocess(32, 36),
-                          torch.device("cpu"), augment=False)
-    expected = normalize_batch(center_crop(torch.from_numpy(np.array(cache.images)), 32), IMAGENET_MEAN, IMAGENET_STD)
+    pre = Preprocess(32, 36)
+    loader = DeviceLoader(cache, list(range(len(paths))), [0] * len(paths), 4, pre, torch.device("cpu"),
+                          augment=False)
+    expected = torchvision_eval(paths, pre)
     for epoch in range(2):
         loader.sampler.set_epoch(epoch)
         got = torch.cat([x for x, _ in loader])
-        assert torch.allclose(got, expected, atol=1e-6)
+        assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_crop_scale_bounds_the_crop_area_on_both_pipelines():
@@ -157,29 +172,15 @@ def test_device_loader_draws_crops_at_its_crop_scale(folder, tmp_path):
 
 
 def test_stored_side_fits_the_smallest_crop_but_not_more_than_the_photos_have():
+    """Hand values at 64 px: the narrowest crop of area `scale` (aspect 3/4) keeps sqrt(scale*3/4) of the side,
+    so the side is ceil(64 / that): 262 at 0.08 (0.2449), 148 at 0.25 (0.4330), 105 at 0.5 (0.6124), 74 at 1.0
+    (0.8660), never below the eval resize 73 (= round(64 / 0.875))."""
     pre = Preprocess.for_size(64)
     assert pre.resize_size == 73 and pre.stored_side(False, 0.5, 10_000) == 73
-    for scale in (0.08, 0.25, 0.5, 1.0):
-        side = pre.stored_side(True, scale, 10_000)
-        # the narrowest crop of the smallest area (aspect 3/4) still spans >= 64 stored pixels
-        assert round(math.sqrt(scale * 3 / 4) * side) >= 64
+    assert [pre.stored_side(True, s, 10_000) for s in (0.08, 0.25, 0.5, 1.0)] == [262, 148, 105, 74]
     assert pre.stored_side(True, 0.08, 150) == 150  # no bigger than the largest photo
     assert pre.stored_side(True, 0.08, 50) == 73  # but always enough for the eval resize
-
-
-def test_eval_batches_from_an_augmentation_cache_resize_the_eval_centre(folder, tmp_path):
-    paths = train_paths(folder)
-    pre = Preprocess.for_size(32)
-    stored = pre.stored_side(True, 0.5, 40)
-    assert stored > pre.resize_size
-    cache = open_decoded_cache(paths, stored, tmp_path / "cache")
-    loader = DeviceLoader(cache, list(range(len(paths))), [0] * len(paths), len(paths), pre, torch.device("cpu"),
-                          augment=False)
-    got = next(iter(loader))[0]
-    centre = center_crop(torch.from_numpy(np.array(cache.images)), round(32 * stored / pre.resize_size))
-    resized = torch.nn.functional.interpolate(centre, size=(32, 32), mode="bilinear", antialias=True)
-    assert got.shape == (len(paths), 3, 32, 32)
-    assert torch.allclose(got, normalize_batch(resized, IMAGENET_MEAN, IMAGENET_STD), atol=1e-6)
+    assert Preprocess.for_size(224).stored_side(True, 0.25, 1200) == 518  # ceil(224 / 0.4330)
 
 
 # ----------------------------------------------------------------------------- cached crop vs PIL crop
@@ -235,6 +236,44 @@ def test_cached_random_crops_have_the_detail_of_pil_crops_of_the_photo(tmp_path)
         ours = cached_crop(x, box, 224)
         # Measured 0.006 here; crops upscaled from the old 320 px square (139-185 px wide) are 0.02 off.
         assert (ours - ref).abs().mean() < 0.01, box
+
+
+def drafted(path: Path, size: int) -> Image.Image:
+    img = Image.open(path)
+    img.draft("RGB", (size, size))  # what decode_fixed's JPEG draft mode decodes (1/2 .. 1/8 scale)
+    return img.convert("RGB")
+
+
+@pytest.mark.parametrize("augment_side", [False, True])
+def test_cached_eval_batches_match_torchvision_on_camera_jpegs(tmp_path, augment_side):
+    """1600x1200 and 1200x1600 JPEGs (draft mode): eval batches from the cache vs torchvision's eval transform
+    of the full photo. Tolerances come from torchvision alone: the eval-size cache may be off by no more than
+    draft mode itself costs (x1.25); the augmentation-size cache (518 px, centre resized again) by less than
+    half of what a one-pixel misalignment of the centre crop costs."""
+    from torchvision import transforms as T
+
+    paths = [str(camera_photo(tmp_path / "wide.jpg")), str(camera_photo(tmp_path / "tall.jpg", (1200, 1600)))]
+    pre = Preprocess.for_size(224)
+    side = pre.stored_side(augment_side, 0.25, 1200)
+    assert side == (518 if augment_side else 256)
+    cache = open_decoded_cache(paths, side, tmp_path / "cache")
+    loader = DeviceLoader(cache, [0, 1], [0, 1], 2, pre, torch.device("cpu"), augment=False)
+    got = next(iter(loader))[0]
+    ref = torchvision_eval(paths, pre)
+    err = (got - ref).abs().mean().item()
+    if not augment_side:
+        tf = T.Compose([T.Resize(pre.resize_size), T.CenterCrop(224), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+        draft_err = (torch.stack([tf(drafted(Path(p), side)) for p in paths]) - ref).abs().mean().item()
+        assert 0 < draft_err and err <= 1.25 * draft_err, (err, draft_err)  # measured: err == draft_err, 0.037
+    else:
+        tf = T.Compose([T.Resize(pre.resize_size), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+        shifted = []
+        for p in paths:
+            full = tf(Image.open(p).convert("RGB"))
+            top, left = (full.shape[1] - 224) // 2 + 1, (full.shape[2] - 224) // 2
+            shifted.append(full[:, top:top + 224, left:left + 224])
+        one_px = (torch.stack(shifted) - ref).abs().mean().item()
+        assert err < 0.5 * one_px, (err, one_px)  # measured 0.072 vs 0.5 * 0.179; 0.122 without antialiasing
 
 
 def test_old_cache_side_upscaled_small_crops(tmp_path):

@@ -93,15 +93,40 @@ def test_bad_constructor_arguments_raise_value_error(kwargs, fragment):
         ConvNet(num_classes=3, image_size=64, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(conv_layers=5, filters=8, filter_org=2.0, batch_norm=True, pool="flatten"),
-    dict(conv_layers=3, filters=6, filter_org=0.5, kernel_size=[7, 5, 3], batch_norm=False, pool="avg"),
-])
-def test_count_complexity_params_equal_numel_sum(kwargs):
+# Parameter counts worked out by hand from the layer shapes (weights + biases + batch-norm affine).
+HAND_COUNTS = [
+    # 64 px, widths 8-16-32-64-128, 3x3, no conv bias (batch norm: 2 per channel), 64/2**5 = 2 -> 128*2*2 = 512
+    (dict(conv_layers=5, filters=8, filter_org=2.0, batch_norm=True, pool="flatten"),
+     (3 * 8 + 8 * 16 + 16 * 32 + 32 * 64 + 64 * 128) * 9 + 2 * (8 + 16 + 32 + 64 + 128)
+     + (512 * 32 + 32) + (32 * 10 + 10)),
+    # widths 6-3-2 (6 * 0.25 = 1.5 rounds to 2), kernels 7-5-3 with bias; avg pool -> 2 features
+    (dict(conv_layers=3, filters=6, filter_org=0.5, kernel_size=[7, 5, 3], batch_norm=False, pool="avg"),
+     (3 * 6 * 49 + 6) + (6 * 3 * 25 + 3) + (3 * 2 * 9 + 2) + (2 * 32 + 32) + (32 * 10 + 10)),
+]
+
+
+@pytest.mark.parametrize("kwargs, expected", HAND_COUNTS)
+def test_count_complexity_params_equal_a_count_from_the_layer_shapes(kwargs, expected):
+    """count_complexity's parameters equal the hand count from the layer shapes (115378 and 1823)."""
+    assert expected in (115378, 1823)
     model = ConvNet(num_classes=10, image_size=64, dense_neurons=32, **kwargs)
     params, macs = count_complexity(model, 64)
-    assert params == sum(p.numel() for p in model.parameters())
+    assert params == expected
     assert macs > 0
+
+
+def test_count_complexity_params_equal_torchvisions_published_count():
+    """resnet18 (1000 classes) has torchvision's published num_params; with a 4-class head 1000*513 fewer + 4*513."""
+    from torchvision.models import ResNet18_Weights, get_model
+
+    import models
+
+    published = ResNet18_Weights.IMAGENET1K_V1.meta["num_params"]
+    assert published == 11689512
+    params, _ = count_complexity(get_model("resnet18", weights=None), 32)
+    assert params == published
+    bb = models.build_backbone("resnet18", "none", 4)
+    assert count_complexity(bb.model, 32)[0] == published - 1000 * 513 + 4 * 513
 
 
 def test_count_complexity_one_layer_by_hand():

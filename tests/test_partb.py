@@ -157,11 +157,41 @@ def test_freeze_bn_keeps_the_bodys_batch_norm_while_the_rest_trains(tiny_data, r
         assert torch.equal(state[key], original[key]) == bn_frozen, key
 
 
-def test_upto_last_and_backbone_lr_run_end_to_end(tiny_data, r18_file, tmp_path):
-    for i, extra in enumerate((["--freeze", "upto:layer3"], ["--freeze", "last:1", "--backbone_lr", "1e-4"])):
-        state = partb(tiny_data, tmp_path / str(i), "--model", "resnet18", "--weights", str(r18_file),
-                      "--epochs", "1", *extra)
-        assert len(state.history) == 1
+RESNET18_STAGES = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+
+
+@pytest.mark.parametrize("strategy, trainable", [("upto:layer3", {"layer4", "fc"}),
+                                                 ("last:2", {"layer3", "layer4", "fc"})])
+def test_upto_last_and_backbone_lr_train_exactly_those_stages_at_their_lrs(tiny_data, r18_file, tmp_path, strategy,
+                                                                            trainable):
+    """train_partb's own builders: requires_grad per stage, head at --lr and body at --backbone_lr in the param
+    groups and in the run's optimizer; after an epoch the frozen stages equal the file, the others moved."""
+    argv = ["--model", "resnet18", "--weights", str(r18_file), "--freeze", strategy, "--lr", "0.01",
+            "--backbone_lr", "0.0003", "--freeze_bn=False", "--epochs", "1"]
+    args = train_partb.get_args_parser().parse_args(argv)
+    train_partb.resolve_recipe(args)
+    bb = train_partb.build_backbone_for(args, 3)
+    stages = dict(list_stages(bb.model))
+    assert list(stages) == RESNET18_STAGES
+    for name, stage in stages.items():
+        assert {p.requires_grad for p in stage.parameters()} == {name in trainable}, name
+    head_ids = {id(p) for p in bb.model.fc.parameters()}
+    groups = train_partb.param_groups(bb, args)
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert g["lr"] == (0.01 if g["name"].startswith("head") else 0.0003), g["name"]
+        assert (ids <= head_ids) == g["name"].startswith("head") and (ids <= head_ids or not ids & head_ids)
+
+    partb(tiny_data, tmp_path, *argv)
+    last = load_checkpoint(run_dir_of(tmp_path) / "last.pt")
+    base_lrs = {g["name"]: g["initial_lr"] for g in last["optimizer"]["param_groups"]}
+    assert base_lrs == {"head": 0.01, "head_no_decay": 0.01, "backbone": 0.0003, "backbone_no_decay": 0.0003}
+    original = torch.load(r18_file, weights_only=True)
+    state = last["model_state"]
+    for name in RESNET18_STAGES[:-1]:
+        keys = [k for k in original if k.startswith(name + ".") and original[k].is_floating_point()]
+        moved = [k for k in keys if not torch.equal(state[k], original[k])]
+        assert bool(moved) == (name in trainable), (name, moved[:3])
 
 
 # ----------------------------------------------------------------------------- feature cache
@@ -255,4 +285,9 @@ def test_lite0_builds_with_a_new_head_and_the_weights_normalisation():
     assert bb.mean == (0.5, 0.5, 0.5) and bb.image_size == 224 and bb.head_name == "classifier"
     assert bb.model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
     rebuilt = models.build_from_spec(bb.spec, 3)
-    rebuilt.load_state_dict(bb.model.state_dict())
+    result = rebuilt.load_state_dict(bb.model.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    bb.model.eval(), rebuilt.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), bb.model(x))  # the same architecture (TF padding, BN eps), not only keys

@@ -313,6 +313,54 @@ def test_bayes_gets_the_history_of_earlier_runs(tmp_path):
     assert proposal["q"]["value"] in (0.1, 0.5, 0.9) and 0.0 <= proposal["r"]["value"] <= 1.0
 
 
+BAYES_CFG = {"program": "x.py", "method": "bayes", "metric": {"name": "val_acc", "goal": "maximize"},
+             "parameters": {"r": {"min": 0.0, "max": 1.0}}}
+
+
+def peaked_records(peak: float) -> list[dict]:
+    """Ten finished runs over r in [0, 1] whose best epoch (the 2nd) scores a bump at r = peak; the last
+    epoch scores the opposite (low at the peak), so only the best-over-epochs points at the peak."""
+    import math
+
+    out = []
+    for i, r in enumerate([0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]):
+        acc = math.exp(-((r - peak) / 0.12) ** 2)
+        out.append({"name": f"run-{i + 1:03d}", "number": i + 1, "state": "finished", "config": {"r": {"value": r}},
+                    "history": [{"epoch": 1, "val_acc": 0.1 * acc}, {"epoch": 2, "val_acc": 0.2 + 0.8 * acc},
+                                {"epoch": 3, "val_acc": 0.15 * (1 - acc)}]})
+    return out
+
+
+def test_bayes_proposals_move_to_the_best_region_of_the_history():
+    """Same seeds, histories peaked at r=0.7 vs r=0.2: the proposals follow the peak (within 0.05)."""
+    for seed in (0, 1):
+        near_07 = sweep_engine.propose(BAYES_CFG, peaked_records(0.7), seed=seed, number=11)["r"]["value"]
+        near_02 = sweep_engine.propose(BAYES_CFG, peaked_records(0.2), seed=seed, number=11)["r"]["value"]
+        assert abs(near_07 - 0.7) < 0.05 and abs(near_02 - 0.2) < 0.05, (seed, near_07, near_02)
+
+
+def hb_record(name: str, state: str, accs: list[float]) -> dict:
+    return {"name": name, "state": state, "config": {"q": {"value": 0.5}},
+            "history": [{"epoch": e, "val_acc": a} for e, a in enumerate(accs, 1)]}
+
+
+def test_hyperband_should_stop_below_the_band_threshold_only():
+    """min_iter 1, eta 2: bands at history index 1, 2, 4...; the threshold is the median (index int(n/2) of the
+    sorted negated values) of val_acc at the band. Below it: stopped; above it, or before the first band: not."""
+    cfg = {"program": "x.py", "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+           "parameters": {"q": {"values": [0.5]}}, "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2}}
+    done = [hb_record("a", "finished", [0.5, 0.6, 0.7]), hb_record("b", "finished", [0.6, 0.7, 0.8])]
+    # band 1 values (epoch 2): 0.6, 0.7 and the run's own; threshold = the middle one
+    assert sweep_engine.hyperband_should_stop(cfg, done, hb_record("slow", "running", [0.1, 0.2]))
+    assert not sweep_engine.hyperband_should_stop(cfg, done, hb_record("fast", "running", [0.7, 0.9]))
+    assert not sweep_engine.hyperband_should_stop(cfg, done, hb_record("young", "running", [0.0]))  # no band yet
+    # its best epoch counts, not its last: 0.65 at epoch 1 beats the 0.6 threshold
+    assert not sweep_engine.hyperband_should_stop(cfg, done, hb_record("dip", "running", [0.65, 0.2]))
+    # interrupted runs never set a threshold: with only them, nothing is stopped
+    gone = [dict(r, state="interrupted") for r in done]
+    assert not sweep_engine.hyperband_should_stop(cfg, gone, hb_record("slow", "running", [0.1, 0.2]))
+
+
 def test_runner_owns_its_bookkeeping_flags(tmp_path):
     cfg = fake_sweep(tmp_path, "random", [0.5])
     for flag in (["--out_dir", "x"], ["--run-name=x"], ["--wandb", "online"]):

@@ -17,7 +17,8 @@ from PIL import Image
 import data
 import evaluate
 import train_parta
-from conftest import read_rows, REPO, TRAINED_EPOCHS, clean_env, make_dataset, run_cli, train_args
+from conftest import (DEFAULT_REF_FLAGS, PLAIN_REF_FLAGS, REF_EPOCHS, REPO, TRAINED_EPOCHS, clean_env, make_dataset,
+                      read_rows, run_cli, train_args)
 from models import ConvNet
 from checkpoint import load_checkpoint, restore_model
 from cli import UserError
@@ -130,8 +131,9 @@ def test_existing_run_name_is_refused_not_overwritten(trained_run):
 
 
 # ----------------------------------------------------------------------------- resume (subprocess)
-def interrupted_run(data_dir: Path, out: Path, name: str, epochs: int, extra: list) -> tuple[Path, str]:
-    """Start a run, SIGINT it once metrics.csv has 2 rows; returns (run_dir, stderr).
+def interrupted_run(data_dir: Path, out: Path, name: str, epochs: int, extra: list,
+                    after_rows: int = 1) -> tuple[Path, str]:
+    """Start a run, SIGINT it once metrics.csv has `after_rows` rows; returns (run_dir, stderr).
 
     If the run finished before the signal landed, try again under a new name (rare, slow machines).
     """
@@ -141,7 +143,7 @@ def interrupted_run(data_dir: Path, out: Path, name: str, epochs: int, extra: li
         proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         deadline = time.monotonic() + 180
-        while proc.poll() is None and len(read_rows(run_dir / "metrics.csv")) < 2 and time.monotonic() < deadline:
+        while proc.poll() is None and len(read_rows(run_dir / "metrics.csv")) < after_rows and time.monotonic() < deadline:
             time.sleep(0.01)
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -152,45 +154,52 @@ def interrupted_run(data_dir: Path, out: Path, name: str, epochs: int, extra: li
     pytest.fail("the run always finished before SIGINT arrived")
 
 
-def resume_matches_uninterrupted(image_folder, tmp_path, extra):
-    full = run_cli("train_parta.py", *train_args(image_folder.root, tmp_path, "full", 4, *extra))
-    assert full.returncode == 0, full.stderr
-    run_dir, err = interrupted_run(image_folder.root, tmp_path, "cut", 4, extra)
+def resume_matches_uninterrupted(reference, tmp_path, extra):
+    """Interrupt a run with the reference's flags mid-epoch, resume it: returns (rows, ref_rows, run_dir, last).
+
+    `last` is last.pt as the interruption left it: it must be mid-epoch (batches_done > 0) with the
+    epoch's partial sums, else this would only test an end-of-epoch resume.
+    """
+    epochs = REF_EPOCHS
+    run_dir, err = interrupted_run(reference.data.root, tmp_path, "cut", epochs, extra, after_rows=1)
     assert "interrupted" in err and f"--resume {run_dir}" in err and "Traceback" not in err
     rows_before = read_rows(run_dir / "metrics.csv")
-    assert 2 <= len(rows_before) < 4
+    assert 1 <= len(rows_before) < epochs
     last = load_checkpoint(run_dir / "last.pt")
     assert last["epoch"] == len(rows_before)
+    batch = int(reference.args.batch_size)
+    steps = len(json.loads((run_dir / "split.json").read_text())["train"]) // batch
+    assert 0 < last["batches_done"] < steps + 1, last["batches_done"]  # stopped inside an epoch
+    part = last["partial"]
+    # the epoch's running sums so far: every finished step counted (the truncated image never reaches a batch)
+    assert part["seen"] == last["batches_done"] * batch, part
+    assert part["loss"] > 0 and 0 <= part["correct"] <= part["seen"], part
 
     res = run_cli("train_parta.py", "--resume", run_dir, "--workers", "0", "--wandb", "disabled", "--device", "cpu")
     assert res.returncode == 0, res.stderr
-    assert f"resuming {run_dir} after epoch {len(rows_before)}" in res.stdout
+    assert f"resuming {run_dir} after epoch {len(rows_before)}, batch {last['batches_done']}\n" in res.stdout
     rows = read_rows(run_dir / "metrics.csv")
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # no duplicates, nothing missing
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))  # no duplicates, nothing missing
     assert rows[: len(rows_before)] == rows_before  # history kept as it was
-    ref = read_rows(tmp_path / "full" / "metrics.csv")
-    return rows, ref, run_dir
-
-
-def test_interrupt_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
-    # No dropout and no augmentation: the run draws no random numbers while training, so an exact
-    # replay depends only on the seed, the batch order and the saved state.
-    rows, ref, run_dir = resume_matches_uninterrupted(image_folder, tmp_path, ["--dropout", "0", "--no-augment"])
-    for r, f in zip(rows, ref):
-        assert round(float(r["val_acc"]), 4) == round(float(f["val_acc"]), 4), (r, f)
-        assert round(float(r["train_loss"]), 4) == round(float(f["train_loss"]), 4), (r, f)
-        assert round(float(r["val_loss"]), 4) == round(float(f["val_loss"]), 4), (r, f)
+    ref = read_rows(reference.run_dir / "metrics.csv")
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        assert [round(float(r[key]), 5) for r in rows] == [round(float(r[key]), 5) for r in ref], key
     a = load_checkpoint(run_dir / "last.pt")["model_state"]
-    b = load_checkpoint(tmp_path / "full" / "last.pt")["model_state"]
+    b = load_checkpoint(reference.run_dir / "last.pt")["model_state"]
+    assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=1e-6), k
+    return rows, ref, run_dir, last
 
 
-def test_resume_mid_epoch_with_dropout_and_augmentation_replays_exactly(image_folder, tmp_path):
-    rows, ref, _ = resume_matches_uninterrupted(image_folder, tmp_path, [])
-    for r, f in zip(rows, ref):
-        assert round(float(r["train_loss"]), 4) == round(float(f["train_loss"]), 4), (r, f)
-        assert round(float(r["val_loss"]), 4) == round(float(f["val_loss"]), 4), (r, f)
+def test_interrupt_and_resume_equals_uninterrupted_run(plain_reference, tmp_path):
+    """No dropout, augmentation or batch norm: the replay depends only on seed, batch order and saved state."""
+    resume_matches_uninterrupted(plain_reference, tmp_path, PLAIN_REF_FLAGS)
+
+
+def test_resume_mid_epoch_with_dropout_and_augmentation_replays_exactly(default_reference, tmp_path):
+    """Default flags, batch 4: stopped inside epoch 2, the resumed run equals the uninterrupted one."""
+    resume_matches_uninterrupted(default_reference, tmp_path, DEFAULT_REF_FLAGS)
 
 
 @pytest.mark.parametrize("cache", ["dir", "off"])

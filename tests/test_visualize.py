@@ -378,3 +378,82 @@ def test_every_figure_from_a_part_b_torchvision_checkpoint(viz_run, tmp_path):
         assert_png(out)
     model, _ = checkpoint.restore_model(path, torch.device("cpu"))
     assert attribution.auto_cam_layer(model, torch.randn(1, 3, 64, 64)) == "layer4.1"
+
+
+# ----------------------------------------------------------------------------- figure content
+def colour_blobs(png: Path, hex_colour: str, min_pixels: int) -> list[tuple[float, float]]:
+    """Centroids (x, y) of the connected regions of exactly this colour with at least min_pixels pixels."""
+    from scipy import ndimage
+
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    target = [int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)]
+    mask = (np.abs(rgb - target).max(-1) <= 2)
+    labels, n = ndimage.label(mask)
+    sizes = ndimage.sum(mask, labels, range(1, n + 1))
+    keep = [i + 1 for i, s in enumerate(sizes) if s >= min_pixels]
+    return [(c[1], c[0]) for c in ndimage.center_of_mass(mask, labels, keep)]
+
+
+def test_prediction_grid_png_draws_one_frame_per_panel_in_its_colour(viz_run, tmp_path):
+    """The PNG holds as many green and red frames (rings of >= 300 px) as the returned colours say."""
+    model, ckpt = checkpoint.restore_model(viz_run.ckpt, torch.device("cpu"))
+    samples, _ = inference.heldout_samples(ckpt, str(viz_run.root), "test")
+    chosen = visualize.choose_samples(samples, 6, seed=3)
+    relabelled = [(p, (y + (i % 3 == 0)) % 3) for i, (p, y) in enumerate(chosen)]  # some wrong for sure
+    records = visualize.prediction_samples(model, ckpt, relabelled, torch.device("cpu"))
+    out = tmp_path / "grid.png"
+    colours = figures.plot_prediction_grid(records, ckpt["class_names"], Preprocess.from_dict(ckpt["preprocess"]),
+                                           out, cols=3, title="t")
+    n_right, n_wrong = colours.count(figures.RIGHT), colours.count(figures.WRONG)
+    assert n_right and n_wrong and n_right + n_wrong == 6
+    assert len(colour_blobs(out, figures.RIGHT, 300)) == n_right
+    assert len(colour_blobs(out, figures.WRONG, 300)) == n_wrong
+
+
+def constant_head_checkpoint(viz_run, dest: Path, cls: int) -> Path:
+    """viz_run's checkpoint with a head that predicts class `cls` for every image."""
+    ck = torch.load(viz_run.ckpt, map_location="cpu", weights_only=True)
+    w, b = [k for k in ck["model_state"] if k.startswith("classifier.")][-2:]
+    ck["model_state"][w] = torch.zeros_like(ck["model_state"][w])
+    ck["model_state"][b] = torch.nn.functional.one_hot(torch.tensor(cls), 3).float() * 10
+    dest.mkdir(parents=True)
+    torch.save(ck, dest / "best.pt")
+    return dest / "best.pt"
+
+
+def test_confusion_png_shows_the_predicted_column(viz_run, tmp_path):
+    """Heads that always predict class 0 or class 2: the dark (fraction 1.0) cells form one column three cells
+    tall and one wide, at the left or at the right of the matrix."""
+    from matplotlib import colormaps
+    from scipy import ndimage
+
+    dark = np.array([round(255 * c) for c in colormaps["Blues"](1.0)[:3]])
+    boxes = {}
+    for cls in (0, 2):
+        ckpt = constant_head_checkpoint(viz_run, tmp_path / f"c{cls}", cls)
+        out = viz("confusion", "--ckpt", ckpt, "--workers", "0", "--device", "cpu")
+        rgb = np.asarray(Image.open(out).convert("RGB")).astype(int)
+        labels, n = ndimage.label(np.abs(rgb - dark).max(-1) <= 2)
+        biggest = 1 + int(np.argmax(ndimage.sum(labels > 0, labels, range(1, n + 1))))
+        ys, xs = np.nonzero(labels == biggest)
+        boxes[cls] = (xs.min(), xs.max(), ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+        height, width = boxes[cls][2:]
+        assert 2.5 < height / width < 3.5, boxes[cls]
+    assert boxes[2][0] - boxes[0][1] > boxes[0][3]  # class 2's column is a whole cell right of class 0's
+
+
+def test_filters_png_shows_the_filters_colours(viz_run, tmp_path):
+    """First-layer filters set to pure red (R weights 1, G and B 0) draw red panels; pure blue ones blue."""
+    counts = {}
+    for name, channel in (("red", 0), ("blue", 2)):
+        ck = torch.load(viz_run.ckpt, map_location="cpu", weights_only=True)
+        key = next(k for k in ck["model_state"] if k.endswith("weight") and ck["model_state"][k].dim() == 4)
+        w = torch.zeros_like(ck["model_state"][key])
+        w[:, channel] = 1.0
+        ck["model_state"][key] = w
+        (tmp_path / name).mkdir()
+        torch.save(ck, tmp_path / name / "best.pt")
+        out = viz("filters", "--ckpt", tmp_path / name / "best.pt")
+        counts[name] = (len(colour_blobs(out, "#ff0000", 50)), len(colour_blobs(out, "#0000ff", 50)))
+    n = w.shape[0]
+    assert counts == {"red": (n, 0), "blue": (0, n)}

@@ -1,0 +1,33 @@
+"""bench.py end to end on a tiny folder: every ratio is a positive number equal to ours / reference."""
+from __future__ import annotations
+
+import json
+import math
+
+from conftest import CLASSES, make_dataset, run_cli
+
+RATIOS = {  # ratio: (numerator, denominator) as the JSON names them
+    "data_loading_ratio": ("ours_loading", "reference_loading"),
+    "data_loading_aug_ratio": ("ours_loading_aug", "reference_loading_aug"),
+    "parta_train_ratio": ("ours_parta_train", "reference_parta_train"),
+}
+
+
+def test_bench_json_holds_every_ratio_consistent_with_its_rates(tmp_path):
+    """Tiny settings (32 px, 2 batches of 8, resnet18 untrained): the JSON's rates and ratios agree."""
+    root = make_dataset(tmp_path / "ds", CLASSES[:2], n_train=8, n_val=1, size=48)
+    out = tmp_path / "bench.json"
+    run_cli("bench.py", "--data_dir", root, "--image_size", "32", "--batches", "2", "--batch_size", "4",
+            "--partb_batches", "1", "--partb_epochs", "1", "--workers", "0", "--device", "cpu",
+            "--partb_model", "resnet18", "--parta_filters", "4", "--cache", tmp_path / "cache", "--json", out,
+            check=True, timeout=120)
+    result = json.loads(out.read_text())
+    for ratio, (ours, ref) in RATIOS.items():
+        for key in (ratio, ours, ref):
+            assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
+        assert result[ratio] == result[ours] / result[ref], ratio
+    pb = result["partb"]
+    assert pb["model"] == "resnet18" and pb["epochs"] == 1 and pb["images"] == 4
+    assert pb["uncached_s"] > 0 and pb["cached_s"] > 0
+    assert result["partb_cache_ratio"] == pb["uncached_s"] / pb["cached_s"]
+    assert result["train_images"] == 16 and result["image_size"] == 32
