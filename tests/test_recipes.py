@@ -1,6 +1,7 @@
 """Training recipes: the LR finder, MixUp/CutMix and the weight EMA."""
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import evaluate
 import train_parta
 from conftest import CLASSES, make_dataset, run_cli, train_args
 from amp import Training, grad_scaler
@@ -278,3 +280,24 @@ def test_best_pt_holds_the_ema_of_its_epoch(ema_run):
     for k in expected:
         assert torch.allclose(best["model_state"][k].double(), expected[k], atol=1e-6), k
         assert (best["model_state"][k] - history[steps - 1][k]).abs().max() > 1e-4, k
+
+
+def test_validation_runs_on_the_ema_weights(colours, tmp_path):
+    """With --ema, each epoch is validated on the EMA weights (the ones best.pt keeps): evaluate.py's
+    loss of best.pt on the run's own validation split equals the logged val_loss of its epoch."""
+    run = tmp_path / "ema-val"
+    args = train_parta.get_args_parser().parse_args(
+        train_args(colours, tmp_path, "ema-val", 2, "--ema", "0.9", "--dropout", "0", "--no-augment",
+                   "--label_smoothing", "0", "--cache", "off"))
+    train_parta.main(args)
+    best = load_checkpoint(run / "best.pt")
+    logged = {int(float(r["epoch"])): float(r["val_loss"]) for r in csv.DictReader(open(run / "metrics.csv"))}
+    result = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--ckpt", str(run / "best.pt"), "--split", "val", "--workers", "0", "--device", "cpu",
+         "--out", str(tmp_path / "eval")]))
+    assert result["loss"] == pytest.approx(logged[best["epoch"]], abs=1e-4)
+    # and the EMA weights really differ from the raw ones at that point (else the check says nothing)
+    raw = train_parta.build_model(args, len(best["class_names"]))
+    raw.load_state_dict(load_checkpoint(run / "last.pt")["train_state"])
+    assert any(not torch.allclose(v, raw.state_dict()[k]) for k, v in best["model_state"].items()
+               if v.is_floating_point())
