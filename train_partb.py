@@ -50,8 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(g, "unfreeze_at", type=int, default=None,
              help="from this epoch on train everything at the backbone LR (gradual unfreezing; "
                   "default: 2 with --freeze auto, never otherwise)")
-    add_bool(g, "freeze_bn", True, "keep the pretrained body's batch-norm layers frozen (statistics and "
-             "affine) while the body trains, so small batches of new data do not overwrite them")
+    add_bool(g, "freeze_bn", None, "keep the pretrained body's batch-norm layers frozen (statistics and "
+             "affine) while the body trains, so small batches of new data do not overwrite them; from "
+             "scratch there is nothing to protect, and frozen initial statistics make batch norm a no-op",
+             default_text="on with pretrained weights, off with --weights none")
     add_flag(g, "cache_features", default="auto", choices=("auto", "on", "off"),
              help="with the whole body frozen and no augmentation, compute its features once and train the "
                   "head on them; auto = whenever possible (default: %(default)s)")
@@ -73,6 +75,8 @@ def resolve_recipe(args: argparse.Namespace) -> None:
         raise UserError(f"--unfreeze_at must be >= 1, got {args.unfreeze_at}")
     if args.backbone_lr is None:
         args.backbone_lr = args.lr * args.lr_mult
+    if args.freeze_bn is None:  # protect pretrained statistics; a from-scratch body must learn its own
+        args.freeze_bn = args.weights != "none"
     body_frozen = args.freeze == "all" and (args.unfreeze_at is None or args.unfreeze_at > args.epochs)
     if args.augment is None:
         args.augment = not body_frozen

@@ -157,6 +157,22 @@ def test_freeze_bn_keeps_the_bodys_batch_norm_while_the_rest_trains(tiny_data, r
         assert torch.equal(state[key], original[key]) == bn_frozen, key
 
 
+def test_freeze_bn_defaults_to_on_with_pretrained_weights_and_off_from_scratch(tiny_data, r18_file, tmp_path):
+    """Without --freeze_bn: a pretrained body keeps its batch-norm statistics, a from-scratch one learns its own."""
+    key = "layer4.0.bn1.running_mean"
+    partb(tiny_data, tmp_path / "pretrained", "--model", "resnet18", "--weights", str(r18_file), "--freeze", "none",
+          "--epochs", "1", "--lr", "0.01")
+    state = load_checkpoint(run_dir_of(tmp_path / "pretrained") / "last.pt")
+    assert state["config"]["freeze_bn"] is True
+    assert torch.equal(state["model_state"][key], torch.load(r18_file, weights_only=True)[key])
+    partb(tiny_data, tmp_path / "scratch", "--model", "resnet18", "--weights", "none", "--freeze", "none",
+          "--epochs", "1", "--lr", "0.01")
+    state = load_checkpoint(run_dir_of(tmp_path / "scratch") / "last.pt")
+    assert state["config"]["freeze_bn"] is False
+    assert state["model_state"][key].abs().max() > 0  # moved from the initial zeros
+    assert state["model_state"]["bn1.num_batches_tracked"] > 0
+
+
 RESNET18_STAGES = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
 
 
