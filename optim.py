@@ -84,13 +84,20 @@ def build_ema(model: nn.Module, decay: float) -> nn.Module | None:
         raise UserError(f"--ema must be in (0, 1), got {decay}")
     from torch.optim.swa_utils import AveragedModel
 
-    def ema(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        # Warm-up (as timm does): early on the average follows the model closely, so short runs
-        # are not validated on weights still dominated by the random initialisation.
-        d = torch.clamp((1 + n) / (10 + n), max=decay).to(averaged.dtype)
-        return averaged * d + current * (1 - d)
+    @torch.no_grad()
+    def ema(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        # One fused update per device and dtype (as torch's get_ema_multi_avg_fn), not a Python
+        # loop over tensors. Warm-up (as timm does): early on the average follows the model closely,
+        # so short runs are not validated on weights still dominated by the random initialisation.
+        # The decay stays a device tensor: no host sync.
+        d = torch.clamp((1 + n) / (10 + n), max=decay)
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, (1 - d).to(averaged[0].dtype))
+        else:  # integer buffers (batch-norm step counts) follow the model
+            for a, c in zip(averaged, current):
+                a.copy_(c)
 
-    return AveragedModel(model, avg_fn=ema, use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
 
 
 class EmaWeights:
