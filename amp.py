@@ -6,6 +6,7 @@ full precision and other devices with a disabled one (a plain step).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,15 +51,33 @@ class Training:
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     ema: nn.Module | None = None  # an AveragedModel updated after every step
     mix: Callable | None = None  # MixUp/CutMix on the batch, or None
+    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    pending: int = 0  # micro-batches whose gradients are summed but not yet applied
 
 
-def train_step(t: Training, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on (x, y); returns the loss and the logits, detached (no host sync)."""
-    with autocast(t.device, t.dtype):
-        out = t.model(x)
-        loss = t.criterion(out, y)
-    t.optimizer.zero_grad(set_to_none=True)
-    t.scaler.scale(loss).backward()
+def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1,
+               update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of (x, y), one of `micro_batches` whose gradients add up (the loss is scaled
+    by 1/micro_batches); with `update`, then the optimizer step. Returns the loss and the logits,
+    detached (no host sync)."""
+    # Under DDP, gradients are all-reduced only on the micro-batch that updates.
+    if t.pending == 0:  # the first micro-batch of an optimizer step starts a new sum
+        t.optimizer.zero_grad(set_to_none=True)
+    sync = nullcontext() if update or not hasattr(t.model, "no_sync") else t.model.no_sync()
+    with sync:
+        with autocast(t.device, t.dtype):
+            out = t.model(x)
+            loss = t.criterion(out, y)
+        t.scaler.scale(loss if micro_batches == 1 else loss / micro_batches).backward()
+    t.pending += 1
+    if update:
+        apply_update(t)
+        t.pending = 0
+    return loss.detach(), out.detach()
+
+
+def apply_update(t: Training) -> None:
+    """The optimizer step on the gradients gathered so far: unscale + clip, step, scale update, schedule, EMA."""
     if t.grad_clip > 0:
         t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(t.model.parameters(), t.grad_clip)
@@ -68,4 +87,3 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Ten
         t.scheduler.step()
     if t.ema is not None:
         t.ema.update_parameters(t.model)
-    return loss.detach(), out.detach()

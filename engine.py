@@ -135,7 +135,8 @@ def train_one_epoch(training: Training, loader: Iterable, epoch: int, args: argp
     """One pass over the training data; returns train_loss and train_acc ({} when stopped mid-epoch)."""
     set_train_mode(training.model)
     meter = EpochMeter(training.device, state.partial)
-    step = state.batches_done
+    step, k = state.batches_done, training.accum_steps
+    total = step + len(loader)  # a resumed epoch's loader holds only the batches still to come
     bar = progress(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, total=len(loader))
     for batch in bar:
         moved = batch_to_device(batch, training.device)
@@ -144,11 +145,15 @@ def train_one_epoch(training: Training, loader: Iterable, epoch: int, args: argp
         x, y = moved
         if training.mix is not None:
             x, y = training.mix(x, y)  # soft targets; accuracy counts the dominant class
-        loss, out = train_step(training, x, y)
+        micro = min(k, total - step // k * k)  # micro-batches of this optimizer step (fewer at the end)
+        update = step + 1 - step // k * k == micro
+        loss, out = train_step(training, x, y, micro, update)
         step += 1
         meter.add(loss, out, y, step)
-        checkpoint_due = bool(args.save_every) and step % args.save_every == 0
-        stopping = stop_agreed(stop, step, checkpoint_due, training.device)
+        # Saves and stops only between optimizer steps: a resume never loses accumulated gradients.
+        every = args.save_every
+        checkpoint_due = update and bool(every) and (step - micro) // every < step // every
+        stopping = update and stop_agreed(stop, step, checkpoint_due, training.device)
         if step % SYNC_EVERY == 0 or stopping or checkpoint_due:
             meter.sync(epoch, step)
             bar.set_postfix(meter.postfix())
@@ -204,12 +209,13 @@ def full_training(plain: Training, args: argparse.Namespace, steps_per_epoch: in
                   dist: Dist) -> Training:
     """plain plus schedule, clipping, EMA and mixing, its model compiled and DDP-wrapped as asked."""
     model = plain.model
+    steps_per_epoch = math.ceil(steps_per_epoch / args.accum_steps)  # the schedule counts optimizer steps
     # Checkpoints keep the plain module's state; only the steps run through the compiled one.
     compiled = torch.compile(model) if getattr(args, "compile", False) else model
     return Training(wrap_ddp(compiled, dist, plain.device), plain.optimizer, plain.criterion, plain.device,
                     plain.dtype, plain.scaler, scheduler=build_scheduler(plain.optimizer, args, steps_per_epoch),
                     grad_clip=args.grad_clip, ema=build_ema(model, getattr(args, "ema", 0.0)),
-                    mix=build_mix(args, num_classes))
+                    mix=build_mix(args, num_classes), accum_steps=args.accum_steps)
 
 
 class Checkpointer:

@@ -52,6 +52,10 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any],
              help="linear warm-up from lr/100 over this many epochs (default: %(default)s)")
     add_flag(g, "label_smoothing", type=float, default=d.get("label_smoothing", 0.1),
              help="label smoothing of the cross-entropy loss (default: %(default)s)")
+    add_flag(g, "accum_steps", type=int, default=1,
+             help="batches whose gradients add up to one optimizer step (gradient accumulation: the "
+                  "effective batch is batch_size x accum_steps; the schedule counts optimizer steps) "
+                  "(default: %(default)s)")
     add_flag(g, "grad_clip", type=float, default=0.0, help="clip the gradient norm to this; 0 = off (default: %(default)s)")
     add_flag(g, "mixup", type=float, default=d.get("mixup", 0.0),
              help="MixUp with this Beta alpha on training batches; 0 = off (default: %(default)s)")
@@ -85,7 +89,7 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any],
 
 
 def check_common_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "image_size"):
+    for name in ("epochs", "batch_size", "image_size", "accum_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:

@@ -274,3 +274,50 @@ def test_cuda_train_parta_fp16_run_saves_an_enabled_scaler(tmp_path):
     train_parta.main(args)
     scaler = load_checkpoint(tmp_path / "runs" / "fp16" / "last.pt")["scaler"]
     assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+def test_two_accumulated_batches_of_16_update_like_one_batch_of_32():
+    """--accum_steps: micro-batches add their gradients (loss / K), one optimizer and schedule step per K."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 8, 8), torch.arange(32) % 4
+
+    def trained(micro: int) -> tuple[dict, list[float]]:
+        torch.manual_seed(1)  # the same initial weights; no dropout or batch norm: no batch noise
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # the gradient's size matters
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+        cpu = torch.device("cpu")
+        t = Training(model, opt, nn.CrossEntropyLoss(), cpu, None, grad_scaler(cpu, None), scheduler=sched,
+                     accum_steps=32 // micro)
+        lrs = []
+        for _ in range(3):  # three optimizer steps
+            chunks = list(zip(x.split(micro), y.split(micro)))
+            for i, (xb, yb) in enumerate(chunks):
+                train_step(t, xb, yb, len(chunks), update=i == len(chunks) - 1)
+            lrs.append(opt.param_groups[0]["lr"])
+        return {k: v.clone() for k, v in model.state_dict().items()}, lrs
+
+    one, lrs_one = trained(32)
+    two, lrs_two = trained(16)
+    assert lrs_one == lrs_two == pytest.approx([0.05, 0.1 / 3, 0.025])  # one schedule step per update
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6), k
+
+
+def test_accumulating_run_counts_optimizer_steps(tmp_path):
+    """train_parta.py --accum_steps 2: the schedule (and so the warm-up and cosine) counts optimizer steps."""
+    import train_parta
+    from checkpoint import load_checkpoint
+    from conftest import CLASSES, make_dataset, train_args
+
+    data = make_dataset(tmp_path / "ds", CLASSES[:2], n_train=20, n_val=4, size=32)
+    args = train_parta.get_args_parser().parse_args(
+        train_args(data, tmp_path / "runs", "acc", 2, "--batch_size", "4", "--accum_steps", "2", "--no-augment"))
+    train_parta.main(args)
+    last = load_checkpoint(tmp_path / "runs" / "acc" / "last.pt")
+    # 32 training photos (40 minus the 20 % validation split) in 8 batches of 4 = 4 updates per epoch
+    assert last["epoch"] == 2 and last["scheduler"]["last_epoch"] == 8
+    assert last["config"]["accum_steps"] == 2
+    # the cosine schedule spans the run's 8 updates: it has reached 0 at the end, not half way
+    assert [round(r["lr"], 12) for r in last["metrics"]] == [0.0025, 0.0]
