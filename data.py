@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cli import UserError
-from download import DATASET_URL, download_dataset
+from download import default_url, download_dataset
 from images import load_image
 
 DEFAULT_DATA_DIR = "data/inaturalist_12K"
@@ -63,7 +63,7 @@ def resolve_data_dir(data_dir: str | Path) -> Path:
         return root / "inaturalist_12K"
     raise UserError(
         f"no dataset found: looked for {root / 'train'}/<class>/*.jpg; get iNaturalist 12K with "
-        f"'python data.py download --dest data' (or add --download), or pass --data_dir DIR"
+        f"'python data.py download --dest data' (or add --download yes), or pass --data_dir DIR"
     )
 
 
@@ -154,16 +154,26 @@ def split_from_json(root: Path, split: dict, classes: Sequence[str]) -> tuple[li
     return load(split["train"]), load(split["val"])
 
 
-def ensure_data(data_dir: str | Path, download: bool, url: str = DATASET_URL) -> Path:
-    """Resolve the data root; with download=True fetch it first when missing."""
+def ensure_data(data_dir: str | Path, download: str = "auto", url: str | None = None) -> Path:
+    """Resolve the data root, fetching nature_12K.zip first when it is missing and `download` says so.
+
+    download: "yes" fetches into any missing folder; "auto" only into the default folder (the first
+    run of a new user), never into a --data_dir somebody typed; "no" never.
+    """
     try:
         return resolve_data_dir(data_dir)
     except UserError:
-        if not download:
+        if download == "no" or (download == "auto" and str(data_dir) != DEFAULT_DATA_DIR):
             raise
+    url = url or default_url()
     data_dir = Path(data_dir)
     dest = data_dir.parent if data_dir.name == "inaturalist_12K" else data_dir
-    download_dataset(dest, url)
+    print(f"no dataset in {data_dir}: downloading {url} (once; later runs reuse it)")
+    try:
+        download_dataset(dest, url)
+    except UserError as e:
+        raise UserError(f"{e}. Without internet, put the archive at {dest / Path(url.split('?')[0]).name} "
+                        f"(it is extracted on the next run), or pass --data_dir") from None
     return resolve_data_dir(data_dir)
 
 
@@ -204,7 +214,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     dl = sub.add_parser("download", help="download and extract nature_12K.zip (resumable)")
     dl.add_argument("--dest", default="data", help="folder to download and extract into (default: data)")
-    dl.add_argument("--url", default=DATASET_URL, help="archive URL (default: the public nature_12K.zip)")
+    dl.add_argument("--url", default=None,
+                    help="archive URL (default: $INAT12K_URL when set, else the public nature_12K.zip)")
     st = sub.add_parser("stats", help="images per class per split, and unreadable files")
     st.add_argument("--data_dir", "--data-dir", default=DEFAULT_DATA_DIR,
                     help=f"dataset root holding train/ and val/ or test/ (default: {DEFAULT_DATA_DIR})")
@@ -214,7 +225,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     if args.command == "download":
-        download_dataset(args.dest, args.url)
+        download_dataset(args.dest, args.url or default_url())
     else:
         stats = dataset_stats(args.data_dir)
         print_stats(stats)

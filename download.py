@@ -12,6 +12,12 @@ from pathlib import Path
 from cli import UserError
 
 DATASET_URL = "https://storage.googleapis.com/wandb_datasets/nature_12K.zip"
+URL_ENV = "INAT12K_URL"  # a mirror of the archive, used instead of DATASET_URL when set
+
+
+def default_url() -> str:
+    """$INAT12K_URL when set (a mirror), else the official archive."""
+    return os.environ.get(URL_ENV) or DATASET_URL
 
 
 def download_file(url: str, dest: Path, chunk: int = 1 << 20) -> None:

@@ -76,7 +76,7 @@ def cached_features(args: argparse.Namespace, bb: Backbone, preprocess: Preproce
                     split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of one split from the cache; on a miss, images are loaded (open_images()) and run once."""
     key = feature_cache_key(args, bb, preprocess, samples)
-    path = cache_dir / f"{args.model}-{split}-{key}.pt"
+    path = cache_dir / f"{args.model.replace(':', '-')}-{split}-{key}.pt"  # timm:NAME -> timm-NAME
     if path.exists():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)

@@ -5,7 +5,7 @@ import argparse
 import os
 from typing import Any
 
-from cli import UserError, add_bool, add_flag
+from cli import UserError, add_bool, add_flag, str2bool
 from data import DEFAULT_DATA_DIR
 
 
@@ -20,7 +20,13 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any],
     g = parser.add_argument_group("data")
     add_flag(g, "data_dir", default=DEFAULT_DATA_DIR,
              help="dataset root holding train/<class>/ and a held-out val/ or test/ (default: %(default)s)")
-    add_bool(g, "download", False, "download nature_12K.zip first when --data_dir is missing")
+    add_flag(g, "download", type=download_choice, default="auto", nargs="?", const="yes", metavar="auto|yes|no",
+             help="fetch nature_12K.zip when the data folder is missing: auto = only into the default "
+                  "--data_dir (a first run), never into one you typed; yes = into any; no = never "
+                  "(default: %(default)s; --download alone means yes)")
+    add_flag(g, "data_url", default=None,
+             help="where --download fetches the archive from (default: $INAT12K_URL when set, for a mirror, "
+                  "else the official nature_12K.zip)")
     add_flag(g, "val_fraction", type=float, default=0.2,
              help="fraction of every class of train/ held out for validation (default: %(default)s)")
     add_flag(g, "image_size", type=int, default=d.get("image_size", 224),
@@ -86,6 +92,17 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any],
              help="W&B logging: auto = online when an API key is configured, else offline (default: %(default)s)")
     add_flag(g, "wandb_project", default=d.get("wandb_project", "inat12k"), help="W&B project (default: %(default)s)")
     add_flag(g, "wandb_entity", default=None, help="W&B entity (team or user); default: your default entity")
+
+
+def download_choice(value: str) -> str:
+    """auto, yes or no; also the booleans wandb agent passes (--download=True is yes)."""
+    v = str(value).strip().lower()
+    if v in ("auto", "yes", "no"):
+        return v
+    try:
+        return "yes" if str2bool(v) else "no"
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, yes or no, got '{value}'") from None
 
 
 def check_common_args(args: argparse.Namespace) -> None:

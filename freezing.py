@@ -8,7 +8,7 @@ def has_params(m: nn.Module) -> bool:
     """Whether the module holds any parameter (its own or its children's)."""
     return any(True for _ in m.parameters())
 
-BODY_CONTAINERS = ("features", "blocks")  # one Sequential holding the whole body (torchvision, timm)
+BODY_CONTAINERS = ("features", "blocks", "stages", "layers")  # one Sequential holding the whole body (torchvision, timm)
 
 
 def list_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -117,35 +117,38 @@ def convnet_spec(args, image_size: int) -> dict:
 
 # ----------------------------------------------------------------------------- complexity
 def count_complexity(model: nn.Module, image_size: int, in_channels: int = 3) -> tuple[int, int]:
-    """(parameters, multiply-accumulates per image) of conv and linear layers, by tracing one image."""
-    macs = 0
+    """(parameters, multiply-accumulates per image), the MACs counted by PyTorch's own FlopCounterMode
+    on one traced image, so every layer type counts: convolutions, matmuls, attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def conv_hook(m: nn.Conv2d, inp, out):
-        nonlocal macs
-        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
-        macs += out[0].numel() * k
-
-    def linear_hook(m: nn.Linear, inp, out):
-        nonlocal macs
-        macs += out[0].numel() * m.in_features
-
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    # nn.MultiheadAttention's inference fast path and the fused CPU attention kernels are ops that
+    # FlopCounterMode has no formula for: count through the plain matmul path instead.
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
+        device = next(model.parameters()).device
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, in_channels, image_size, image_size, device=device))
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
-    return sum(p.numel() for p in model.parameters()), macs
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2  # a MAC is 2 FLOPs
+
+
+def published_complexity(name: str) -> tuple[nn.Module, int, int, float]:
+    """A torchvision model built as its DEFAULT weights build it (random weights), its input size, and
+    the weights' published num_params and GFLOPs (`_ops`, which are multiply-accumulates)."""
+    from torchvision.models import get_model, get_model_weights
+
+    weights = get_model_weights(name).DEFAULT
+    kwargs = {"num_classes": len(weights.meta["categories"]), **model_kwargs(name)}
+    if name in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = False  # skips the slow scipy init; the counts do not depend on it
+    model = get_model(name, weights=None, **kwargs)
+    size = int(weights.transforms().crop_size[0])
+    return model, size, int(weights.meta["num_params"]), float(weights.meta["_ops"])
 
 
 def format_count(n: float) -> str:
@@ -280,6 +283,8 @@ def build_backbone(name: str, weights: str, num_classes: int) -> Backbone:
     """A torchvision classifier by name with `weights` (DEFAULT, a weight name, a file, none) and a new head."""
     if name in PACKAGED_MODELS:
         return build_packaged(name, weights, num_classes)
+    if name.startswith("timm:"):
+        return build_timm(name[len("timm:"):], weights, num_classes)
     import torchvision
     from torchvision.models import get_model
 
@@ -362,6 +367,35 @@ def build_packaged(name: str, weights: str, num_classes: int) -> Backbone:
     model.reset_classifier(num_classes)
     spec = {"kind": "timm", "name": "tf_efficientnet_lite0"}
     return Backbone(model, spec, "classifier", 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), source)
+
+
+def build_timm(name: str, weights: str, num_classes: int) -> Backbone:
+    """A timm model by name with timm's pretrained weights (DEFAULT, downloaded the usual way, from its
+    hub), a local state_dict file, or none, and a new head; its input size and mean/std from timm."""
+    try:
+        import timm
+        from timm.data import resolve_data_config
+    except ImportError:
+        raise ValueError(f"--model timm:{name} needs timm: pip install timm") from None
+    if not timm.is_model(name.split(".")[0]):
+        raise ValueError(f"unknown timm model '{name}'; see timm.list_models() (e.g. timm:resnet50, "
+                         f"timm:convnext_tiny, timm:vit_small_patch16_224)")
+    pretrained = weights.upper() == "DEFAULT"
+    try:
+        model = timm.create_model(name, pretrained=pretrained)
+    except Exception as e:  # no internet, or no pretrained weights for this name
+        raise ValueError(f"could not get timm's pretrained weights for {name} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:100] if str(e) else ''}); on an offline machine pass "
+                         f"--weights /path/to/{name}.pth (a state_dict saved where there is internet)") from None
+    head_of = lambda m: next(n for n, c in m.named_modules() if c is m.get_classifier())  # noqa: E731
+    source = str(getattr(model, "pretrained_cfg", {}).get("hf_hub_id") or "timm") if pretrained else "none"
+    if weights.lower() not in ("none", "default"):
+        load_backbone_state(model, load_local_state(weights), head_of(model), weights)
+        source = f"file:{weights}"
+    model.reset_classifier(num_classes)
+    config = resolve_data_config({}, model=model)
+    return Backbone(model, {"kind": "timm", "name": name}, head_of(model), int(config["input_size"][-1]),
+                    tuple(config["mean"]), tuple(config["std"]), source)
 
 
 def build_from_spec(spec: dict, num_classes: int) -> nn.Module:

@@ -83,7 +83,7 @@ def setup_run(args: argparse.Namespace, name: str,
             raise UserError(f"{last}: has no training state to resume from")
         args = resume_args(args, ckpt)
         run_dir = Path(args.resume)
-    root = data.ensure_data(args.data_dir, args.download)
+    root = fetch_data(args, dist)
     ds = data.discover(root)
     if ckpt is not None:
         if ckpt["class_names"] != ds.classes:
@@ -101,6 +101,20 @@ def setup_run(args: argparse.Namespace, name: str,
             validate(len(ds.classes))  # bad model flags fail before a run folder exists
         run_dir = broadcast(new_run_dir(args, name, split) if dist.main else None, dist)
     return RunSetup(args, run_dir, ds.root, ds.classes, train_samples, val_samples, split, ckpt, dist)
+
+
+def fetch_data(args: argparse.Namespace, dist: Dist) -> Path:
+    """The data root (downloaded first if needed, by rank 0 alone under torchrun)."""
+    error = None
+    if dist.main:
+        try:
+            data.ensure_data(args.data_dir, args.download, args.data_url)
+        except UserError as e:
+            error = str(e)
+    error = broadcast(error, dist)  # the others wait for the download, and fail with its error
+    if error is not None:
+        raise UserError(error)
+    return data.resolve_data_dir(args.data_dir)
 
 
 def new_run_dir(args: argparse.Namespace, name: str, split: dict) -> Path:

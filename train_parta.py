@@ -19,6 +19,7 @@ from models import ACTIVATIONS, ConvNet, count_complexity, convnet_spec, format_
 from optim import param_groups_with_decay
 from presets import Preprocess
 from runs import setup_run
+from summary import class_count, print_table
 
 DEFAULTS = dict(image_size=224, batch_size=64, epochs=20, lr=1e-3, optimizer="adamw", weight_decay=0.05,
                 scheduler="cosine", warmup_epochs=1.0, label_smoothing=0.1, augment=True, crop_scale=0.5,
@@ -52,6 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(g, "dense_neurons", type=int, default=512, help="neurons in the hidden dense layer (default: %(default)s)")
     add_flag(g, "pool", default="avg", choices=("flatten", "avg"),
              help="flatten the last feature map, or global-average-pool it, before the dense layer (default: %(default)s)")
+    add_bool(g, "summary", False, "print the model layer by layer (output shape, parameters, MACs) and exit; "
+             "needs no dataset (10 classes unless --data_dir holds one)")
     add_training_args(parser, DEFAULTS)
     return parser
 
@@ -72,9 +75,12 @@ def build_model(args: argparse.Namespace, num_classes: int) -> ConvNet:
                    dense_neurons=args.dense_neurons, pool=args.pool)
 
 
-def main(args: argparse.Namespace) -> TrainState:
+def main(args: argparse.Namespace) -> TrainState | None:
     if args.dense_neurons < 1:
         raise UserError(f"--dense_neurons must be >= 1, got {args.dense_neurons}")
+    if args.summary:
+        print_table(build_model(args, class_count(args.data_dir)), args.image_size)
+        return None
     setup = setup_run(args, run_name(args), validate=lambda n: build_model(args, n))
     args = setup.args
     device = select_device(args.device)

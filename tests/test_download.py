@@ -184,10 +184,11 @@ def test_symlink_entry_is_refused(http_server, tmp_path):
 def test_ensure_data_downloads_only_when_asked(source, http_server, tmp_path):
     http_server.files[URL_PATH] = zip_folder(source)
     target = tmp_path / "data" / "inaturalist_12K"
-    with pytest.raises(UserError, match="download"):
-        data.ensure_data(target, download=False, url=http_server.url(URL_PATH))
+    for download in ("no", "auto"):  # auto: a folder that is not the default one is never downloaded into
+        with pytest.raises(UserError, match="download"):
+            data.ensure_data(target, download=download, url=http_server.url(URL_PATH))
     assert http_server.requests == []
-    assert data.ensure_data(target, download=True, url=http_server.url(URL_PATH)) == target
+    assert data.ensure_data(target, download="yes", url=http_server.url(URL_PATH)) == target
     assert data.discover(target).classes == ["ant", "bee"]
 
 

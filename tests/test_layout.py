@@ -17,7 +17,7 @@ LAYERS = {
     "sweep_process": 2,
     "data": 2, "decoded_cache": 2, "models": 2, "freezing": 2, "metrics": 2,
     "device_batches": 3, "checkpoint": 3, "optim": 3, "tracking": 3,
-    "flags": 4, "inference": 4,
+    "flags": 4, "inference": 4, "summary": 4,
     "runs": 5,
     "loaders": 6,
     "features": 7, "engine": 7,

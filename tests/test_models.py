@@ -168,3 +168,55 @@ def test_build_from_spec_rebuilds_the_same_architecture():
     assert torch.equal(a(x), b(x))
     with pytest.raises(ValueError, match="unknown model kind"):
         build_from_spec({"kind": "transformer", "kwargs": {}}, 5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_b_16", "swin_t", "maxvit_t", "convnext_tiny", "efficientnet_b0",
+                                  "mobilenet_v3_small", "regnet_y_400mf", "googlenet"])
+def test_complexity_matches_torchvisions_published_counts(name):
+    """count_complexity within 1 % of the weights' own num_params and GFLOPs (attention and matmuls count:
+    vit_b_16 is 17.56 GMACs, swin_t 4.49, not the 11.3 / 2.96 of counting only conv and linear layers)."""
+    from models import published_complexity
+
+    model, size, params_published, gmacs_published = published_complexity(name)
+    params, macs = count_complexity(model, size)
+    assert params == pytest.approx(params_published, rel=0.01)
+    assert macs / 1e9 == pytest.approx(gmacs_published, rel=0.01)
+
+
+def test_summary_flag_prints_every_layer_from_a_traced_pass_without_a_dataset(tmp_path):
+    """train_parta.py --summary: one row per leaf layer with output shape, parameters and MACs, totals
+    that add up, and no dataset needed (run from an empty folder)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_env
+
+    cmd = [sys.executable, str(REPO / "train_parta.py"), "--summary", "--image_size", "64", "--filters", "8",
+           "--conv_layers", "2", "--dense_neurons", "16"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:5] == ["layer", "type", "output", "params", "MACs"]
+    rows = {ln.split()[0]: ln.split() for ln in lines[1:-1]}
+    conv = next(r for name, r in rows.items() if r[1] == "Conv2d")
+    assert conv[2] == "1x8x64x64"  # first block, same padding: the traced output shape
+    model = ConvNet(num_classes=10, image_size=64, conv_layers=2, filters=8, filter_org=1.5, kernel_size=3,
+                    activation="gelu", batch_norm=True, dropout=0.1, dense_neurons=16, pool="avg")
+    assert sum(int(r[3].replace(",", "")) for r in rows.values()) == sum(p.numel() for p in model.parameters())
+    assert lines[-1].startswith(f"total: {sum(p.numel() for p in model.parameters()):,} parameters")
+    assert not (tmp_path / "runs").exists()  # nothing trained, no run folder
+
+
+def test_partb_summary_marks_frozen_layers(tmp_path):
+    import train_partb
+
+    from summary import layer_table
+
+    args = train_partb.get_args_parser().parse_args(["--model", "resnet18", "--weights", "none", "--freeze",
+                                                     "upto:layer3", "--summary"])
+    train_partb.resolve_recipe(args)
+    bb = train_partb.build_backbone_for(args, 10)
+    rows = {r["layer"]: r for r in layer_table(bb.model, 64)}
+    assert rows["layer1.0.conv1"]["trainable"] is False and rows["layer4.0.conv1"]["trainable"] is True
+    assert rows["fc"]["trainable"] is True and rows["fc"]["output"] == "1x10"
+    assert rows["layer4.0.conv1"]["macs"] == 2 * 2 * 512 * 256 * 9  # 2x2 output at 64 px, 3x3 conv 256->512
