@@ -143,9 +143,13 @@ def published_complexity(name: str) -> tuple[nn.Module, int, int, float]:
     from torchvision.models import get_model, get_model_weights
 
     weights = get_model_weights(name).DEFAULT
-    kwargs = {"num_classes": len(weights.meta["categories"]), **model_kwargs(name)}
+    kwargs = {"num_classes": len(weights.meta["categories"])}
+    if name == "googlenet":
+        kwargs["aux_logits"] = False  # its builder drops the auxiliary heads when it loads weights
     if name in ("googlenet", "inception_v3"):
         kwargs["init_weights"] = False  # skips the slow scipy init; the counts do not depend on it
+    if name.startswith("vit_"):
+        kwargs["image_size"] = weights.meta["min_size"][0]  # e.g. 518 px for vit_h_14's SWAG weights
     model = get_model(name, weights=None, **kwargs)
     size = int(weights.transforms().crop_size[0])
     return model, size, int(weights.meta["num_params"]), float(weights.meta["_ops"])

@@ -171,7 +171,7 @@ def test_build_from_spec_rebuilds_the_same_architecture():
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_b_16", "swin_t", "maxvit_t", "convnext_tiny", "efficientnet_b0",
-                                  "mobilenet_v3_small", "regnet_y_400mf", "googlenet"])
+                                  "mobilenet_v3_small", "regnet_y_400mf", "googlenet", "inception_v3"])
 def test_complexity_matches_torchvisions_published_counts(name):
     """count_complexity within 1 % of the weights' own num_params and GFLOPs (attention and matmuls count:
     vit_b_16 is 17.56 GMACs, swin_t 4.49, not the 11.3 / 2.96 of counting only conv and linear layers)."""

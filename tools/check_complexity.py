@@ -3,7 +3,8 @@ for every classification model in torchvision's weights registry, each built as 
 
     python tools/check_complexity.py [--only resnet18,vit_b_16] [--tolerance 0.01]
 
-Prints one line per model and exits 1 if any is off by more than the tolerance.
+Prints one line per model and exits 1 if any is off by more than the tolerance (or, for the tiniest
+models, by more than the published figure's rounding to 3 decimals).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def main() -> int:
         model, size, params_pub, macs_pub = published_complexity(name)
         params, macs = count_complexity(model, size)
         dp, dm = params / params_pub - 1, macs / 1e9 / macs_pub - 1
-        ok = abs(dp) <= args.tolerance and abs(dm) <= args.tolerance
+        # the registry gives GFLOPs to 3 decimals: 0.0405 against a published 0.04 is a match
+        ok = abs(dp) <= args.tolerance and (abs(dm) <= args.tolerance or abs(macs / 1e9 - macs_pub) <= 0.0005)
         failed += not ok
         print(f"{'ok  ' if ok else 'OFF '} {name:<24} {size:>4}px  params {params:>12,} vs {params_pub:>12,} "
               f"({dp:+.3%})  GMACs {macs / 1e9:>9.3f} vs {macs_pub:>9.3f} ({dm:+.3%})", flush=True)
