@@ -67,6 +67,8 @@ def test_timm_fine_tunes_with_every_freeze_mode_and_evaluates(timm_data, timm_we
     assert lrs["head"] == pytest.approx(1e-3) and lrs["backbone"] == pytest.approx(1e-4)  # discriminative LRs
     model, _ = restore_model(tmp_path / "t" / "best.pt", torch.device("cpu"))
     assert model.get_classifier().out_features == 3
+    if freeze != "upto:layer3":
+        return  # evaluate.py and visualize.py once are enough
     env = clean_env()
     for cmd in (["evaluate.py", "--ckpt", tmp_path / "t" / "best.pt", "--workers", "0", "--device", "cpu"],
                 ["visualize.py", "gradcam", "--ckpt", tmp_path / "t" / "best.pt", "--n", "2", "--device", "cpu"]):
