@@ -116,9 +116,9 @@ def convnet_spec(args, image_size: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- complexity
-def count_complexity(model: nn.Module, image_size: int, in_channels: int = 3) -> tuple[int, int]:
-    """(parameters, multiply-accumulates per image), the MACs counted by PyTorch's own FlopCounterMode
-    on one traced image, so every layer type counts: convolutions, matmuls, attention."""
+def trace_flops(model: nn.Module, image_size: int, in_channels: int = 3):
+    """One image through the model in eval mode under PyTorch's FlopCounterMode; returns the counter
+    (per-module counts in get_flop_counts(), FLOPs: two per multiply-accumulate)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -134,7 +134,14 @@ def count_complexity(model: nn.Module, image_size: int, in_channels: int = 3) ->
     finally:
         model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2  # a MAC is 2 FLOPs
+    return counter
+
+
+def count_complexity(model: nn.Module, image_size: int, in_channels: int = 3) -> tuple[int, int]:
+    """(parameters, multiply-accumulates per image), counted on one traced image, so every layer type
+    counts: convolutions, matmuls, attention."""
+    macs = trace_flops(model, image_size, in_channels).get_total_flops() // 2
+    return sum(p.numel() for p in model.parameters()), macs
 
 
 def published_complexity(name: str) -> tuple[nn.Module, int, int, float]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import format_count
+import data
+from cli import UserError
+from models import format_count, trace_flops
 
 
 def shape_of(output) -> str:
@@ -15,11 +17,9 @@ def shape_of(output) -> str:
     return shape_of(tensors[0]) + ("+" if len(tensors) > 1 else "") if tensors else "-"
 
 
-def layer_table(model: nn.Module, image_size: int, in_channels: int = 3) -> list[dict]:
+def layer_table(model: nn.Module, image_size: int) -> tuple[list[dict], int]:
     """One row per leaf module, in the order the forward pass calls them (a traced pass, so it is
-    right for any architecture); MACs from PyTorch's FlopCounterMode (half its FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    right for any architecture), and the model's total MACs (attention inside non-leaf modules too)."""
     shapes: dict[str, str] = {}
     leaves = {name: m for name, m in model.named_modules() if name and not any(True for _ in m.children())}
 
@@ -29,16 +29,11 @@ def layer_table(model: nn.Module, image_size: int, in_channels: int = 3) -> list
         return hook
 
     hooks = [m.register_forward_hook(record(name)) for name, m in leaves.items()]
-    was_training = model.training
-    model.eval()
     try:
-        device = next(model.parameters()).device
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, in_channels, image_size, image_size, device=device))
+        counter = trace_flops(model, image_size)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     flops = {name.split(".", 1)[1] if "." in name else "": sum(ops.values())
              for name, ops in counter.get_flop_counts().items()}
     rows = []
@@ -47,12 +42,12 @@ def layer_table(model: nn.Module, image_size: int, in_channels: int = 3) -> list
         rows.append({"layer": name, "type": type(leaves[name]).__name__, "output": shapes[name],
                      "params": sum(p.numel() for p in params), "macs": flops.get(name, 0) // 2,
                      "trainable": any(p.requires_grad for p in params) if params else None})
-    return rows
+    return rows, counter.get_total_flops() // 2
 
 
 def print_table(model: nn.Module, image_size: int) -> list[dict]:
     """Print layer_table with totals (trainable marked, for Part B's freezing); returns the rows."""
-    rows = layer_table(model, image_size)
+    rows, macs = layer_table(model, image_size)
     width = max([5] + [len(r["layer"]) for r in rows])
     type_width = max([4] + [len(r["type"]) for r in rows])
     print(f"{'layer':<{width}}  {'type':<{type_width}}  {'output':>18}  {'params':>11}  {'MACs':>9}  trains")
@@ -62,16 +57,13 @@ def print_table(model: nn.Module, image_size: int) -> list[dict]:
               f"{format_count(r['macs']):>9}  {trains}")
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"total: {total:,} parameters ({trainable:,} trainable), {format_count(sum(r['macs'] for r in rows))} "
+    print(f"total: {total:,} parameters ({trainable:,} trainable), {format_count(macs)} "
           f"multiply-accumulates per {image_size}x{image_size} image")
     return rows
 
 
 def class_count(data_dir: str) -> int:
     """The number of classes in data_dir, or 10 (iNaturalist 12K's) when there is no dataset there yet."""
-    import data
-    from cli import UserError
-
     try:
         return len(data.discover(data_dir).classes)
     except (UserError, OSError):

@@ -216,7 +216,19 @@ def test_partb_summary_marks_frozen_layers(tmp_path):
                                                      "upto:layer3", "--summary"])
     train_partb.resolve_recipe(args)
     bb = train_partb.build_backbone_for(args, 10)
-    rows = {r["layer"]: r for r in layer_table(bb.model, 64)}
+    table, macs = layer_table(bb.model, 64)
+    rows = {r["layer"]: r for r in table}
+    assert macs == count_complexity(bb.model, 64)[1]
     assert rows["layer1.0.conv1"]["trainable"] is False and rows["layer4.0.conv1"]["trainable"] is True
     assert rows["fc"]["trainable"] is True and rows["fc"]["output"] == "1x10"
     assert rows["layer4.0.conv1"]["macs"] == 2 * 2 * 512 * 256 * 9  # 2x2 output at 64 px, 3x3 conv 256->512
+
+
+def test_summary_total_counts_attention_inside_non_leaf_modules():
+    """vit_b_16's attention matmuls run in MultiheadAttention (not a leaf): the table's total still has them."""
+    from torchvision.models import vit_b_16
+
+    from summary import layer_table
+
+    _, macs = layer_table(vit_b_16(), 224)
+    assert macs / 1e9 == pytest.approx(17.564, rel=0.01)  # torchvision's published figure
