@@ -25,7 +25,7 @@ from devices import Dist, all_reduce_sum, distributed, finish_distributed, rewra
 from freezing import set_train_mode
 from images import BAD_IMAGES, batch_to_device
 from optim import EmaWeights, build_ema, build_mix, build_optimizer, build_scheduler, run_lr_finder
-from runs import RunSetup, write_metrics_csv
+from runs import RESULT_FILE, RunSetup, write_metrics_csv, write_result
 from sampler import EpochSampler
 from tracking import WandbLogger, plot_curves, progress, say
 
@@ -349,6 +349,8 @@ def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: I
         return TrainState()
     training = full_training(plain, args, len(train_loader), len(meta["class_names"]), setup.dist)
     state = resume_training(setup.resume, training, save_model, run_dir) if setup.resume else TrainState()
+    if main:
+        (run_dir / RESULT_FILE).unlink(missing_ok=True)  # complete again only when these epochs are done
     logger = WandbLogger(args, run_dir, run_dir.name, meta["config"]) if main else WandbLogger.off()
     saver = Checkpointer(run_dir, meta, model, save_model, training, train_loader, enabled=main)
     try:
@@ -374,6 +376,8 @@ def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: I
         logger.finish()
         raise
     logger.close(state.best_val_acc, run_dir / "curves.png")
+    if main:
+        write_result(run_dir, state.epoch, state.best_val_acc, state.best_epoch)
     finish_distributed()
     return state
 

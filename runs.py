@@ -132,6 +132,26 @@ def new_run_dir(args: argparse.Namespace, name: str, split: dict) -> Path:
     return run_dir
 
 
+RESULT_FILE = "result.json"  # written when a run has trained all its epochs (or stopped early): it is complete
+
+
+def write_result(run_dir: Path, state_epoch: int, best_val_acc: float, best_epoch: int) -> None:
+    """Mark the run complete: result.json, written atomically, read by sweep runners."""
+    tmp = run_dir / f".{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps({"epochs": state_epoch, "best_val_acc": best_val_acc, "best_epoch": best_epoch,
+                               "ended": datetime.now().isoformat(timespec="seconds")}))
+    os.replace(tmp, run_dir / RESULT_FILE)
+
+
+def read_result(run_dir: Path) -> dict | None:
+    """The run's result.json, or None while it is incomplete (or the file is damaged)."""
+    try:
+        result = json.loads((Path(run_dir) / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
 def write_metrics_csv(run_dir: Path, history: list[dict]) -> None:
     """Rewrite metrics.csv from the history (idempotent, so a resume never duplicates rows)."""
     tmp = run_dir / ".metrics.csv.tmp"
