@@ -5,7 +5,6 @@ the weights, so evaluate.py and visualize.py need nothing but the file.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import zipfile
@@ -19,6 +18,7 @@ from torch import nn
 from cli import UserError
 from models import build_from_spec
 from presets import Preprocess
+from storage import atomic_write
 
 CHECKPOINT_FORMAT = "inat-classifier/2"  # /2: preprocessing as one "preprocess" entry
 READABLE_FORMATS = (CHECKPOINT_FORMAT, "inat-classifier/1")  # /1: image_size, mean and std apart
@@ -41,6 +41,8 @@ def json_safe(config: dict) -> dict:
     """Flags as plain JSON types, so they load with weights_only=True and dump to args.json."""
     out = {}
     for k, v in config.items():
+        if k.startswith("_"):  # bookkeeping such as cli's record of typed flags
+            continue
         if isinstance(v, (bool, int, float, str)) or v is None:
             out[k] = v
         elif isinstance(v, (list, tuple)):
@@ -64,18 +66,24 @@ def checkpoint_payload(meta: dict, model: nn.Module, state: TrainState) -> dict:
             "metrics": state.history, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch}
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested payload: about the size torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temp file, fsync, then rename: a crash mid-write never breaks `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save to a temp file, fsync, rename, with Ctrl-C held meanwhile: `path` is never half-written.
+
+    A full disk (checked first, from the tensors' size) is one line naming the folder.
+    """
+    path = Path(path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), tensor_bytes(obj) + 2**20, path.name)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any, Callable
 
@@ -32,9 +33,32 @@ def spellings(name: str) -> list[str]:
     return names
 
 
+def mark_given(namespace: argparse.Namespace, dest: str) -> None:
+    namespace._given = getattr(namespace, "_given", frozenset()) | {dest}
+
+
+class StoreGiven(argparse._StoreAction):
+    """argparse's store, noting that the flag was typed (see `given`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        mark_given(namespace, self.dest)
+
+
+class StoreFalseGiven(argparse._StoreFalseAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        mark_given(namespace, self.dest)
+
+
+def given(args: argparse.Namespace) -> frozenset[str]:
+    """The flags typed on the command line, as opposed to defaults (e.g. --epochs on --resume)."""
+    return getattr(args, "_given", frozenset())
+
+
 def add_flag(group, name: str, **kwargs) -> None:
     """A flag under both spellings, --name_with_underscores and --name-with-hyphens."""
-    group.add_argument(*spellings(name), dest=name, **kwargs)
+    group.add_argument(*spellings(name), dest=name, **({"action": StoreGiven} | kwargs))
 
 
 def add_bool(group, name: str, default: bool | None, help: str, default_text: str | None = None) -> None:
@@ -43,22 +67,61 @@ def add_bool(group, name: str, default: bool | None, help: str, default_text: st
     default_text describes a default that is decided later (default None), e.g. by a recipe.
     """
     shown = default_text if default_text is not None else default
-    group.add_argument(*spellings(name), dest=name, type=str2bool, nargs="?", const=True,
+    group.add_argument(*spellings(name), dest=name, action=StoreGiven, type=str2bool, nargs="?", const=True,
                        default=default, metavar="BOOL",
                        help=f"{help} (default: {shown}; --no-{name} turns it off)")
     group.add_argument(*dict.fromkeys([f"--no-{name}", f"--no-{name.replace('_', '-')}", f"--no_{name}"]),
-                       dest=name, action="store_false", help=argparse.SUPPRESS)
+                       dest=name, action=StoreFalseGiven, help=argparse.SUPPRESS)
+
+
+FAILURE_HOOKS: list[Callable[[bool], str | None]] = []  # see on_failure
+
+
+def on_failure(hook: Callable[[bool], str | None]) -> None:
+    """Run hook(interrupted) when the script stops on an error or Ctrl-C/SIGTERM; it may return a hint.
+
+    E.g. a run folder created moments before a one-line error is removed again.
+    """
+    FAILURE_HOOKS.append(hook)
+
+
+def fail(message: str, code: int, interrupted: bool = False) -> None:
+    hints = [h for h in (hook(interrupted) for hook in reversed(FAILURE_HOOKS)) if h]
+    FAILURE_HOOKS.clear()
+    print(" ".join([message, *hints]), file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def is_out_of_host_memory(error: RuntimeError) -> bool:
+    text = str(error)
+    return "can't allocate memory" in text or "not enough memory" in text
 
 
 def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
             argv: list[str] | None = None) -> None:
-    """Parse and run; bad input becomes one 'error:' line and exit code 2, never a traceback."""
+    """Parse and run; bad input becomes one 'error:' line and exit code 2, never a traceback.
+
+    Ctrl-C or SIGTERM at any moment (the training loop has its own, gentler handler) ends with
+    one line and exit code 130, after `finally` blocks removed their temp files.
+    """
     args = parser.parse_args(argv)
+    try:
+        signal.signal(signal.SIGTERM, raise_interrupt)
+    except ValueError:  # not the main thread
+        pass
     try:
         main(args)
     except (UserError, ValueError, OSError) as e:  # OSError: unwritable folders, vanished files
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {e}", 2)
     except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch_size or --image_size, or use --amp fp16/bf16", file=sys.stderr)
-        sys.exit(2)
+        fail("error: out of GPU memory; lower --batch_size or --image_size, or use --amp fp16/bf16", 2)
+    except RuntimeError as e:
+        if not is_out_of_host_memory(e):
+            raise
+        fail("error: out of memory; lower --batch_size, --image_size or --workers", 2)
+    except KeyboardInterrupt:
+        fail("interrupted; nothing half-written is left: run the same command again to continue", 130, True)

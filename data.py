@@ -46,12 +46,31 @@ def list_class_dirs(split_dir: Path) -> list[str]:
 
 
 def list_images(class_dir: Path) -> list[str]:
-    """Image files below one class folder (recursively), sorted so order never depends on the OS."""
-    files = []
+    """Image files below one class folder (recursively, through symlinks), sorted, each real file once.
+
+    A folder link back into what is already walked (`ln -s . self`, `ln -s .. up`, two links to one
+    place) would count photos twice or walk forever: it is skipped, with a warning.
+    """
+    top = os.path.realpath(class_dir)
+    visited: set[str] = set()
+    files: dict[str, str] = {}  # real file -> the first path (in sorted order) that reaches it
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
-    return sorted(files)
+        visited.add(os.path.realpath(dirpath))
+        keep = []
+        for d in sorted(n for n in dirnames if not n.startswith(".")):
+            target = os.path.realpath(os.path.join(dirpath, d))
+            if target in visited or top == target or top.startswith(target + os.sep):
+                print(f"warning: skipping {os.path.join(dirpath, d)}: a link to {target}, which is "
+                      f"already included (a loop or a second way to the same photos)", file=sys.stderr)
+                continue
+            visited.add(target)
+            keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            if is_image_file(name):
+                path = os.path.join(dirpath, name)
+                files.setdefault(os.path.realpath(path), path)
+    return sorted(files.values())
 
 
 def resolve_data_dir(data_dir: str | Path) -> Path:
@@ -74,12 +93,18 @@ def find_heldout_dir(root: Path) -> tuple[Path, str] | None:
     return None
 
 
-def scan_split(split_dir: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
+def scan_split(split_dir: Path, classes: Sequence[str], owners: dict[str, str]) -> list[tuple[str, int]]:
+    """(path, label) of every photo of a split; owners (real file -> path) spans splits and classes."""
     samples = []
     for label, name in enumerate(classes):
         files = list_images(split_dir / name)
         if not files:
             raise UserError(f"class folder {split_dir / name} has no images")
+        for f in files:
+            first = owners.setdefault(os.path.realpath(f), f)
+            if first != f:
+                raise UserError(f"the same photo is in two places, {first} and {f} (a link or a copy by "
+                                f"link); every photo must belong to one class of one split")
         samples.extend((f, label) for f in files)
     return samples
 
@@ -103,10 +128,32 @@ def discover(data_dir: str | Path, need_heldout: bool = False) -> DatasetFiles:
                 f"class folders differ between {root / 'train'} and {held_dir}: "
                 f"only in train: {only_train or 'none'}; only in {heldout_name}: {only_held or 'none'}"
             )
-        heldout_samples = scan_split(held_dir, classes)
     elif need_heldout:
         raise UserError(f"no held-out split: expected {root / 'val'} or {root / 'test'}")
-    return DatasetFiles(root, classes, scan_split(root / "train", classes), heldout_samples, heldout_name)
+    owners: dict[str, str] = {}
+    train = scan_split(root / "train", classes, owners)
+    if heldout is not None:
+        heldout_samples = scan_split(held_dir, classes, owners)
+    return DatasetFiles(root, classes, train, heldout_samples, heldout_name)
+
+
+def check_trainable(classes: Sequence[str], samples: Sequence[tuple[str, int]], unreadable: set[str],
+                    where: Path | str) -> None:
+    """Refuse a dataset a classifier cannot learn from: under 2 classes, or a class without a readable image."""
+    if len(classes) < 2:
+        raise UserError(f"{where} has {len(classes)} class folder{'s' * (len(classes) != 1)} "
+                        f"({', '.join(classes) or 'none'}); a classifier needs at least 2")
+    readable = [0] * len(classes)
+    for path, label in samples:
+        readable[label] += path not in unreadable
+    if not any(readable):
+        raise UserError(f"none of the {len(samples)} images in {where} can be read (not images, or damaged); "
+                        f"'python data.py stats --data_dir DIR' lists them")
+    empty = [c for c, n in zip(classes, readable) if n == 0]
+    if empty:
+        raise UserError(f"class{'es' * (len(empty) > 1)} {', '.join(empty)} in {where} "
+                        f"ha{'ve' if len(empty) > 1 else 's'} no readable image; fix or remove "
+                        f"{'them' if len(empty) > 1 else 'it'} ('python data.py stats' lists unreadable files)")
 
 
 def stratified_split(
@@ -151,7 +198,13 @@ def split_from_json(root: Path, split: dict, classes: Sequence[str]) -> tuple[li
             out.append((str(root / rel), index[cls]))
         return out
 
-    return load(split["train"]), load(split["val"])
+    train, val = load(split["train"]), load(split["val"])
+    missing = [path for path, _ in train + val if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"{len(missing)} of the run's {len(train) + len(val)} photos are no longer in {root} "
+                        f"(first: {os.path.relpath(missing[0], root)}); the data folder changed since the run: "
+                        f"restore them, or pass --data_dir with the original dataset")
+    return train, val
 
 
 def ensure_data(data_dir: str | Path, download: str = "auto", url: str | None = None) -> Path:
@@ -236,7 +289,4 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     from cli import run_cli
 
-    try:
-        run_cli(main, get_args_parser())
-    except KeyboardInterrupt:
-        sys.exit("interrupted; run the same command again to resume")
+    run_cli(main, get_args_parser())

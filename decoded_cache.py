@@ -1,6 +1,7 @@
 """The decoded-image cache: every photo decoded once into one memory-mapped uint8 array, reused across runs."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +15,8 @@ import torch
 from PIL import Image
 
 from images import BAD_IMAGES, load_image
+from storage import (atomic_write, check_free_space, disk_full_error, format_bytes, is_disk_full,
+                     remove_stale_temps, signals_held, temp_name)
 
 CACHE_VERSION = 1
 
@@ -71,9 +74,26 @@ class DecodedCache:
     path: Path
 
 
+def preallocate(target: Path, shape: tuple[int, ...]) -> np.memmap:
+    """The array file with every block reserved on disk, then memory-mapped.
+
+    A memory map over a sparse file dies of SIGBUS when the disk fills up mid-build; reserving
+    the blocks first turns a full disk into an error before any image is decoded.
+    """
+    arr = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape)
+    size = os.path.getsize(target)
+    with open(target, "rb+") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
+                raise  # ENOSPC above all; filesystems without fallocate rely on the free-space check
+    return arr
+
+
 def _build_cache_array(paths: Sequence[str], size: int, target: Path, workers: int) -> list[int]:
     """Decode everything in parallel into target (written in place, renamed by the caller)."""
-    arr = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+    arr = preallocate(target, (len(paths), 3, size, size))
     loader = torch.utils.data.DataLoader(_DecodeDataset(paths, size), batch_size=32, num_workers=workers,
                                          collate_fn=list)
     bad = []
@@ -89,16 +109,56 @@ def _build_cache_array(paths: Sequence[str], size: int, target: Path, workers: i
                 arr[i] = img
     arr.flush()
     del arr
-    with open(target, "rb+") as f:
-        os.fsync(f.fileno())
     return bad
+
+
+def read_index(meta_path: Path, array_path: Path, n: int, size: int) -> tuple[np.ndarray, list[int]] | None:
+    """The cached array and its unreadable positions; None when absent, raises ValueError when damaged."""
+    if not meta_path.exists() and not array_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        images = np.load(array_path, mmap_mode="r")
+    except OSError:
+        return None  # a build killed before it wrote its index: rebuilt, nothing to report
+    bad = meta.get("bad") if isinstance(meta, dict) else None
+    if (images.shape != (n, 3, size, size) or meta.get("n") != n or not isinstance(bad, list)
+            or not all(isinstance(i, int) and 0 <= i < n for i in bad)):
+        raise ValueError("its index does not match its array")
+    return images, bad
+
+
+def build(paths: Sequence[str], size: int, cache_dir: Path, key: str, workers: int) -> None:
+    """Decode the files into KEY.npy and write KEY.json last; temp files go whatever happens."""
+    need = len(paths) * 3 * size * size
+    print(f"decoded cache: decoding {len(paths)} images to {size}x{size} px ({format_bytes(need)}) "
+          f"in {cache_dir}", flush=True)
+    check_free_space(cache_dir, need, "the decoded-image cache (or pass --cache off, or --cache DIR)")
+    array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    tmp = temp_name(array_path)
+    meta_path.unlink(missing_ok=True)  # the index names a finished array: never an older one
+    try:
+        bad = _build_cache_array(paths, size, tmp, workers)
+        with signals_held():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, array_path)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(cache_dir, need, "the decoded-image cache (or pass --cache off)") from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    index = json.dumps({"n": len(paths), "size": size, "bad": bad, "version": CACHE_VERSION})
+    atomic_write(meta_path, lambda t: t.write_text(index), len(index), "the decoded-image cache's index")
 
 
 def open_decoded_cache(paths: Sequence[str], size: int, cache_dir: str | Path, workers: int = 0) -> DecodedCache:
     """The cache for these files at this size: reused when valid, (re)built otherwise.
 
     The array is renamed into place and its .json written last, so a build killed half way is
-    never mistaken for a finished one; a lock file makes concurrent builders wait for one another.
+    never mistaken for a finished one; a lock file makes concurrent builders wait for one another,
+    and the one holding it removes what killed builds left behind. A damaged cache is rebuilt.
     """
     import fcntl
 
@@ -109,15 +169,16 @@ def open_decoded_cache(paths: Sequence[str], size: int, cache_dir: str | Path, w
 
     def try_open(report: bool = True) -> DecodedCache | None:
         try:
-            meta = json.loads(meta_path.read_text())
-            images = np.load(array_path, mmap_mode="r")
-        except (OSError, ValueError):
+            found = read_index(meta_path, array_path, len(paths), size)
+        except ValueError as e:
+            print(f"decoded cache: {meta_path} is damaged ({e}); rebuilding it", flush=True)
             return None
-        if images.shape != (len(paths), 3, size, size) or meta.get("n") != len(paths):
+        if found is None:
             return None
+        images, bad = found
         valid = np.ones(len(paths), dtype=bool)
-        valid[meta["bad"]] = False
-        for i in meta["bad"] if report else []:  # a reused cache still names the files it could not decode
+        valid[bad] = False
+        for i in bad if report else []:  # a reused cache still names the files it could not decode
             BAD_IMAGES.report(paths[i], "could not be decoded when the cache was built")
         return DecodedCache(images, valid, array_path)
 
@@ -129,18 +190,8 @@ def open_decoded_cache(paths: Sequence[str], size: int, cache_dir: str | Path, w
         cache = try_open()
         if cache is not None:
             return cache
-        print(f"decoded cache: decoding {len(paths)} images to {size}x{size} px "
-              f"({len(paths) * 3 * size * size / 2**30:.1f} GiB) in {cache_dir}", flush=True)
-        tmp = cache_dir / f".{key}.{os.getpid()}.npy.tmp"
-        try:
-            bad = _build_cache_array(paths, size, tmp, workers)
-            os.replace(tmp, array_path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        meta_tmp = meta_path.with_name(meta_path.name + f".{os.getpid()}.tmp")
-        meta_tmp.write_text(json.dumps({"n": len(paths), "size": size, "bad": bad, "version": CACHE_VERSION}))
-        os.replace(meta_tmp, meta_path)
+        remove_stale_temps(cache_dir)  # killed builds' (their process is gone)
+        build(paths, size, cache_dir, key, workers)
     cache = try_open(report=False)  # the build has just reported them
     assert cache is not None
     return cache

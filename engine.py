@@ -21,6 +21,7 @@ from amp import Training, amp_dtype, autocast, grad_scaler, train_step
 from checkpoint import (TrainState, atomic_torch_save, checkpoint_payload, load_weights, rng_state,
                         set_rng_state)
 from cli import UserError
+from data import check_trainable
 from devices import Dist, all_reduce_sum, distributed, finish_distributed, rewrap_ddp, wrap_ddp
 from freezing import set_train_mode
 from images import BAD_IMAGES, batch_to_device
@@ -308,6 +309,7 @@ def run_epochs(setup: RunSetup, training: Training, train_loader: Iterable, val_
                saver: Checkpointer, logger: WandbLogger, on_epoch_start: Callable[[int], bool] | None) -> None:
     """Train and validate epoch by epoch until --epochs, --patience or a stop signal (KeyboardInterrupt)."""
     args = setup.args
+    first = state.epoch + 1
     with StopRequested() as stop:
         for epoch in progress(range(state.epoch + 1, args.epochs + 1), desc="epochs", initial=state.epoch,
                               total=args.epochs):
@@ -319,6 +321,8 @@ def run_epochs(setup: RunSetup, training: Training, train_loader: Iterable, val_
                                     lambda step, sums: saver.save_last(state, step, sums))
             if stop:
                 raise KeyboardInterrupt
+            if epoch == first and not distributed():  # truncated files pass the header check; now all were read
+                check_trainable(setup.classes, setup.train_samples, BAD_IMAGES.seen, setup.root / "train")
             state.batches_done, state.partial = 0, {}
             with EmaWeights(saver.model, training.ema):
                 val = evaluate(training.model, val_loader, training.device, training.dtype, training.criterion)
@@ -349,6 +353,11 @@ def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: I
         return TrainState()
     training = full_training(plain, args, len(train_loader), len(meta["class_names"]), setup.dist)
     state = resume_training(setup.resume, training, save_model, run_dir) if setup.resume else TrainState()
+    if state.epoch >= args.epochs:
+        print(f"nothing to train: {run_dir} has trained all its {state.epoch} epochs; "
+              f"add --epochs N to train it further")
+        finish_distributed()
+        return state
     if main:
         (run_dir / RESULT_FILE).unlink(missing_ok=True)  # complete again only when these epochs are done
     logger = WandbLogger(args, run_dir, run_dir.name, meta["config"]) if main else WandbLogger.off()

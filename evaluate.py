@@ -15,19 +15,22 @@ import torch
 from torch import nn
 
 from checkpoint import restore_model
-from cli import add_bool, add_flag, run_cli
+from cli import UserError, add_bool, add_flag, run_cli
 from devices import select_device
 from inference import FlipTTA, collect_images, evaluate_samples, heldout_samples, run_data_dir, top_classes
 from metrics import plot_confusion, print_report
+from storage import atomic_write
 
 
 def write_predictions_csv(rows: list[dict], out: Path, k: int = 3) -> None:
-    """One row per image: path, then class and probability of each of the top k."""
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"prob_{i}")])
-        for r in rows:
-            writer.writerow([r["path"]] + [v for name, p in r["top"] for v in (name, f"{p:.6f}")])
+    """One row per image: path, then class and probability of each of the top k (written atomically)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"prob_{i}")])
+            for r in rows:
+                writer.writerow([r["path"]] + [v for name, p in r["top"] for v in (name, f"{p:.6f}")])
+    atomic_write(out, write, 200 * len(rows), "the predictions CSV")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,8 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def predict_files(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> dict:
     """--predict: the top 3 classes of every image file, printed (and written to --csv)."""
-    rows = top_classes(model, ckpt, collect_images(args.predict), device, batch_size=args.batch_size,
-                       workers=args.workers)
+    files = collect_images(args.predict)
+    rows = top_classes(model, ckpt, files, device, batch_size=args.batch_size, workers=args.workers)
+    if not rows:
+        raise UserError(f"--predict: none of the {len(files)} image files could be read"
+                        + (f"; {args.csv} left as it was" if args.csv else ""))
     for r in rows:
         print(f"{r['path']}: " + ", ".join(f"{name} {p:.3f}" for name, p in r["top"]))
     if args.csv:
@@ -59,7 +65,18 @@ def predict_files(args: argparse.Namespace, model: nn.Module, ckpt: dict, device
     return {"predictions": rows}
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that cannot work together, refused before the checkpoint is even read."""
+    if args.csv and not args.predict:
+        raise UserError("--csv writes the predictions of --predict; add --predict FILES, or drop --csv")
+    if args.csv and Path(args.csv).is_dir():
+        raise UserError(f"--csv {args.csv} is a folder; give a file name such as predictions.csv")
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+
+
 def main(args: argparse.Namespace) -> dict:
+    check_args(args)
     device = select_device(args.device)
     model, ckpt = restore_model(args.ckpt, device)
     if args.tta:

@@ -13,12 +13,14 @@ from torch import nn
 
 from amp import amp_dtype, autocast
 from checkpoint import atomic_torch_save
+from cli import UserError
 from images import batch_to_device
 from loaders import make_image_loader, open_cache
 from models import Backbone
 from presets import Preprocess
 from runs import RunSetup
 from sampler import EpochSampler
+from storage import remove_stale_temps
 from tracking import progress
 
 
@@ -68,24 +70,48 @@ def extract_features(bb: Backbone, loader, device: torch.device, dtype) -> tuple
             labels.append(y.cpu())
     finally:
         capture.remove()
+    if not feats:  # every image unreadable: the caller says so
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
+
+
+def load_features(path: Path, n_samples: int, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A saved split's (features, labels); ValueError when the file is damaged or does not fit the head."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        feats, labels = blob["features"], blob["labels"]
+    except Exception as e:  # truncated, not a zip, a pickle payload, missing keys: all just damage here
+        raise ValueError(f"unreadable ({type(e).__name__})") from None
+    if not (isinstance(feats, torch.Tensor) and isinstance(labels, torch.Tensor) and feats.ndim == 2
+            and feats.is_floating_point() and labels.shape == (feats.shape[0],) and 0 < len(labels) <= n_samples):
+        raise ValueError(f"features of shape {tuple(getattr(feats, 'shape', ()))} for {n_samples} images")
+    width = getattr(head, "in_features", feats.shape[1])
+    if feats.shape[1] != width:
+        raise ValueError(f"{feats.shape[1]} features per image, the head takes {width}")
+    return feats, labels
 
 
 def cached_features(args: argparse.Namespace, bb: Backbone, preprocess: Preprocess, samples: list,
                     open_images: Callable, device: torch.device, cache_dir: Path,
                     split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of one split from the cache; on a miss, images are loaded (open_images()) and run once."""
+    """Features of one split from the cache; on a miss, images are loaded (open_images()) and run once.
+
+    A damaged or mismatched file is recomputed, with one line saying so.
+    """
     key = feature_cache_key(args, bb, preprocess, samples)
     path = cache_dir / f"{args.model.replace(':', '-')}-{split}-{key}.pt"  # timm:NAME -> timm-NAME
     if path.exists():
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            feats, labels = load_features(path, len(samples), bb.model.get_submodule(bb.head_name))
             print(f"features: reusing {path}")
-            return blob["features"], blob["labels"]
-        except Exception:
-            print(f"features: {path} is unreadable, recomputing")
+            return feats, labels
+        except ValueError as e:
+            print(f"features: {path} is damaged ({e}); recomputing it")
     feats, labels = extract_features(bb, open_images(), device, amp_dtype(args.amp, device))
+    if len(labels) == 0:
+        raise UserError(f"none of the {len(samples)} {split} images could be read")
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(cache_dir)  # of runs killed while saving
     atomic_torch_save({"features": feats, "labels": labels}, path)
     print(f"features: {split} {tuple(feats.shape)} saved to {path}")
     return feats, labels

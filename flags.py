@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any
 
@@ -105,7 +106,14 @@ def download_choice(value: str) -> str:
         raise argparse.ArgumentTypeError(f"expected auto, yes or no, got '{value}'") from None
 
 
+MAX_IMAGE_SIZE = 2048  # beyond any photo of these datasets; larger sizes only exhaust memory
+
+
 def check_common_args(args: argparse.Namespace) -> None:
+    """Every shared flag in range (NaN and inf refused, naming the flag), before anything is created."""
+    for name, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
     for name in ("epochs", "batch_size", "image_size", "accum_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -117,6 +125,20 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError(f"--crop_scale must be in (0, 1], got {args.crop_scale}")
     if not 0 <= args.label_smoothing < 1:
         raise UserError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
-    for name in ("patience", "save_every", "warmup_epochs", "weight_decay", "grad_clip", "mixup", "cutmix"):
+    for name in ("patience", "save_every", "warmup_epochs", "weight_decay", "grad_clip", "mixup", "cutmix",
+                 "momentum"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.image_size is not None and args.image_size > MAX_IMAGE_SIZE:
+        raise UserError(f"--image_size must be <= {MAX_IMAGE_SIZE}, got {args.image_size}")
+    if args.ema and not 0 < args.ema < 1:
+        raise UserError(f"--ema must be in (0, 1), got {args.ema}")
+    check_run_name(args.run_name)
+
+
+def check_run_name(name: str | None) -> None:
+    """--run_name is one folder inside --out_dir: no path separators, no '..'."""
+    if name is None:
+        return
+    if not name.strip() or name in (".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name):
+        raise UserError(f"--run_name must be a plain folder name inside --out_dir (no '/' or '..'), got '{name}'")

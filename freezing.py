@@ -51,8 +51,9 @@ def apply_freeze(model: nn.Module, strategy: str, head_name: str) -> None:
         except ValueError:
             raise ValueError(f"--freeze {strategy}: K must be an integer") from None
         body = names[:head_stage]
-        if k < 0:
-            raise ValueError(f"--freeze {strategy}: K must be >= 0")
+        if not 0 <= k <= len(body):
+            raise ValueError(f"--freeze {strategy}: K must be in 0..{len(body)}, the stages before the head "
+                             f"({', '.join(body)}); --freeze none trains everything")
         trainable = set(body[len(body) - k :] if k else []) | set(names[head_stage:])
     else:
         raise ValueError(f"unknown --freeze '{strategy}'; use all, none, upto:STAGE or last:K")

@@ -4,12 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
+
+import data
 
 from decoded_cache import DecodedCache, default_cache_dir, open_decoded_cache
 from device_batches import DeviceLoader
 from devices import Dist
-from images import ImageListDataset, make_loader, photo_short_side
+from images import ImageListDataset, make_loader
 from presets import Preprocess
 from runs import RunSetup
 from sampler import EpochSampler
@@ -26,9 +29,12 @@ def open_cache(setup: RunSetup, preprocess: Preprocess) -> CachedImages | None:
     cache_dir = default_cache_dir() if args.cache == "auto" else Path(args.cache)
     samples = sorted(set(setup.train_samples) | set(setup.val_samples))
     paths = [p for p, _ in samples]
-    largest = max(map(photo_short_side, paths)) if args.augment else 0  # headers only
+    largest = max(setup.photo_sides[p] for p in paths) if args.augment else 0
     side = preprocess.stored_side(args.augment, args.crop_scale, largest)
     cache = open_decoded_cache(paths, side, cache_dir, args.workers)
+    # Files whose header reads but whose pixels do not (truncated JPEGs) are known only now.
+    unreadable = {paths[i] for i in np.flatnonzero(~cache.valid)}
+    data.check_trainable(setup.classes, setup.train_samples, unreadable, setup.root / "train")
     return cache, {s: i for i, s in enumerate(samples)}
 
 

@@ -5,15 +5,20 @@ import argparse
 import csv
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 import data
+from amp import amp_dtype
 from checkpoint import json_safe, load_checkpoint
-from cli import UserError
-from devices import Dist, broadcast, init_distributed
+from cli import UserError, given, on_failure
+from devices import Dist, broadcast, init_distributed, select_device
+from images import photo_short_side
 from flags import check_common_args
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")
@@ -21,7 +26,7 @@ METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"
 
 @dataclass
 class RunSetup:
-    """What a training script needs before it builds its model: data, split and run folder."""
+    """What a training script needs before it builds its model: data, split, device and run folder."""
 
     args: argparse.Namespace
     run_dir: Path
@@ -32,6 +37,8 @@ class RunSetup:
     split: dict
     resume: dict | None = None
     dist: Dist = field(default_factory=Dist)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    photo_sides: dict = field(default_factory=dict)  # short side of each photo, from its header; 0 unreadable
 
     @property
     def rank_batch_size(self) -> int:
@@ -52,43 +59,75 @@ def unique_run_dir(out_dir: Path, name: str) -> Path:
     raise UserError(f"could not create a new run folder under {out_dir}")
 
 
-def resume_args(args: argparse.Namespace, ckpt: dict) -> argparse.Namespace:
-    """The saved flags, keeping only this invocation's machine-specific ones."""
-    saved = dict(ckpt["config"])
-    for key in ("workers", "device", "wandb", "resume", "data_dir", "save_every"):
+MACHINE_FLAGS = ("workers", "device", "wandb", "resume", "data_dir", "save_every")  # this machine's, on --resume
+EXTENDABLE_FLAGS = ("epochs",)  # typed with --resume, they continue the run further
+
+
+def resume_args(args: argparse.Namespace, config: dict) -> argparse.Namespace:
+    """The saved flags, keeping this invocation's machine-specific ones and a typed --epochs."""
+    saved = dict(config)
+    typed = given(args)
+    for key in MACHINE_FLAGS:
         saved[key] = getattr(args, key)
-    if args.data_dir == data.DEFAULT_DATA_DIR:
-        saved["data_dir"] = ckpt["config"]["data_dir"]
+    if "data_dir" not in typed and args.data_dir == data.DEFAULT_DATA_DIR:
+        saved["data_dir"] = config["data_dir"]
+    for key in sorted(typed - set(MACHINE_FLAGS)):
+        value = json_safe({key: getattr(args, key)})[key]
+        if key in EXTENDABLE_FLAGS:
+            saved[key] = getattr(args, key)
+        elif key in config and config[key] != value:
+            print(f"note: --resume keeps the run's own --{key} {config[key]} (ignoring {value})")
     merged = vars(args).copy()
     merged.update(saved)
     return argparse.Namespace(**merged)
 
 
+def open_resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None, Path]:
+    """--resume RUN: its flags and last.pt; a run stopped before its first checkpoint starts over."""
+    run_dir = Path(args.resume)
+    last = run_dir / "last.pt"
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such run folder")
+    if not last.exists() and (run_dir / "args.json").is_file() and not any(run_dir.glob("*.pt")):
+        try:
+            config = json.loads((run_dir / "args.json").read_text())
+            split = json.loads((run_dir / "split.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--resume {run_dir}: its args.json or split.json is unreadable ({e})") from None
+        print(f"{run_dir} has no checkpoint yet (it stopped before its first epoch ended): starting it over")
+        return resume_args(args, config), {"split": split, "config": config}, run_dir
+    ckpt = load_checkpoint(last)
+    if "optimizer" not in ckpt:
+        raise UserError(f"{last}: has no training state to resume from")
+    args = resume_args(args, ckpt["config"])
+    if args.epochs < ckpt["epoch"]:
+        raise UserError(f"--epochs {args.epochs} is fewer than the {ckpt['epoch']} epochs {run_dir} has trained")
+    return args, ckpt, run_dir
+
+
 def setup_run(args: argparse.Namespace, name: str,
               validate: Callable[[int], Any] | None = None) -> RunSetup:
-    """Resolve data, split and run folder for a new run, or reload them for --resume.
+    """Resolve data, split, device and run folder for a new run, or reload them for --resume.
 
-    `validate(num_classes)` may raise on bad model flags before any folder is created.
+    Every check runs before a new run's folder is created; `validate(num_classes)` may raise on
+    bad model flags.
     """
     check_common_args(args)
     dist = init_distributed()
     if dist.world > 1 and args.batch_size % dist.world:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) must be divisible by the "
                         f"{dist.world} processes")
-    ckpt = None
+    resumed, run_dir = None, None
     if args.resume:
-        last = Path(args.resume) / "last.pt"
-        ckpt = load_checkpoint(last)
-        if "optimizer" not in ckpt:
-            raise UserError(f"{last}: has no training state to resume from")
-        args = resume_args(args, ckpt)
-        run_dir = Path(args.resume)
+        args, resumed, run_dir = open_resumed(args)
+    device = select_device(args.device)
+    amp_dtype(args.amp, device)  # e.g. --amp fp16 on a CPU: refused here, not after the folder exists
     root = fetch_data(args, dist)
     ds = data.discover(root)
-    if ckpt is not None:
-        if ckpt["class_names"] != ds.classes:
-            raise UserError(f"classes in {root} differ from the run's: {ckpt['class_names']}")
-        split = ckpt["split"]
+    if resumed is not None:
+        if resumed.get("class_names", ds.classes) != ds.classes:
+            raise UserError(f"classes in {root} differ from the run's: {resumed['class_names']}")
+        split = resumed["split"]
         train_samples, val_samples = data.split_from_json(ds.root, split, ds.classes)
     else:
         train_idx, val_idx = data.stratified_split(ds.train, args.val_fraction, args.seed)
@@ -97,10 +136,14 @@ def setup_run(args: argparse.Namespace, name: str,
         val_samples = [ds.train[i] for i in val_idx]
         if not val_samples:
             raise UserError("the validation split is empty; use --val_fraction > 0")
+    sides = {path: photo_short_side(path) for path, _ in train_samples + val_samples}  # headers only
+    data.check_trainable(ds.classes, train_samples, {p for p, side in sides.items() if not side}, root / "train")
+    if resumed is None:
         if validate is not None:
             validate(len(ds.classes))  # bad model flags fail before a run folder exists
         run_dir = broadcast(new_run_dir(args, name, split) if dist.main else None, dist)
-    return RunSetup(args, run_dir, ds.root, ds.classes, train_samples, val_samples, split, ckpt, dist)
+    ckpt = resumed if resumed is not None and "optimizer" in resumed else None
+    return RunSetup(args, run_dir, ds.root, ds.classes, train_samples, val_samples, split, ckpt, dist, device, sides)
 
 
 def fetch_data(args: argparse.Namespace, dist: Dist) -> Path:
@@ -117,19 +160,41 @@ def fetch_data(args: argparse.Namespace, dist: Dist) -> Path:
     return data.resolve_data_dir(args.data_dir)
 
 
+RUN_START_FILES = {"split.json", "args.json"}  # what a run folder holds before its first checkpoint
+
+
 def new_run_dir(args: argparse.Namespace, name: str, split: dict) -> Path:
-    """Create the run folder (unique unless --run_name) with split.json and args.json."""
+    """Create the run folder (unique unless --run_name) with split.json and args.json.
+
+    A --run_name folder that an earlier start left without a checkpoint is started again; a
+    folder this process created is removed when the run fails before its first checkpoint.
+    """
     if args.run_name:
         run_dir = Path(args.out_dir) / args.run_name
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(run_dir.glob("*.pt")):
             raise UserError(f"run folder {run_dir} already exists; pass --resume {run_dir} to continue "
                             f"it, or choose another --run_name")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            print(f"{run_dir} has no checkpoint (an earlier start stopped before its first epoch): starting it again")
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         run_dir = unique_run_dir(Path(args.out_dir), f"{name}-{datetime.now():%Y%m%d-%H%M%S}")
+    on_failure(lambda interrupted: forget_unstarted(run_dir, interrupted))
     (run_dir / "split.json").write_text(json.dumps(split))
     (run_dir / "args.json").write_text(json.dumps(json_safe(vars(args)), indent=1))
     return run_dir
+
+
+def forget_unstarted(run_dir: Path, interrupted: bool) -> str | None:
+    """After an error, remove a run folder that holds nothing but its start files; after Ctrl-C, say how
+    to start it again (cli.on_failure hook)."""
+    if any(run_dir.glob("*.pt")):
+        return None
+    if interrupted:
+        return f"({run_dir} has no checkpoint yet: the same command, or --resume {run_dir}, starts it over)"
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= RUN_START_FILES:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return None
 
 
 RESULT_FILE = "result.json"  # written when a run has trained all its epochs (or stopped early): it is complete

@@ -12,8 +12,7 @@ import torch
 import engine
 from checkpoint import TrainState, checkpoint_meta
 from cli import UserError, add_bool, add_flag, run_cli
-from devices import select_device
-from flags import add_training_args
+from flags import add_training_args, check_common_args
 from loaders import image_loaders
 from models import ACTIVATIONS, ConvNet, count_complexity, convnet_spec, format_count
 from optim import param_groups_with_decay
@@ -76,6 +75,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> ConvNet:
 
 
 def main(args: argparse.Namespace) -> TrainState | None:
+    check_common_args(args)
     if args.dense_neurons < 1:
         raise UserError(f"--dense_neurons must be >= 1, got {args.dense_neurons}")
     if args.summary:
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> TrainState | None:
         return None
     setup = setup_run(args, run_name(args), validate=lambda n: build_model(args, n))
     args = setup.args
-    device = select_device(args.device)
+    device = setup.device
     torch.manual_seed(args.seed)  # --seed fixes the initial weights too
     model = build_model(args, len(setup.classes))
     params, macs = count_complexity(model, args.image_size)

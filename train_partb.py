@@ -14,9 +14,8 @@ import torch
 import engine
 from checkpoint import TrainState, checkpoint_meta
 from cli import UserError, add_bool, add_flag, run_cli
-from devices import select_device
 from features import feature_loaders, head_on_features
-from flags import add_training_args
+from flags import add_training_args, check_common_args
 from freezing import apply_freeze, count_trainable, freeze_batchnorm, list_stages
 from loaders import image_loaders
 from models import Backbone, build_backbone, count_complexity, format_count
@@ -150,6 +149,7 @@ def build_backbone_for(args: argparse.Namespace, num_classes: int) -> Backbone:
 
 
 def main(args: argparse.Namespace) -> TrainState | None:
+    check_common_args(args)
     if args.list_stages:
         print_stages(build_backbone(args.model, "none" if args.weights in ("DEFAULT", "packaged") else args.weights, 10))
         return None
@@ -166,7 +166,7 @@ def main(args: argparse.Namespace) -> TrainState | None:
     bb = built.get("bb") or build_backbone_for(args, len(setup.classes))  # resume: the saved flags
     args.image_size = args.image_size or bb.image_size
     preprocess = bb.preprocess(args.image_size)
-    device = select_device(args.device)
+    device = setup.device
     trainable, total = count_trainable(bb.model)
     _, macs = count_complexity(bb.model, args.image_size)
     print(f"{args.model} ({bb.weights_source}): {format_count(total)} parameters, {format_count(trainable)} "

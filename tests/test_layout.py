@@ -12,6 +12,7 @@ SCRIPTS = {"train_parta", "train_partb", "evaluate", "visualize", "sweep_offline
 # evaluate/visualize. data.py is also a small CLI, but every layer above uses its discovery and split.
 LAYERS = {
     "cli": 0, "presets": 0,
+    "storage": 1,
     "download": 1, "images": 1, "sampler": 1, "devices": 1, "amp": 1, "attribution": 1, "figures": 1,
     "sweep_engine": 1, "sweep_locks": 1,
     "sweep_process": 2,
