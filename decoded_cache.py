@@ -121,7 +121,9 @@ def read_index(meta_path: Path, array_path: Path, n: int, size: int) -> tuple[np
         images = np.load(array_path, mmap_mode="r")
     except OSError:
         return None  # a build killed before it wrote its index: rebuilt, nothing to report
-    bad = meta.get("bad") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError("its index is not a mapping")
+    bad = meta.get("bad")
     if (images.shape != (n, 3, size, size) or meta.get("n") != n or not isinstance(bad, list)
             or not all(isinstance(i, int) and 0 <= i < n for i in bad)):
         raise ValueError("its index does not match its array")

@@ -28,16 +28,22 @@ from images import BAD_IMAGES, batch_to_device
 from optim import EmaWeights, build_ema, build_mix, build_optimizer, build_scheduler, run_lr_finder
 from runs import RESULT_FILE, RunSetup, write_metrics_csv, write_result
 from sampler import EpochSampler
+from storage import remove_stale_temps
 from tracking import WandbLogger, plot_curves, progress, say
 
 SYNC_EVERY = 20  # steps between host reads of the running loss (and agreement on stopping under torchrun)
 
 
 class StopRequested:
-    """Turns Ctrl-C / SIGTERM into a flag the loop checks after each step."""
+    """Turns Ctrl-C / SIGTERM into a flag the loop checks after each step.
+
+    A second signal does not cut the save the first one asked for (it is only noted); a third
+    quits at once, for a step that never ends.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.count = 0
         self.previous: dict = {}
 
     def __enter__(self):
@@ -49,8 +55,13 @@ class StopRequested:
         return self
 
     def handle(self, signum, frame) -> None:
-        if self.signum is not None:  # a second Ctrl-C: stop now
+        self.count += 1
+        if self.count >= 3:
             raise KeyboardInterrupt
+        if self.signum is not None:
+            print(f"{signal.Signals(signum).name}: still saving last.pt; once more quits without saving",
+                  file=sys.stderr, flush=True)
+            return
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt ...", file=sys.stderr)
 
@@ -360,12 +371,15 @@ def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: I
         return state
     if main:
         (run_dir / RESULT_FILE).unlink(missing_ok=True)  # complete again only when these epochs are done
+        remove_stale_temps(run_dir)  # of a save cut by kill -9
     logger = WandbLogger(args, run_dir, run_dir.name, meta["config"]) if main else WandbLogger.off()
     saver = Checkpointer(run_dir, meta, model, save_model, training, train_loader, enabled=main)
     try:
         run_epochs(setup, training, train_loader, val_loader, state, saver, logger, on_epoch_start)
     except KeyboardInterrupt:
         logger.finish()
+        if not (run_dir / "last.pt").exists():
+            raise  # nothing saved yet: cli.run_cli says how to start the run again
         if main:
             print(f"interrupted: progress is in {run_dir / 'last.pt'}; continue with --resume {run_dir}",
                   file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 from cli import UserError
 
-MARGIN = 16 * 2**20  # headroom on top of a file's size: metadata, logs written meanwhile
+MARGIN = 2**20  # headroom on top of a file's size: filesystem metadata
 HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
 TEMP_NAME = re.compile(r"^\..+\.tmp-(.+)-(\d+)$")  # .NAME.tmp-HOST-PID, see temp_name
 
