@@ -37,6 +37,7 @@ class StopRequested:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.first_at = 0.0
         self.previous: dict = {}
 
     def __enter__(self):
@@ -48,10 +49,17 @@ class StopRequested:
         return self
 
     def handle(self, signum, frame) -> None:
-        if self.signum is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt ...", file=sys.stderr)
+        if self.signum is not None:
+            # A second Ctrl-C: stop now. A SIGTERM soon after the first is the same request: a killed
+            # sweep runner's death signal comes once per runner thread, and must still save last.pt.
+            if signum == signal.SIGINT or time.monotonic() - self.first_at > 2.0:
+                raise KeyboardInterrupt
+            return
+        self.signum, self.first_at = signum, time.monotonic()
+        try:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt ...", file=sys.stderr)
+        except OSError:  # stderr gone (a closed terminal or pipe): stop and save all the same
+            pass
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():

@@ -12,11 +12,9 @@ from typing import Any, Callable
 
 import data
 from checkpoint import json_safe, load_checkpoint
-from cli import UserError
+from cli import METRIC_FIELDS, UserError
 from devices import Dist, broadcast, init_distributed
 from flags import check_common_args
-
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")
 
 
 @dataclass
