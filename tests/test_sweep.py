@@ -1,5 +1,5 @@
 """sweep.yaml, sweep_engine.py and sweep_offline.py: every swept value reaches train_parta.py as intended, and the
-offline runner trains, ranks, fails gracefully, early-stops and resumes. No network, ~30 s on 2 cores."""
+offline runner trains, ranks, fails gracefully, early-stops and resumes. No network, ~90 s on 2 cores."""
 from __future__ import annotations
 
 import csv
