@@ -8,6 +8,9 @@ from typing import Any, Callable
 
 import torch
 
+# The columns of every run's metrics.csv (written by runs.write_metrics_csv): what a sweep's metric can name.
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")
+
 
 class UserError(Exception):
     """Bad input from the user: the scripts print it as one line and exit 2, no traceback."""

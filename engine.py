@@ -34,6 +34,14 @@ from tracking import WandbLogger, plot_curves, progress, say
 SYNC_EVERY = 20  # steps between host reads of the running loss (and agreement on stopping under torchrun)
 
 
+def tell(message: str) -> None:
+    """A line on stderr that never fails: stop and save all the same when stderr is gone (closed pipe)."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 class StopRequested:
     """Turns Ctrl-C / SIGTERM into a flag the loop checks after each step.
 
@@ -58,12 +66,11 @@ class StopRequested:
         self.count += 1
         if self.count >= 3:
             raise KeyboardInterrupt
-        if self.signum is not None:
-            print(f"{signal.Signals(signum).name}: still saving last.pt; once more quits without saving",
-                  file=sys.stderr, flush=True)
+        if self.signum is not None:  # e.g. a killed sweep runner's death signal, once per runner thread
+            tell(f"{signal.Signals(signum).name}: still saving last.pt; once more quits without saving")
             return
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt ...", file=sys.stderr)
+        tell(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt ...")
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():

@@ -16,12 +16,10 @@ import torch
 import data
 from amp import amp_dtype
 from checkpoint import json_safe, load_checkpoint
-from cli import UserError, given, on_failure
+from cli import METRIC_FIELDS, UserError, given, on_failure
 from devices import Dist, broadcast, init_distributed, select_device
 from images import photo_short_side
 from flags import check_common_args
-
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")
 
 
 @dataclass

@@ -21,13 +21,15 @@ from typing import Any
 
 import yaml
 
-from cli import UserError
+from cli import METRIC_FIELDS, UserError
 
 STATE_FORMAT = "sweep-offline/1"
 DEFAULT_SWEEP_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # as wandb agent
 # Flags the runner sets itself on every run; passing them after `--` would break the bookkeeping.
 MANAGED_FLAGS = ("out_dir", "run_name", "resume", "wandb")
 HERE = Path(__file__).resolve().parent
+OWN_PROGRAMS = ("train_parta.py", "train_partb.py")  # their metrics.csv has exactly METRIC_FIELDS
+RESULT_FILE = "result.json"  # runs.RESULT_FILE: a run folder holds it once the run is complete
 
 
 # ----------------------------------------------------------------------------- config
@@ -202,6 +204,14 @@ def resolve_program(program: str, config_path: Path | None) -> str:
                     f"folder that holds it")
 
 
+def check_metric(config: dict, program: str) -> None:
+    """Refuse a metric that our own training scripts never log (a typo would rank nothing)."""
+    metric, _ = metric_of(config)
+    if Path(program).name in OWN_PROGRAMS and metric not in METRIC_FIELDS:
+        raise UserError(f"metric '{metric}' is not logged by {Path(program).name}: its metrics.csv has "
+                        f"{', '.join(METRIC_FIELDS)}; fix metric.name in the yaml")
+
+
 def check_train_args(extra: list[str]) -> None:
     """Refuse `--` flags that the runner sets on every run itself."""
     for arg in extra:
@@ -270,6 +280,15 @@ def read_history(run_dir: Path) -> list[dict]:
     return rows
 
 
+def metrics_columns(run_dir: Path) -> list[str]:
+    """The header of the run's metrics.csv ([] without one): what its metric can be named."""
+    try:
+        with open(run_dir / "metrics.csv", newline="") as f:
+            return next(csv.reader(f), [])
+    except OSError:
+        return []
+
+
 def summarize(record: dict, metric: str, goal: str) -> None:
     """Best metric over epochs (and its epoch) from the record's history."""
     values = [(h[metric], h.get("epoch", i + 1)) for i, h in enumerate(record.get("history") or [])
@@ -289,6 +308,30 @@ def mark_interrupted(record: dict, note: str, metric: str, goal: str, duration_s
         record["duration_s"] = duration_s
     record["history"] = read_history(Path(record["run_dir"]))
     summarize(record, metric, goal)
+
+
+def run_result(run_dir: str | Path) -> dict | None:
+    """The run folder's result.json (runs.read_result, read here with plain json: runs.py is a higher
+    layer), or None while the run is incomplete."""
+    try:
+        result = json.loads((Path(run_dir) / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def mark_finished(record: dict, metric: str, goal: str, note: str = "") -> None:
+    """A run that completed (result.json) though its runner did not see it end: finished, with its metric."""
+    record["history"] = read_history(Path(record["run_dir"]))
+    summarize(record, metric, goal)
+    record["state"] = "finished"
+    record["note"] = note
+    record.setdefault("ended", datetime.now().isoformat(timespec="seconds"))
+
+
+def resumable(record: dict) -> bool:
+    """An interrupted run that left a last.pt: continued with --resume instead of trained again."""
+    return record["state"] == "interrupted" and (Path(record["run_dir"]) / "last.pt").is_file()
 
 
 def next_number(state: dict, runs_dir: Path) -> int:
@@ -322,23 +365,41 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+FIXED_COLUMNS = ("rank", "run", "state", "best_epoch", "epochs", "minutes", "run_dir", "note")
+
+
+def param_columns(config: dict) -> dict[str, str]:
+    """Each parameter's leaderboard column: its name, or param_<name> where that is a fixed column or the
+    metric (a parameter `epochs` or `state`), so that no column appears twice."""
+    metric, _ = metric_of(config)
+    taken = {*FIXED_COLUMNS, metric}
+    columns = {}
+    for p in config["parameters"]:
+        column = p
+        while column in taken:
+            column = f"param_{column}"
+        taken.add(column)
+        columns[p] = column
+    return columns
+
+
 def write_leaderboard(sweep_dir: Path, state: dict) -> list[dict]:
     """SWEEP_DIR/leaderboard.csv (written atomically), one row per run, best first; returns the rows."""
     config = state["config"]
     metric, goal = metric_of(config)
-    params = list(config["parameters"])
+    params = param_columns(config)
     rows = []
     for rank, rec in enumerate(ranked(state["runs"], goal), 1):
         row = {"rank": rank, "run": rec["name"], "state": rec["state"], metric: rec.get("metric"),
                "best_epoch": rec.get("best_epoch"), "epochs": rec.get("epochs"),
                "minutes": round(rec.get("duration_s", 0) / 60, 2)}
-        row.update({p: (rec["config"].get(p) or {}).get("value") for p in params})
+        row.update({col: (rec["config"].get(p) or {}).get("value") for p, col in params.items()})
         row.update({"run_dir": rec.get("run_dir"), "note": rec.get("note", "")})
         rows.append(row)
     tmp = sweep_dir / ".leaderboard.csv.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["rank", "run", "state", metric, "best_epoch", "epochs", "minutes",
-                                               *params, "run_dir", "note"])
+                                               *params.values(), "run_dir", "note"])
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, sweep_dir / "leaderboard.csv")
@@ -350,7 +411,9 @@ def print_leaderboard(sweep_dir: Path, state: dict, top: int = 0) -> None:
     rows = write_leaderboard(sweep_dir, state)
     config = state["config"]
     metric, goal = metric_of(config)
-    cols = ["rank", "run", "state", metric, "best_epoch", "minutes", *searched_params(config), "note"]
+    params = param_columns(config)
+    cols = ["rank", "run", "state", metric, "best_epoch", "minutes", *(params[p] for p in searched_params(config)),
+            "note"]
     shown = rows[:top] if top else rows
     table = [[fmt(r.get(c)) for c in cols] for r in shown]
     widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(cols)]

@@ -23,24 +23,39 @@ and leaderboard are sweep_engine.py's, the locks sweep_locks.py's, a run's proce
 """
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
-import time
-from contextlib import contextmanager
-from datetime import datetime
-from pathlib import Path
-from typing import Iterator
 
-import yaml
+INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"
 
-from cli import UserError, str2bool
-from sweep_locks import RunnerLease, runner_alive, state_lock
-from sweep_process import Interrupted, execute, failure_note, raise_interrupt, run_dir_from_output
-from sweep_engine import (check_config, check_train_args, default_sweep_dir, fmt, hyperband_should_stop, load_config,
-                          load_state, mark_interrupted, metric_of, new_state, next_number, plain, print_leaderboard,
-                          propose, read_history, resolve_program, run_command, save_state, searched_params,
-                          summarize, sweep_command_args, write_leaderboard)
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":  # from the first moment, a `kill` stops the runner as cleanly as Ctrl-C
+    signal.signal(signal.SIGTERM, _stop)
+try:  # (importing torch and the engine takes seconds: an interrupt meanwhile is one line, no traceback)
+    import argparse
+    import time
+    from contextlib import contextmanager
+    from datetime import datetime
+    from pathlib import Path
+    from typing import Iterator
+
+    import yaml
+
+    from cli import UserError, str2bool
+    from sweep_locks import RunnerLease, runner_alive, state_lock
+    from sweep_process import Interrupted, error_line, execute, failure_note, raise_interrupt, run_dir_from_output
+    from sweep_engine import (check_config, check_metric, check_train_args, default_sweep_dir, fmt,
+                              hyperband_should_stop, load_config, load_state, mark_finished, mark_interrupted,
+                              metric_of, metrics_columns, new_state, next_number, plain, print_leaderboard,
+                              propose, read_history, resolve_program, resumable, run_command, run_result,
+                              save_state, searched_params, summarize, sweep_command_args, write_leaderboard)
+except KeyboardInterrupt:
+    print(INTERRUPTED, file=sys.stderr)
+    sys.exit(130)
 
 DEFAULT_CONFIG = "sweep.yaml"
 
@@ -143,6 +158,7 @@ def main(args: argparse.Namespace) -> int:
         show_leaderboard(sweep_dir, args.top)
         return 0
     program = resolve_program(config["program"], config_path)
+    check_metric(config, program)
     if not train_args and state.get("train_args"):  # a continued sweep keeps its data_dir, workers...
         train_args = list(state["train_args"])
         print(f"[sweep] flags for every run, as last time: {' '.join(train_args)}")
@@ -176,10 +192,15 @@ def sigterm_interrupts() -> Iterator[None]:
 
 
 def reap_orphans(sweep_dir: Path, state: dict) -> None:
-    """Runs whose runner died (SIGKILL, a crash, a reboot) become 'interrupted', named as such, never lost."""
+    """Runs whose runner died (SIGKILL, a crash, a reboot), and interrupted ones: 'finished' when their folder
+    holds result.json (the run completed first), else 'interrupted', named as such, never lost (a later
+    claim resumes them from last.pt)."""
     metric, goal = metric_of(state["config"])
     for rec in state["runs"]:
-        if rec["state"] == "running" and not runner_alive(sweep_dir, rec.get("runner")):
+        orphan = rec["state"] == "running" and not runner_alive(sweep_dir, rec.get("runner"))
+        if (orphan or rec["state"] == "interrupted") and run_result(rec["run_dir"]) is not None:
+            mark_finished(rec, metric, goal, "completed; its runner was stopped before it recorded that")
+        elif orphan:
             mark_interrupted(rec, "its sweep runner died during this run", metric, goal)
 
 
@@ -236,8 +257,9 @@ def dry_run(args: argparse.Namespace, sweep_dir: Path, state: dict, program: str
 
 def run_loop(args: argparse.Namespace, sweep_dir: Path, config: dict, program: str, train_args: list[str],
              hyperband: bool, runner: str) -> int:
-    """Propose, train and record runs until --count, a finished grid, too many failures or an interrupt."""
-    failures_in_a_row, exit_code = 0, 0
+    """Propose (or resume), train and record runs until --count, a finished grid, a rejected run, too many
+    failures or an interrupt; the exit code: 0, 1 (runs failed), 2 (a run's flags were rejected), 130."""
+    failures_in_a_row, trained, failed, exit_code = 0, 0, 0, 0
     try:
         for _ in range(args.count):
             record = claim_run(args, sweep_dir, program, train_args, runner)
@@ -246,6 +268,12 @@ def run_loop(args: argparse.Namespace, sweep_dir: Path, config: dict, program: s
                 break
             if not train_run(args, sweep_dir, config, record, hyperband):
                 return 130
+            trained, failed = trained + 1, failed + (record["state"] == "failed")
+            reason = rejection(record)
+            if reason:  # bad input fails every run the same way: say why now, not after --count failures
+                print(f"error: {record['name']} was rejected: {reason} (see {record['log']}); fix the sweep's "
+                      f"parameters or the flags after --", file=sys.stderr)
+                return 2
             failures_in_a_row = failures_in_a_row + 1 if record["state"] == "failed" else 0
             if args.max_failures and failures_in_a_row >= args.max_failures:
                 print(f"[sweep] stopping: {failures_in_a_row} runs in a row failed; see {sweep_dir / 'logs'}",
@@ -254,29 +282,53 @@ def run_loop(args: argparse.Namespace, sweep_dir: Path, config: dict, program: s
                 break
     except KeyboardInterrupt:  # between runs
         show_leaderboard(sweep_dir, args.top)
-        print("[sweep] interrupted; run the same command again to continue the sweep", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     show_leaderboard(sweep_dir, args.top)
+    if trained and failed == trained and not exit_code:
+        print(f"[sweep] every run this runner trained failed ({failed}); see {sweep_dir / 'logs'}", file=sys.stderr)
+        exit_code = 1
     return exit_code
+
+
+def rejection(record: dict) -> str | None:
+    """The trainer's error line when it refused the run's flags: exit 2 (bad input) before any new epoch."""
+    if record["state"] != "failed" or record.get("returncode") != 2:
+        return None
+    if (record.get("epochs") or 0) > record.get("resumed_after", 0):
+        return None
+    return error_line([record.get("note") or ""])
 
 
 def claim_run(args: argparse.Namespace, sweep_dir: Path, program: str, train_args: list[str],
               runner: str) -> dict | None:
-    """Under the state lock: the next number and proposal, seeing every runner's runs (running ones as
-    running, as the W&B controller does), saved as this runner's running run before it starts."""
+    """Under the state lock: an interrupted run to resume, else the next number and proposal, seeing every
+    runner's runs (running ones as running, as the W&B controller does), saved as this runner's running
+    run before it starts."""
     with changing_state(sweep_dir) as state:
-        number = next_number(state, sweep_dir / "runs")
-        proposal = propose(state["config"], state["runs"], args.seed, number)
-        if proposal is None:
-            return None
-        record = new_record(args, sweep_dir, state["config"], program, train_args, number, proposal)
-        record["runner"] = runner
-        state["runs"].append(record)
-    values = " ".join(f"{k}={fmt(v.get('value'))}" for k, v in proposal.items()
+        record = next((r for r in state["runs"] if resumable(r)), None)
+        if record is not None:  # continue it from its last.pt rather than train its config again
+            record.update(state="running", runner=runner, resumed_after=record.get("epochs") or 0,
+                          resumes=record.get("resumes", 0) + 1, note=f"resumed after epoch {record.get('epochs')}")
+        else:
+            number = next_number(state, sweep_dir / "runs")
+            proposal = propose(state["config"], state["runs"], args.seed, number)
+            if proposal is None:
+                return None
+            record = new_record(args, sweep_dir, state["config"], program, train_args, number, proposal)
+            record["runner"] = runner
+            state["runs"].append(record)
+    values = " ".join(f"{k}={fmt(v.get('value'))}" for k, v in record["config"].items()
                       if k in searched_params(state["config"]))
-    print(f"\n[sweep] {record['name']}: {values}", flush=True)
-    print("[sweep] $ " + " ".join(record["command"]), flush=True)
+    print(f"\n[sweep] {record['name']}: {values}"
+          + (f" (resuming it after epoch {record['resumed_after']})" if record.get("resumes") else ""), flush=True)
+    print("[sweep] $ " + " ".join(command_of(record)), flush=True)
     return record
+
+
+def command_of(record: dict) -> list[str]:
+    """The run's command; a resumed run continues its folder from last.pt (--resume wins over the rest)."""
+    return record["command"] + (["--resume", record["run_dir"]] if record.get("resumes") else [])
 
 
 def new_record(args: argparse.Namespace, sweep_dir: Path, config: dict, program: str, train_args: list[str],
@@ -316,26 +368,35 @@ def train_run(args: argparse.Namespace, sweep_dir: Path, config: dict, record: d
     """Train a claimed run and record its outcome; False when the runner was interrupted meanwhile."""
     metric, goal = metric_of(config)
     check = (lambda rec: hyperband_should_stop(config, other_runs(sweep_dir, rec), rec)) if hyperband else None
-    t0 = time.time()
+    t0, earlier_s = time.time(), record.get("duration_s", 0.0) if record.get("resumes") else 0.0
     try:
-        code, stopped, tail = execute(record["command"], record, Path(record["run_dir"]), Path(record["log"]),
-                                      check, args.poll_s, not args.quiet)
-    except Interrupted:
-        mark_interrupted(record, "interrupted (Ctrl-C / SIGTERM of the runner)", metric, goal,
-                         duration_s=round(time.time() - t0, 1))
+        code, stopped, tail = execute(command_of(record), record, Path(record["run_dir"]), Path(record["log"]),
+                                      check, args.poll_s, not args.quiet, append=bool(record.get("resumes")))
+    except Interrupted as stop:
         record.pop("pid", None)
+        record["duration_s"] = round(earlier_s + time.time() - t0, 1)
+        if stop.code == 0 or run_result(record["run_dir"]) is not None:  # it completed before it could stop
+            record["returncode"] = stop.code
+            finish_run(record, 0, False, stop.tail, metric, goal)
+        else:
+            mark_interrupted(record, "interrupted (Ctrl-C / SIGTERM of the runner)", metric, goal)
         commit_run(sweep_dir, record)
         show_leaderboard(sweep_dir, args.top)
-        print("[sweep] interrupted; run the same command again to continue the sweep", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return False
     record.pop("pid", None)
-    record["duration_s"] = round(time.time() - t0, 1)
+    record["duration_s"] = round(earlier_s + time.time() - t0, 1)
     record["returncode"] = code
     finish_run(record, code, stopped, tail, metric, goal)
     commit_run(sweep_dir, record)
     result = f"{metric} {record['metric']:.4f} (epoch {record['best_epoch']})" if record["metric"] is not None else "-"
     print(f"[sweep] {record['name']} {record['state']}: {result} in {record['duration_s']:.0f}s"
           + (f" ({record['note']})" if record.get("note") else ""), flush=True)
+    if record["state"] == "finished" and record["metric"] is None:
+        columns = metrics_columns(Path(record["run_dir"]))
+        print(f"[sweep] warning: no run logs '{metric}': {record['name']}'s metrics.csv has "
+              + (", ".join(columns) if columns else "no columns (or is missing)") + "; fix metric.name in the yaml",
+              flush=True)
     return True
 
 
@@ -345,13 +406,13 @@ def finish_run(record: dict, code: int, stopped: bool, tail: list[str], metric: 
     record["run_dir"] = str(run_dir)
     record["history"] = read_history(run_dir)
     summarize(record, metric, goal)
-    if stopped and code != 0:  # (a run that ended before the SIGTERM landed counts as finished)
-        record["state"] = "stopped"
-        record["note"] = f"stopped by hyperband after epoch {record['epochs']}"
-    elif code == 0:
+    if code == 0 or run_result(run_dir) is not None:  # complete, also when it ended before a SIGTERM landed
         record["state"] = "finished"
         if record["metric"] is None:
             record["note"] = f"no {metric} in {run_dir / 'metrics.csv'}"
+    elif stopped:
+        record["state"] = "stopped"
+        record["note"] = f"stopped by hyperband after epoch {record['epochs']}"
     else:
         record["state"] = "failed"
         record["note"] = failure_note(tail, code)
@@ -364,3 +425,6 @@ if __name__ == "__main__":
     except UserError as e:  # cli.UserError, raised by sweep_engine too: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # at start-up, or again while stopping: one line, no traceback
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)

@@ -6,88 +6,135 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
+from functools import partial
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any, Callable
 
 from sweep_engine import read_history
 
 
 class Interrupted(Exception):
-    pass
+    """The runner was stopped while the run trained; `code` is how the run then ended, `tail` its last lines."""
+
+    def __init__(self, code: int | None, tail: list[str]) -> None:
+        super().__init__(code)
+        self.code, self.tail = code, tail
 
 
 def raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def pump_output(stream: IO[str], log_path: Path, tail: deque, echo: bool) -> None:
-    with open(log_path, "a", encoding="utf-8", errors="replace") as log:
-        for line in iter(stream.readline, ""):
-            log.write(line)
-            log.flush()
-            tail.append(line.rstrip("\n"))
+def follow_log(log_path: Path, offset: int, tail: deque, echo: bool, ended: threading.Event) -> None:
+    """Read the run's log as it grows (like tail -f) from `offset` until the run has ended and all is read."""
+    partial_line = ""
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        log.seek(offset)
+        while True:
+            finished = ended.is_set()  # read before the last read: nothing written before the end is missed
+            chunk = log.readline()
+            if not chunk:
+                if finished:
+                    break
+                time.sleep(0.05)
+                continue
+            partial_line += chunk
+            if not partial_line.endswith("\n"):
+                continue  # the rest of the line is still being written
+            tail.append(partial_line.rstrip("\n"))
             if echo:
-                sys.stdout.write(line)
+                sys.stdout.write(partial_line)
                 sys.stdout.flush()
+            partial_line = ""
+    if partial_line:
+        tail.append(partial_line)
+        if echo:
+            print(partial_line, flush=True)
 
 
 def execute(command: list[str], record: dict, run_dir: Path, log_path: Path,
-            check_stop: Callable[[dict], bool] | None, poll_s: float, echo: bool) -> tuple[int, bool, list[str]]:
+            check_stop: Callable[[dict], bool] | None, poll_s: float, echo: bool,
+            append: bool = False) -> tuple[int, bool, list[str]]:
     """Run one training process; returns (exit code, stopped by hyperband, last output lines).
 
     The child gets its own session, so a Ctrl-C reaches only the runner, which then sends the child
-    one SIGTERM (the training loop saves last.pt and exits) and waits for it.
+    one SIGTERM (the training loop saves last.pt and exits) and waits for it. The child writes its
+    output straight into the log file, not into a pipe to the runner: when the runner is killed, the
+    child's writes must not fail (a broken pipe would crash it before it saves last.pt).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if append else "w") as log:
         log.write("$ " + " ".join(command) + "\n")
+    offset = log_path.stat().st_size
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", env=env, start_new_session=True,
-                            preexec_fn=die_with_parent)
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True, preexec_fn=partial(die_with_parent, libc_prctl(), os.getpid()))
     record["pid"] = proc.pid
     tail: deque = deque(maxlen=40)
-    pump = threading.Thread(target=pump_output, args=(proc.stdout, log_path, tail, echo), daemon=True)
+    ended = threading.Event()
+    pump = threading.Thread(target=follow_log, args=(log_path, offset, tail, echo, ended), daemon=True)
     pump.start()
-    stopped = False
-    seen_epochs = 0
     try:
-        while True:
-            try:
-                proc.wait(timeout=poll_s)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if check_stop is None or stopped:
-                continue
-            history = read_history(run_dir)
-            if len(history) > seen_epochs:
-                seen_epochs = len(history)
-                record["history"] = history
-                if check_stop(record):
-                    stopped = True
-                    print(f"[sweep] {record['name']}: hyperband stops it after epoch {seen_epochs}", flush=True)
-                    proc.send_signal(signal.SIGTERM)
+        stopped = watch(proc, record, run_dir, check_stop, poll_s)
     except KeyboardInterrupt:
         print(f"\n[sweep] interrupted: stopping {record['name']} (it saves last.pt) ...", file=sys.stderr, flush=True)
         terminate(proc)
+        ended.set()
         pump.join(timeout=10)
-        raise Interrupted from None
+        raise Interrupted(proc.returncode, list(tail)) from None
+    ended.set()
     pump.join(timeout=30)
     return proc.returncode, stopped, list(tail)
 
 
-def die_with_parent() -> None:
-    """In the child, before it starts: SIGTERM it when the runner dies, even of SIGKILL (Linux), so a
-    killed runner leaves no orphan training on (it saves last.pt and exits)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
+def watch(proc: subprocess.Popen, record: dict, run_dir: Path, check_stop: Callable[[dict], bool] | None,
+          poll_s: float) -> bool:
+    """Wait for the run to end, asking hyperband after each new epoch; True when hyperband stopped it."""
+    stopped, seen_epochs = False, 0
+    while True:
         try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
+            proc.wait(timeout=poll_s)
+            return stopped
+        except subprocess.TimeoutExpired:
             pass
+        if check_stop is None or stopped:
+            continue
+        history = read_history(run_dir)
+        if len(history) > seen_epochs:
+            seen_epochs = len(history)
+            record["history"] = history
+            if check_stop(record):
+                stopped = True
+                print(f"[sweep] {record['name']}: hyperband stops it after epoch {seen_epochs}", flush=True)
+                proc.send_signal(signal.SIGTERM)
+
+
+def libc_prctl() -> Callable | None:
+    """libc's prctl, looked up in the runner: a forked child of a threaded process must not dlopen."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(prctl: Callable | None, parent: int) -> None:
+    """In the child, before it starts: SIGTERM it when the runner dies, even of SIGKILL (Linux), so a
+    killed runner leaves no orphan training on (it saves last.pt and exits).
+
+    The kernel sends the signal once per runner thread that exits (the child passes from one thread to
+    the next), so the trainer may get several SIGTERMs at once; engine.StopRequested takes them as one.
+    """
+    if prctl is not None:
+        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the runner died before prctl: no signal will ever come
+        os._exit(143)
 
 
 def terminate(proc: subprocess.Popen) -> None:
@@ -101,9 +148,20 @@ def terminate(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def failure_note(tail: list[str], code: int) -> str:
+def error_line(tail: list[str]) -> str | None:
+    """The run's last 'error:' line (ours, or argparse's 'prog: error: ...'), if it printed one."""
     for line in reversed(tail):
-        if line.startswith("error:") or "Error" in line:
+        if line.startswith("error:") or ": error:" in line:
+            return line.strip()[:300]
+    return None
+
+
+def failure_note(tail: list[str], code: int) -> str:
+    line = error_line(tail)
+    if line:
+        return line[:200]
+    for line in reversed(tail):
+        if "Error" in line:
             return line.strip()[:200]
     return f"exit code {code}"
 

@@ -1,5 +1,5 @@
 """sweep.yaml, sweep_engine.py and sweep_offline.py: every swept value reaches train_parta.py as intended, and the
-offline runner trains, ranks, fails gracefully, early-stops and resumes. No network, ~30 s on 2 cores."""
+offline runner trains, ranks, fails gracefully, early-stops and resumes. No network, ~90 s on 2 cores."""
 from __future__ import annotations
 
 import csv
@@ -483,3 +483,216 @@ def test_a_runner_killed_mid_run_is_reported_and_never_blocks_the_others(tmp_pat
     size = csv_path.stat().st_size if csv_path.exists() else 0
     time.sleep(1.0)
     assert (csv_path.stat().st_size if csv_path.exists() else 0) == size
+
+
+# ----------------------------------------------------------------------------- interrupted, finished, rejected runs
+from conftest import assert_one_line_error, clean_env, make_dataset, run_cli  # noqa: E402
+
+# A trainer that behaves like train_parta.py where the runner can tell: last.pt on SIGTERM (exit 130), --resume
+# from it, result.json once complete; --linger keeps it alive after that (say, a slow W&B sync). Any other
+# flag is accepted, so that a parameter can have any name.
+FAKE_RESUMABLE = r'''
+import argparse, csv, json, os, signal, sys, time
+p = argparse.ArgumentParser()
+for flag in ("--q", "--sleep", "--linger"):
+    p.add_argument(flag, type=float, default=0.0)
+p.add_argument("--epochs", type=int, default=2)
+p.add_argument("--out_dir"); p.add_argument("--run_name"); p.add_argument("--wandb"); p.add_argument("--resume")
+a, _ = p.parse_known_args()
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+run = a.resume or os.path.join(a.out_dir, a.run_name)
+os.makedirs(run, exist_ok=True)
+rows = json.load(open(run + "/last.pt"))["rows"] if a.resume else []
+if a.resume:
+    print("resuming after epoch %d" % len(rows))
+for e in range(len(rows) + 1, a.epochs + 1):
+    t = time.time()
+    while time.time() - t < a.sleep and not stop:
+        time.sleep(0.01)
+    rows.append({"epoch": e, "train_loss": 1, "val_acc": a.q * e / a.epochs})
+    with open(run + "/metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
+    json.dump({"rows": rows}, open(run + "/last.pt", "w"))
+    if stop:
+        print("interrupted: progress is in last.pt"); sys.exit(130)
+json.dump({"epochs": len(rows)}, open(run + "/result.json", "w"))
+print("run folder: " + run)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+time.sleep(a.linger)
+'''
+
+
+def resumable_sweep(tmp_path: Path, q_values: list, extra_params: dict | None = None, metric: str = "val_acc") -> Path:
+    (tmp_path / "fake_resumable.py").write_text(FAKE_RESUMABLE)
+    cfg = {"program": "fake_resumable.py", "method": "grid", "metric": {"name": metric, "goal": "maximize"},
+           "parameters": {"q": {"values": q_values}, **(extra_params or {})}}
+    return write_yaml(tmp_path / "resumable.yaml", cfg)
+
+
+def wait_for(predicate, timeout: float = 60.0, runner: subprocess.Popen | None = None) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        assert runner is None or runner.poll() is None, runner.communicate()[0]
+        time.sleep(0.05)
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is pid (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def process_gone(pid: int) -> bool:
+    """Exited (a zombie no init has reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def sweep_runs(sweep_dir: Path) -> dict:
+    return {r["name"]: r for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"]}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_kill_9_of_a_runner_stops_its_real_trainer_which_saves_last_pt(tmp_path):
+    import signal
+
+    data = make_dataset(tmp_path / "data", ["a", "b"], n_train=6, n_val=2, size=32)
+    cfg = tiny_sweep_config()
+    cfg["parameters"].update(filters={"value": 4}, dense_neurons={"value": 16}, batch_size={"values": [4]},
+                             epochs={"value": 300}, conv_layers={"value": 2})
+    sweep_dir = tmp_path / "s"
+    runner = start_runner("--config", write_yaml(tmp_path / "sweep.yaml", cfg), "--sweep_dir", sweep_dir, "--count",
+                          "1", "--quiet", "--", "--data_dir", data, "--workers", "0", "--device", "cpu", "--cache",
+                          "off", cwd=tmp_path)
+    run_dir = sweep_dir / "runs" / "run-001"
+    wait_for(lambda: (run_dir / "metrics.csv").is_file(), 120, runner)  # the trainer is in its epochs
+    trainer = children_of(runner.pid)
+    assert len(trainer) == 1
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(timeout=30)
+    wait_for(lambda: process_gone(trainer[0]), 10)
+    log = (sweep_dir / "logs" / "run-001.log").read_text()
+    assert "interrupted: progress is in" in log and "Traceback" not in log, log  # stopped cleanly, saved last.pt
+    assert (run_dir / "last.pt").is_file() and not (run_dir / "result.json").exists()
+
+
+def test_finished_runs_are_never_retrained_and_interrupted_ones_resume(tmp_path):
+    import signal
+
+    cfg = resumable_sweep(tmp_path, [0.2, 0.4, 0.6])
+    sweep_dir, runs = tmp_path / "s", tmp_path / "s" / "runs"
+    common = ["--sweep_dir", sweep_dir, "--quiet", "--poll_s", "0.05"]
+    # 1. kill -9 of the runner after its run completed (result.json), while the trainer still lingers
+    a = start_runner("--config", cfg, *common, "--count", "1", "--", "--linger", "60", cwd=tmp_path)
+    wait_for(lambda: (runs / "run-001" / "result.json").is_file(), runner=a)
+    a.send_signal(signal.SIGKILL)
+    a.wait(timeout=30)
+    # 2. SIGTERM of the next runner (it reaps run-001) after its own run completed
+    b = start_runner(*common, "--count", "1", cwd=tmp_path)
+    wait_for(lambda: (runs / "run-002" / "result.json").is_file(), runner=b)
+    b.send_signal(signal.SIGTERM)
+    out_b = b.communicate(timeout=60)[0]
+    assert b.returncode == 130 and "Traceback" not in out_b, out_b
+    got = sweep_runs(sweep_dir)
+    assert [got[n]["state"] for n in ("run-001", "run-002")] == ["finished", "finished"], got
+    assert got["run-001"]["metric"] == pytest.approx(0.2) and got["run-002"]["metric"] == pytest.approx(0.4)
+    # 3. SIGTERM mid-training: interrupted, with its last.pt
+    c = start_runner(*common, "--count", "1", "--", "--epochs", "30", "--sleep", "0.1", cwd=tmp_path)
+    wait_for(lambda: (runs / "run-003" / "metrics.csv").is_file(), runner=c)
+    c.send_signal(signal.SIGTERM)
+    out_c = c.communicate(timeout=60)[0]
+    assert c.returncode == 130 and "Traceback" not in out_c, out_c
+    assert sweep_runs(sweep_dir)["run-003"]["state"] == "interrupted"
+    # 4. continuing resumes run-003 from its last.pt; nothing is trained again, and the grid is then complete
+    d = start_runner(*common, "--count", "3", cwd=tmp_path)
+    out_d = d.communicate(timeout=120)[0]
+    assert d.returncode == 0, out_d
+    got = sweep_runs(sweep_dir)
+    assert sorted(got) == ["run-001", "run-002", "run-003"] and sorted(p.name for p in runs.iterdir()) == sorted(got)
+    assert all(r["state"] == "finished" for r in got.values()), got
+    assert got["run-003"]["resumes"] == 1 and "resuming after epoch" in (sweep_dir / "logs" / "run-003.log").read_text()
+    assert [r["epoch"] for r in read_metrics_csv(runs / "run-003" / "metrics.csv")] == list(range(1, 31))
+    assert got["run-003"]["metric"] == pytest.approx(0.6) and "grid search complete" in out_d
+
+
+def test_a_rejected_run_stops_the_runner_with_the_trainers_error(tiny_data, tmp_path):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_sweep_config())
+    proc = run_cli("sweep_offline.py", "--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "3", "--quiet",
+                   "--", "--data_dir", tiny_data, "--workers", "0", "--device", "cpu", "--lr", "-1",
+                   env=clean_env(), timeout=120)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "run-001 was rejected", "--lr must be > 0")
+    assert len(sweep_runs(tmp_path / "s")) == 1  # it stopped at once
+    # an unknown flag: argparse's 'prog: error: unrecognized arguments'
+    fake = fake_sweep(tmp_path, "grid", [0.5, 0.6])
+    proc = run_cli("sweep_offline.py", "--config", fake, "--sweep_dir", tmp_path / "f", "--count", "2", "--",
+                   "--bogus", "1", env=clean_env(), timeout=120)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "run-001 was rejected", "unrecognized arguments: --bogus")
+    # other failures go on, but a runner all of whose runs failed does not exit 0
+    fake = fake_sweep(tmp_path, "grid", [-1, -2])
+    proc = run_cli("sweep_offline.py", "--config", fake, "--sweep_dir", tmp_path / "g", "--count", "2",
+                   env=clean_env(), timeout=120)
+    assert proc.returncode == 1 and "every run this runner trained failed (2)" in proc.stderr, proc.stderr
+    assert [r["state"] for r in sweep_runs(tmp_path / "g").values()] == ["failed", "failed"]
+
+
+def test_a_metric_no_run_logs_is_named(tmp_path, capsys):
+    own = dict(tiny_sweep_config(), metric={"name": "val_accuracy", "goal": "maximize"})
+    proc = run_cli("sweep_offline.py", "--config", write_yaml(tmp_path / "own.yaml", own), "--sweep_dir",
+                   tmp_path / "own", "--dry_run", env=clean_env(), timeout=120)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "'val_accuracy' is not logged by train_parta.py", "val_acc", "fix metric.name")
+    cfg = resumable_sweep(tmp_path, [0.5], metric="val_accuracy")
+    code = sweep_offline.main(sweep_offline.parse_args(["--config", str(cfg), "--sweep_dir", str(tmp_path / "s"),
+                                                        "--count", "1", "--quiet"]))
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "[sweep] warning: no run logs 'val_accuracy': run-001's metrics.csv has epoch, train_loss, val_acc; " \
+           "fix metric.name in the yaml" in out, out
+
+
+def test_leaderboard_columns_are_unique_when_parameters_share_their_names(tmp_path, capsys):
+    clash = {"epochs": {"value": 2}, "state": {"values": ["x"]}, "val_acc": {"values": [7]}, "note": {"value": "n"},
+             "param_epochs": {"value": 5}}
+    cfg = resumable_sweep(tmp_path, [0.5], clash)
+    code = sweep_offline.main(sweep_offline.parse_args(["--config", str(cfg), "--sweep_dir", str(tmp_path / "s"),
+                                                        "--count", "1", "--quiet"]))
+    assert code == 0
+    with open(tmp_path / "s" / "leaderboard.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert len(header) == len(set(header)), header
+    row = read_leaderboard(tmp_path / "s")[0]
+    assert row["state"] == "finished" and float(row["val_acc"]) == pytest.approx(0.5) and row["epochs"] == "2"
+    assert (row["param_state"], row["param_val_acc"], row["param_epochs"], row["param_note"]) == ("x", "7", "2", "n")
+    assert row["param_param_epochs"] == "5" and row["q"] == "0.5"
+    table_header = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("rank"))
+    assert len(table_header.split()) == len(set(table_header.split())), table_header
+    assert {"param_state", "param_val_acc", "q"} <= set(table_header.split())
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_runner_stopped_at_start_up_says_so_in_one_line(tmp_path, sig):
+    import signal
+    import time
+
+    cfg = fake_sweep(tmp_path, "grid", [0.5])
+    runner = start_runner("--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "1", cwd=tmp_path)
+    time.sleep(0.3)  # importing torch and the engine
+    runner.send_signal(getattr(signal, sig))
+    out = runner.communicate(timeout=60)[0]
+    assert runner.returncode == 130, out
+    assert "Traceback" not in out and out.strip().splitlines()[-1].startswith("[sweep] interrupted"), out
