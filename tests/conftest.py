@@ -134,6 +134,15 @@ def image_folder(tmp_path_factory) -> Fixture:
     return build_fixture(tmp_path_factory.mktemp("imagefolder") / "ds")
 
 
+@pytest.fixture(scope="session")
+def r18_file(tmp_path_factory) -> Path:
+    """A local ImageNet-shaped resnet18 state_dict, as a user would save for an offline cluster."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(__import__("torchvision").models.resnet18().state_dict(), path)
+    return path
+
+
 # ----------------------------------------------------------------------------- CLI
 def read_rows(path: Path) -> list[dict]:
     """metrics.csv rows as dicts; [] while the file does not exist yet."""

@@ -73,14 +73,6 @@ def test_kill_9_during_the_cache_build_leaves_a_temp_file_the_next_build_removes
     assert temp_files(cache) == [] and len(list(cache.glob("*.npy"))) == 1
 
 
-@pytest.fixture(scope="module")
-def r18_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
-    torch.save(__import__("torchvision").models.resnet18().state_dict(), path)
-    return path
-
-
 def test_ctrl_c_during_partb_feature_extraction_exits_130_and_resume_finishes(camera_photos, r18_file, tmp_path):
     args = ["--data_dir", camera_photos, "--out_dir", tmp_path, "--run_name", "b", "--model", "resnet18",
             "--weights", r18_file, "--freeze", "all", "--no-augment", "--epochs", "1", "--cache", "off",

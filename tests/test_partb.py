@@ -23,15 +23,6 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("partb") / "ds", CLASSES[:3], n_train=8, n_val=3, size=32)
 
 
-@pytest.fixture(scope="module")
-def r18_file(tmp_path_factory) -> Path:
-    """A local ImageNet-shaped resnet18 state_dict, as a user would save for an offline cluster."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
-    torch.save(__import__("torchvision").models.resnet18().state_dict(), path)
-    return path
-
-
 def partb(data_dir: Path, out: Path, *extra: str) -> TrainState:
     args = train_partb.get_args_parser().parse_args(
         ["--data_dir", str(data_dir), "--out_dir", str(out), "--image_size", "32", "--batch_size", "8",
