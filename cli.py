@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from typing import Any, Callable
 
 import torch
+
+from startup import INTERRUPTED, imports_done
 
 # The columns of every run's metrics.csv (written by runs.write_metrics_csv): what a sweep's metric can name.
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")
@@ -95,10 +96,6 @@ def fail(message: str, code: int, interrupted: bool = False) -> None:
     sys.exit(code)
 
 
-def raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def is_out_of_host_memory(error: RuntimeError) -> bool:
     text = str(error)
     return "can't allocate memory" in text or "not enough memory" in text
@@ -113,7 +110,7 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
     """
     args = parser.parse_args(argv)
     try:
-        signal.signal(signal.SIGTERM, raise_interrupt)
+        imports_done()
     except ValueError:  # not the main thread
         pass
     try:
@@ -127,4 +124,4 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
             raise
         fail("error: out of memory; lower --batch_size, --image_size or --workers", 2)
     except KeyboardInterrupt:
-        fail("interrupted; nothing half-written is left: run the same command again to continue", 130, True)
+        fail(INTERRUPTED, 130, True)

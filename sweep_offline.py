@@ -23,39 +23,33 @@ and leaderboard are sweep_engine.py's, the locks sweep_locks.py's, a run's proce
 """
 from __future__ import annotations
 
-import signal
-import sys
-
 INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"
 
+if __name__ == "__main__":  # first, before the slow imports: a `kill` or Ctrl-C meanwhile is one line (startup.py)
+    import startup
 
-def _stop(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    startup.stop_quietly(INTERRUPTED)
 
+import argparse
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
 
-if __name__ == "__main__":  # from the first moment, a `kill` stops the runner as cleanly as Ctrl-C
-    signal.signal(signal.SIGTERM, _stop)
-try:  # (importing torch and the engine takes seconds: an interrupt meanwhile is one line, no traceback)
-    import argparse
-    import time
-    from contextlib import contextmanager
-    from datetime import datetime
-    from pathlib import Path
-    from typing import Iterator
+import yaml
 
-    import yaml
-
-    from cli import UserError, str2bool
-    from sweep_locks import RunnerLease, runner_alive, state_lock
-    from sweep_process import Interrupted, error_line, execute, failure_note, raise_interrupt, run_dir_from_output
-    from sweep_engine import (check_config, check_metric, check_train_args, default_sweep_dir, fmt,
-                              hyperband_should_stop, load_config, load_state, mark_finished, mark_interrupted,
-                              metric_of, metrics_columns, new_state, next_number, plain, print_leaderboard,
-                              propose, read_history, resolve_program, resumable, run_command, run_result,
-                              save_state, searched_params, summarize, sweep_command_args, write_leaderboard)
-except KeyboardInterrupt:
-    print(INTERRUPTED, file=sys.stderr)
-    sys.exit(130)
+from cli import UserError, str2bool
+from sweep_locks import RunnerLease, runner_alive, state_lock
+from startup import imports_done, raise_interrupt
+from sweep_process import Interrupted, error_line, execute, failure_note, run_dir_from_output
+from sweep_engine import (check_config, check_metric, check_train_args, default_sweep_dir, fmt,
+                          hyperband_should_stop, load_config, load_state, mark_finished, mark_interrupted,
+                          metric_of, metrics_columns, new_state, next_number, plain, print_leaderboard,
+                          propose, read_history, resolve_program, resumable, run_command, run_result,
+                          save_state, searched_params, summarize, sweep_command_args, write_leaderboard)
 
 DEFAULT_CONFIG = "sweep.yaml"
 
@@ -420,6 +414,7 @@ def finish_run(record: dict, code: int, stopped: bool, tail: list[str], metric: 
 
 
 if __name__ == "__main__":
+    imports_done()
     try:
         sys.exit(main(parse_args()))
     except UserError as e:  # cli.UserError, raised by sweep_engine too: one line, no traceback

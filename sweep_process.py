@@ -10,7 +10,7 @@ import time
 from collections import deque
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from sweep_engine import read_history
 
@@ -21,10 +21,6 @@ class Interrupted(Exception):
     def __init__(self, code: int | None, tail: list[str]) -> None:
         super().__init__(code)
         self.code, self.tail = code, tail
-
-
-def raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def follow_log(log_path: Path, offset: int, tail: deque, echo: bool, ended: threading.Event) -> None:

@@ -5,6 +5,11 @@
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
+    import startup
+
+    startup.stop_quietly()
+
 import argparse
 
 import torch

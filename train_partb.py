@@ -6,6 +6,11 @@
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
+    import startup
+
+    startup.stop_quietly()
+
 import argparse
 from typing import Callable
 

@@ -15,6 +15,11 @@ their true colours, as the model saw them (resized and centre-cropped).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
+    import startup
+
+    startup.stop_quietly()
+
 import argparse
 import json
 import os

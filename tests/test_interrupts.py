@@ -42,6 +42,34 @@ def interrupted_line(done) -> str:
 
 
 # ----------------------------------------------------------------------------- before the first epoch
+def torch_loading(pid: int) -> bool:
+    """Whether the process has mapped libtorch_python: in the middle of `import torch`."""
+    try:
+        return "libtorch_python" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the import")
+@pytest.mark.parametrize("script", ["train_parta.py", "train_partb.py", "evaluate.py", "sweep_offline.py"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_script_still_imports_torch_is_one_line_and_exit_130(script, sig, tmp_path):
+    for attempt in range(5):
+        proc = start_script(script, ["--help"], tmp_path / f"log{attempt}")
+        poll_until(lambda: torch_loading(proc.p.pid), proc, interval=0.001)
+        if proc.alive():
+            proc.p.send_signal(sig)
+        done = proc.wait()
+        if "usage:" not in done.stdout:  # the signal came before --help was printed
+            break
+    else:
+        pytest.skip("the imports always finished before the signal")
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+    assert [ln for ln in done.stderr.splitlines() if ln.strip()] == [
+        "[sweep] interrupted; run the same command again to continue the sweep" if script == "sweep_offline.py"
+        else "interrupted; nothing half-written is left: run the same command again to continue"]
+
+
 @pytest.mark.parametrize("sig,again", [(signal.SIGTERM, "same command"), (signal.SIGINT, "--resume")])
 def test_a_signal_during_the_cache_build_exits_130_cleanly_and_the_run_continues(camera_photos, tmp_path, sig, again):
     args = big_args(camera_photos, tmp_path, "r")

@@ -11,18 +11,19 @@ SCRIPTS = {"train_parta", "train_partb", "evaluate", "visualize", "sweep_offline
 # Each module may import only modules of lower layers: data -> models -> loop -> checkpoint files ->
 # evaluate/visualize. data.py is also a small CLI, but every layer above uses its discovery and split.
 LAYERS = {
-    "cli": 0, "presets": 0,
-    "storage": 1,
-    "download": 1, "images": 1, "sampler": 1, "devices": 1, "amp": 1, "attribution": 1, "figures": 1,
-    "sweep_engine": 1, "sweep_locks": 1,
-    "sweep_process": 2,
-    "data": 2, "decoded_cache": 2, "models": 2, "freezing": 2, "metrics": 2,
-    "device_batches": 3, "checkpoint": 3, "optim": 3, "tracking": 3,
-    "flags": 4, "inference": 4, "summary": 4,
-    "runs": 5,
-    "loaders": 6,
-    "features": 7, "engine": 7,
-    **{s: 9 for s in SCRIPTS},
+    "startup": 0,
+    "cli": 1, "presets": 1,
+    "storage": 2,
+    "download": 2, "images": 2, "sampler": 2, "devices": 2, "amp": 2, "attribution": 2, "figures": 2,
+    "sweep_engine": 2, "sweep_locks": 2,
+    "sweep_process": 3,
+    "data": 3, "decoded_cache": 3, "models": 3, "freezing": 3, "metrics": 3,
+    "device_batches": 4, "checkpoint": 4, "optim": 4, "tracking": 4,
+    "flags": 5, "inference": 5, "summary": 5,
+    "runs": 6,
+    "loaders": 7,
+    "features": 8, "engine": 8,
+    **{s: 10 for s in SCRIPTS},
 }
 FLAG_LISTS = {"get_args_parser", "add_training_args"}  # argparse builders: plain lists of flags
 

@@ -1,0 +1,47 @@
+"""What a script does first, before its slow imports: from that moment Ctrl-C or SIGTERM ends it with one line.
+
+Importing torch takes seconds; without this, Ctrl-C meanwhile prints a traceback and SIGTERM
+kills the process without a word. Scripts call `stop_quietly` under `if __name__ == "__main__":`
+(importing them does nothing), and `imports_done` once they start working.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+INTERRUPTED = "interrupted; nothing half-written is left: run the same command again to continue"
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_quietly(message: str = INTERRUPTED) -> None:
+    """Until `imports_done`: Ctrl-C or SIGTERM prints `message` and exits 130 at once.
+
+    Nothing is written yet that would need cleaning up, and an exception raised inside a C
+    extension's import can surface as an ImportError instead of KeyboardInterrupt.
+    """
+    def leave(signum: int, frame: object) -> None:
+        os.write(2, (message + "\n").encode())
+        os._exit(130)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, leave)
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback) -> None:  # a KeyboardInterrupt nothing handled: one line too
+        if not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, traceback)
+        print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
+
+    sys.excepthook = hook
+
+
+def imports_done() -> None:
+    """From here on Ctrl-C and SIGTERM raise KeyboardInterrupt, so `finally` blocks remove temp files."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, raise_interrupt)
