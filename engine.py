@@ -388,8 +388,7 @@ def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: I
         if not (run_dir / "last.pt").exists():
             raise  # nothing saved yet: cli.run_cli says how to start the run again
         if main:
-            print(f"interrupted: progress is in {run_dir / 'last.pt'}; continue with --resume {run_dir}",
-                  file=sys.stderr)
+            tell(f"interrupted: progress is in {run_dir / 'last.pt'}; continue with --resume {run_dir}")
         sys.exit(130)
     except NonFiniteLoss as e:
         logger.finish()
