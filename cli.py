@@ -9,8 +9,9 @@ import torch
 
 from startup import INTERRUPTED, imports_done
 
-# The columns of every run's metrics.csv (written by runs.write_metrics_csv): what a sweep's metric can name.
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")
+# What a run folder holds that sweep runners read (written by runs.py; here for the lower layers too):
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")  # metrics.csv
+RESULT_FILE = "result.json"  # written once a run has trained all its epochs (or stopped early)
 
 
 class UserError(Exception):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from images import BAD_IMAGES, load_image
-from storage import (atomic_write, check_free_space, disk_full_error, format_bytes, is_disk_full,
+from storage import (atomic_write, check_free_space, format_bytes, full_disk_is_one_line, move_into_place,
                      remove_stale_temps, signals_held, temp_name)
 
 CACHE_VERSION = 1
@@ -135,20 +135,16 @@ def build(paths: Sequence[str], size: int, cache_dir: Path, key: str, workers: i
     need = len(paths) * 3 * size * size
     print(f"decoded cache: decoding {len(paths)} images to {size}x{size} px ({format_bytes(need)}) "
           f"in {cache_dir}", flush=True)
-    check_free_space(cache_dir, need, "the decoded-image cache (or pass --cache off, or --cache DIR)")
+    what = "the decoded-image cache (or pass --cache off, or --cache DIR)"
+    check_free_space(cache_dir, need, what)
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     tmp = temp_name(array_path)
     meta_path.unlink(missing_ok=True)  # the index names a finished array: never an older one
     try:
-        bad = _build_cache_array(paths, size, tmp, workers)
-        with signals_held():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, array_path)
-    except OSError as e:
-        if is_disk_full(e):
-            raise disk_full_error(cache_dir, need, "the decoded-image cache (or pass --cache off)") from None
-        raise
+        with full_disk_is_one_line(cache_dir, need, what):
+            bad = _build_cache_array(paths, size, tmp, workers)  # Ctrl-C works here: the temp goes
+            with signals_held():
+                move_into_place(tmp, array_path)
     finally:
         tmp.unlink(missing_ok=True)
     index = json.dumps({"n": len(paths), "size": size, "bad": bad, "version": CACHE_VERSION})

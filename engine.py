@@ -20,13 +20,13 @@ from torch import nn
 from amp import Training, amp_dtype, autocast, grad_scaler, train_step
 from checkpoint import (TrainState, atomic_torch_save, checkpoint_payload, load_weights, rng_state,
                         set_rng_state)
-from cli import UserError
+from cli import RESULT_FILE, UserError
 from data import check_trainable
 from devices import Dist, all_reduce_sum, distributed, finish_distributed, rewrap_ddp, wrap_ddp
 from freezing import set_train_mode
 from images import BAD_IMAGES, batch_to_device
 from optim import EmaWeights, build_ema, build_mix, build_optimizer, build_scheduler, run_lr_finder
-from runs import RESULT_FILE, RunSetup, write_metrics_csv, write_result
+from runs import RunSetup, write_metrics_csv, write_result
 from sampler import EpochSampler
 from storage import remove_stale_temps
 from tracking import WandbLogger, plot_curves, progress, say

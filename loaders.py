@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 import data
-
 from decoded_cache import DecodedCache, default_cache_dir, open_decoded_cache
 from device_batches import DeviceLoader
 from devices import Dist

@@ -16,10 +16,10 @@ import torch
 import data
 from amp import amp_dtype
 from checkpoint import json_safe, load_checkpoint
-from cli import METRIC_FIELDS, UserError, given, on_failure
+from cli import METRIC_FIELDS, RESULT_FILE, UserError, given, on_failure
 from devices import Dist, broadcast, init_distributed, select_device
 from images import photo_short_side
-from flags import check_common_args
+from storage import atomic_write
 
 
 @dataclass
@@ -80,8 +80,9 @@ def resume_args(args: argparse.Namespace, config: dict) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
-def open_resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None, Path]:
-    """--resume RUN: its flags and last.pt; a run stopped before its first checkpoint starts over."""
+def open_resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None, dict, Path]:
+    """--resume RUN: (its flags, last.pt, its split, the folder); a run stopped before its first
+    checkpoint has no last.pt (None) and starts over."""
     run_dir = Path(args.resume)
     last = run_dir / "last.pt"
     if not run_dir.is_dir():
@@ -93,39 +94,37 @@ def open_resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | N
         except (OSError, ValueError) as e:
             raise UserError(f"--resume {run_dir}: its args.json or split.json is unreadable ({e})") from None
         print(f"{run_dir} has no checkpoint yet (it stopped before its first epoch ended): starting it over")
-        return resume_args(args, config), {"split": split, "config": config}, run_dir
+        return resume_args(args, config), None, split, run_dir
     ckpt = load_checkpoint(last)
     if "optimizer" not in ckpt:
         raise UserError(f"{last}: has no training state to resume from")
     args = resume_args(args, ckpt["config"])
     if args.epochs < ckpt["epoch"]:
         raise UserError(f"--epochs {args.epochs} is fewer than the {ckpt['epoch']} epochs {run_dir} has trained")
-    return args, ckpt, run_dir
+    return args, ckpt, ckpt["split"], run_dir
 
 
 def setup_run(args: argparse.Namespace, name: str,
               validate: Callable[[int], Any] | None = None) -> RunSetup:
     """Resolve data, split, device and run folder for a new run, or reload them for --resume.
 
-    Every check runs before a new run's folder is created; `validate(num_classes)` may raise on
-    bad model flags.
+    The script has checked the shared flags first (flags.check_common_args); every other check
+    runs here before a new run's folder is created, `validate(num_classes)` on the model flags.
     """
-    check_common_args(args)
     dist = init_distributed()
     if dist.world > 1 and args.batch_size % dist.world:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) must be divisible by the "
                         f"{dist.world} processes")
-    resumed, run_dir = None, None
+    ckpt, run_dir = None, None
     if args.resume:
-        args, resumed, run_dir = open_resumed(args)
+        args, ckpt, split, run_dir = open_resumed(args)
     device = select_device(args.device)
     amp_dtype(args.amp, device)  # e.g. --amp fp16 on a CPU: refused here, not after the folder exists
     root = fetch_data(args, dist)
     ds = data.discover(root)
-    if resumed is not None:
-        if resumed.get("class_names", ds.classes) != ds.classes:
-            raise UserError(f"classes in {root} differ from the run's: {resumed['class_names']}")
-        split = resumed["split"]
+    if run_dir is not None:
+        if ckpt is not None and ckpt["class_names"] != ds.classes:
+            raise UserError(f"classes in {root} differ from the run's: {ckpt['class_names']}")
         train_samples, val_samples = data.split_from_json(ds.root, split, ds.classes)
     else:
         train_idx, val_idx = data.stratified_split(ds.train, args.val_fraction, args.seed)
@@ -136,11 +135,10 @@ def setup_run(args: argparse.Namespace, name: str,
             raise UserError("the validation split is empty; use --val_fraction > 0")
     sides = {path: photo_short_side(path) for path, _ in train_samples + val_samples}  # headers only
     data.check_trainable(ds.classes, train_samples, {p for p, side in sides.items() if not side}, root / "train")
-    if resumed is None:
+    if run_dir is None:
         if validate is not None:
             validate(len(ds.classes))  # bad model flags fail before a run folder exists
         run_dir = broadcast(new_run_dir(args, name, split) if dist.main else None, dist)
-    ckpt = resumed if resumed is not None and "optimizer" in resumed else None
     return RunSetup(args, run_dir, ds.root, ds.classes, train_samples, val_samples, split, ckpt, dist, device, sides)
 
 
@@ -195,24 +193,11 @@ def forget_unstarted(run_dir: Path, interrupted: bool) -> str | None:
     return None
 
 
-RESULT_FILE = "result.json"  # written when a run has trained all its epochs (or stopped early): it is complete
-
-
 def write_result(run_dir: Path, state_epoch: int, best_val_acc: float, best_epoch: int) -> None:
     """Mark the run complete: result.json, written atomically, read by sweep runners."""
-    tmp = run_dir / f".{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps({"epochs": state_epoch, "best_val_acc": best_val_acc, "best_epoch": best_epoch,
-                               "ended": datetime.now().isoformat(timespec="seconds")}))
-    os.replace(tmp, run_dir / RESULT_FILE)
-
-
-def read_result(run_dir: Path) -> dict | None:
-    """The run's result.json, or None while it is incomplete (or the file is damaged)."""
-    try:
-        result = json.loads((Path(run_dir) / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return result if isinstance(result, dict) else None
+    result = json.dumps({"epochs": state_epoch, "best_val_acc": best_val_acc, "best_epoch": best_epoch,
+                         "ended": datetime.now().isoformat(timespec="seconds")})
+    atomic_write(run_dir / RESULT_FILE, lambda tmp: tmp.write_text(result), len(result), RESULT_FILE)
 
 
 def write_metrics_csv(run_dir: Path, history: list[dict]) -> None:

@@ -86,6 +86,24 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}")
 
 
+@contextmanager
+def full_disk_is_one_line(folder: Path, need: int, what: str) -> Iterator[None]:
+    """ENOSPC/EDQUOT inside the block (the disk filled up after the check) as the one-line error."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if is_disk_full(e):
+            raise disk_full_error(folder, need + MARGIN, what) from None
+        raise
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """fsync the finished temp file, then rename it onto path (atomic on one filesystem)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None], need: int, what: str) -> None:
     """write(temp) then fsync and rename onto path, with signals held; a failure leaves path as it was.
 
@@ -94,18 +112,12 @@ def atomic_write(path: Path, write: Callable[[Path], None], need: int, what: str
     path = Path(path)
     check_free_space(path.parent, need, what)
     tmp = temp_name(path)
-    with signals_held():
-        try:
+    try:
+        with signals_held(), full_disk_is_one_line(path.parent, need, what):
             write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:
-            if is_disk_full(e):
-                raise disk_full_error(path.parent, need + MARGIN, what) from None
-            raise
-        finally:
-            tmp.unlink(missing_ok=True)
+            move_into_place(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def process_alive(pid: int) -> bool:
@@ -118,14 +130,14 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: Path, prefix: str = ".") -> list[Path]:
-    """Delete temp files (names from temp_name, starting with prefix) that killed processes left behind.
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files (names from temp_name) that killed processes left in folder.
 
     Only this machine's: a process of another host sharing the folder cannot be checked.
     """
     removed = []
     try:
-        entries = [e for e in Path(folder).iterdir() if e.name.startswith(prefix)]
+        entries = list(Path(folder).iterdir())
     except OSError:
         return removed
     for entry in entries:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from cli import METRIC_FIELDS, UserError
+from cli import METRIC_FIELDS, RESULT_FILE, UserError
 
 STATE_FORMAT = "sweep-offline/1"
 DEFAULT_SWEEP_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # as wandb agent
@@ -29,7 +29,6 @@ DEFAULT_SWEEP_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  #
 MANAGED_FLAGS = ("out_dir", "run_name", "resume", "wandb")
 HERE = Path(__file__).resolve().parent
 OWN_PROGRAMS = ("train_parta.py", "train_partb.py")  # their metrics.csv has exactly METRIC_FIELDS
-RESULT_FILE = "result.json"  # runs.RESULT_FILE: a run folder holds it once the run is complete
 
 
 # ----------------------------------------------------------------------------- config
@@ -311,8 +310,7 @@ def mark_interrupted(record: dict, note: str, metric: str, goal: str, duration_s
 
 
 def run_result(run_dir: str | Path) -> dict | None:
-    """The run folder's result.json (runs.read_result, read here with plain json: runs.py is a higher
-    layer), or None while the run is incomplete."""
+    """The run folder's result.json (runs.write_result), or None while the run is incomplete."""
     try:
         result = json.loads((Path(run_dir) / RESULT_FILE).read_text())
     except (OSError, ValueError):
