@@ -25,7 +25,8 @@ from data import check_trainable
 from devices import Dist, all_reduce_sum, distributed, finish_distributed, rewrap_ddp, wrap_ddp
 from freezing import set_train_mode
 from images import BAD_IMAGES, batch_to_device
-from optim import EmaWeights, build_ema, build_mix, build_optimizer, build_scheduler, run_lr_finder
+from optim import (EmaWeights, build_ema, build_mix, build_optimizer, build_scheduler, load_schedule_progress,
+                   run_lr_finder)
 from runs import RunSetup, write_metrics_csv, write_result
 from sampler import EpochSampler
 from storage import remove_stale_temps
@@ -272,7 +273,7 @@ def resume_training(ckpt: dict, training: Training, save_model: nn.Module, run_d
     """Weights, optimizer, schedule, loss scale, RNGs and EMA from last.pt: the run continues exactly."""
     load_weights(save_model, ckpt.get("train_state", ckpt["model_state"]), run_dir / "last.pt")
     training.optimizer.load_state_dict(ckpt["optimizer"])
-    training.scheduler.load_state_dict(ckpt["scheduler"])
+    load_schedule_progress(training.scheduler, ckpt["scheduler"])
     training.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     if training.ema is not None and "ema" in ckpt:

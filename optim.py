@@ -65,6 +65,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
         optimizer, lambda step: lr_factor(step, total, warmup, args.scheduler))
 
 
+def load_schedule_progress(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    """A saved schedule's progress (its step count), keeping this run's shape (its total steps).
+
+    So `--resume RUN --epochs N` with more epochs stretches the curve over the new total; OneCycleLR
+    would otherwise keep the old total from its state and refuse to step past it.
+    """
+    shape = {k: getattr(scheduler, k) for k in ("total_steps", "_schedule_phases") if hasattr(scheduler, k)}
+    scheduler.load_state_dict(state)
+    scheduler.__dict__.update(shape)
+
+
 def build_mix(args: argparse.Namespace, num_classes: int) -> Callable | None:
     """torchvision's MixUp / CutMix on whole batches (soft targets), or None."""
     if not (args.mixup > 0 or args.cutmix > 0):

@@ -198,6 +198,20 @@ def test_resume_with_more_epochs_trains_them_and_a_finished_run_says_so(two_clas
         train_parta.main(fewer)
 
 
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
+def test_resume_with_more_epochs_stretches_the_schedule_to_the_new_total(two_classes, tmp_path, scheduler):
+    """2 epochs, then --epochs 4: epochs 3-4 run at the LRs of a 4-epoch schedule from the start."""
+    out, flags = tmp_path / "runs", ("--scheduler", scheduler, "--warmup_epochs", "1", "--batch_size", "4")
+    parta(train_args(two_classes, out, "short", 2, *flags))
+    train_parta.main(train_parta.get_args_parser().parse_args(
+        ["--resume", str(out / "short"), "--epochs", "4", "--workers", "0", "--device", "cpu"]))
+    parta(train_args(two_classes, out, "long", 4, *flags))
+    lrs = lambda name: [float(r["lr"]) for r in read_rows(out / name / "metrics.csv")]  # noqa: E731
+    assert len(lrs("short")) == 4 and lrs("short")[2:] == pytest.approx(lrs("long")[2:], rel=1e-9)
+    if scheduler == "cosine":  # the first 2 epochs ran a 2-epoch schedule: at its end, not half way
+        assert lrs("short")[1] < lrs("long")[1] / 10
+
+
 def test_resume_after_the_data_folder_changed_names_what_is_missing(two_classes, tmp_path):
     out = tmp_path / "runs"
     parta(train_args(two_classes, out, "r", 1))
