@@ -144,8 +144,8 @@ def main(args: argparse.Namespace) -> int:
     check_train_args(train_args)
     if args.count < 0:
         raise UserError(f"--count must be >= 0, got {args.count}")
-    if args.poll_s <= 0:
-        raise UserError(f"--poll_s must be > 0, got {args.poll_s}")
+    if not 0 < args.poll_s < float("inf"):  # NaN included
+        raise UserError(f"--poll_s must be a number > 0, got {args.poll_s}")
     sweep_dir, state, config_path = open_sweep(args)
     config = state["config"]
     if args.show:

@@ -149,6 +149,12 @@ def test_nan_is_one_line_with_exit_code_2(two_classes, tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "runs").exists()
 
 
+def test_nan_poll_interval_of_the_sweep_runner_is_refused(tmp_path):
+    proc = run_cli("sweep_offline.py", "--config", "sweep.yaml", "--sweep_dir", tmp_path / "s", "--poll_s", "nan")
+    assert_one_line_error(proc, "--poll_s must be a number > 0, got nan")
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--device", "cuda:7"], "--device"),  # no such GPU here (or on most machines)
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a GPU"),
