@@ -200,6 +200,9 @@ class DeviceLoader:
                 yield self.finish_batch(*item)
         finally:
             stop.set()
+            # Joined, not abandoned: a daemon thread still inside torch when the process exits (a stop
+            # mid-epoch, then sys.exit) aborts it with "terminate called without an active exception".
+            thread.join(timeout=60)
 
     def finish_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Move gathered uint8 rows to the device and turn them into model inputs there."""
