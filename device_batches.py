@@ -173,20 +173,24 @@ class DeviceLoader:
         q: queue.Queue = queue.Queue(maxsize=3)
         stop = threading.Event()
 
+        def offer(item) -> bool:
+            """Queue item unless the consumer has stopped (then never block: it joins this thread)."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce() -> None:
             try:
                 for item in self.host_batches():
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not offer(item):
                         return
-                q.put(None)
+                offer(None)
             except BaseException as e:  # surface errors in the consumer
-                q.put(e)
+                offer(e)
 
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()
