@@ -1,8 +1,8 @@
 """The one mixed-precision training step: autocast forward, scaled backward, unscale + clip, step, update.
 
 Training, the LR finder and bench.py all step through `train_step`, in the spirit of timm's
-NativeScaler: fp16 on CUDA with a GradScaler (it rescues small gradients from underflow), bf16,
-full precision and other devices with a disabled one (a plain step).
+NativeScaler: fp16 with a GradScaler (it rescues small gradients from underflow), bf16 and full
+precision with a disabled one (a plain step).
 """
 from __future__ import annotations
 
@@ -33,8 +33,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
-    """Loss scaling for fp16 on CUDA; a disabled scaler (a plain step) otherwise."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+    """Loss scaling for fp16 (CUDA, MPS); a disabled scaler (a plain step) for bf16 and full precision.
+
+    With the fused optimizers of optim.build_optimizer, the scaler's inf/NaN check and step skip
+    stay on the device: no host read per step.
+    """
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 @dataclass
@@ -49,7 +53,7 @@ class Training:
     scaler: torch.amp.GradScaler
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every batch
     grad_clip: float = 0.0  # max gradient norm; 0 = off
-    ema: nn.Module | None = None  # an AveragedModel updated after every step
+    ema: nn.Module | None = None  # an optim.DeviceEma updated after every step
     mix: Callable | None = None  # MixUp/CutMix on the batch, or None
     accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation)
     pending: int = 0  # micro-batches whose gradients are summed but not yet applied

@@ -222,7 +222,7 @@ def plain_training(args: argparse.Namespace, model: nn.Module, param_groups: lis
         model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(args.amp, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    return Training(model, build_optimizer(param_groups, args), criterion, device, dtype, grad_scaler(device, dtype))
+    return Training(model, build_optimizer(param_groups, args, device), criterion, device, dtype, grad_scaler(device, dtype))
 
 
 def full_training(plain: Training, args: argparse.Namespace, steps_per_epoch: int, num_classes: int,

@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from amp import Training, train_step
 from cli import UserError
@@ -31,12 +32,20 @@ def param_groups_with_decay(named_params: Iterable[tuple[str, nn.Parameter]], lr
     return groups
 
 
-def build_optimizer(groups: list[dict], args: argparse.Namespace) -> torch.optim.Optimizer:
-    """--optimizer over the parameter groups (each group keeps its own lr and weight decay)."""
+def build_optimizer(groups: list[dict], args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    """--optimizer over the parameter groups (each group keeps its own lr and weight decay).
+
+    Fused kernels where torch has them for the device: one kernel per step, and with an fp16
+    GradScaler the step skip on inf/NaN happens on the device, not through a host read of found_inf.
+    """
     if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
-    cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=args.lr)
+        cls, options = torch.optim.SGD, {"momentum": args.momentum, "nesterov": True}
+    else:
+        cls, options = (torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam), {}
+    try:
+        return cls(groups, lr=args.lr, fused=True, **options)
+    except RuntimeError:  # no fused kernel for this device or dtype: torch's default implementation
+        return cls(groups, lr=args.lr, **options)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -88,27 +97,46 @@ def build_mix(args: argparse.Namespace, num_classes: int) -> Callable | None:
 
 
 def build_ema(model: nn.Module, decay: float) -> nn.Module | None:
-    """An AveragedModel keeping an EMA of the weights (and buffers), or None when decay is 0."""
+    """An EMA of the weights (and buffers) on the model's device, or None when decay is 0."""
     if decay <= 0:
         return None
     if not decay < 1:
         raise UserError(f"--ema must be in (0, 1), got {decay}")
-    from torch.optim.swa_utils import AveragedModel
+    return DeviceEma(model, decay)
+
+
+class DeviceEma(AveragedModel):
+    """torch's AveragedModel (its copy of the module, `n_averaged` and state dict) with an update that
+    never waits for the host.
+
+    AveragedModel.update_parameters reads `n_averaged` on the host twice per call and copies it to
+    the device per dtype group; `_foreach_lerp_` turns a tensor weight into `.item()`. Here the
+    counter lives on the device and the weight is a device tensor: one fused pass per step.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        first = next(iter(model.parameters()), None)
+        super().__init__(model, device=first.device if first is not None else None, use_buffers=True)
+        self.decay = decay
 
     @torch.no_grad()
-    def ema(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
-        # One fused update per device and dtype (as torch's get_ema_multi_avg_fn), not a Python
-        # loop over tensors. Warm-up (as timm does): early on the average follows the model closely,
-        # so short runs are not validated on weights still dominated by the random initialisation.
-        # The decay stays a device tensor: no host sync.
-        d = torch.clamp((1 + n) / (10 + n), max=decay)
-        if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, current, (1 - d).to(averaged[0].dtype))
-        else:  # integer buffers (batch-norm step counts) follow the model
-            for a, c in zip(averaged, current):
+    def update_parameters(self, model: nn.Module) -> None:
+        n = self.n_averaged
+        # Warm-up (as timm does): early on the average follows the model closely, so short runs are
+        # not validated on weights still dominated by the random initialisation. Weight 1 at n = 0: a copy.
+        weight = torch.where(n == 0, 1.0, 1 - torch.clamp((1 + n) / (10 + n), max=self.decay))
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if floats:
+            avg, cur = [a for a, _ in floats], [c for _, c in floats]
+            step = torch._foreach_sub(cur, avg)
+            torch._foreach_mul_(step, weight.to(avg[0].dtype))
+            torch._foreach_add_(avg, step)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():  # integer buffers (batch-norm step counts) follow the model
                 a.copy_(c)
-
-    return AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
+        n += 1
 
 
 class EmaWeights:

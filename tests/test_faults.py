@@ -156,7 +156,7 @@ def test_nan_poll_interval_of_the_sweep_runner_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--device", "cuda:7"], "--device"),  # no such GPU here (or on most machines)
+    (["--device", f"cuda:{torch.cuda.device_count()}"], "--device"),  # one past the last visible GPU
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a GPU"),
     (["--image_size", "100000"], "--image_size must be <= 2048"),
     (["--ema", "1.5"], "--ema must be in \(0, 1\)"),

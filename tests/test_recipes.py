@@ -114,7 +114,7 @@ def scheduled_lrs(scheduler: str, epochs: int, steps_per_epoch: int, warmup_epoc
         ["--scheduler", scheduler, "--epochs", str(epochs), "--warmup_epochs", str(warmup_epochs),
          "--optimizer", optimizer, "--lr", str(lrs[0])])
     groups = [{"params": [nn.Parameter(torch.zeros(2))], "lr": lr, "weight_decay": 0.0} for lr in lrs]
-    opt = build_optimizer(groups, args)
+    opt = build_optimizer(groups, args, torch.device("cpu"))
     sched = build_scheduler(opt, args, steps_per_epoch)
     seen = []
     for _ in range(epochs * steps_per_epoch):
@@ -196,7 +196,7 @@ def test_weight_decay_spares_biases_and_norm_weights(batch_norm):
     assert all(wd_of[id(p)] == 0.0 for p in spared)
     assert all(wd_of[id(p)] == 0.05 for p in decayed)
 
-    opt = build_optimizer(groups, args)
+    opt = build_optimizer(groups, args, torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)
     before = {id(p): p.detach().clone() for p in model.parameters()}
     for p in model.parameters():
