@@ -145,17 +145,27 @@ def restore_model(ckpt_path: str | Path, device: torch.device) -> tuple[nn.Modul
     return model.to(device).eval(), ckpt
 
 
-def rng_state() -> dict:
-    """The global RNG states (torch, Python, CUDA), for an exact resume."""
+def rng_state(device: torch.device) -> dict:
+    """The RNG states a resume needs (torch, Python, and the training GPU's), for an exact resume.
+
+    Only the GPU this process trains on: a run is resumable on a machine with fewer GPUs, and a
+    CPU run never initialises CUDA.
+    """
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what rng_state saved."""
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what rng_state saved; a GPU state only onto the GPU this process trains on."""
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU visible when saved
+        if not cuda:
+            return
+        cuda = cuda[device.index or 0] if (device.index or 0) < len(cuda) else cuda[0]
+    torch.cuda.set_rng_state(cuda, device)

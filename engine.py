@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from amp import Training, amp_dtype, autocast, grad_scaler, train_step
+from amp import Training, amp_dtype, autocast, grad_scaler, precision_name, train_step
 from checkpoint import (TrainState, atomic_torch_save, checkpoint_payload, load_weights, rng_state,
                         set_rng_state)
 from cli import RESULT_FILE, UserError
@@ -259,7 +259,8 @@ class Checkpointer:
         with EmaWeights(self.model, t.ema):
             payload = checkpoint_payload(self.meta, self.save_model, state)
         payload.update(optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(),
-                       scaler=t.scaler.state_dict(), rng=rng_state(), batches_done=batches_done,
+                       scaler=t.scaler.state_dict(), precision=precision_name(t.dtype), rng=rng_state(t.device),
+                       batches_done=batches_done,
                        partial=partial or {})
         if getattr(self.train_loader, "generator", None) is not None:
             payload["loader_rng"] = self.train_loader.generator.get_state()
@@ -274,8 +275,9 @@ def resume_training(ckpt: dict, training: Training, save_model: nn.Module, run_d
     load_weights(save_model, ckpt.get("train_state", ckpt["model_state"]), run_dir / "last.pt")
     training.optimizer.load_state_dict(ckpt["optimizer"])
     load_schedule_progress(training.scheduler, ckpt["scheduler"])
-    training.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    if ckpt["scaler"] and training.scaler.is_enabled():  # a run that now starts fp16 starts a fresh scale
+        training.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], training.device)
     if training.ema is not None and "ema" in ckpt:
         training.ema.load_state_dict(ckpt["ema"])
     state = TrainState(ckpt["epoch"], ckpt["metrics"], ckpt["best_val_acc"], ckpt["best_epoch"],

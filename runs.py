@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 import data
-from amp import amp_dtype
+from amp import amp_dtype, resumed_amp, saved_precision
 from checkpoint import json_safe, load_checkpoint
 from cli import METRIC_FIELDS, RESULT_FILE, UserError, given, on_failure
 from devices import Dist, broadcast, init_distributed, select_device
@@ -58,7 +58,7 @@ def unique_run_dir(out_dir: Path, name: str) -> Path:
 
 
 MACHINE_FLAGS = ("workers", "device", "wandb", "resume", "data_dir", "save_every")  # this machine's, on --resume
-EXTENDABLE_FLAGS = ("epochs",)  # typed with --resume, they continue the run further
+EXTENDABLE_FLAGS = ("epochs", "amp")  # typed with --resume, they continue the run further
 
 
 def resume_args(args: argparse.Namespace, config: dict) -> argparse.Namespace:
@@ -119,6 +119,10 @@ def setup_run(args: argparse.Namespace, name: str,
     if args.resume:
         args, ckpt, split, run_dir = open_resumed(args)
     device = select_device(args.device)
+    if ckpt is not None:  # the run's own precision, not --amp auto worked out again on this machine
+        args.amp, note = resumed_amp(saved_precision(ckpt), args.amp if "amp" in given(args) else None, device)
+        if note and dist.main:
+            print(note)
     amp_dtype(args.amp, device)  # e.g. --amp fp16 on a CPU: refused here, not after the folder exists
     root = fetch_data(args, dist)
     ds = data.discover(root)
