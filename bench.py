@@ -30,11 +30,12 @@ from amp import Training, amp_dtype, grad_scaler, train_step
 from decoded_cache import DecodedCache, open_decoded_cache
 from cli import UserError, add_bool, add_flag, run_cli
 from device_batches import DeviceLoader
-from devices import select_device
+from devices import select_device, tune_kernels
 from features import extract_features, head_on_features
 from freezing import apply_freeze, set_train_mode
 from images import photo_short_side
 from models import ConvNet, build_backbone
+from optim import build_optimizer
 from presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from sampler import EpochSampler
 
@@ -76,8 +77,11 @@ def read_through(paths) -> float:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so the clock reads what it did."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def images_per_second(loader, batches: int, device: torch.device, step=None, warmup: int = 3) -> float:
@@ -104,8 +108,10 @@ def images_per_second(loader, batches: int, device: torch.device, step=None, war
 
 def training_for(model: nn.Module, params, device: torch.device, label_smoothing: float = 0.0) -> Training:
     """AdamW steps as the training scripts take them: AMP on CUDA, with its GradScaler for fp16."""
+    tune_kernels(device)
     dtype = amp_dtype("auto", device)
-    return Training(model, torch.optim.AdamW(params, lr=1e-3), nn.CrossEntropyLoss(label_smoothing=label_smoothing),
+    optimizer = build_optimizer([{"params": list(params)}], argparse.Namespace(optimizer="adamw", lr=1e-3), device)
+    return Training(model, optimizer, nn.CrossEntropyLoss(label_smoothing=label_smoothing),
                     device, dtype, grad_scaler(device, dtype))
 
 

@@ -33,11 +33,19 @@ def _resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    if device.type == "cuda" and device.index is None:  # under torchrun, each process takes its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps asked for, but MPS is not available on this machine")
     return device
+
+def tune_kernels(device: torch.device) -> None:
+    """Kernel choices for fixed input sizes, as training and bench.py both run: cuDNN benchmarks on CUDA."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
 
 _ALLOCATOR_TUNED = False
 
@@ -79,8 +87,16 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join the torchrun process group (NCCL on GPUs, gloo on CPU) when launched by torchrun."""
+def process_group_backend(device: torch.device) -> str:
+    """The torchrun backend for the device this process trains on: NCCL for CUDA, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group when launched by torchrun, with the backend `device` needs.
+
+    Chosen from the device, not from what the machine has: `--device cpu` on a GPU machine gets gloo.
+    """
     import torch.distributed as td
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -88,11 +104,15 @@ def init_distributed() -> Dist:
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not td.is_initialized():
-        use_nccl = torch.cuda.is_available() and torch.cuda.device_count() > local_rank
-        if use_nccl:
-            torch.cuda.set_device(local_rank)
-        td.init_process_group("nccl" if use_nccl else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        td.init_process_group(process_group_backend(device))
     return Dist(rank, world, local_rank)
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for running sums on `device`: float64, or float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -101,7 +121,7 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
     if not (td.is_available() and td.is_initialized()):
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=sum_dtype(device), device=device)
     td.all_reduce(t)
     return t.tolist()
 
@@ -133,13 +153,6 @@ def wrap_ddp(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def rewrap_ddp(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
-    """wrap_ddp again, e.g. after unfreezing: DDP only syncs what was trainable when it wrapped."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return wrap_ddp(model.module if isinstance(model, DDP) else model, dist, device)
 
 
 def distributed() -> bool:

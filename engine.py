@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from checkpoint import (TrainState, atomic_torch_save, checkpoint_payload, load_
                         set_rng_state)
 from cli import RESULT_FILE, UserError
 from data import check_trainable
-from devices import Dist, all_reduce_sum, distributed, finish_distributed, rewrap_ddp, wrap_ddp
+from devices import Dist, all_reduce_sum, distributed, finish_distributed, sum_dtype, tune_kernels, wrap_ddp
 from freezing import set_train_mode
 from images import BAD_IMAGES, batch_to_device
 from optim import (EmaWeights, build_ema, build_mix, build_optimizer, build_scheduler, load_schedule_progress,
@@ -150,6 +150,28 @@ def stop_agreed(stop: StopRequested, step: int, checkpoint_due: bool, device: to
     return stopping
 
 
+def readable_batches(loader: Iterable, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) of each loader batch on the device, without the batches whose images were all unreadable.
+
+    Under torchrun every process must take the same steps (the all-reduces pair them up), so
+    there such a batch is replaced by the previous readable one (the next one, early in an epoch).
+    """
+    fill = distributed()
+    last, owed = None, 0
+    for batch in loader:
+        moved = batch_to_device(batch, device)
+        if moved is None:
+            if fill and last is not None:
+                yield last
+            owed += fill and last is None
+            continue
+        for _ in range(owed + 1):
+            yield moved
+        last, owed = moved, 0
+    if owed:  # the other processes would wait for these steps forever
+        raise UserError("every image this process was given in the epoch is unreadable")
+
+
 def train_one_epoch(training: Training, loader: Iterable, epoch: int, args: argparse.Namespace, state: TrainState,
                     stop: StopRequested, save_mid_epoch: Callable[[int, dict], None]) -> dict:
     """One pass over the training data; returns train_loss and train_acc ({} when stopped mid-epoch)."""
@@ -158,11 +180,7 @@ def train_one_epoch(training: Training, loader: Iterable, epoch: int, args: argp
     step, k = state.batches_done, training.accum_steps
     total = step + len(loader)  # a resumed epoch's loader holds only the batches still to come
     bar = progress(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, total=len(loader))
-    for batch in bar:
-        moved = batch_to_device(batch, training.device)
-        if moved is None:  # every image of the batch was unreadable
-            continue
-        x, y = moved
+    for x, y in readable_batches(bar, training.device):
         if training.mix is not None:
             x, y = training.mix(x, y)  # soft targets; accuracy counts the dominant class
         micro = min(k, total - step // k * k)  # micro-batches of this optimizer step (fewer at the end)
@@ -195,7 +213,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
     """Loss and accuracy over a loader, each sample counted once over all processes."""
     model.eval()
     criterion = criterion or nn.CrossEntropyLoss()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=device, dtype=sum_dtype(device))
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
     for batch in loader:
@@ -206,7 +224,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
         with autocast(device, dtype):
             out = model(x)
         out = out.float()
-        loss_sum += criterion(out, y).double() * y.shape[0]
+        loss_sum += criterion(out, y).to(loss_sum.dtype) * y.shape[0]
         correct += (out.argmax(1) == y).sum()
         n += y.shape[0]
     total_loss, total_correct, n = all_reduce_sum([loss_sum.item(), float(correct.item()), float(n)], device)
@@ -216,8 +234,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
 def plain_training(args: argparse.Namespace, model: nn.Module, param_groups: list[dict],
                    device: torch.device) -> Training:
     """Optimizer, loss and precision for `model` in channels-last as asked: what the LR finder steps with."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    tune_kernels(device)
     if getattr(args, "channels_last", False):
         model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(args.amp, device)
@@ -225,14 +242,23 @@ def plain_training(args: argparse.Namespace, model: nn.Module, param_groups: lis
     return Training(model, build_optimizer(param_groups, args, device), criterion, device, dtype, grad_scaler(device, dtype))
 
 
+def stepping_module(model: nn.Module, args: argparse.Namespace, dist: Dist, device: torch.device) -> nn.Module:
+    """What the steps run through: `model` DDP-wrapped under torchrun, then compiled if --compile.
+
+    Compiling the DDP module (not DDP over a compiled one) lets Dynamo split the graph at DDP's
+    buckets, so all-reduces overlap the backward, as PyTorch's DDP + compile notes advise.
+    Checkpoints keep the plain module's state.
+    """
+    wrapped = wrap_ddp(model, dist, device)
+    return torch.compile(wrapped) if getattr(args, "compile", False) else wrapped
+
+
 def full_training(plain: Training, args: argparse.Namespace, steps_per_epoch: int, num_classes: int,
                   dist: Dist) -> Training:
     """plain plus schedule, clipping, EMA and mixing, its model compiled and DDP-wrapped as asked."""
     model = plain.model
     steps_per_epoch = math.ceil(steps_per_epoch / args.accum_steps)  # the schedule counts optimizer steps
-    # Checkpoints keep the plain module's state; only the steps run through the compiled one.
-    compiled = torch.compile(model) if getattr(args, "compile", False) else model
-    return Training(wrap_ddp(compiled, dist, plain.device), plain.optimizer, plain.criterion, plain.device,
+    return Training(stepping_module(model, args, dist, plain.device), plain.optimizer, plain.criterion, plain.device,
                     plain.dtype, plain.scaler, scheduler=build_scheduler(plain.optimizer, args, steps_per_epoch),
                     grad_clip=args.grad_clip, ema=build_ema(model, getattr(args, "ema", 0.0)),
                     mix=build_mix(args, num_classes), accum_steps=args.accum_steps)
@@ -334,8 +360,9 @@ def run_epochs(setup: RunSetup, training: Training, train_loader: Iterable, val_
     with StopRequested() as stop:
         for epoch in progress(range(state.epoch + 1, args.epochs + 1), desc="epochs", initial=state.epoch,
                               total=args.epochs):
-            if on_epoch_start is not None and on_epoch_start(epoch):
-                training.model = rewrap_ddp(training.model, setup.dist, training.device)  # new trainable weights
+            if on_epoch_start is not None and on_epoch_start(epoch) and setup.dist.world > 1:
+                # DDP only syncs what was trainable when it wrapped: wrap (and compile) the new set
+                training.model = stepping_module(saver.model, args, setup.dist, training.device)
             seed_epoch(setup, train_loader, epoch, state)
             t0 = time.perf_counter()
             train = train_one_epoch(training, train_loader, epoch, args, state, stop,

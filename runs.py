@@ -111,14 +111,14 @@ def setup_run(args: argparse.Namespace, name: str,
     The script has checked the shared flags first (flags.check_common_args); every other check
     runs here before a new run's folder is created, `validate(num_classes)` on the model flags.
     """
-    dist = init_distributed()
-    if dist.world > 1 and args.batch_size % dist.world:
-        raise UserError(f"--batch_size {args.batch_size} (the global batch) must be divisible by the "
-                        f"{dist.world} processes")
     ckpt, run_dir = None, None
     if args.resume:
         args, ckpt, split, run_dir = open_resumed(args)
     device = select_device(args.device)
+    dist = init_distributed(device)  # the backend follows the device
+    if dist.world > 1 and args.batch_size % dist.world:
+        raise UserError(f"--batch_size {args.batch_size} (the global batch) must be divisible by the "
+                        f"{dist.world} processes")
     if ckpt is not None:  # the run's own precision, not --amp auto worked out again on this machine
         args.amp, note = resumed_amp(saved_precision(ckpt), args.amp if "amp" in given(args) else None, device)
         if note and dist.main:

@@ -59,7 +59,8 @@ class Proc:
         self.out_path, self.err_path = log.with_suffix(".out"), log.with_suffix(".err")
         self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
         self.p = subprocess.Popen([str(a) for a in argv], cwd=REPO, env=env or clean_env(),
-                                  stdout=self._out, stderr=self._err, text=True)
+                                  stdout=self._out, stderr=self._err, text=True,
+                                  start_new_session=True)  # its own group: a time-out kills torchrun's workers too
 
     def alive(self) -> bool:
         return self.p.poll() is None
@@ -69,7 +70,7 @@ class Proc:
             self.p.wait(timeout=timeout)
         finally:
             if self.p.poll() is None:
-                self.p.kill()
+                os.killpg(self.p.pid, signal.SIGKILL)
                 self.p.wait()
             self._out.close(), self._err.close()
         return Done(self.p.returncode, self.out_path.read_text(), self.err_path.read_text())
@@ -685,6 +686,23 @@ def test_torchrun_two_gloo_processes_train_parta_with_exact_validation(ddp_data,
                                        "--no-augment"))
     run_dir = assert_one_run_folder(torchrun("train_parta.py", args, tmp_path / "logs" / "ddp"), out, 2)
     assert_validation_matches_single_process_eval(run_dir, ddp_data, tmp_path / "eval")
+
+
+def test_torchrun_process_given_a_batch_of_unreadable_images_keeps_step_with_the_other(tmp_path):
+    """--cache off, one image per process per step, one truncated JPEG: the process that gets it
+    must still take every step, or the other one waits at the next all-reduce forever."""
+    data_dir = make_dataset(tmp_path / "ds", ["blue", "red"], n_train=8, n_val=1, size=32)
+    bad = sorted((data_dir / "train" / "blue").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:300])  # the header survives, the pixels do not
+    out = tmp_path / "runs"
+    args = train_args(data_dir, out, "x", 2, "--val_fraction", "0.25", "--cache", "off", "--batch_size", "2")
+    done = Proc([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 REPO / "train_parta.py", *args], tmp_path / "logs").wait(timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert bad.relative_to(data_dir).as_posix() in json.loads((out / "x" / "split.json").read_text())["train"]
+    assert "unreadable" in done.stdout + done.stderr
+    assert [int(r["epoch"]) for r in read_rows(out / "x" / "metrics.csv")] == [1, 2]
 
 
 def test_torchrun_two_processes_at_global_batch_b_equal_one_process_at_b(plain_reference, tmp_path):
