@@ -29,10 +29,10 @@ CONFIG_HELP = ("a YAML file of flag: value lines, or a finished run's args.json,
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse argv with the flags of its --config FILE as defaults, so typed flags win over the file."""
-    path = parser.parse_args(argv).config
-    if path is None:
-        return parser.parse_args(argv)
-    parser.set_defaults(**config_defaults(parser, path))
+    first = parser.parse_args(argv)  # typing mistakes are argparse's own errors, as without --config
+    if first.config is None:
+        return first
+    parser.set_defaults(**config_defaults(parser, first.config))
     return parser.parse_args(argv)
 
 

@@ -3,6 +3,7 @@
     python train_partb.py --model resnet50                       # default recipe: head, then all
     python train_partb.py --model resnet18 --weights r18.pth --freeze upto:layer3
     python train_partb.py --model efficientnet_lite0 --weights packaged --freeze all
+    python train_partb.py --config runs/<run>/args.json --epochs 20   # its flags, trained longer, in a new run
 """
 from __future__ import annotations
 
