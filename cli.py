@@ -103,13 +103,18 @@ def is_out_of_host_memory(error: RuntimeError) -> bool:
 
 
 def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
-            argv: list[str] | None = None) -> None:
+            argv: list[str] | None = None,
+            parse: Callable[[argparse.ArgumentParser, list[str] | None], argparse.Namespace] | None = None) -> None:
     """Parse and run; bad input becomes one 'error:' line and exit code 2, never a traceback.
 
     Ctrl-C or SIGTERM at any moment (the training loop has its own, gentler handler) ends with
-    one line and exit code 130, after `finally` blocks removed their temp files.
+    one line and exit code 130, after `finally` blocks removed their temp files. `parse` replaces
+    parser.parse_args, e.g. config_file.parse_args; a UserError from it is one line too.
     """
-    args = parser.parse_args(argv)
+    try:
+        args = parse(parser, argv) if parse else parser.parse_args(argv)
+    except UserError as e:
+        fail(f"error: {e}", 2)
     try:
         imports_done()
     except ValueError:  # not the main thread

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from cli import UserError, add_bool, add_flag, str2bool
+from config_file import CONFIG_HELP
 from data import DEFAULT_DATA_DIR
 
 
@@ -18,6 +19,7 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any],
     decides later (None in `defaults`), e.g. Part B's image size from the chosen weights.
     """
     d, notes = defaults, default_notes or {}
+    add_flag(parser.add_argument_group("config file"), "config", default=None, metavar="FILE", help=CONFIG_HELP)
     g = parser.add_argument_group("data")
     add_flag(g, "data_dir", default=DEFAULT_DATA_DIR,
              help="dataset root holding train/<class>/ and a held-out val/ or test/ (default: %(default)s)")

@@ -2,6 +2,7 @@
 
     python train_parta.py --filters 32 --activation relu
     python train_parta.py --resume runs/<run>
+    python train_parta.py --config runs/<run>/args.json --epochs 30   # its flags, trained longer, in a new run
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import engine
 from checkpoint import TrainState, checkpoint_meta
 from cli import UserError, add_bool, add_flag, run_cli
+from config_file import parse_args
 from flags import add_training_args, check_common_args
 from loaders import image_loaders
 from models import ACTIVATIONS, ConvNet, count_complexity, convnet_spec, format_count
@@ -108,4 +110,4 @@ def main(args: argparse.Namespace) -> TrainState | None:
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+    run_cli(main, get_args_parser(), parse=parse_args)

@@ -3,6 +3,7 @@
     python train_partb.py --model resnet50                       # default recipe: head, then all
     python train_partb.py --model resnet18 --weights r18.pth --freeze upto:layer3
     python train_partb.py --model efficientnet_lite0 --weights packaged --freeze all
+    python train_partb.py --config runs/<run>/args.json --epochs 20   # its flags, trained longer, in a new run
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import engine
 from checkpoint import TrainState, checkpoint_meta
 from cli import UserError, add_bool, add_flag, run_cli
+from config_file import parse_args
 from features import feature_loaders, head_on_features
 from flags import add_training_args, check_common_args
 from freezing import apply_freeze, count_trainable, freeze_batchnorm, list_stages
@@ -195,4 +197,4 @@ def main(args: argparse.Namespace) -> TrainState | None:
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+    run_cli(main, get_args_parser(), parse=parse_args)

@@ -15,7 +15,7 @@ LAYERS = {
     "cli": 1, "presets": 1,
     "storage": 2,
     "download": 2, "images": 2, "sampler": 2, "devices": 2, "amp": 2, "attribution": 2, "figures": 2,
-    "sweep_engine": 2, "sweep_locks": 2,
+    "sweep_engine": 2, "sweep_locks": 2, "config_file": 2,
     "sweep_process": 3,
     "data": 3, "decoded_cache": 3, "models": 3, "freezing": 3, "metrics": 3,
     "device_batches": 4, "checkpoint": 4, "optim": 4, "tracking": 4,
