@@ -1,29 +1,23 @@
-"""The offline sweep's engine and state: config, proposals, early stopping, run commands, sweep.json, leaderboard.
+"""The offline sweep's runs: the agent's command for a run, a run's metrics, and the leaderboard of the study's runs.
 
-Everything here is plain functions over the sweep config and the run records kept in
-SWEEP_DIR/sweep.json; nothing starts a process. The proposals and hyperband decisions come from
-the open-source `sweeps` package (the engine W&B's local controller uses), the run commands from
-wandb's own helpers, so a run gets exactly what `wandb agent` would pass it.
+Everything here is plain functions over the sweep config, the run folders and the Optuna trials;
+nothing starts a process. The run commands come from wandb's own helpers, so a run gets exactly
+the argv `wandb agent` would pass it.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
 import platform
-import random
-import warnings
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import yaml
-
 from cli import METRIC_FIELDS, RESULT_FILE, UserError
+from storage import atomic_write
+from sweep_space import metric_of
 
-STATE_FORMAT = "sweep-offline/1"
 DEFAULT_SWEEP_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # as wandb agent
 # Flags the runner sets itself on every run; passing them after `--` would break the bookkeeping.
 MANAGED_FLAGS = ("out_dir", "run_name", "resume", "wandb")
@@ -31,126 +25,9 @@ HERE = Path(__file__).resolve().parent
 OWN_PROGRAMS = ("train_parta.py", "train_partb.py")  # their metrics.csv has exactly METRIC_FIELDS
 
 
-# ----------------------------------------------------------------------------- config
-def import_sweeps() -> ModuleType:
-    """The `sweeps` package (W&B's sweep engine), quiet about its pydantic-v1 style config."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import sweeps
-    except ImportError:
-        raise UserError("sweep_offline.py needs the 'sweeps' package: pip install 'sweeps>=0.2.0,<0.3' "
-                        "(or pip install -r requirements.txt)") from None
-    return sweeps
-
-
-def load_config(path: str | Path) -> dict:
-    """Parse and validate a sweep yaml with the same JSON schema W&B uses."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sweep config not found: {path}")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    check_config(config, str(path))
-    return config
-
-
-def check_config(config: Any, where: str = "sweep config") -> None:
-    """W&B's schema, plus what the runner itself needs (program, method, parameters, a metric to rank by)."""
-    if not isinstance(config, dict):
-        raise UserError(f"{where}: expected a mapping with program, method, metric and parameters")
-    sweeps = import_sweeps()
-    try:
-        violations = sweeps.schema_violations_from_proposed_config(config)
-    except ValueError as e:
-        violations = [str(e)]
-    if violations:
-        raise UserError(f"{where}: invalid sweep config: " + "; ".join(v.splitlines()[0] for v in violations))
-    for key in ("program", "method", "parameters"):
-        if key not in config:
-            raise UserError(f"{where}: needs '{key}'")
-    if config["method"] in ("bayes",) or config.get("early_terminate"):
-        if not isinstance(config.get("metric"), dict) or "name" not in config["metric"]:
-            raise UserError(f"{where}: method {config['method']} and early_terminate need metric: {{name, goal}}")
-
-
-def metric_of(config: dict) -> tuple[str, str]:
-    """(metric name, goal); the leaderboard ranks by it even for grid/random sweeps."""
-    metric = config.get("metric") or {}
-    name = metric.get("name", "val_acc")
-    return name, metric.get("goal", "maximize" if "acc" in name else "minimize")
-
-
 def plain(value: Any) -> Any:
     """numpy scalars and nested containers as plain JSON types (what the W&B backend sends)."""
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-
-
-# ----------------------------------------------------------------------------- proposals
-def to_sweep_run(record: dict) -> Any:
-    """A stored run as the `sweeps.SweepRun` the engine expects (like wandb_controller builds them).
-
-    Finished runs and runs stopped by hyperband feed their per-epoch history (the engine takes the
-    best value over epochs, as from W&B's sampled history); failed runs are 'failed', which bayes
-    scores with the worst metric seen. Runs cut short by stopping the runner are left out: their
-    result says nothing about the configuration (a grid proposes it again).
-    """
-    sweeps = import_sweeps()
-    history = [dict(row, _step=int(row.get("epoch", i + 1))) for i, row in enumerate(record.get("history") or [])]
-    state = record["state"]
-    if state == "interrupted":
-        return None
-    if state in ("finished", "stopped"):
-        engine_state = sweeps.RunState.finished
-    elif state == "running":
-        engine_state = sweeps.RunState.running
-    else:
-        engine_state = sweeps.RunState.failed
-    summary = dict(history[-1]) if history else {}
-    return sweeps.SweepRun(name=record["name"], state=engine_state, config=record["config"],
-                           summaryMetrics=summary, sampledHistory=history,
-                           exitcode=record.get("returncode"))
-
-
-def engine_runs(records: list[dict]) -> list:
-    """The records the engine learns from, as `sweeps.SweepRun`s (interrupted ones left out)."""
-    return [r for r in (to_sweep_run(rec) for rec in records) if r is not None]
-
-
-def propose(config: dict, records: list[dict], seed: int | None, number: int) -> dict | None:
-    """The next run's config ({name: {"value": v}}), or None when a grid is exhausted."""
-    import numpy as np
-
-    sweeps = import_sweeps()
-    saved = (random.getstate(), np.random.get_state())
-    if seed is not None:  # reproducible, and a resumed sweep does not repeat earlier draws
-        s = (seed * 1_000_003 + number) % 2**32
-        random.seed(s)
-        np.random.seed(s)  # the engine draws from numpy's global generator
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # sklearn convergence chatter from the GP fit
-            run = sweeps.next_run(config, engine_runs(records))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"the sweep engine could not propose a run: {e}") from None
-    finally:
-        if seed is not None:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-    return None if run is None else plain(run.config)
-
-
-def hyperband_should_stop(config: dict, records: list[dict], current: dict) -> bool:
-    """Whether `sweeps.stop_runs` (hyperband) stops the running run `current`."""
-    sweeps = import_sweeps()
-    runs = engine_runs(records)
-    running = to_sweep_run(dict(current, state="running"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        stop = sweeps.stop_runs(config, runs + [running])
-    return any(r.name == current["name"] for r in stop)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -211,6 +88,16 @@ def check_metric(config: dict, program: str) -> None:
                         f"{', '.join(METRIC_FIELDS)}; fix metric.name in the yaml")
 
 
+def check_swept_not_passed(config: dict, extra: list[str]) -> None:
+    """Refuse a swept parameter also given after --: the run would train with a value the sweep never records."""
+    searched = set(searched_params(config))
+    for arg in extra:
+        name = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+        if arg.startswith("--") and name in searched:
+            raise UserError(f"'{arg}' after -- sets '{name}', which the sweep searches; remove it, or make it "
+                            f"a fixed 'value:' in the sweep yaml")
+
+
 def check_train_args(extra: list[str]) -> None:
     """Refuse `--` flags that the runner sets on every run itself."""
     for arg in extra:
@@ -220,45 +107,7 @@ def check_train_args(extra: list[str]) -> None:
                             f"of sweep_offline.py)")
 
 
-# ----------------------------------------------------------------------------- state
-def default_sweep_dir(config: dict, config_path: Path) -> Path:
-    """sweeps/<the yaml's name, else its file name>, made safe as a folder name."""
-    name = str(config.get("name") or config_path.stem)
-    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "sweep"
-    return Path("sweeps") / safe
-
-
-def new_state(config: dict, config_path: Path) -> dict:
-    """The sweep.json of a sweep that has not trained anything yet."""
-    return {"format": STATE_FORMAT, "config": plain(config), "config_file": str(config_path.resolve()),
-            "created": datetime.now().isoformat(timespec="seconds"), "runs": []}
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary file, then rename: a runner killed mid-write leaves the old file whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def load_state(sweep_dir: Path) -> dict | None:
-    """The sweep's stored state, or None for a folder that holds no sweep yet."""
-    path = sweep_dir / "sweep.json"
-    if not path.is_file():
-        return None
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: unreadable sweep state ({e})") from None
-    if state.get("format") != STATE_FORMAT:
-        raise UserError(f"{path}: not a sweep folder of sweep_offline.py")
-    return state
-
-
-def save_state(sweep_dir: Path, state: dict) -> None:
-    write_json_atomic(sweep_dir / "sweep.json", state)
-
-
+# ----------------------------------------------------------------------------- run folders
 def read_history(run_dir: Path) -> list[dict]:
     """metrics.csv rows as floats (epoch as int); [] when the run wrote none."""
     path = run_dir / "metrics.csv"
@@ -288,27 +137,6 @@ def metrics_columns(run_dir: Path) -> list[str]:
         return []
 
 
-def summarize(record: dict, metric: str, goal: str) -> None:
-    """Best metric over epochs (and its epoch) from the record's history."""
-    values = [(h[metric], h.get("epoch", i + 1)) for i, h in enumerate(record.get("history") or [])
-              if isinstance(h.get(metric), (int, float)) and math.isfinite(h[metric])]
-    record["epochs"] = len(record.get("history") or [])
-    if values:
-        best = (max if goal == "maximize" else min)(values, key=lambda t: t[0])
-        record["metric"], record["best_epoch"] = best
-    else:
-        record["metric"], record["best_epoch"] = None, None
-
-
-def mark_interrupted(record: dict, note: str, metric: str, goal: str, duration_s: float | None = None) -> None:
-    """A run cut short by the runner stopping: keep what it trained, but never feed it to the engine."""
-    record.update(state="interrupted", note=note)
-    if duration_s is not None:
-        record["duration_s"] = duration_s
-    record["history"] = read_history(Path(record["run_dir"]))
-    summarize(record, metric, goal)
-
-
 def run_result(run_dir: str | Path) -> dict | None:
     """The run folder's result.json (runs.write_result), or None while the run is incomplete."""
     try:
@@ -318,37 +146,40 @@ def run_result(run_dir: str | Path) -> dict | None:
     return result if isinstance(result, dict) else None
 
 
-def mark_finished(record: dict, metric: str, goal: str, note: str = "") -> None:
-    """A run that completed (result.json) though its runner did not see it end: finished, with its metric."""
-    record["history"] = read_history(Path(record["run_dir"]))
-    summarize(record, metric, goal)
-    record["state"] = "finished"
-    record["note"] = note
-    record.setdefault("ended", datetime.now().isoformat(timespec="seconds"))
+# ----------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    """One run of the sweep as the leaderboard shows it (the newest trial of its folder)."""
+
+    name: str
+    number: int
+    state: str  # finished, stopped (hyperband), failed, interrupted, running, queued (to resume)
+    run_dir: str  # relative to the sweep folder
+    config: dict = field(default_factory=dict)  # {name: value}, as the program got them
+    metric: float | None = None
+    best_epoch: int | None = None
+    epochs: int = 0
+    minutes: float = 0.0
+    note: str = ""
 
 
-def resumable(record: dict) -> bool:
-    """An interrupted run that left a last.pt: continued with --resume instead of trained again."""
-    return record["state"] == "interrupted" and (Path(record["run_dir"]) / "last.pt").is_file()
+def summarize(history: list[dict], metric: str, goal: str) -> tuple[float | None, int | None]:
+    """Best metric over epochs, and its epoch (None, None when no epoch logged it)."""
+    values = [(h[metric], h.get("epoch", i + 1)) for i, h in enumerate(history)
+              if isinstance(h.get(metric), (int, float)) and math.isfinite(h[metric])]
+    if not values:
+        return None, None
+    return (max if goal == "maximize" else min)(values, key=lambda t: t[0])
 
 
-def next_number(state: dict, runs_dir: Path) -> int:
-    """The next free run number, after every recorded run and every run-NNN folder."""
-    numbers = [rec["number"] for rec in state["runs"]]
-    if runs_dir.is_dir():  # folders of a run whose record was lost (runner killed mid-write)
-        numbers += [int(p.name[4:]) for p in runs_dir.glob("run-*") if p.name[4:].isdigit()]
-    return max(numbers, default=0) + 1
+def ranked(runs: list[Run], goal: str) -> list[Run]:
+    """Best metric first; runs without a metric (failed, no epoch yet) last, in run order."""
+    with_metric = sorted((r for r in runs if r.metric is not None), key=lambda r: r.metric,
+                         reverse=goal == "maximize")
+    return with_metric + sorted((r for r in runs if r.metric is None), key=lambda r: r.number)
 
 
 # ----------------------------------------------------------------------------- leaderboard
-def ranked(records: list[dict], goal: str) -> list[dict]:
-    """Best metric first; runs without a metric (failed, no epoch yet) last, in run order."""
-    with_metric = [r for r in records if r.get("metric") is not None]
-    without = [r for r in records if r.get("metric") is None]
-    with_metric.sort(key=lambda r: r["metric"], reverse=goal == "maximize")
-    return with_metric + without
-
-
 def searched_params(config: dict) -> list[str]:
     """The parameters the sweep varies (not the fixed `value:` ones)."""
     return [k for k, v in config["parameters"].items() if not (isinstance(v, dict) and "value" in v)]
@@ -381,44 +212,50 @@ def param_columns(config: dict) -> dict[str, str]:
     return columns
 
 
-def write_leaderboard(sweep_dir: Path, state: dict) -> list[dict]:
+def write_leaderboard(sweep_dir: Path, config: dict, runs: list[Run]) -> list[dict]:
     """SWEEP_DIR/leaderboard.csv (written atomically), one row per run, best first; returns the rows."""
-    config = state["config"]
     metric, goal = metric_of(config)
     params = param_columns(config)
     rows = []
-    for rank, rec in enumerate(ranked(state["runs"], goal), 1):
-        row = {"rank": rank, "run": rec["name"], "state": rec["state"], metric: rec.get("metric"),
-               "best_epoch": rec.get("best_epoch"), "epochs": rec.get("epochs"),
-               "minutes": round(rec.get("duration_s", 0) / 60, 2)}
-        row.update({col: (rec["config"].get(p) or {}).get("value") for p, col in params.items()})
-        row.update({"run_dir": rec.get("run_dir"), "note": rec.get("note", "")})
+    for rank, run in enumerate(ranked(runs, goal), 1):
+        row = {"rank": rank, "run": run.name, "state": run.state, metric: run.metric, "best_epoch": run.best_epoch,
+               "epochs": run.epochs, "minutes": round(run.minutes, 2)}
+        row.update({col: run.config.get(p) for p, col in params.items()})
+        row.update({"run_dir": run.run_dir, "note": run.note})
         rows.append(row)
-    tmp = sweep_dir / ".leaderboard.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["rank", "run", "state", metric, "best_epoch", "epochs", "minutes",
-                                               *params.values(), "run_dir", "note"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, sweep_dir / "leaderboard.csv")
+    columns = ["rank", "run", "state", metric, "best_epoch", "epochs", "minutes", *params.values(), "run_dir", "note"]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(sweep_dir / "leaderboard.csv", write, need=4096 + 512 * len(rows), what="the leaderboard")
     return rows
 
 
-def print_leaderboard(sweep_dir: Path, state: dict, top: int = 0) -> None:
-    """Write leaderboard.csv and print it as a table (the first `top` rows; 0 = all)."""
-    rows = write_leaderboard(sweep_dir, state)
-    config = state["config"]
+def print_leaderboard(sweep_dir: Path, config: dict, runs: list[Run], top: int = 0, write: bool = True) -> None:
+    """Write leaderboard.csv (unless read-only) and print it as a table (the first `top` rows; 0 = all)."""
     metric, goal = metric_of(config)
     params = param_columns(config)
+    if write:
+        write_leaderboard(sweep_dir, config, runs)
     cols = ["rank", "run", "state", metric, "best_epoch", "minutes", *(params[p] for p in searched_params(config)),
             "note"]
-    shown = rows[:top] if top else rows
-    table = [[fmt(r.get(c)) for c in cols] for r in shown]
+    shown = ranked(runs, goal)[:top] if top else ranked(runs, goal)
+    table = []
+    for rank, run in enumerate(shown, 1):
+        values = {"rank": rank, "run": run.name, "state": run.state, metric: run.metric, "best_epoch": run.best_epoch,
+                  "minutes": round(run.minutes, 2), "note": run.note,
+                  **{params[p]: run.config.get(p) for p in searched_params(config)}}
+        table.append([fmt(values.get(c)) for c in cols])
     widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(cols)]
-    print(f"\nleaderboard of {sweep_dir} ({config['method']}, {metric} {goal}, {len(rows)} runs):")
+    print(f"\nleaderboard of {sweep_dir} ({config['method']}, {metric} {goal}, {len(runs)} runs):")
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
     for t in table:
         print("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
-    if top and len(rows) > top:
-        print(f"... {len(rows) - top} more")
-    print(f"leaderboard: {sweep_dir / 'leaderboard.csv'}")
+    if top and len(runs) > top:
+        print(f"... {len(runs) - top} more")
+    if write:
+        print(f"leaderboard: {sweep_dir / 'leaderboard.csv'}")

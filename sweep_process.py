@@ -12,7 +12,6 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from sweep_engine import read_history
 
 
 class Interrupted(Exception):
@@ -50,8 +49,8 @@ def follow_log(log_path: Path, offset: int, tail: deque, echo: bool, ended: thre
             print(partial_line, flush=True)
 
 
-def execute(command: list[str], record: dict, run_dir: Path, log_path: Path,
-            check_stop: Callable[[dict], bool] | None, poll_s: float, echo: bool,
+def execute(command: list[str], record: dict, log_path: Path,
+            check_stop: Callable[[], bool] | None, poll_s: float, echo: bool,
             append: bool = False) -> tuple[int, bool, list[str]]:
     """Run one training process; returns (exit code, stopped by hyperband, last output lines).
 
@@ -74,7 +73,7 @@ def execute(command: list[str], record: dict, run_dir: Path, log_path: Path,
     pump = threading.Thread(target=follow_log, args=(log_path, offset, tail, echo, ended), daemon=True)
     pump.start()
     try:
-        stopped = watch(proc, record, run_dir, check_stop, poll_s)
+        stopped = watch(proc, record, check_stop, poll_s)
     except KeyboardInterrupt:
         print(f"\n[sweep] interrupted: stopping {record['name']} (it saves last.pt) ...", file=sys.stderr, flush=True)
         terminate(proc)
@@ -86,26 +85,19 @@ def execute(command: list[str], record: dict, run_dir: Path, log_path: Path,
     return proc.returncode, stopped, list(tail)
 
 
-def watch(proc: subprocess.Popen, record: dict, run_dir: Path, check_stop: Callable[[dict], bool] | None,
-          poll_s: float) -> bool:
-    """Wait for the run to end, asking hyperband after each new epoch; True when hyperband stopped it."""
-    stopped, seen_epochs = False, 0
+def watch(proc: subprocess.Popen, record: dict, check_stop: Callable[[], bool] | None, poll_s: float) -> bool:
+    """Wait for the run to end, calling check_stop every poll (heartbeat, pruning); True when it stopped the run."""
+    stopped = False
     while True:
         try:
             proc.wait(timeout=poll_s)
             return stopped
         except subprocess.TimeoutExpired:
             pass
-        if check_stop is None or stopped:
-            continue
-        history = read_history(run_dir)
-        if len(history) > seen_epochs:
-            seen_epochs = len(history)
-            record["history"] = history
-            if check_stop(record):
-                stopped = True
-                print(f"[sweep] {record['name']}: hyperband stops it after epoch {seen_epochs}", flush=True)
-                proc.send_signal(signal.SIGTERM)
+        if check_stop is not None and check_stop() and not stopped:
+            stopped = True
+            print(f"[sweep] {record['name']}: hyperband stops it", flush=True)
+            proc.send_signal(signal.SIGTERM)
 
 
 def libc_prctl() -> Callable | None:

@@ -1,144 +1,55 @@
-"""sweep.yaml, sweep_engine.py and sweep_offline.py: every swept value reaches train_parta.py as intended, and the
-offline runner trains, ranks, fails gracefully, early-stops and resumes. No network, ~90 s on 2 cores."""
+"""sweep_offline.py on Optuna: runs train, rank, fail, get pruned, resume, and are shared by several runners on one
+journal file, with exactly the argv `wandb agent` would pass. Stand-in trainers keep it fast and deterministic."""
 from __future__ import annotations
 
 import csv
-import json
 import os
+import shutil
+import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import yaml
 from PIL import Image
+from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+import sweep_offline
+import train_parta
+from cli import UserError
+from conftest import assert_one_line_error, clean_env, make_dataset, run_cli
+from runs import read_metrics_csv
+from sweep_runs import newest_trials
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import sweep_engine  # noqa: E402
-import sweep_offline  # noqa: E402
-import train_parta  # noqa: E402
-from cli import UserError  # noqa: E402  (the one every module raises, sweep_offline too)
-from runs import METRIC_FIELDS, read_metrics_csv  # noqa: E402
-
-sweeps = sweep_engine.import_sweeps()
-from sweeps.params import HyperParameter  # noqa: E402
-from wandb.sdk.launch.sweeps.utils import create_sweep_command_args  # noqa: E402
-
-SWEEP_YAML = REPO / "sweep.yaml"
-# The type each swept flag must arrive with in train_parta's args.
-EXPECTED_TYPES = {"filters": int, "filter_org": float, "conv_layers": int, "activation": str, "dropout": float,
-                  "batch_norm": bool, "batch_size": int, "lr": float, "augment": bool, "dense_neurons": int,
-                  "epochs": int, "image_size": int}
 
 
 def sweep_config() -> dict:
-    return yaml.safe_load(SWEEP_YAML.read_text())
+    return yaml.safe_load((REPO / "sweep.yaml").read_text())
 
 
 def agent_args(values: dict) -> list[str]:
-    """The ${args} `wandb agent` puts on the command line for a run with these values."""
     return create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})["args"]
 
 
-def parse(argv: list[str]):
-    return train_parta.get_args_parser().parse_args(argv)
+def study_of(sweep_dir: Path) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal")))
+    (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
 
 
-def param_cases() -> list[tuple[str, object]]:
-    """Every listed value and fixed value of sweep.yaml, plus samples of every distribution."""
-    cases = []
-    rng_state = np.random.get_state()
-    np.random.seed(0)
-    try:
-        for name, spec in sweep_config()["parameters"].items():
-            if "values" in spec:
-                cases += [(name, v) for v in spec["values"]]
-            elif "value" in spec:
-                cases.append((name, spec["value"]))
-            else:
-                param = HyperParameter(name, spec)
-                cases += [(name, sweep_engine.plain(param.sample())) for _ in range(4)]
-                cases += [(name, spec["min"]), (name, spec["max"])]
-    finally:
-        np.random.set_state(rng_state)
-    return cases
-
-
-# ----------------------------------------------------------------------------- sweep.yaml
-def test_sweep_yaml_is_a_valid_wandb_sweep():
-    cfg = sweep_config()
-    assert sweeps.schema_violations_from_proposed_config(cfg) == []
-    assert cfg["program"] == "train_parta.py" and (REPO / cfg["program"]).is_file()
-    assert cfg["method"] == "bayes"
-    assert cfg["metric"] == {"name": "val_acc", "goal": "maximize"}
-    assert cfg["metric"]["name"] in METRIC_FIELDS
-    assert cfg["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
-    assert cfg["early_terminate"]["type"] == "hyperband" and cfg["early_terminate"]["min_iter"] >= 1
-    params = cfg["parameters"]
-    assert params["filters"]["values"] == [32, 64, 128]
-    assert params["filter_org"]["values"] == [0.5, 1, 2]
-    assert params["conv_layers"]["values"] == [3, 4, 5]
-    assert params["activation"]["values"] == ["relu", "gelu", "silu", "mish"]
-    assert params["dropout"]["values"] == [0.2, 0.3]
-    assert params["batch_norm"]["values"] == [True, False]
-    assert params["batch_size"]["values"] == [32, 64]
-    assert params["lr"] == {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}
-    assert params["augment"]["values"] == [True, False]
-    assert params["dense_neurons"]["values"] == [128, 256, 512]
-    assert set(params) == set(EXPECTED_TYPES)
-    assert "value" in params["epochs"] and "value" in params["image_size"]
-
-
-def test_every_parameter_is_a_flag_of_train_parta():
-    dests = {a.dest for a in train_parta.get_args_parser()._actions}
-    for name in sweep_config()["parameters"]:
-        assert name in dests, f"sweep parameter {name} is not a flag of train_parta.py"
-
-
-@pytest.mark.parametrize("name,value", param_cases(), ids=lambda v: str(v))
-def test_agent_argument_parses_to_the_intended_value(name, value):
-    argv = agent_args({name: value})
-    assert argv == [f"--{name}={value}"]
-    got = getattr(parse(argv), name)
-    want_type = EXPECTED_TYPES[name]
-    assert type(got) is want_type, f"{argv} gave {got!r} ({type(got).__name__}), want {want_type.__name__}"
-    assert got == (value if want_type is bool else want_type(value))
-
-
-def test_booleans_and_float_factors_survive_the_agent_format():
-    args = parse(agent_args({"batch_norm": False, "augment": False, "filter_org": 0.5}))
-    assert args.batch_norm is False and args.augment is False
-    assert args.filter_org == 0.5 and isinstance(args.filter_org, float)
-    args = parse(["--batch_norm=True", "--augment=True", "--filter_org=2"])
-    assert args.batch_norm is True and args.augment is True and args.filter_org == 2.0
-
-
-@pytest.mark.parametrize("method", ["random", "bayes"])
-def test_engine_proposals_parse_as_a_whole(method):
-    cfg = dict(sweep_config(), method=method)
-    for i in range(3):
-        proposal = sweep_engine.propose(cfg, [], seed=7, number=i)
-        values = {k: v["value"] for k, v in proposal.items()}
-        args = parse(agent_args(values))
-        for k, v in values.items():
-            assert getattr(args, k) == v and type(getattr(args, k)) is EXPECTED_TYPES[k]
-        assert 1e-4 <= args.lr <= 1e-2
-
-
-def test_runner_builds_the_agents_command():
-    cfg = sweep_config()
-    proposal = sweep_engine.propose(cfg, [], seed=1, number=1)
-    cmd = sweep_engine.build_command(cfg, proposal, "python")
-    values = {k: v["value"] for k, v in proposal.items()}
-    assert cmd[:3] == ["/usr/bin/env", "python", "train_parta.py"]
-    assert cmd[3:] == agent_args(values)
-    alt = dict(cfg, command=["${env}", "${interpreter}", "${program}", "--seed", "1", "${args_no_hyphens}"])
-    alt_cmd = sweep_engine.build_command(alt, proposal, "py")
-    assert alt_cmd[1:5] == ["py", "train_parta.py", "--seed", "1"]
-    assert alt_cmd[5:] == create_sweep_command_args({"args": proposal})["args_no_hyphens"]
+def runs_of(sweep_dir: Path) -> dict[str, dict]:
+    """Each run's newest trial as a dict: name -> state, status, value, attrs."""
+    out = {}
+    for folder, t in newest_trials(study_of(sweep_dir)).items():
+        out[Path(folder).name] = {"state": t.state.name, "status": t.user_attrs.get("status"), "value": t.value,
+                                  "attrs": t.user_attrs, "params": t.params, "number": t.number}
+    return out
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -178,58 +89,8 @@ def read_leaderboard(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-# ----------------------------------------------------------------------------- training
-def test_sampled_configuration_trains_one_epoch(tiny_data, tmp_path):
-    proposal = sweep_engine.propose(sweep_config(), [], seed=3, number=1)
-    argv = agent_args({k: v["value"] for k, v in proposal.items()})
-    argv += ["--epochs", "1", "--image_size", "32", "--data_dir", str(tiny_data), "--workers", "0",
-             "--out_dir", str(tmp_path / "runs"), "--run_name", "one", "--wandb", "disabled", "--device", "cpu"]
-    state = train_parta.main(parse(argv))
-    rows = read_metrics_csv(tmp_path / "runs" / "one" / "metrics.csv")
-    assert len(rows) == 1 and 0.0 <= rows[0]["val_acc"] <= 1.0
-    assert state.best_val_acc == pytest.approx(rows[0]["val_acc"])
 
-
-def test_offline_random_sweep_ranks_and_resumes(tiny_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # runs inherit it: one torch thread is fastest on 2 shared cores
-    cfg_path = write_yaml(tmp_path / "tiny_sweep.yaml", tiny_sweep_config())
-    sweep_dir = tmp_path / "sweep"
-    extra = ["--", "--data_dir", str(tiny_data), "--workers", "0", "--device", "cpu"]
-    code = sweep_offline.main(sweep_offline.parse_args(
-        ["--config", str(cfg_path), "--sweep_dir", str(sweep_dir), "--count", "3", "--seed", "0", "--quiet", *extra]))
-    assert code == 0
-    board = read_leaderboard(sweep_dir)
-    assert [r["rank"] for r in board] == ["1", "2", "3"]
-    assert all(r["state"] == "finished" for r in board), board
-    accs = [float(r["val_acc"]) for r in board]
-    assert accs == sorted(accs, reverse=True)
-    out = capsys.readouterr().out
-    assert "leaderboard of" in out and "run-001" in out
-
-    state = json.loads((sweep_dir / "sweep.json").read_text())
-    for rec in state["runs"]:
-        values = {k: v["value"] for k, v in rec["config"].items()}
-        n = len(values)
-        assert rec["command"][3:3 + n] == agent_args(values)  # exactly what wandb agent passes
-        assert rec["command"][3 + n:] == ["--out_dir", str(sweep_dir / "runs"), "--run_name", rec["name"],
-                                          "--wandb", "disabled", *extra[1:]]
-        best = max(r["val_acc"] for r in read_metrics_csv(Path(rec["run_dir"]) / "metrics.csv"))
-        assert rec["metric"] == pytest.approx(best)
-        assert next(float(r["val_acc"]) for r in board if r["run"] == rec["name"]) == pytest.approx(best)
-
-    # Continue the same sweep: one more run, numbered after the others, earlier runs kept.
-    code = sweep_offline.main(sweep_offline.parse_args(  # no -- flags: the sweep's last ones are reused
-        ["--sweep_dir", str(sweep_dir), "--count", "1", "--seed", "0", "--quiet"]))
-    assert code == 0
-    state2 = json.loads((sweep_dir / "sweep.json").read_text())
-    assert [r["name"] for r in state2["runs"]] == ["run-001", "run-002", "run-003", "run-004"]
-    assert state2["runs"][:3] == state["runs"]
-    assert len(read_leaderboard(sweep_dir)) == 4
-    assert (sweep_dir / "runs" / "run-004" / "metrics.csv").is_file()
-    assert state2["runs"][3]["command"][-len(extra) + 1:] == extra[1:]
-
-
-# ----------------------------------------------------------------------------- runner logic (fake program)
+# ----------------------------------------------------------------------------- stand-in trainers
 FAKE_TRAIN = r'''
 import argparse, csv, os, sys, time
 p = argparse.ArgumentParser()
@@ -256,6 +117,7 @@ print("run folder: " + run)
 
 
 def fake_sweep(tmp_path: Path, method: str, q_values: list, extra_params: dict | None = None, **top) -> Path:
+    """A sweep of the stand-in trainer FAKE_TRAIN: val_acc = q * epoch / epochs."""
     (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
     params = {"q": {"values": q_values}, **(extra_params or {})}
     cfg = {"program": "fake_train.py", "method": method, "metric": {"name": "val_acc", "goal": "maximize"},
@@ -263,230 +125,6 @@ def fake_sweep(tmp_path: Path, method: str, q_values: list, extra_params: dict |
     return write_yaml(tmp_path / "fake.yaml", cfg)
 
 
-def test_failed_run_is_recorded_and_grid_completes(tmp_path, capsys):
-    cfg = fake_sweep(tmp_path, "grid", [0.5, -1, 0.9])
-    sweep_dir = tmp_path / "s"
-    code = sweep_offline.main(sweep_offline.parse_args(
-        ["--config", str(cfg), "--sweep_dir", str(sweep_dir), "--count", "5", "--quiet"]))
-    assert code == 0
-    board = read_leaderboard(sweep_dir)
-    assert [(r["run"], r["state"]) for r in board] == [("run-003", "finished"), ("run-001", "finished"),
-                                                       ("run-002", "failed")]
-    assert "q must be >= 0" in board[2]["note"]
-    assert "grid search complete" in capsys.readouterr().out
-    # the sweep's config is fixed once started
-    other = write_yaml(tmp_path / "other.yaml", dict(yaml.safe_load(cfg.read_text()), method="random"))
-    with pytest.raises(UserError, match="differs"):
-        sweep_offline.main(sweep_offline.parse_args(["--config", str(other), "--sweep_dir", str(sweep_dir)]))
-
-
-def test_hyperband_stops_a_run_below_the_band_threshold(tmp_path):
-    cfg = fake_sweep(tmp_path, "grid", [0.9, 0.8, 0.1],
-                     {"epochs": {"value": 8}, "sleep": {"value": 0.15}},
-                     early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2})
-    sweep_dir = tmp_path / "s"
-    code = sweep_offline.main(sweep_offline.parse_args(
-        ["--config", str(cfg), "--sweep_dir", str(sweep_dir), "--count", "3", "--quiet", "--poll_s", "0.05"]))
-    assert code == 0
-    runs = {r["name"]: r for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"]}
-    assert runs["run-001"]["state"] == runs["run-002"]["state"] == "finished"
-    assert runs["run-003"]["state"] == "stopped" and 2 <= runs["run-003"]["epochs"] < 8
-
-
-def test_bayes_gets_the_history_of_earlier_runs(tmp_path):
-    cfg = yaml.safe_load(fake_sweep(tmp_path, "bayes", [0.1, 0.5, 0.9], {"r": {"min": 0.0, "max": 1.0}}).read_text())
-    records = [
-        {"name": "run-001", "number": 1, "state": "finished", "config": {"q": {"value": 0.5}, "r": {"value": 0.2}},
-         "history": [{"epoch": 1, "val_acc": 0.3}, {"epoch": 2, "val_acc": 0.4}, {"epoch": 3, "val_acc": 0.35}]},
-        {"name": "run-002", "number": 2, "state": "failed", "config": {"q": {"value": 0.9}, "r": {"value": 0.7}},
-         "history": []},
-        {"name": "run-003", "number": 3, "state": "interrupted", "config": {"q": {"value": 0.1}, "r": {"value": 0.1}},
-         "history": [{"epoch": 1, "val_acc": 0.05}]},
-        {"name": "run-004", "number": 4, "state": "stopped", "config": {"q": {"value": 0.1}, "r": {"value": 0.9}},
-         "history": [{"epoch": 1, "val_acc": 0.1}, {"epoch": 2, "val_acc": 0.15}]},
-    ]
-    runs = sweep_engine.engine_runs(records)
-    assert [(r.name, r.state) for r in runs] == [("run-001", "finished"), ("run-002", "failed"),
-                                                 ("run-004", "finished")]
-    assert runs[0].metric_extremum("val_acc", "maximum") == pytest.approx(0.4)  # best epoch, not the last
-    proposal = sweep_engine.propose(cfg, records, seed=0, number=5)
-    assert proposal["q"]["value"] in (0.1, 0.5, 0.9) and 0.0 <= proposal["r"]["value"] <= 1.0
-
-
-BAYES_CFG = {"program": "x.py", "method": "bayes", "metric": {"name": "val_acc", "goal": "maximize"},
-             "parameters": {"r": {"min": 0.0, "max": 1.0}}}
-
-
-def peaked_records(peak: float) -> list[dict]:
-    """Ten finished runs over r in [0, 1] whose best epoch (the 2nd) scores a bump at r = peak; the last
-    epoch scores the opposite (low at the peak), so only the best-over-epochs points at the peak."""
-    import math
-
-    out = []
-    for i, r in enumerate([0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]):
-        acc = math.exp(-((r - peak) / 0.12) ** 2)
-        out.append({"name": f"run-{i + 1:03d}", "number": i + 1, "state": "finished", "config": {"r": {"value": r}},
-                    "history": [{"epoch": 1, "val_acc": 0.1 * acc}, {"epoch": 2, "val_acc": 0.2 + 0.8 * acc},
-                                {"epoch": 3, "val_acc": 0.15 * (1 - acc)}]})
-    return out
-
-
-def test_bayes_proposals_move_to_the_best_region_of_the_history():
-    """Same seeds, histories peaked at r=0.7 vs r=0.2: the proposals follow the peak (within 0.05)."""
-    for seed in (0, 1):
-        near_07 = sweep_engine.propose(BAYES_CFG, peaked_records(0.7), seed=seed, number=11)["r"]["value"]
-        near_02 = sweep_engine.propose(BAYES_CFG, peaked_records(0.2), seed=seed, number=11)["r"]["value"]
-        assert abs(near_07 - 0.7) < 0.05 and abs(near_02 - 0.2) < 0.05, (seed, near_07, near_02)
-
-
-def hb_record(name: str, state: str, accs: list[float]) -> dict:
-    return {"name": name, "state": state, "config": {"q": {"value": 0.5}},
-            "history": [{"epoch": e, "val_acc": a} for e, a in enumerate(accs, 1)]}
-
-
-def test_hyperband_should_stop_below_the_band_threshold_only():
-    """min_iter 1, eta 2: bands at history index 1, 2, 4...; the threshold is the median (index int(n/2) of the
-    sorted negated values) of val_acc at the band. Below it: stopped; above it, or before the first band: not."""
-    cfg = {"program": "x.py", "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
-           "parameters": {"q": {"values": [0.5]}}, "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2}}
-    done = [hb_record("a", "finished", [0.5, 0.6, 0.7]), hb_record("b", "finished", [0.6, 0.7, 0.8])]
-    # band 1 values (epoch 2): 0.6, 0.7 and the run's own; threshold = the middle one
-    assert sweep_engine.hyperband_should_stop(cfg, done, hb_record("slow", "running", [0.1, 0.2]))
-    assert not sweep_engine.hyperband_should_stop(cfg, done, hb_record("fast", "running", [0.7, 0.9]))
-    assert not sweep_engine.hyperband_should_stop(cfg, done, hb_record("young", "running", [0.0]))  # no band yet
-    # its best epoch counts, not its last: 0.65 at epoch 1 beats the 0.6 threshold
-    assert not sweep_engine.hyperband_should_stop(cfg, done, hb_record("dip", "running", [0.65, 0.2]))
-    # interrupted runs never set a threshold: with only them, nothing is stopped
-    gone = [dict(r, state="interrupted") for r in done]
-    assert not sweep_engine.hyperband_should_stop(cfg, gone, hb_record("slow", "running", [0.1, 0.2]))
-
-
-def test_runner_owns_its_bookkeeping_flags(tmp_path):
-    cfg = fake_sweep(tmp_path, "random", [0.5])
-    for flag in (["--out_dir", "x"], ["--run-name=x"], ["--wandb", "online"]):
-        with pytest.raises(UserError, match="set by the sweep runner"):
-            sweep_offline.main(sweep_offline.parse_args(["--config", str(cfg), "--sweep_dir", str(tmp_path / "s"),
-                                                         "--", *flag]))
-
-
-# ----------------------------------------------------------------------------- sweep_partb.yaml
-SWEEP_PARTB_YAML = REPO / "sweep_partb.yaml"
-PARTB_TYPES = {"freeze": str, "lr": float, "lr_mult": float, "unfreeze_at": int, "augment": bool, "model": str,
-               "epochs": int}
-
-
-def partb_cases() -> list[tuple[str, object]]:
-    cases = []
-    np.random.seed(0)
-    for name, spec in yaml.safe_load(SWEEP_PARTB_YAML.read_text())["parameters"].items():
-        if "values" in spec:
-            cases += [(name, v) for v in spec["values"]]
-        elif "value" in spec:
-            cases.append((name, spec["value"]))
-        else:
-            cases += [(name, sweep_engine.plain(HyperParameter(name, spec).sample())) for _ in range(4)]
-            cases += [(name, spec["min"]), (name, spec["max"])]
-    return cases
-
-
-def test_partb_sweep_is_a_valid_wandb_sweep_over_the_freezing_strategies():
-    import train_partb
-    from freezing import list_stages
-    from models import build_backbone
-
-    cfg = yaml.safe_load(SWEEP_PARTB_YAML.read_text())
-    assert sweeps.schema_violations_from_proposed_config(cfg) == []
-    assert cfg["program"] == "train_partb.py" and cfg["metric"] == {"name": "val_acc", "goal": "maximize"}
-    assert set(cfg["parameters"]) == set(PARTB_TYPES)
-    freezes = cfg["parameters"]["freeze"]["values"]
-    assert {"auto", "all", "none"} <= set(freezes) and any(f.startswith("upto:") for f in freezes)
-    # the upto: stages exist in the sweep's model, which is train_partb.py's default
-    model = cfg["parameters"]["model"]["value"]
-    assert model == train_partb.get_args_parser().get_default("model")
-    stages = [name for name, _ in list_stages(build_backbone(model, "none", 10).model)]
-    assert all(f[5:] in stages for f in freezes if f.startswith("upto:"))
-
-
-@pytest.mark.parametrize("name,value", partb_cases(), ids=lambda v: str(v))
-def test_partb_agent_argument_parses_to_the_intended_value(name, value):
-    import train_partb
-
-    argv = agent_args({name: value})
-    assert argv == [f"--{name}={value}"]
-    got = getattr(train_partb.get_args_parser().parse_args(argv), name)
-    assert type(got) is PARTB_TYPES[name] and got == value
-
-
-# ----------------------------------------------------------------------------- several runners
-def start_runner(*args: str, cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, str(REPO / "sweep_offline.py"), *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def test_two_runners_share_one_sweep_folder(tiny_data, tmp_path):
-    cfg_path = write_yaml(tmp_path / "tiny_sweep.yaml", tiny_sweep_config())
-    sweep_dir = tmp_path / "sweep"
-    args = ["--config", cfg_path, "--sweep_dir", sweep_dir, "--count", "2", "--seed", "0", "--quiet", "--",
-            "--data_dir", tiny_data, "--workers", "0", "--device", "cpu"]
-    runners = [start_runner(*args, cwd=tmp_path) for _ in range(2)]
-    outputs = [r.communicate(timeout=600)[0] for r in runners]
-    assert [r.returncode for r in runners] == [0, 0], outputs
-    state = json.loads((sweep_dir / "sweep.json").read_text())
-    assert sorted(r["number"] for r in state["runs"]) == [1, 2, 3, 4]
-    assert len({r["run_dir"] for r in state["runs"]}) == 4 and all(r["state"] == "finished" for r in state["runs"])
-    assert len({r["runner"] for r in state["runs"]}) == 2  # each runner trained its own --count
-    assert all((Path(r["run_dir"]) / "metrics.csv").is_file() for r in state["runs"])
-    board = read_leaderboard(sweep_dir)
-    assert sorted(r["run"] for r in board) == ["run-001", "run-002", "run-003", "run-004"]
-    assert not list((sweep_dir / "runners").iterdir())  # both leases released
-
-
-def running_records(sweep_dir: Path) -> list[dict]:
-    try:
-        return [r for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"] if r["state"] == "running"]
-    except (OSError, ValueError):
-        return []
-
-
-def test_a_runner_killed_mid_run_is_reported_and_never_blocks_the_others(tmp_path, capsys):
-    import signal
-    import time
-
-    cfg = fake_sweep(tmp_path, "random", [0.2, 0.4, 0.6, 0.8], {"epochs": {"value": 60}, "sleep": {"value": 0.25}})
-    sweep_dir = tmp_path / "s"
-    slow = start_runner("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", "--quiet", cwd=tmp_path)
-    deadline = time.time() + 60
-    while not running_records(sweep_dir) and time.time() < deadline:
-        time.sleep(0.1)
-    victim = running_records(sweep_dir)[0]
-    fast = start_runner("--sweep_dir", sweep_dir, "--count", "2", "--quiet", "--", "--sleep", "0.01",
-                        cwd=tmp_path)
-    while len(running_records(sweep_dir)) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    assert len(running_records(sweep_dir)) == 2  # both train at the same moment
-    slow.send_signal(signal.SIGKILL)
-    slow.wait(timeout=30)
-    out = fast.communicate(timeout=120)[0]
-    assert fast.returncode == 0, out
-
-    sweep_offline.main(sweep_offline.parse_args(["--sweep_dir", str(sweep_dir), "--show"]))
-    shown = capsys.readouterr().out
-    runs = {r["number"]: r for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"]}
-    assert len(runs) == 3
-    killed = runs[victim["number"]]
-    assert killed["state"] == "interrupted" and "runner died" in killed["note"]
-    assert [r["state"] for n, r in sorted(runs.items()) if n != victim["number"]] == ["finished", "finished"]
-    assert victim["name"] in shown and "interrupted" in shown and "runner died" in shown
-    # the killed runner's training process got SIGTERM with it, instead of training on as an orphan
-    csv_path = Path(killed["run_dir"]) / "metrics.csv"
-    size = csv_path.stat().st_size if csv_path.exists() else 0
-    time.sleep(1.0)
-    assert (csv_path.stat().st_size if csv_path.exists() else 0) == size
-
-
-# ----------------------------------------------------------------------------- interrupted, finished, rejected runs
-from conftest import assert_one_line_error, clean_env, make_dataset, run_cli  # noqa: E402
 
 # A trainer that behaves like train_parta.py where the runner can tell: last.pt on SIGTERM (exit 130), --resume
 # from it, result.json once complete; --linger keeps it alive after that (say, a slow W&B sync). Any other
@@ -523,16 +161,114 @@ time.sleep(a.linger)
 '''
 
 
-def resumable_sweep(tmp_path: Path, q_values: list, extra_params: dict | None = None, metric: str = "val_acc") -> Path:
+def resumable_sweep(tmp_path: Path, q_values: list, extra_params: dict | None = None, metric: str = "val_acc",
+                    method: str = "grid") -> Path:
     (tmp_path / "fake_resumable.py").write_text(FAKE_RESUMABLE)
-    cfg = {"program": "fake_resumable.py", "method": "grid", "metric": {"name": metric, "goal": "maximize"},
+    cfg = {"program": "fake_resumable.py", "method": method, "metric": {"name": metric, "goal": "maximize"},
            "parameters": {"q": {"values": q_values}, **(extra_params or {})}}
     return write_yaml(tmp_path / "resumable.yaml", cfg)
 
 
-def wait_for(predicate, timeout: float = 60.0, runner: subprocess.Popen | None = None) -> None:
-    import time
 
+# ----------------------------------------------------------------------------- real training
+def test_offline_random_sweep_ranks_resumes_and_writes_the_best_config(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # runs inherit it: one torch thread is fastest on 2 shared cores
+    cfg_path = write_yaml(tmp_path / "tiny_sweep.yaml", tiny_sweep_config())
+    sweep_dir = tmp_path / "sweep"
+    extra = ["--", "--data_dir", str(tiny_data), "--workers", "0", "--device", "cpu"]
+    code = sweep_offline.main(sweep_offline.parse_args(
+        ["--config", str(cfg_path), "--sweep_dir", str(sweep_dir), "--count", "2", "--seed", "0", "--quiet", *extra]))
+    assert code == 0
+    board = read_leaderboard(sweep_dir)
+    assert [r["rank"] for r in board] == ["1", "2"] and all(r["state"] == "finished" for r in board), board
+    accs = [float(r["val_acc"]) for r in board]
+    assert accs == sorted(accs, reverse=True)
+    runs = runs_of(sweep_dir)
+    for name, run in runs.items():
+        values = {k: v["value"] for k, v in run["attrs"]["run_config"].items()}
+        command = (sweep_dir / "logs" / f"{name}.log").read_text().splitlines()[0][2:].split(" ")
+        n = len(values)
+        assert command[3:3 + n] == agent_args(values)  # exactly what wandb agent passes
+        assert command[3 + n:] == ["--out_dir", str(sweep_dir / "runs"), "--run_name", name, "--wandb", "disabled",
+                                   *extra[1:]]
+        best = max(r["val_acc"] for r in read_metrics_csv(sweep_dir / "runs" / name / "metrics.csv"))
+        assert run["value"] == pytest.approx(best)
+    # continuing: one more run, numbered after the others, with the sweep's last -- flags
+    assert sweep_offline.main(sweep_offline.parse_args(["--sweep_dir", str(sweep_dir), "--count", "1", "--quiet"])) == 0
+    assert sorted(runs_of(sweep_dir)) == ["run-001", "run-002", "run-003"]
+    # --show: the best run's command and best.yaml, which --config turns back into that run's flags
+    capsys.readouterr()
+    assert sweep_offline.main(sweep_offline.parse_args(["--sweep_dir", str(sweep_dir), "--show"])) == 0
+    out = capsys.readouterr().out
+    best_name = read_leaderboard(sweep_dir)[0]["run"]
+    assert f"best run: {best_name}" in out and f"--config {sweep_dir / 'best.yaml'} --epochs 30" in out
+    import config_file
+
+    again = config_file.parse_args(train_parta.get_args_parser(), ["--config", str(sweep_dir / "best.yaml"),
+                                                                   "--epochs", "30"])
+    import json
+
+    flags = json.loads((sweep_dir / "runs" / best_name / "args.json").read_text())
+    for key in ("filters", "lr", "activation", "batch_norm", "data_dir", "image_size"):
+        assert getattr(again, key) == flags[key], key
+    assert again.epochs == 30
+
+
+# ----------------------------------------------------------------------------- runner logic (stand-ins)
+def run_sweep(*argv) -> int:
+    return sweep_offline.main(sweep_offline.parse_args([str(a) for a in argv]))
+
+
+def test_failed_run_is_recorded_and_grid_completes(tmp_path, capsys):
+    cfg = fake_sweep(tmp_path, "grid", [0.5, -1, 0.9])
+    sweep_dir = tmp_path / "s"
+    assert run_sweep("--config", cfg, "--sweep_dir", sweep_dir, "--count", "5", "--quiet") == 0
+    board = read_leaderboard(sweep_dir)
+    assert sorted((r["q"], r["state"]) for r in board) == [("-1", "failed"), ("0.5", "finished"), ("0.9", "finished")]
+    assert board[0]["q"] == "0.9" and "q must be >= 0" in board[2]["note"]
+    assert "grid search complete" in capsys.readouterr().out
+    other = write_yaml(tmp_path / "other.yaml", dict(yaml.safe_load(cfg.read_text()), method="random"))
+    with pytest.raises(UserError, match="differs"):  # the sweep's config is fixed once started
+        run_sweep("--config", other, "--sweep_dir", sweep_dir)
+
+
+def test_hyperband_prunes_the_run_that_is_behind_at_min_iter(tmp_path):
+    cfg = fake_sweep(tmp_path, "grid", [0.9, 0.1, 0.95], {"epochs": {"value": 6}, "sleep": {"value": 0.1}},
+                     early_terminate={"type": "hyperband", "min_iter": 1, "max_iter": 2, "eta": 3})
+    sweep_dir = tmp_path / "s"
+    assert run_sweep("--config", cfg, "--sweep_dir", sweep_dir, "--count", "3", "--quiet", "--poll_s", "0.05") == 0
+    runs = sorted(runs_of(sweep_dir).values(), key=lambda r: r["number"])
+    by_q = {r["params"]["q"]: r for r in runs}
+    assert runs[0]["state"] == "COMPLETE"  # the first has nothing to be behind
+    assert by_q[0.1]["state"] == "PRUNED" and by_q[0.1]["status"] == "stopped", by_q
+    assert csv_rows(sweep_dir / by_q[0.1]["attrs"]["run_dir"] / "metrics.csv") < 6
+    assert by_q[0.95]["state"] == "COMPLETE"  # ahead of every other run at every epoch
+    board = {r["run"]: r for r in read_leaderboard(sweep_dir)}
+    assert "stopped by hyperband" in board[Path(by_q[0.1]["attrs"]["run_dir"]).name]["note"]
+
+
+def start_runner(*args, cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(REPO / "sweep_offline.py"), *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_runners_on_one_journal_train_each_grid_point_once(tmp_path):
+    cfg = fake_sweep(tmp_path, "grid", [0.1, 0.2, 0.3], {"sleep": {"values": [0.05, 0.1]}})
+    sweep_dir = tmp_path / "s"
+    runners = [start_runner("--config", cfg, "--sweep_dir", sweep_dir, "--count", "10", "--quiet", "--poll_s", "0.05",
+                            cwd=tmp_path) for _ in range(2)]
+    outputs = [r.communicate(timeout=300)[0] for r in runners]
+    assert [r.returncode for r in runners] == [0, 0], outputs
+    runs = runs_of(sweep_dir)
+    points = sorted((r["params"]["q"], r["params"]["sleep"]) for r in runs.values())
+    assert points == sorted((q, s) for q in (0.1, 0.2, 0.3) for s in (0.05, 0.1))  # 6 runs, each point once
+    assert all(r["state"] == "COMPLETE" for r in runs.values())
+    assert len(list((sweep_dir / "runs").iterdir())) == 6
+    assert all("grid search complete" in out for out in outputs)
+
+
+def wait_for(predicate, timeout: float = 60.0, runner: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while not predicate():
         assert time.time() < deadline, "timed out"
@@ -543,13 +279,13 @@ def wait_for(predicate, timeout: float = 60.0, runner: subprocess.Popen | None =
 def children_of(pid: int) -> list[int]:
     """Pids whose parent is pid (from /proc)."""
     out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for path in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = path.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
+            out.append(int(path.parent.name))
     return out
 
 
@@ -561,14 +297,42 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-def sweep_runs(sweep_dir: Path) -> dict:
-    return {r["name"]: r for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"]}
+def csv_rows(path: Path) -> int:
+    try:
+        return len(read_metrics_csv(path))
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_run_whose_runner_was_killed_is_continued_by_the_next_runner_from_last_pt(tmp_path):
+    cfg = resumable_sweep(tmp_path, [0.6], {"epochs": {"value": 20}, "sleep": {"value": 0.15}}, method="random")
+    sweep_dir, run_dir = tmp_path / "s", tmp_path / "s" / "runs" / "run-001"
+    fast = ["--poll_s", "0.1", "--stale_s", "2", "--quiet"]
+    a = start_runner("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", *fast, cwd=tmp_path)
+    wait_for(lambda: csv_rows(run_dir / "metrics.csv") >= 3, 120, a)
+    trainer = children_of(a.pid)
+    a.send_signal(signal.SIGKILL)
+    a.wait(timeout=30)
+    wait_for(lambda: all(process_gone(p) for p in trainer), 20)  # it got SIGTERM with its runner, saved last.pt
+    log = (sweep_dir / "logs" / "run-001.log").read_text()
+    assert "interrupted: progress is in last.pt" in log, log
+    done = csv_rows(run_dir / "metrics.csv")
+    assert runs_of(sweep_dir)["run-001"]["state"] == "RUNNING"  # as far as the study knows
+    time.sleep(2.5)  # past --stale_s without a heartbeat
+    b = start_runner("--sweep_dir", sweep_dir, "--count", "1", *fast, cwd=tmp_path)
+    out = b.communicate(timeout=120)[0]
+    assert b.returncode == 0, out
+    assert "its runner stopped beating" in out and f"resuming it after epoch {done}" in out, out
+    assert [r["epoch"] for r in read_metrics_csv(run_dir / "metrics.csv")] == list(range(1, 21))  # none repeated
+    runs = runs_of(sweep_dir)
+    assert list(runs) == ["run-001"] and runs["run-001"]["state"] == "COMPLETE"
+    assert runs["run-001"]["value"] == pytest.approx(0.6)
+    assert len(list((sweep_dir / "runs").iterdir())) == 1  # continued in its folder, not trained afresh
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_kill_9_of_a_runner_stops_its_real_trainer_which_saves_last_pt(tmp_path):
-    import signal
-
     data = make_dataset(tmp_path / "data", ["a", "b"], n_train=6, n_val=2, size=32)
     cfg = tiny_sweep_config()
     cfg["parameters"].update(filters={"value": 4}, dense_neurons={"value": 16}, batch_size={"values": [4]},
@@ -590,64 +354,63 @@ def test_kill_9_of_a_runner_stops_its_real_trainer_which_saves_last_pt(tmp_path)
 
 
 def test_finished_runs_are_never_retrained_and_interrupted_ones_resume(tmp_path):
-    import signal
-
     cfg = resumable_sweep(tmp_path, [0.2, 0.4, 0.6])
     sweep_dir, runs = tmp_path / "s", tmp_path / "s" / "runs"
-    common = ["--sweep_dir", sweep_dir, "--quiet", "--poll_s", "0.05"]
+    common = ["--sweep_dir", sweep_dir, "--quiet", "--poll_s", "0.05", "--stale_s", "1"]
     # 1. kill -9 of the runner after its run completed (result.json), while the trainer still lingers
     a = start_runner("--config", cfg, *common, "--count", "1", "--", "--linger", "60", cwd=tmp_path)
-    wait_for(lambda: (runs / "run-001" / "result.json").is_file(), runner=a)
+    wait_for(lambda: any((p / "result.json").is_file() for p in runs.glob("run-*")), runner=a)
     a.send_signal(signal.SIGKILL)
     a.wait(timeout=30)
-    # 2. SIGTERM of the next runner (it reaps run-001) after its own run completed
-    b = start_runner(*common, "--count", "1", cwd=tmp_path)
-    wait_for(lambda: (runs / "run-002" / "result.json").is_file(), runner=b)
+    time.sleep(1.5)
+    # 2. SIGTERM of the next runner after its own run completed (it first records the first one as finished)
+    b = start_runner(*common, "--count", "2", cwd=tmp_path)
+    wait_for(lambda: sum((p / "result.json").is_file() for p in runs.glob("run-*")) == 2, runner=b)
     b.send_signal(signal.SIGTERM)
     out_b = b.communicate(timeout=60)[0]
-    assert b.returncode == 130 and "Traceback" not in out_b, out_b
-    got = sweep_runs(sweep_dir)
-    assert [got[n]["state"] for n in ("run-001", "run-002")] == ["finished", "finished"], got
-    assert got["run-001"]["metric"] == pytest.approx(0.2) and got["run-002"]["metric"] == pytest.approx(0.4)
-    # 3. SIGTERM mid-training: interrupted, with its last.pt
+    assert b.returncode in (0, 130) and "Traceback" not in out_b, out_b
+    got = runs_of(sweep_dir)
+    assert len(got) == 2 and all(r["state"] == "COMPLETE" for r in got.values()), got
+    # 3. SIGTERM mid-training: interrupted, with its last.pt, queued to continue
     c = start_runner(*common, "--count", "1", "--", "--epochs", "30", "--sleep", "0.1", cwd=tmp_path)
-    wait_for(lambda: (runs / "run-003" / "metrics.csv").is_file(), runner=c)
+    wait_for(lambda: len(list(runs.glob("run-*"))) == 3 and csv_rows(sorted(runs.glob("run-*"))[-1] / "metrics.csv") > 0,
+             runner=c)
     c.send_signal(signal.SIGTERM)
     out_c = c.communicate(timeout=60)[0]
     assert c.returncode == 130 and "Traceback" not in out_c, out_c
-    assert sweep_runs(sweep_dir)["run-003"]["state"] == "interrupted"
-    # 4. continuing resumes run-003 from its last.pt; nothing is trained again, and the grid is then complete
+    third = next(n for n in runs_of(sweep_dir) if n not in got)
+    assert runs_of(sweep_dir)[third]["state"] == "WAITING"  # queued to continue
+    # 4. continuing resumes it from its last.pt; nothing is trained again, and the grid is then complete
     d = start_runner(*common, "--count", "3", cwd=tmp_path)
     out_d = d.communicate(timeout=120)[0]
     assert d.returncode == 0, out_d
-    got = sweep_runs(sweep_dir)
-    assert sorted(got) == ["run-001", "run-002", "run-003"] and sorted(p.name for p in runs.iterdir()) == sorted(got)
-    assert all(r["state"] == "finished" for r in got.values()), got
-    assert got["run-003"]["resumes"] == 1 and "resuming after epoch" in (sweep_dir / "logs" / "run-003.log").read_text()
-    assert [r["epoch"] for r in read_metrics_csv(runs / "run-003" / "metrics.csv")] == list(range(1, 31))
-    assert got["run-003"]["metric"] == pytest.approx(0.6) and "grid search complete" in out_d
+    final = runs_of(sweep_dir)
+    assert len(final) == 3 and sorted(p.name for p in runs.iterdir()) == sorted(final)
+    assert all(r["state"] == "COMPLETE" for r in final.values()), final
+    assert "resuming after epoch" in (sweep_dir / "logs" / f"{third}.log").read_text()
+    assert [r["epoch"] for r in read_metrics_csv(runs / third / "metrics.csv")] == list(range(1, 31))
+    assert sorted(r["value"] for r in final.values()) == pytest.approx([0.2, 0.4, 0.6])
+    assert "grid search complete" in out_d
 
 
 def test_a_rejected_run_stops_the_runner_with_the_trainers_error(tiny_data, tmp_path):
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_sweep_config())
     proc = run_cli("sweep_offline.py", "--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "3", "--quiet",
-                   "--", "--data_dir", tiny_data, "--workers", "0", "--device", "cpu", "--lr", "-1",
+                   "--", "--data_dir", tiny_data, "--workers", "0", "--device", "cpu", "--label_smoothing", "2",
                    env=clean_env(), timeout=120)
     assert proc.returncode == 2
-    assert_one_line_error(proc, "run-001 was rejected", "--lr must be > 0")
-    assert len(sweep_runs(tmp_path / "s")) == 1  # it stopped at once
-    # an unknown flag: argparse's 'prog: error: unrecognized arguments'
+    assert_one_line_error(proc, "was rejected", "--label_smoothing must be in [0, 1)")
+    assert len(runs_of(tmp_path / "s")) == 1  # it stopped at once
     fake = fake_sweep(tmp_path, "grid", [0.5, 0.6])
     proc = run_cli("sweep_offline.py", "--config", fake, "--sweep_dir", tmp_path / "f", "--count", "2", "--",
                    "--bogus", "1", env=clean_env(), timeout=120)
     assert proc.returncode == 2
-    assert_one_line_error(proc, "run-001 was rejected", "unrecognized arguments: --bogus")
-    # other failures go on, but a runner all of whose runs failed does not exit 0
-    fake = fake_sweep(tmp_path, "grid", [-1, -2])
+    assert_one_line_error(proc, "was rejected", "unrecognized arguments: --bogus")
+    fake = fake_sweep(tmp_path, "grid", [-1, -2])  # other failures go on, but such a runner does not exit 0
     proc = run_cli("sweep_offline.py", "--config", fake, "--sweep_dir", tmp_path / "g", "--count", "2",
                    env=clean_env(), timeout=120)
     assert proc.returncode == 1 and "every run this runner trained failed (2)" in proc.stderr, proc.stderr
-    assert [r["state"] for r in sweep_runs(tmp_path / "g").values()] == ["failed", "failed"]
+    assert [r["status"] for r in runs_of(tmp_path / "g").values()] == ["failed", "failed"]
 
 
 def test_a_metric_no_run_logs_is_named(tmp_path, capsys):
@@ -657,9 +420,7 @@ def test_a_metric_no_run_logs_is_named(tmp_path, capsys):
     assert proc.returncode == 2
     assert_one_line_error(proc, "'val_accuracy' is not logged by train_parta.py", "val_acc", "fix metric.name")
     cfg = resumable_sweep(tmp_path, [0.5], metric="val_accuracy")
-    code = sweep_offline.main(sweep_offline.parse_args(["--config", str(cfg), "--sweep_dir", str(tmp_path / "s"),
-                                                        "--count", "1", "--quiet"]))
-    assert code == 0
+    assert run_sweep("--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "1", "--quiet") == 0
     out = capsys.readouterr().out
     assert "[sweep] warning: no run logs 'val_accuracy': run-001's metrics.csv has epoch, train_loss, val_acc; " \
            "fix metric.name in the yaml" in out, out
@@ -669,9 +430,7 @@ def test_leaderboard_columns_are_unique_when_parameters_share_their_names(tmp_pa
     clash = {"epochs": {"value": 2}, "state": {"values": ["x"]}, "val_acc": {"values": [7]}, "note": {"value": "n"},
              "param_epochs": {"value": 5}}
     cfg = resumable_sweep(tmp_path, [0.5], clash)
-    code = sweep_offline.main(sweep_offline.parse_args(["--config", str(cfg), "--sweep_dir", str(tmp_path / "s"),
-                                                        "--count", "1", "--quiet"]))
-    assert code == 0
+    assert run_sweep("--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "1", "--quiet") == 0
     with open(tmp_path / "s" / "leaderboard.csv", newline="") as f:
         header = next(csv.reader(f))
     assert len(header) == len(set(header)), header
@@ -681,14 +440,10 @@ def test_leaderboard_columns_are_unique_when_parameters_share_their_names(tmp_pa
     assert row["param_param_epochs"] == "5" and row["q"] == "0.5"
     table_header = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("rank"))
     assert len(table_header.split()) == len(set(table_header.split())), table_header
-    assert {"param_state", "param_val_acc", "q"} <= set(table_header.split())
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_runner_stopped_at_start_up_says_so_in_one_line(tmp_path, sig):
-    import signal
-    import time
-
     cfg = fake_sweep(tmp_path, "grid", [0.5])
     runner = start_runner("--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "1", cwd=tmp_path)
     time.sleep(0.3)  # importing torch and the engine
@@ -696,3 +451,92 @@ def test_runner_stopped_at_start_up_says_so_in_one_line(tmp_path, sig):
     out = runner.communicate(timeout=60)[0]
     assert runner.returncode == 130, out
     assert "Traceback" not in out and out.strip().splitlines()[-1].startswith("[sweep] interrupted"), out
+
+
+# ----------------------------------------------------------------------------- the sweep folder, faults
+def test_runner_owns_its_bookkeeping_flags_and_refuses_a_searched_one_after_dashes(tmp_path):
+    cfg = fake_sweep(tmp_path, "random", [0.5, 0.7])
+    for flag in (["--out_dir", "x"], ["--run-name=x"], ["--wandb", "online"]):
+        with pytest.raises(UserError, match="set by the sweep runner"):
+            run_sweep("--config", cfg, "--sweep_dir", tmp_path / "s", "--", *flag)
+    with pytest.raises(UserError, match="'--q=0.3' after -- sets 'q', which the sweep searches"):
+        run_sweep("--config", cfg, "--sweep_dir", tmp_path / "s", "--", "--q=0.3")
+
+
+def test_dry_run_prints_commands_and_saves_nothing(tmp_path, capsys):
+    cfg = fake_sweep(tmp_path, "grid", [0.1, 0.2])
+    assert run_sweep("--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "3", "--dry_run") == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "fake_train.py" in ln]
+    assert sorted(ln.split("--q=")[1].split()[0] for ln in lines) == ["0.1", "0.2"]
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_copied_sweep_continues_itself_and_leaves_the_original_alone(tmp_path):
+    cfg = resumable_sweep(tmp_path, [0.3, 0.5], {"epochs": {"value": 30}, "sleep": {"value": 0.1}})
+    original = tmp_path / "orig"
+    a = start_runner("--config", cfg, "--sweep_dir", original, "--count", "1", "--quiet", "--poll_s", "0.05",
+                     cwd=tmp_path)
+    wait_for(lambda: any(csv_rows(p / "metrics.csv") >= 2 for p in (original / "runs").glob("run-*")), runner=a)
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=60) == 130
+    (interrupted,) = list((original / "runs").iterdir())
+    before = {p.name: p.read_bytes() for p in interrupted.iterdir() if p.is_file()}
+    copy = tmp_path / "moved" / "copy"
+    shutil.copytree(original, copy)
+    shutil.rmtree(tmp_path / "orig" / "logs")  # nothing of the copy may need the original's files
+    assert run_sweep("--sweep_dir", copy, "--count", "1", "--quiet", "--poll_s", "0.05") == 0
+    assert [r["epoch"] for r in read_metrics_csv(copy / "runs" / interrupted.name / "metrics.csv")] == list(range(1, 31))
+    assert {p.name: p.read_bytes() for p in interrupted.iterdir() if p.is_file()} == before
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder every user can enter (pytest's own tmp is private to this user)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="sweep-ro-"))
+    folder.chmod(0o755)
+    yield folder
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    shutil.rmtree(folder)
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root ignores permissions")
+def test_a_read_only_sweep_folder_shows_but_does_not_train(shared_tmp):
+    cfg = fake_sweep(shared_tmp, "grid", [0.4, 0.8])
+    sweep_dir = shared_tmp / "s"
+    assert run_sweep("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", "--quiet") == 0
+    for path in [sweep_dir, *sweep_dir.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    as_other_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    runner = [*as_other_user, sys.executable, str(REPO / "sweep_offline.py"), "--sweep_dir", str(sweep_dir)]
+    env = clean_env()
+    show = subprocess.run([*runner, "--show"], capture_output=True, text=True, env=env, cwd=shared_tmp, timeout=120)
+    assert show.returncode == 0 and "leaderboard of" in show.stdout, show.stdout + show.stderr
+    more = subprocess.run([*runner, "--count", "1"], capture_output=True, text=True, env=env, cwd=shared_tmp,
+                          timeout=120)
+    assert more.returncode == 2 and "not writable" in more.stderr and "Traceback" not in more.stderr, more.stderr
+    assert len(more.stderr.strip().splitlines()) == 1, more.stderr
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other_study", "file_as_folder"])
+def test_a_damaged_sweep_is_one_line_naming_the_file(tmp_path, damage):
+    cfg = fake_sweep(tmp_path, "grid", [0.4])
+    sweep_dir = tmp_path / "s"
+    if damage == "file_as_folder":
+        sweep_dir.write_text("not a folder")
+        expected = "is a file"
+    else:
+        sweep_dir.mkdir()
+        journal = sweep_dir / "optuna.journal"
+        if damage == "garbage":
+            journal.write_text('{"op_code": 0, "worker_id": "x"\nnot json at all\n')
+        else:  # a valid study, but not one this runner made
+            storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+            optuna.create_study(storage=storage, study_name="elsewhere")
+        expected = "optuna.journal"
+    for argv in (["--sweep_dir", sweep_dir, "--show"], ["--sweep_dir", sweep_dir, "--count", "1"]):
+        proc = run_cli("sweep_offline.py", *argv, env=clean_env(), timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert_one_line_error(proc, expected)
