@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cli import UserError, add_flag
-from figures import pyplot
+from figures import pyplot, save_figure
 from sweep_engine import fmt, read_history
 from sweep_storage import journal_path, open_study
 from tracking import WandbLogger
@@ -71,8 +71,9 @@ def select_runs(study, base: Path, goal: str) -> list[Run]:
     runs = []
     for key, t in sorted(newest.items(), key=lambda kv: created[kv[0]]):
         rel = t.user_attrs.get("run_dir")
-        runs.append(Run(t, Path(rel).name if rel else f"trial-{t.number}", STATES.get(t.state.name, t.state.name.lower()),
-                        trial_metric(t, goal), base / rel if rel else None))
+        state = STATES.get(t.state.name, t.state.name.lower())
+        runs.append(Run(t, Path(rel).name if rel else f"trial-{t.number}", state, trial_metric(t, goal),
+                        base / rel if rel else None))
     return runs
 
 
@@ -135,14 +136,7 @@ def plot_metric_vs_created(runs: Sequence[Run], metric: str, goal: str, out: Pat
     ax.set(xlabel="run, in creation order", ylabel=metric, title=f"{metric} vs created ({goal})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return save(fig, out, dpi)
-
-
-def save(fig, out: Path, dpi: int) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, facecolor="white")
-    pyplot().close(fig)
-    return out
+    return save_figure(fig, out, dpi)
 
 
 # ----------------------------------------------------------------------------- parallel coordinates
@@ -287,7 +281,7 @@ def plot_importance(rows: Sequence[Sequence], metric: str, out: Path, dpi: int) 
           xlim=(-1, 1))
     for ax in (a, b):
         ax.grid(axis="x", alpha=0.3)
-    return save(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 # ----------------------------------------------------------------------------- categorical parameters
@@ -347,7 +341,7 @@ def plot_top_curves(runs: Sequence[Run], metric: str, goal: str, top: int, out: 
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no run has a metrics.csv", ha="center", transform=ax.transAxes)
-    return save(fig, out, dpi), drawn
+    return save_figure(fig, out, dpi), drawn
 
 
 # ----------------------------------------------------------------------------- W&B
@@ -427,7 +421,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     images = {"metric_vs_created": plot_metric_vs_created(runs, metric, goal, out_dir / "metric_vs_created.png",
                                                           args.dpi)}
     fig, lines = parallel_coordinates_figure(runs, params, metric)
-    images["parallel_coordinates"] = save(fig, out_dir / "parallel_coordinates.png", args.dpi)
+    images["parallel_coordinates"] = save_figure(fig, out_dir / "parallel_coordinates.png", args.dpi)
     rows = importance_table(study, runs, params, metric)
     if isinstance(rows, str):
         print(f"\n{rows}")

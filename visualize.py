@@ -332,7 +332,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      epilog="Run 'python visualize.py COMMAND -h' for the flags of one command.")
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common")
-    add_flag(g, "out", default=None, help="folder for the PNG (default: the checkpoint's folder; sweep: SWEEP_DIR/report)")
+    add_flag(g, "out", default=None,
+             help="folder for the PNG (default: the checkpoint's folder; sweep: SWEEP_DIR/report)")
     add_flag(g, "dpi", type=int, default=110, help="resolution of the PNG (default: %(default)s)")
     add_bool(g, "wandb", False, "also log the figure to W&B, if the run used W&B (offline without an API key)")
 
