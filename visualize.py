@@ -8,6 +8,7 @@
     python visualize.py gradcam         --ckpt best.pt --image a.jpg b.jpg [--layer layer4]
     python visualize.py confusion       --ckpt best.pt
     python visualize.py curves          --run runs/<run1> runs/<run2>
+    python visualize.py sweep           --sweep_dir sweeps/<sweep>            # report of a sweep (sweep_report.py)
 
 Every command writes one PNG (default: into the checkpoint's folder) and prints its path; with
 --wandb it is also logged to W&B, if the run itself used W&B. Images are shown un-normalised, in
@@ -41,6 +42,7 @@ from figures import (gradient_image, plot_feature_maps, plot_filters, plot_gradc
 from inference import evaluate_samples, heldout_samples, load_input, predict
 from metrics import plot_confusion
 from runs import read_metrics_csv
+import sweep_report
 from tracking import WandbLogger, plot_curves
 
 
@@ -313,7 +315,7 @@ def log_to_wandb(key: str, path: Path, config: dict, out_dir: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- CLI
-COMMANDS = ("predictions", "filters", "feature_maps", "guided_backprop", "gradcam", "confusion", "curves")
+COMMANDS = ("predictions", "filters", "feature_maps", "guided_backprop", "gradcam", "confusion", "curves", "sweep")
 
 
 def add_image_flags(p: argparse.ArgumentParser, n_default: int) -> None:
@@ -330,7 +332,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      epilog="Run 'python visualize.py COMMAND -h' for the flags of one command.")
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common")
-    add_flag(g, "out", default=None, help="folder for the PNG (default: the checkpoint's folder)")
+    add_flag(g, "out", default=None,
+             help="folder for the PNG (default: the checkpoint's folder; sweep: SWEEP_DIR/report)")
     add_flag(g, "dpi", type=int, default=110, help="resolution of the PNG (default: %(default)s)")
     add_bool(g, "wandb", False, "also log the figure to W&B, if the run used W&B (offline without an API key)")
 
@@ -394,12 +397,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", nargs="+", required=True, metavar="RUN_DIR",
                    help="run folders (or their metrics.csv); default output: the run folder, or the first "
                         "run's parent folder for several runs")
+
+    p = sub.add_parser("sweep", parents=[common], help="report of a hyperparameter sweep (its Optuna study)",
+                       description=sweep_report.DESCRIPTION)
+    sweep_report.add_flags(p)
     return parser
 
 
-def main(args: argparse.Namespace) -> Path:
+def main(args: argparse.Namespace) -> Path | dict:
     if args.dpi < 20:
         raise UserError(f"--dpi must be >= 20, got {args.dpi}")
+    if args.command == "sweep":  # no checkpoint: the report reads the study and run folders
+        return sweep_report.main(args)
     ckpt = None
     if args.command == "curves":
         out = cmd_curves(args)
