@@ -24,6 +24,7 @@ import numpy as np
 from cli import UserError, add_flag
 from figures import pyplot, save_figure
 from sweep_engine import fmt, read_history
+from sweep_runs import newest_trials
 from sweep_storage import journal_path, open_study
 from tracking import WandbLogger
 
@@ -56,24 +57,19 @@ def trial_metric(trial, goal: str) -> float | None:
 
 
 def select_runs(study, base: Path, goal: str) -> list[Run]:
-    """Every run once, in creation order: a run folder shows its newest trial, and a FAIL trial that a
-    later trial continues (system_attrs["failed_trial"]) is part of that run, not a run of its own."""
+    """Every run once, in creation order: the newest trial of each run folder (sweep_runs.newest_trials),
+    placed where the run's first trial was created."""
     trials = study.get_trials(deepcopy=False)
-    superseded = {t.system_attrs.get("failed_trial") for t in trials}
-    newest: dict[str, Any] = {}
     created: dict[str, tuple] = {}  # a continued run was created when its first trial was
     for t in trials:
-        key = str(t.user_attrs.get("run_dir") or f"#trial-{t.number}")
+        key = t.user_attrs.get("run_dir")
         start = (t.datetime_start is None, t.datetime_start or 0, t.number)
-        created[key] = min(created[key], start) if key in created else start
-        if t.number not in superseded and (key not in newest or t.number > newest[key].number):
-            newest[key] = t
+        if key is not None:
+            created[key] = min(created[key], start) if key in created else start
     runs = []
-    for key, t in sorted(newest.items(), key=lambda kv: created[kv[0]]):
-        rel = t.user_attrs.get("run_dir")
+    for rel, t in sorted(newest_trials(study).items(), key=lambda kv: created[kv[0]]):
         state = STATES.get(t.state.name, t.state.name.lower())
-        runs.append(Run(t, Path(rel).name if rel else f"trial-{t.number}", state, trial_metric(t, goal),
-                        base / rel if rel else None))
+        runs.append(Run(t, Path(rel).name, state, trial_metric(t, goal), base / rel))
     return runs
 
 
@@ -106,7 +102,7 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
 
 def print_runs(runs: Sequence[Run], params: dict, metric: str, goal: str) -> None:
     """Every run, best first, with its state (pruned, failed, running runs marked as such)."""
-    rows = [[i, r.name, r.state, r.metric, len(r.trial.intermediate_values),
+    rows = [[i, r.name, r.state, r.metric, r.trial.user_attrs.get("epochs", len(r.trial.intermediate_values)),
              *(r.trial.params.get(p) for p in params)] for i, r in enumerate(ranked(runs, goal), 1)]
     counts = {s: sum(r.state == s for r in runs) for s in dict.fromkeys(r.state for r in runs)}
     print_table(f"runs ({len(runs)}: {', '.join(f'{n} {s}' for s, n in counts.items())}; {metric} {goal}):",

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from cli import UserError
@@ -65,16 +66,26 @@ def open_storage(sweep_dir: Path | None, storage: str | None, read_only: bool = 
 
 def _database(url: str, grace_s: int):
     import optuna
+    import sqlalchemy.exc
 
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, grace_s // HEARTBEATS_PER_GRACE),
-                                          grace_period=grace_s,
-                                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
-    except ImportError as e:
-        raise UserError(f"--storage {url.split('://')[0]}://...: needs its database driver ({e.name or e})") from None
-    except Exception as e:  # sqlalchemy's errors: a refused connection, a wrong password, not a study schema
-        raise UserError(f"--storage {url.split('@')[-1]}: cannot open the database ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+            return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, grace_s // HEARTBEATS_PER_GRACE),
+                                              grace_period=grace_s, heartbeat_stale_trial_callback=retry)
+        except ImportError as e:
+            raise UserError(f"--storage {url.split('://')[0]}://...: needs its database driver "
+                            f"({e.name or e})") from None
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            if attempt == 2:  # runners starting together race to create the tables: the loser tries again
+                raise UserError(f"--storage {url.split('@')[-1]}: cannot create the study tables "
+                                f"({type(e).__name__})") from None
+            time.sleep(1.0 + attempt)
+        except Exception as e:  # sqlalchemy's errors: a refused connection, a wrong password, not a study schema
+            raise UserError(f"--storage {url.split('@')[-1]}: cannot open the database ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
 
 
 def load_study(storage, name: str | None, where: str):
@@ -145,7 +156,10 @@ def requeue(study, trial_id: int) -> None:
     (Optuna's RetryHeartbeatStaleTrialCallback, which database storages call themselves)."""
     import optuna
 
-    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study._storage.get_trial(trial_id))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    retry(study, study._storage.get_trial(trial_id))
 
 
 def fail_stale_runs(study, grace_s: float = GRACE_PERIOD_S, now: float | None = None) -> list[int]:
