@@ -59,6 +59,7 @@ class Claim:
     run_config: dict  # {name: {"value": v}}, as W&B hands it to the agent
     resumed_after: int = 0  # epochs already in its folder
     earlier_s: float = 0.0
+    resume: bool = False  # continue its folder (it exists: the trainer started it) with --resume
 
 
 def with_sampler(sweep: Sweep, args: argparse.Namespace) -> optuna.Study:
@@ -182,7 +183,7 @@ def claim_run(sweep: Sweep, stale_s: float) -> Claim | None:
             epochs = len(read_history(sweep.dir / attrs["run_dir"]))
             trial.set_user_attr("note", f"resumed after epoch {epochs}")
             return Claim(trial, Path(attrs["run_dir"]).name, attrs["run_dir"], attrs["run_config"], epochs,
-                         attrs.get("duration_s", 0.0))
+                         attrs.get("duration_s", 0.0), resume=(sweep.dir / attrs["run_dir"]).is_dir())
         if duplicate_grid_point(study, trial):
             trial.set_user_attr("status", "duplicate")
             study.tell(trial, state=TrialState.FAIL)
@@ -200,7 +201,7 @@ def command_of(args: argparse.Namespace, sweep: Sweep, claim: Claim) -> list[str
     """The agent's command for the run; a continued run resumes its folder (--resume wins over the rest)."""
     command = run_command(sweep.config, claim.run_config, sweep.program, sweep.dir / "runs", claim.name,
                           args.interpreter, args.wandb, sweep.train_args)
-    return command + (["--resume", str(sweep.dir / claim.run_dir)] if claim.resumed_after else [])
+    return command + (["--resume", str(sweep.dir / claim.run_dir)] if claim.resume else [])
 
 
 def pruning_check(sweep: Sweep, claim: Claim, heartbeat: Heartbeat, run_dir: Path, hyperband: bool):
@@ -229,7 +230,7 @@ def train_claimed(args: argparse.Namespace, sweep: Sweep, claim: Claim) -> str |
     values = " ".join(f"{k}={v['value']}" for k, v in claim.run_config.items()
                       if k in {p.name for p in sweep.params if p.searched})
     print(f"\n[sweep] {claim.name}: {values}" + (f" (resuming it after epoch {claim.resumed_after})"
-                                               if claim.resumed_after else ""), flush=True)
+                                               if claim.resume else ""), flush=True)
     command = command_of(args, sweep, claim)
     print("[sweep] $ " + " ".join(command), flush=True)
     heartbeat = Heartbeat(sweep.study, claim.trial, args.stale_s)
@@ -239,7 +240,7 @@ def train_claimed(args: argparse.Namespace, sweep: Sweep, claim: Claim) -> str |
     t0 = time.time()
     try:
         code, stopped, tail = execute(command, {"name": claim.name}, log, check, args.poll_s,
-                                      not args.quiet, append=bool(claim.resumed_after))
+                                      not args.quiet, append=claim.resume)
     except Interrupted as stop:
         if stop.code == 0 or run_result(run_dir) is not None:  # it completed before it could stop
             record_end(sweep, claim, 0, False, stop.tail, time.time() - t0)

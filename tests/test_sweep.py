@@ -140,8 +140,10 @@ a, _ = p.parse_known_args()
 stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 run = a.resume or os.path.join(a.out_dir, a.run_name)
+if os.path.exists(run) and not a.resume:
+    sys.exit("error: run folder %s already exists; pass --resume" % run)
 os.makedirs(run, exist_ok=True)
-rows = json.load(open(run + "/last.pt"))["rows"] if a.resume else []
+rows = json.load(open(run + "/last.pt"))["rows"] if a.resume and os.path.exists(run + "/last.pt") else []
 if a.resume:
     print("resuming after epoch %d" % len(rows))
 for e in range(len(rows) + 1, a.epochs + 1):
@@ -329,6 +331,26 @@ def test_a_run_whose_runner_was_killed_is_continued_by_the_next_runner_from_last
     assert list(runs) == ["run-001"] and runs["run-001"]["state"] == "COMPLETE"
     assert runs["run-001"]["value"] == pytest.approx(0.6)
     assert len(list((sweep_dir / "runs").iterdir())) == 1  # continued in its folder, not trained afresh
+
+
+def test_a_run_lost_with_its_node_before_its_first_epoch_is_continued_in_its_folder(tmp_path):
+    """Runner and trainer killed together (a lost node) once the run folder exists, before any epoch or last.pt."""
+    cfg = resumable_sweep(tmp_path, [0.6], {"epochs": {"value": 3}, "sleep": {"value": 0.3}}, method="random")
+    sweep_dir, run_dir = tmp_path / "s", tmp_path / "s" / "runs" / "run-001"
+    fast = ["--poll_s", "0.1", "--stale_s", "1", "--quiet"]
+    a = start_runner("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", *fast, cwd=tmp_path)
+    wait_for(lambda: run_dir.is_dir(), 120, a)
+    for pid in [*children_of(a.pid), a.pid]:
+        os.kill(pid, signal.SIGKILL)
+    a.wait(timeout=30)
+    assert not (run_dir / "last.pt").exists()
+    time.sleep(1.5)
+    b = start_runner("--sweep_dir", sweep_dir, "--count", "1", *fast, cwd=tmp_path)
+    out = b.communicate(timeout=120)[0]
+    assert b.returncode == 0, out
+    assert "--resume" in out and "already exists" not in out, out
+    assert runs_of(sweep_dir)["run-001"]["state"] == "COMPLETE"
+    assert [r["epoch"] for r in read_metrics_csv(run_dir / "metrics.csv")] == [1, 2, 3]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
