@@ -22,7 +22,7 @@ from typing import Sequence
 
 from cli import UserError
 from download import default_url, download_dataset
-from images import load_image
+from images import load_image, special_kind
 
 DEFAULT_DATA_DIR = "data/inaturalist_12K"
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -46,27 +46,56 @@ def is_image_file(path: str | Path) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def list_class_dirs(split_dir: Path) -> list[str]:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    """Class folders of a split; hidden ones (.name) are not classes, and each is named in a warning."""
+    dirs = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    for name in (d for d in dirs if d.startswith(".")):
+        warn(f"ignoring the folder {split_dir / name}: hidden folders (names starting with '.') are not classes")
+    return [d for d in dirs if not d.startswith(".")]
 
 
-def list_images(class_dir: Path) -> list[str]:
-    """Image files below one class folder (recursively, through symlinks), sorted, each real file once.
+def photo_id(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a photo file, through links: one id for symlinks and hard links alike.
 
-    A folder link back into what is already walked (`ln -s . self`, `ln -s .. up`, two links to one
-    place) would count photos twice or walk forever: it is skipped, with a warning.
+    None, with a warning, for what cannot be a photo: a broken link, a FIFO, socket or device
+    (a FIFO would block the first open() forever, so none of them is ever opened).
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        broken = os.path.islink(path) and not os.path.exists(path)
+        warn(f"skipping {path}: " + (f"a link to {os.readlink(path)}, which does not exist" if broken
+                                     else f"{e.strerror or e}"))
+        return None
+    kind = special_kind(st.st_mode)
+    if kind:
+        warn(f"skipping {path}: {kind}, not a regular file (never opened)")
+        return None
+    return st.st_dev, st.st_ino
+
+
+def class_photos(class_dir: Path) -> dict[tuple[int, int], str]:
+    """Image files below one class folder (recursively, through symlinks): file id -> its first path.
+
+    Each real file once, however many links (symbolic or hard) reach it. A folder link back into
+    what is already walked (`ln -s . self`, `ln -s .. up`, two links to one place) would count
+    photos twice or walk forever: it is skipped, with a warning.
     """
     top = os.path.realpath(class_dir)
     visited: set[str] = set()
-    files: dict[str, str] = {}  # real file -> the first path (in sorted order) that reaches it
+    files: dict[tuple[int, int], str] = {}  # file id -> the first path (in sorted order) that reaches it
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         visited.add(os.path.realpath(dirpath))
         keep = []
         for d in sorted(n for n in dirnames if not n.startswith(".")):
             target = os.path.realpath(os.path.join(dirpath, d))
             if target in visited or top == target or top.startswith(target + os.sep):
-                print(f"warning: skipping {os.path.join(dirpath, d)}: a link to {target}, which is "
-                      f"already included (a loop or a second way to the same photos)", file=sys.stderr)
+                warn(f"skipping {os.path.join(dirpath, d)}: a link to {target}, which is "
+                     f"already included (a loop or a second way to the same photos)")
                 continue
             visited.add(target)
             keep.append(d)
@@ -74,8 +103,10 @@ def list_images(class_dir: Path) -> list[str]:
         for name in sorted(filenames):
             if is_image_file(name):
                 path = os.path.join(dirpath, name)
-                files.setdefault(os.path.realpath(path), path)
-    return sorted(files.values())
+                key = photo_id(path)
+                if key is not None:
+                    files.setdefault(key, path)
+    return dict(sorted(files.items(), key=lambda kv: kv[1]))
 
 
 def resolve_data_dir(data_dir: str | Path) -> Path:
@@ -98,19 +129,19 @@ def find_heldout_dir(root: Path) -> tuple[Path, str] | None:
     return None
 
 
-def scan_split(split_dir: Path, classes: Sequence[str], owners: dict[str, str]) -> list[tuple[str, int]]:
-    """(path, label) of every photo of a split; owners (real file -> path) spans splits and classes."""
+def scan_split(split_dir: Path, classes: Sequence[str], owners: dict[tuple[int, int], str]) -> list[tuple[str, int]]:
+    """(path, label) of every photo of a split; owners (file id -> path) spans splits and classes."""
     samples = []
     for label, name in enumerate(classes):
-        files = list_images(split_dir / name)
-        if not files:
+        photos = class_photos(split_dir / name)
+        if not photos:
             raise UserError(f"class folder {split_dir / name} has no images")
-        for f in files:
-            first = owners.setdefault(os.path.realpath(f), f)
+        for key, f in photos.items():
+            first = owners.setdefault(key, f)
             if first != f:
                 raise UserError(f"the same photo is in two places, {first} and {f} (a link or a copy by "
                                 f"link); every photo must belong to one class of one split")
-        samples.extend((f, label) for f in files)
+        samples.extend((f, label) for f in photos.values())
     return samples
 
 
@@ -135,7 +166,7 @@ def discover(data_dir: str | Path, need_heldout: bool = False) -> DatasetFiles:
             )
     elif need_heldout:
         raise UserError(f"no held-out split: expected {root / 'val'} or {root / 'test'}")
-    owners: dict[str, str] = {}
+    owners: dict[tuple[int, int], str] = {}
     train = scan_split(root / "train", classes, owners)
     if heldout is not None:
         heldout_samples = scan_split(held_dir, classes, owners)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cli import UserError
 from images import BAD_IMAGES, load_image
 from storage import (atomic_write, check_free_space, format_bytes, full_disk_is_one_line, move_into_place,
                      remove_stale_temps, signals_held, temp_name)
@@ -27,6 +29,39 @@ def default_cache_dir() -> Path:
         return Path(os.environ["INAT_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "inat-classifier"
+
+
+def unusable_reason(folder: Path) -> str | None:
+    """Why the cache cannot be kept in folder (None when it can): created when missing, then written to.
+
+    A file in the way (INAT_CACHE_DIR or XDG_CACHE_HOME naming a file), a parent that is a file,
+    or a folder the user may not write: each found here, before a build is attempted.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    return None
+
+
+def choose_cache_dir(flag: str) -> tuple[Path | None, str]:
+    """The folder for --cache auto|DIR and a note to print; None (decode every epoch) when auto's folder is unusable.
+
+    A folder typed with --cache DIR that cannot be used is a one-line error; the default one, set
+    by the environment, is not the user's choice for this run, so the run goes on without a cache.
+    """
+    folder = default_cache_dir() if flag == "auto" else Path(flag)
+    why = unusable_reason(folder)
+    if why is None:
+        return folder, ""
+    if flag != "auto":
+        raise UserError(f"--cache {flag} cannot hold the decoded-image cache ({why}); "
+                        f"pass another folder, or --cache off")
+    return None, (f"warning: the decoded-image cache folder {folder} cannot be used ({why}); decoding "
+                  f"with PIL every epoch instead, as --cache off (set INAT_CACHE_DIR or pass --cache DIR)")
 
 
 def decode_fixed(path: str, size: int) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Reading photos with PIL: robust decoding to RGB, the per-epoch PIL dataset and loader, bad-file reports."""
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -29,23 +31,56 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str, draft_size: int | None = None) -> Image.Image:
-    """Decode one file to RGB. Raises on unreadable, truncated or decompression-bomb files."""
+FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def special_kind(mode: int) -> str | None:
+    """What a file that is not a regular file is ("a FIFO (named pipe)", ...); None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in FILE_KINDS if test(mode)), "a special file")
+
+
+def open_image(path: str) -> Image.Image:
+    """Image.open of a regular file (through links) whose header is within PIL's pixel limit.
+
+    A FIFO would block open() forever and a device never ends, so they are refused before opening;
+    a photo over Image.MAX_IMAGE_PIXELS is refused from its header, the same on every path.
+    """
+    kind = special_kind(os.stat(path).st_mode)
+    if kind:
+        raise OSError(f"{kind}, not a regular file; never opened")
+    limit = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():
-        # A huge image is an error here, not a warning: it would stall a worker for seconds.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if draft_size and img.format == "JPEG":
-                # DCT-domain downscaling: decode at 1/2..1/8 size when the target is much smaller.
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
-            return to_rgb(img)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with the size
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError:
+            raise Image.DecompressionBombError(
+                f"over twice the {limit / 1e6:.0f}-megapixel limit (PIL's Image.MAX_IMAGE_PIXELS)") from None
+    w, h = img.size
+    if limit and w * h > limit:
+        img.close()
+        raise Image.DecompressionBombError(f"{w}x{h} is {w * h / 1e6:.0f} megapixels, over the "
+                                           f"{limit / 1e6:.0f}-megapixel limit (PIL's Image.MAX_IMAGE_PIXELS)")
+    return img
+
+
+def load_image(path: str, draft_size: int | None = None) -> Image.Image:
+    """Decode one file to RGB. Raises on special, unreadable, truncated or over-limit files."""
+    with open_image(path) as img:
+        if draft_size and img.format == "JPEG":
+            # DCT-domain downscaling: decode at 1/2..1/8 size when the target is much smaller.
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        return to_rgb(img)
 
 
 def photo_short_side(path: str) -> int:
-    """The short side of a photo in pixels, read from its header alone (0 when unreadable)."""
+    """The short side of a photo in pixels, read from its header alone (0 when unreadable or over the limit)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             return min(img.size)
     except Exception:  # unreadable files are reported when they are decoded
         return 0

@@ -5,6 +5,7 @@ with the checkpoint's own preprocessing.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def predict(model: nn.Module, samples: list[tuple[str, int]], preprocess: Prepro
 
 def load_input(path: str | Path, preprocess: Preprocess) -> torch.Tensor:
     """One image file as the model's (3, H, W) input; a one-line error when it cannot be read."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise UserError(f"--image: no such file: {path}")
     try:
         img = load_image(str(path))
@@ -122,13 +123,15 @@ def evaluate_samples(model: nn.Module, ckpt: dict, samples: list, device: torch.
 
 
 def collect_images(paths: list[str]) -> list[str]:
-    """Image files named on the command line, folders searched recursively."""
+    """Image files named on the command line, folders searched recursively; FIFOs, sockets, devices
+    and broken links are skipped with a warning (data.photo_id), never opened."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and data.is_image_file(f))
-        elif p.is_file():
-            files.append(str(p))
+            found = (f for f in sorted(p.rglob("*")) if data.is_image_file(f) and not f.is_dir())
+            files.extend(str(f) for f in found if data.photo_id(str(f)) is not None)
+        elif os.path.lexists(p):
+            files.extend([str(p)] if data.photo_id(str(p)) is not None else [])
         else:
             raise UserError(f"--predict: no such file or folder: {p}")
     if not files:

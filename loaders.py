@@ -1,14 +1,14 @@
 """A run's batches: from the decoded cache (device-side augmentation) or decoded with PIL every epoch."""
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 from typing import Iterable
 
 import numpy as np
 import torch
 
 import data
-from decoded_cache import DecodedCache, default_cache_dir, open_decoded_cache
+from decoded_cache import DecodedCache, choose_cache_dir, open_decoded_cache
 from device_batches import DeviceLoader
 from devices import Dist
 from images import ImageListDataset, make_loader
@@ -25,7 +25,11 @@ def open_cache(setup: RunSetup, preprocess: Preprocess) -> CachedImages | None:
     args = setup.args
     if args.cache == "off":
         return None
-    cache_dir = default_cache_dir() if args.cache == "auto" else Path(args.cache)
+    cache_dir, note = choose_cache_dir(args.cache)
+    if cache_dir is None:
+        if setup.dist.main:
+            print(note, file=sys.stderr)
+        return None
     samples = sorted(set(setup.train_samples) | set(setup.val_samples))
     paths = [p for p, _ in samples]
     largest = max(setup.photo_sides[p] for p in paths) if args.augment else 0
