@@ -6,6 +6,7 @@ URL (`sqlite:///`, `postgresql://`, `mysql://`) suits many nodes without a share
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -53,7 +54,9 @@ def open_storage(sweep_dir: Path | None, storage: str | None, read_only: bool = 
     if read_only:
         if not path.is_file():
             raise UserError(f"{path}: no sweep journal here")
-        copy = Path(tempfile.mkdtemp(prefix="sweep-show-")) / JOURNAL_NAME
+        folder = tempfile.mkdtemp(prefix="sweep-show-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the copy lives as long as the process
+        copy = Path(folder) / JOURNAL_NAME
         shutil.copyfile(path, copy)
         path = copy
     elif (path.exists() and not os.access(path, os.W_OK)) or not os.access(path.parent, os.W_OK):
