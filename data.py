@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cli import UserError
-from download import default_url, download_dataset
+from download import DownloadFailed, default_url, download_dataset
 from images import load_image, special_kind
 
 DEFAULT_DATA_DIR = "data/inaturalist_12K"
@@ -260,7 +260,7 @@ def ensure_data(data_dir: str | Path, download: str = "auto", url: str | None = 
     print(f"no dataset in {data_dir}: downloading {url} (once; later runs reuse it)")
     try:
         download_dataset(dest, url)
-    except UserError as e:
+    except DownloadFailed as e:  # offline: the hand-placed archive; other errors (full disk, a clash) say their own fix
         raise UserError(f"{e}. Without internet, put the archive at {dest / Path(url.split('?')[0]).name} "
                         f"(it is extracted on the next run), or pass --data_dir") from None
     return resolve_data_dir(data_dir)

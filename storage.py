@@ -40,8 +40,10 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def disk_full_error(folder: Path, need: int, what: str) -> UserError:
-    return UserError(f"not enough disk space in {folder} for {what}: needs {format_bytes(need)}, "
+def disk_full_error(folder: Path, need: int | None, what: str) -> UserError:
+    """The one line for a full disk; need None: a size nobody knows (a download the server gave none)."""
+    needs = f"needs {format_bytes(need)}, " if need is not None else "needs more than the "
+    return UserError(f"not enough disk space in {folder} for {what}: {needs}"
                      f"{format_bytes(free_bytes(folder))} free; free some space or point it elsewhere")
 
 

@@ -201,14 +201,20 @@ def train_args(data_dir: Path, out_dir: Path, run_name: str, epochs: int = 3, *e
 class FileServer:
     """Serves byte blobs on 127.0.0.1 with `Range: bytes=N-` support; records every request.
 
-    `cut_first=True` makes the first GET of a path send the full Content-Length but only half the
-    body, then close the connection (a dropped download).
+    A path in `cut_first` gets, on its first GET, only half the body, then the connection closes (a
+    dropped download); in `stall_first`, half the body, then nothing until `release` is set or the
+    client gives up. A path in `no_length` is sent without Content-Length (the end of the body is
+    the end of the connection); `redirects` maps a path to the Location of a 302.
     """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.requests: list[dict] = []
         self.cut_first: set[str] = set()
+        self.stall_first: set[str] = set()
+        self.release = threading.Event()
+        self.no_length: set[str] = set()
+        self.redirects: dict[str, str] = {}
         self.ignore_range = False  # answer every request with 200 and the whole body
         owner = self
 
@@ -220,7 +226,14 @@ class FileServer:
 
             def do_GET(self):
                 owner.requests.append({"path": self.path, "range": self.headers.get("Range")})
-                body = owner.files.get(self.path.split("?")[0])
+                path = self.path.split("?")[0]
+                if path in owner.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", owner.redirects[path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = owner.files.get(path)
                 if body is None:
                     self.send_error(404)
                     return
@@ -240,13 +253,21 @@ class FileServer:
                     self.send_response(200)
                     payload = body
                 self.send_header("Content-Type", "application/zip")
-                self.send_header("Content-Length", str(len(payload)))
+                if path in owner.no_length:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(payload)))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
-                if self.path in owner.cut_first:
-                    owner.cut_first.discard(self.path)
+                if path in owner.cut_first or path in owner.stall_first:
+                    stall = path in owner.stall_first
+                    owner.cut_first.discard(path)
+                    owner.stall_first.discard(path)
                     self.wfile.write(payload[: len(payload) // 2])
                     self.wfile.flush()
+                    if stall:
+                        owner.release.wait(30)
                     self.close_connection = True
                     return
                 self.wfile.write(payload)
@@ -260,6 +281,7 @@ class FileServer:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
 
     def close(self) -> None:
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
