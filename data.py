@@ -50,6 +50,12 @@ def list_class_dirs(split_dir: Path) -> list[str]:
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def unreadable_folder(error: OSError) -> None:
+    """os.walk's onerror: a folder it cannot list (no permission) is an error, not an empty class."""
+    raise UserError(f"folder {error.filename} cannot be read ({error.strerror}); fix its permissions "
+                    f"(chmod) or remove it")
+
+
 def list_images(class_dir: Path) -> list[str]:
     """Image files below one class folder (recursively, through symlinks), sorted, each real file once.
 
@@ -59,7 +65,7 @@ def list_images(class_dir: Path) -> list[str]:
     top = os.path.realpath(class_dir)
     visited: set[str] = set()
     files: dict[str, str] = {}  # real file -> the first path (in sorted order) that reaches it
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=unreadable_folder, followlinks=True):
         visited.add(os.path.realpath(dirpath))
         keep = []
         for d in sorted(n for n in dirnames if not n.startswith(".")):
