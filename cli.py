@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from startup import INTERRUPTED, imports_done
+from startup import INTERRUPTED, imports_done, work_done
 
 # What a run folder holds that sweep runners read (written by runs.py; here for the lower layers too):
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")  # metrics.csv
@@ -131,3 +131,7 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
         fail("error: out of memory; lower --batch_size, --image_size or --workers", 2)
     except KeyboardInterrupt:
         fail(INTERRUPTED, 130, True)
+    try:
+        work_done()
+    except ValueError:  # not the main thread
+        pass

@@ -58,6 +58,12 @@ def list_class_dirs(split_dir: Path) -> list[str]:
     return [d for d in dirs if not d.startswith(".")]
 
 
+def unreadable_folder(error: OSError) -> None:
+    """os.walk's onerror: a folder it cannot list (no permission) is an error, not an empty class."""
+    raise UserError(f"folder {error.filename} cannot be read ({error.strerror}); fix its permissions "
+                    f"(chmod) or remove it")
+
+
 def photo_id(path: str) -> tuple[int, int] | None:
     """(st_dev, st_ino) of a photo file, through links: one id for symlinks and hard links alike.
 
@@ -88,7 +94,7 @@ def class_photos(class_dir: Path) -> dict[tuple[int, int], str]:
     top = os.path.realpath(class_dir)
     visited: set[str] = set()
     files: dict[tuple[int, int], str] = {}  # file id -> the first path (in sorted order) that reaches it
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=unreadable_folder, followlinks=True):
         visited.add(os.path.realpath(dirpath))
         keep = []
         for d in sorted(n for n in dirnames if not n.startswith(".")):

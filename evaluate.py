@@ -24,7 +24,7 @@ from cli import UserError, add_bool, add_flag, run_cli
 from devices import select_device
 from inference import FlipTTA, collect_images, evaluate_samples, heldout_samples, run_data_dir, top_classes
 from metrics import plot_confusion, print_report
-from storage import atomic_write
+from storage import atomic_write, atomic_write_text
 
 
 def write_predictions_csv(rows: list[dict], out: Path, k: int = 3) -> None:
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.out) if args.out else Path(args.ckpt).parent if Path(args.ckpt).is_file() else Path(args.ckpt)
     out.mkdir(parents=True, exist_ok=True)
     print_report(metrics, f"{args.ckpt} on {split_name}: {metrics['n']} images")
-    (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+    atomic_write_text(out / "eval.json", json.dumps(metrics, indent=1))
     plot_confusion(metrics["confusion_matrix"], ckpt["class_names"], out / "confusion_matrix.png",
                    title=f"Confusion matrix, {split_name}, accuracy {metrics['accuracy']:.3f}")
     print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")

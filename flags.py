@@ -108,6 +108,7 @@ def download_choice(value: str) -> str:
         raise argparse.ArgumentTypeError(f"expected auto, yes or no, got '{value}'") from None
 
 
+MAX_SEED = 2**32 - 1  # numpy's range; the per-epoch seeds (seed * 1000 + epoch) stay in torch's 64 bits
 MAX_IMAGE_SIZE = 2048  # beyond any photo of these datasets; larger sizes only exhaust memory
 
 
@@ -133,6 +134,8 @@ def check_common_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.image_size is not None and args.image_size > MAX_IMAGE_SIZE:
         raise UserError(f"--image_size must be <= {MAX_IMAGE_SIZE}, got {args.image_size}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be an integer in [0, {MAX_SEED}], got {args.seed}")
     if args.ema and not 0 < args.ema < 1:
         raise UserError(f"--ema must be in (0, 1), got {args.ema}")
     check_run_name(args.run_name)

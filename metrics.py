@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from figures import pyplot
+from storage import save_png
 
 
 def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, n: int) -> torch.Tensor:
@@ -14,6 +15,11 @@ def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, n: int) -> torc
 
 
 def classification_metrics(cm: torch.Tensor, class_names: list[str]) -> dict:
+    """Accuracy, macro F1 and per-class figures; a class with no test photo has no F1 to average.
+
+    Counting such a class as F1 0 would lower macro F1 for a photo that was never there (e.g.
+    all of a held-out class unreadable): it is left out, and named in `macro_f1_excluded`.
+    """
     cm = cm.double()
     tp = cm.diag()
     support, predicted = cm.sum(1), cm.sum(0)
@@ -23,7 +29,10 @@ def classification_metrics(cm: torch.Tensor, class_names: list[str]) -> dict:
                      torch.zeros_like(tp))
     per_class = {name: {"accuracy": recall[i].item(), "precision": precision[i].item(), "f1": f1[i].item(),
                         "support": int(support[i].item())} for i, name in enumerate(class_names)}
-    return {"accuracy": (tp.sum() / cm.sum().clamp(min=1)).item(), "macro_f1": f1.mean().item(),
+    present = support > 0
+    macro_f1 = f1[present].mean().item() if present.any() else 0.0
+    return {"accuracy": (tp.sum() / cm.sum().clamp(min=1)).item(), "macro_f1": macro_f1,
+            "macro_f1_excluded": [name for i, name in enumerate(class_names) if not present[i]],
             "per_class": per_class, "confusion_matrix": cm.long().tolist()}
 
 
@@ -37,6 +46,10 @@ def print_report(metrics: dict, title: str) -> None:
     print(f"{'overall':<{width}} {metrics['accuracy']:>9.4f} {'':>9} {metrics['macro_f1']:>7.4f} "
           f"{sum(m['support'] for m in metrics['per_class'].values()):>8}")
     print(f"test accuracy: {metrics['accuracy']:.4f}   macro F1: {metrics['macro_f1']:.4f}")
+    excluded = metrics.get("macro_f1_excluded") or []
+    if excluded:
+        print(f"macro F1 over {len(names) - len(excluded)} of {len(names)} classes: {', '.join(excluded)} "
+              f"{'have' if len(excluded) > 1 else 'has'} no readable test photo (support 0), so no F1")
     print("confusion matrix (rows true, columns predicted):")
     short = [n[:6] for n in names]
     print(" " * width + " " + " ".join(f"{s:>6}" for s in short))
@@ -65,5 +78,7 @@ def plot_confusion(cm, class_names: list[str], out: Path, normalize: bool = True
                 ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center", fontsize=7,
                         color="white" if v > 0.5 * (1 if normalize else (shown.max().item() or 1)) else "black")
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        save_png(fig, out)
+    finally:
+        plt.close(fig)

@@ -5,6 +5,7 @@ Every model is described by a small JSON-able `spec` dict stored in checkpoints,
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -234,8 +235,9 @@ def torchvision_weights(name: str, weights: str):
         return None
     short = weights.split(".")[-1]
     if short not in enum.__members__:
+        names = [m for m in enum.__members__ if m != "DEFAULT"]  # DEFAULT is an alias of one of them
         raise ValueError(f"unknown weights '{weights}' for {name}; available: DEFAULT, "
-                         f"{', '.join(enum.__members__)}, a local .pth file, or none")
+                         f"{', '.join(names)}, a local .pth file, or none")
     return enum[short]
 
 
@@ -249,9 +251,10 @@ def input_spec(weights_enum) -> tuple[int, tuple, tuple]:
 
 def load_local_state(path: str) -> dict:
     """A state dict from a local .pth/.pt file, read safely; one-line errors for bad files."""
-    import os
     import pickle
 
+    if os.path.isdir(path):
+        raise ValueError(f"--weights {path} is a folder; expected a weights file (a state_dict saved with torch.save)")
     if not os.path.isfile(path):
         raise ValueError(f"weights file not found: {path}")
     with open(path, "rb") as f:
@@ -303,7 +306,8 @@ def build_backbone(name: str, weights: str, num_classes: int) -> Backbone:
         raise ValueError(f"unknown model '{name}'; pick a torchvision classification model such as "
                          f"resnet50, resnet18, googlenet, efficientnet_v2_s, convnext_tiny, vit_b_16, "
                          f"or efficientnet_lite0 (see --help)")
-    local = weights.lower() not in ("none", "default") and ("/" in weights or weights.endswith((".pth", ".pt", ".bin")))
+    local = weights.lower() not in ("none", "default") and (
+        "/" in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.isdir(weights))
     enum = None if weights.lower() == "none" else torchvision_weights(name, "DEFAULT" if local else weights)
     image_size, mean, std = input_spec(enum)
     model = get_model(name, weights=None, **model_kwargs(name))

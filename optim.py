@@ -16,6 +16,7 @@ from cli import UserError
 from figures import pyplot
 from freezing import set_train_mode
 from images import batch_to_device
+from storage import save_png
 
 
 def param_groups_with_decay(named_params: Iterable[tuple[str, nn.Parameter]], lr: float,
@@ -227,7 +228,9 @@ def run_lr_finder(training: Training, loader: Iterable, run_dir: Path, main: boo
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(run_dir / "lr_find.png")
-        plt.close(fig)
+        try:
+            save_png(fig, run_dir / "lr_find.png")
+        finally:
+            plt.close(fig)
         print(f"LR finder: suggested --lr {suggestion:.1e} (plot: {run_dir / 'lr_find.png'}); model restored")
     return suggestion

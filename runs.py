@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,7 +19,7 @@ from checkpoint import json_safe, load_checkpoint
 from cli import METRIC_FIELDS, RESULT_FILE, UserError, given, on_failure
 from devices import Dist, broadcast, init_distributed, select_device
 from images import photo_short_side
-from storage import atomic_write
+from storage import atomic_write_text
 
 
 @dataclass
@@ -180,8 +180,8 @@ def new_run_dir(args: argparse.Namespace, name: str, split: dict) -> Path:
     else:
         run_dir = unique_run_dir(Path(args.out_dir), f"{name}-{datetime.now():%Y%m%d-%H%M%S}")
     on_failure(lambda interrupted: forget_unstarted(run_dir, interrupted))
-    (run_dir / "split.json").write_text(json.dumps(split))
-    (run_dir / "args.json").write_text(json.dumps(json_safe(vars(args)), indent=1))
+    atomic_write_text(run_dir / "split.json", json.dumps(split))
+    atomic_write_text(run_dir / "args.json", json.dumps(json_safe(vars(args)), indent=1))
     return run_dir
 
 
@@ -201,17 +201,16 @@ def write_result(run_dir: Path, state_epoch: int, best_val_acc: float, best_epoc
     """Mark the run complete: result.json, written atomically, read by sweep runners."""
     result = json.dumps({"epochs": state_epoch, "best_val_acc": best_val_acc, "best_epoch": best_epoch,
                          "ended": datetime.now().isoformat(timespec="seconds")})
-    atomic_write(run_dir / RESULT_FILE, lambda tmp: tmp.write_text(result), len(result), RESULT_FILE)
+    atomic_write_text(run_dir / RESULT_FILE, result)
 
 
 def write_metrics_csv(run_dir: Path, history: list[dict]) -> None:
     """Rewrite metrics.csv from the history (idempotent, so a resume never duplicates rows)."""
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, run_dir / "metrics.csv")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "metrics.csv", text.getvalue())
 
 
 def read_metrics_csv(path: str | Path) -> list[dict]:

@@ -6,6 +6,7 @@ kills the process without a word. Scripts call `stop_quietly` under `if __name__
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -45,3 +46,26 @@ def imports_done() -> None:
     """From here on Ctrl-C and SIGTERM raise KeyboardInterrupt, so `finally` blocks remove temp files."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, raise_interrupt)
+    # atexit runs last in, first out: this comes after the exit hooks of modules imported later
+    # (W&B's, covered by work_done's handler), just before the interpreter resets its handlers.
+    atexit.register(ignore_signals)
+
+
+def ignore_signals() -> None:
+    """The interpreter's last moments: its exit code is decided, and once Python has torn down its
+    handlers a SIGTERM would kill it with -15 (a failure to schedulers and sweep runners)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def work_done() -> None:
+    """The script's work is finished and saved: Ctrl-C or SIGTERM during the exit (threads joining,
+    W&B's last upload) prints one line and exits 0 at once, as the work succeeded."""
+    def leave(signum: int, frame: object) -> None:
+        sys.stdout.flush()
+        os.write(2, f"{signal.Signals(signum).name} after the work finished: exiting; "
+                    f"everything it wrote is complete\n".encode())
+        os._exit(0)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, leave)

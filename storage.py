@@ -1,7 +1,7 @@
 """Writing files that must never end half-written: free-space checks, atomic replace with signals held, stale temps.
 
-Every large file the toolkit writes (checkpoints, the decoded cache, feature caches) goes through
-here, so a full disk is one line naming the folder and the space needed, a Ctrl-C or SIGTERM during
+Every file a run or an evaluation writes (checkpoints, the decoded cache, feature caches, args.json,
+split.json, metrics.csv, result.json, eval.json, figures) goes through here, so a full disk is one line naming the folder and the space needed, a Ctrl-C or SIGTERM during
 a write waits for the write to finish, and temp files of killed processes are cleaned up.
 """
 from __future__ import annotations
@@ -120,6 +120,21 @@ def atomic_write(path: Path, write: Callable[[Path], None], need: int, what: str
             move_into_place(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str, what: str | None = None) -> None:
+    """A small text file (args.json, metrics.csv, ...) through atomic_write: a full disk is one line too."""
+    data = text.encode()
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(data), len(data), what or Path(path).name)
+
+
+FIGURE_BYTES = 512 * 1024  # a generous PNG of one of our figures, for the free-space check
+
+
+def save_png(fig, path: Path, what: str | None = None, **savefig_kwargs) -> None:
+    """fig.savefig as a PNG through atomic_write (the temp name has no .png suffix: the format is given)."""
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs), FIGURE_BYTES,
+                 what or Path(path).name)
 
 
 def process_alive(pid: int) -> bool:

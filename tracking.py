@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 from cli import UserError
 from figures import pyplot
+from storage import save_png
 
 
 def progress(iterable: Iterable | None = None, **kwargs: Any) -> Iterable:
@@ -49,8 +50,10 @@ def plot_curves(histories: dict[str, list[dict]], out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        save_png(fig, out)
+    finally:
+        plt.close(fig)
 
 
 def wandb_api_key_configured() -> bool:
