@@ -113,10 +113,12 @@ SAME_RUN_EXEMPT = {*MACHINE_FLAGS, *EXTENDABLE_FLAGS, "config"}  # may differ be
 def check_same_run(last: Path, ckpt: dict, config: dict | None, split: dict | None) -> None:
     """last.pt must be this folder's: its flags and split those of the run's args.json and split.json."""
     if config is not None:
-        for key in sorted(config.keys() & ckpt["config"].keys() - SAME_RUN_EXEMPT):
-            if config[key] is not None and config[key] != ckpt["config"][key]:  # None: worked out later
-                raise UserError(f"{last}: its {key} is {ckpt['config'][key]!r} but {last.parent / 'args.json'} "
-                                f"says {config[key]!r}: it is another run's checkpoint; move it out of the folder")
+        differ = [f"{key} {ckpt['config'][key]!r} (args.json: {config[key]!r})"
+                  for key in sorted(config.keys() & ckpt["config"].keys() - SAME_RUN_EXEMPT)
+                  if config[key] is not None and config[key] != ckpt["config"][key]]  # None: worked out later
+        if differ:
+            raise UserError(f"{last}: its flags are not those of {last.parent / 'args.json'}: {', '.join(differ)}; "
+                            f"it is another run's checkpoint: move it out of the folder")
     if split is not None and split != ckpt["split"]:
         raise UserError(f"{last}: its split is not the one in {last.parent / 'split.json'}: it is another run's "
                         f"checkpoint; move it out of the folder")
