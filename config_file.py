@@ -38,10 +38,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     """The flags FILE sets, by dest, each value converted as the command line would convert it."""
-    actions: dict[str, argparse.Action] = {}
-    for action in parser._actions:  # the first action of a dest parses its value (--no-X comes later)
-        if action.option_strings and action.dest not in ("help", "config"):
-            actions.setdefault(action.dest, action)
+    actions = flag_actions(parser)
     defaults = {}
     for key, value in read_config(path).items():
         dest = str(key).lstrip("-").replace("-", "_")
@@ -51,6 +48,33 @@ def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any
             raise UserError(f"--config {path}: '{key}' is not a flag of this script")
         defaults[dest] = convert(actions[dest], value, f"--config {path}: {key}")
     return defaults
+
+
+def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The action that parses each flag's value, by dest (--config and --help aside)."""
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # the first action of a dest parses its value (--no-X comes later)
+        if action.option_strings and action.dest not in ("help", "config"):
+            actions.setdefault(action.dest, action)
+    return actions
+
+
+def check_saved_flags(parser: argparse.ArgumentParser, config: dict, where: str) -> dict[str, Any]:
+    """A run's saved flags (its args.json, a checkpoint's config) as this script would have parsed them.
+
+    Each value goes through its flag's own type and choices, so a hand edit ("filters": "sixteen")
+    or a run of the other training script (a flag this one lacks) is one line naming `where` and the key.
+    """
+    actions = flag_actions(parser)
+    checked = {}
+    for key, value in config.items():
+        if key == "config" or key in DERIVED_KEYS:  # a path, or worked out by the script itself
+            checked[key] = value
+        elif key not in actions:
+            raise UserError(f"{where}: '{key}' is not a flag of {parser.prog} (a run of another script?)")
+        else:
+            checked[key] = convert(actions[key], value, f"{where}: {key}")
+    return checked
 
 
 def read_config(path: str) -> dict:

@@ -92,6 +92,11 @@ def process_group_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def launched_rank() -> int:
+    """This process's torchrun rank from its environment (0 without torchrun), before it joins the group."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def init_distributed(device: torch.device) -> Dist:
     """Join the torchrun process group when launched by torchrun, with the backend `device` needs.
 

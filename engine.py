@@ -27,6 +27,7 @@ from freezing import set_train_mode
 from images import BAD_IMAGES, batch_to_device
 from optim import (EmaWeights, build_ema, build_mix, build_optimizer, build_scheduler, load_schedule_progress,
                    run_lr_finder)
+from folder_lock import release_folder
 from runs import RunSetup, write_metrics_csv, write_result
 from sampler import EpochSampler
 from storage import remove_stale_temps
@@ -442,7 +443,8 @@ def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: I
 
 
 def report(setup: RunSetup, state: TrainState) -> None:
-    """The closing lines of a training script (rank 0 only)."""
+    """The closing lines of a training script (rank 0 only); its run folder is free for the next process."""
+    release_folder(setup.run_dir)
     if setup.dist.main and not getattr(setup.args, "lr_find", False):
         print(f"run folder: {setup.run_dir}")
         print(f"best val_acc: {state.best_val_acc:.4f} (epoch {state.best_epoch})")

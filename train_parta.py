@@ -44,7 +44,7 @@ def parse_kernel_size(value: str) -> list[int] | int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train the from-scratch CNN (Part A).")
+    parser = argparse.ArgumentParser(prog="train_parta.py", description="Train the from-scratch CNN (Part A).")
     g = parser.add_argument_group("model")
     add_flag(g, "filters", type=int, default=64, help="filters in the first conv block (default: %(default)s)")
     add_flag(g, "filter_org", type=float, default=1.5,
@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> TrainState | None:
     if args.summary:
         print_table(build_model(args, class_count(args.data_dir)), args.image_size)
         return None
-    setup = setup_run(args, run_name(args), validate=lambda n: build_model(args, n))
+    setup = setup_run(args, run_name(args), get_args_parser(), validate=lambda n: build_model(args, n))
     args = setup.args
     device = setup.device
     torch.manual_seed(args.seed)  # --seed fixes the initial weights too

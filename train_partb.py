@@ -36,7 +36,7 @@ DEFAULTS = dict(image_size=None, batch_size=64, epochs=10, lr=1e-3, optimizer="a
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Fine-tune a pretrained backbone (Part B).")
+    parser = argparse.ArgumentParser(prog="train_partb.py", description="Fine-tune a pretrained backbone (Part B).")
     g = parser.add_argument_group("model and fine-tuning")
     add_flag(g, "model", default="resnet50",
              help="any torchvision classification model (resnet50, resnet18, googlenet, efficientnet_v2_s, "
@@ -167,7 +167,7 @@ def main(args: argparse.Namespace) -> TrainState | None:
         print_table(bb.model, args.image_size or bb.image_size)
         return None
     built: dict = {}  # a new run builds (and so validates) the model before its folder exists
-    setup = setup_run(args, run_name(args) if not args.resume else "",
+    setup = setup_run(args, run_name(args) if not args.resume else "", get_args_parser(),
                       validate=lambda n: built.setdefault("bb", build_backbone_for(args, n)))
     args = setup.args
     bb = built.get("bb") or build_backbone_for(args, len(setup.classes))  # resume: the saved flags

@@ -16,7 +16,7 @@ LAYERS = {
     "storage": 2,
     "images": 2, "sampler": 2, "devices": 2, "amp": 2, "attribution": 2, "figures": 2,
     "sweep_space": 2, "sweep_storage": 2, "config_file": 2,
-    "sweep_process": 3, "sweep_engine": 3,
+    "sweep_process": 3, "sweep_engine": 3, "folder_lock": 3,
     "download": 2.5,  # between storage (its full-disk errors) and data (its download command)
     "data": 3, "decoded_cache": 3, "models": 3, "freezing": 3, "metrics": 3,
     "device_batches": 4, "checkpoint": 4, "optim": 4, "tracking": 4, "sweep_runs": 4,
