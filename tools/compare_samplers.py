@@ -48,13 +48,22 @@ def stand_in_metric(v: dict, rng: np.random.Generator) -> float:
 
 
 def samplers(seed: int) -> dict:
+    """The candidates; the one `method: bayes` maps to (sweep_space.build_sampler) is marked *."""
     params = parse_parameters(SPACE, "space")
-    return {
+    ours = build_sampler(SPACE, params, seed)
+    candidates = {
         "random": optuna.samplers.RandomSampler(seed=seed),
-        "tpe (ours: multivariate, constant liar)": build_sampler(SPACE, params, seed),
-        "tpe (Optuna's defaults)": optuna.samplers.TPESampler(seed=seed),
-        "gp": optuna.samplers.GPSampler(seed=seed),
+        "tpe (10 random runs first)": optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True),
+        "tpe (5 random runs first)": optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                                                n_startup_trials=5),
+        "gp (10 random runs first)": optuna.samplers.GPSampler(seed=seed),
+        "gp (5 random runs first)": optuna.samplers.GPSampler(seed=seed, n_startup_trials=5),
     }
+    for name, sampler in candidates.items():
+        if type(sampler) is type(ours) and getattr(sampler, "_n_startup_trials", None) == getattr(
+                ours, "_n_startup_trials", None):
+            return {(f"{k} *" if k == name else k): v for k, v in candidates.items()}
+    return candidates
 
 
 def run(sampler, seed: int, budget: int, workers: int = 2) -> tuple[list[float], float]:
