@@ -18,7 +18,7 @@ LAYERS = {
     "sweep_space": 2, "sweep_storage": 2, "config_file": 2,
     "sweep_process": 3, "sweep_engine": 3,
     "data": 3, "decoded_cache": 3, "models": 3, "freezing": 3, "metrics": 3,
-    "device_batches": 4, "checkpoint": 4, "optim": 4, "tracking": 4, "sweep_runs": 4,
+    "device_batches": 4, "checkpoint": 4, "optim": 4, "tracking": 4, "sweep_runs": 4, "input_sizes": 4,
     "flags": 5, "inference": 5, "summary": 5, "sweep_report": 5,
     "runs": 6,
     "loaders": 7,
