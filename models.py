@@ -6,8 +6,9 @@ Every model is described by a small JSON-able `spec` dict stored in checkpoints,
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -117,24 +118,34 @@ def convnet_spec(args, image_size: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- complexity
-def trace_flops(model: nn.Module, image_size: int, in_channels: int = 3):
-    """One image through the model in eval mode under PyTorch's FlopCounterMode; returns the counter
-    (per-module counts in get_flop_counts(), FLOPs: two per multiply-accumulate)."""
+@contextmanager
+def plain_inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no autograd, attention through its plain matmul path; the model's mode restored after.
+
+    nn.MultiheadAttention's inference fast path and the fused CPU attention kernels are ops that
+    FlopCounterMode has no formula for.
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
     was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
-    # nn.MultiheadAttention's inference fast path and the fused CPU attention kernels are ops that
-    # FlopCounterMode has no formula for: count through the plain matmul path instead.
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        device = next(model.parameters()).device
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, in_channels, image_size, image_size, device=device))
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            yield
     finally:
         model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def trace_flops(model: nn.Module, image_size: int, in_channels: int = 3):
+    """One image through the model in eval mode under PyTorch's FlopCounterMode; returns the counter
+    (per-module counts in get_flop_counts(), FLOPs: two per multiply-accumulate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    with plain_inference(model), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, in_channels, image_size, image_size, device=device))
     return counter
 
 

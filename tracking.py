@@ -70,6 +70,32 @@ def wandb_api_key_configured() -> bool:
     return False
 
 
+INIT_TIMEOUT_S = 15.0  # W&B's own default waits 90 s (and more) for an unreachable server before giving up
+
+
+def init_timeout() -> float:
+    """Seconds wandb.init may wait for the server: $WANDB_INIT_TIMEOUT when set, else INIT_TIMEOUT_S."""
+    try:
+        return float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
+    except ValueError:
+        raise UserError(f"WANDB_INIT_TIMEOUT must be a number of seconds, got "
+                        f"'{os.environ['WANDB_INIT_TIMEOUT']}'") from None
+
+
+def wandb_server() -> str:
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
+def online_settings(wandb: Any, mode: str) -> dict:
+    """wandb.init's settings for online mode: a bounded wait, so no network costs seconds, not minutes."""
+    if mode != "online":
+        return {}
+    # W&B's own error reporting flushes to the server when the process exits, waiting some 20 s more
+    # for one that does not answer; it stays off unless WANDB_ERROR_REPORTING asks for it.
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    return {"settings": wandb.Settings(init_timeout=init_timeout())}
+
+
 class WandbLogger:
     """W&B that never prompts and needs no account: auto picks online only when a key exists."""
 
@@ -107,11 +133,12 @@ class WandbLogger:
         kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=name,
                       config=config, dir=str(run_dir))
         try:
-            self.run = wandb.init(mode=mode, **kwargs)
+            self.run = wandb.init(mode=mode, **kwargs, **online_settings(wandb, mode))
         except Exception as e:  # no key, no network: never lose the run over logging
             if mode != "online":
                 raise UserError(f"W&B could not start in {mode} mode: {str(e).splitlines()[0][:200]}") from None
-            print(f"W&B: online logging failed ({str(e).splitlines()[0][:150]}); logging offline instead")
+            print(f"W&B: {wandb_server()} did not start the run ({str(e).splitlines()[0][:80]}; waited at "
+                  f"most {init_timeout():g} s); logging offline to {run_dir / 'wandb'} instead")
             self.run = wandb.init(mode="offline", **kwargs)
 
     def log(self, metrics: dict, step: int | None = None) -> None:

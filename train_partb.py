@@ -24,6 +24,7 @@ from config_file import parse_args
 from features import feature_loaders, head_on_features
 from flags import add_training_args, check_common_args
 from freezing import apply_freeze, count_trainable, freeze_batchnorm, list_stages
+from input_sizes import check_input_size
 from loaders import image_loaders
 from models import Backbone, build_backbone, count_complexity, format_count
 from optim import param_groups_with_decay
@@ -148,9 +149,11 @@ def print_stages(bb: Backbone) -> None:
 
 
 def build_backbone_for(args: argparse.Namespace, num_classes: int) -> Backbone:
-    """The pretrained backbone with a new head, frozen as --freeze says (the head's init fixed by --seed)."""
+    """The pretrained backbone with a new head, frozen as --freeze says (the head's init fixed by --seed),
+    refused with one line when it cannot take --image_size."""
     torch.manual_seed(args.seed)
     bb = build_backbone(args.model, args.weights, num_classes)
+    check_input_size(bb.model, args.model, args.image_size or bb.image_size, bb.image_size)
     freeze(bb, args, args.freeze)
     return bb
 

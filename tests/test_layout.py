@@ -19,7 +19,7 @@ LAYERS = {
     "sweep_process": 3, "sweep_engine": 3, "folder_lock": 3,
     "download": 2.5,  # between storage (its full-disk errors) and data (its download command)
     "data": 3, "decoded_cache": 3, "models": 3, "freezing": 3, "metrics": 3,
-    "device_batches": 4, "checkpoint": 4, "optim": 4, "tracking": 4, "sweep_runs": 4,
+    "device_batches": 4, "checkpoint": 4, "optim": 4, "tracking": 4, "sweep_runs": 4, "input_sizes": 4,
     "flags": 5, "inference": 5, "summary": 5, "sweep_report": 5,
     "runs": 6,
     "loaders": 7,

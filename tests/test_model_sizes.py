@@ -1,0 +1,78 @@
+"""Models at input sizes they cannot take: one line naming the sizes they take, before any run folder exists."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cli import UserError
+from conftest import assert_one_line_error, make_dataset, run_cli, train_args
+from input_sizes import check_input_size
+from models import ConvNet, build_backbone
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("sizes") / "ds", n_train=2, n_val=1)
+
+
+def partb(data, out_dir, *extra):
+    return ["--data_dir", data, "--out_dir", out_dir, "--weights", "none", "--epochs", "1", "--workers", "0",
+            "--device", "cpu", "--wandb", "disabled", "--cache", "off", *extra]
+
+
+@pytest.mark.parametrize("model, size, says", [
+    ("vit_b_16", 32, "vit_b_16 takes exactly 224 px"),
+    ("inception_v3", 32, "inception_v3 needs at least 75 px"),
+])
+def test_partb_refuses_a_size_the_model_cannot_take_before_its_run_folder(data, tmp_path, model, size, says):
+    out = tmp_path / "runs"
+    proc = run_cli("train_partb.py", *partb(data, out, "--model", model, "--image_size", size))
+    assert_one_line_error(proc, says)
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def test_partb_summary_refuses_it_too(data, tmp_path):
+    proc = run_cli("train_partb.py", *partb(data, tmp_path / "runs", "--model", "vit_b_16", "--image_size", "64",
+                                             "--summary"))
+    assert_one_line_error(proc, "vit_b_16 takes exactly 224 px")
+
+
+def test_parta_refuses_an_image_too_small_for_its_pooling_before_its_run_folder(data, tmp_path):
+    out = tmp_path / "runs"
+    args = train_args(data, out, "small", 1)
+    args[args.index("--image_size") + 1] = "16"
+    args[args.index("--conv_layers") + 1] = "5"
+    assert_one_line_error(run_cli("train_parta.py", *args), "at least 32")
+    assert not (out / "small").exists()
+
+
+# The families train_partb.py offers: exact-size transformers, convnets with a smallest size, any size.
+@pytest.mark.parametrize("model, size, says", [
+    ("vit_b_32", 160, "vit_b_32 takes exactly 224 px"),
+    ("maxvit_t", 64, "maxvit_t"),
+    ("alexnet", 32, "alexnet needs at least 63 px"),
+    ("googlenet", 8, "googlenet needs at least"),
+    ("squeezenet1_1", 16, "squeezenet1_1 needs at least"),
+    ("convnext_tiny", 16, "convnext_tiny needs at least 32 px"),
+    ("timm:vit_tiny_patch16_224", 32, "timm:vit_tiny_patch16_224 takes exactly 224 px"),
+])
+def test_each_family_names_the_sizes_it_takes(model, size, says):
+    torch.manual_seed(0)
+    bb = build_backbone(model, "none", 4)
+    with pytest.raises(UserError, match=says):
+        check_input_size(bb.model, model, size, bb.image_size)
+    check_input_size(bb.model, model, bb.image_size, bb.image_size)  # its own size passes
+
+
+@pytest.mark.parametrize("model", ["resnet18", "mobilenet_v3_small", "efficientnet_lite0", "timm:resnet18"])
+def test_models_that_take_any_size_pass_small_ones(model):
+    bb = build_backbone(model, "none", 4)
+    check_input_size(bb.model, model, 32, bb.image_size)
+
+
+def test_the_check_leaves_the_weights_and_mode_as_they_were():
+    model = ConvNet(4, image_size=32, conv_layers=2, filters=4, dense_neurons=8).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_input_size(model, "ConvNet", 32, 32)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
