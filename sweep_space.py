@@ -269,16 +269,15 @@ def suggest_one(trial: optuna.Trial, name: str, dist) -> Any:
 
 
 def build_sampler(config: dict, params: list[Parameter], seed: int | None):
-    """The method's Optuna sampler: GridSampler, RandomSampler, or TPE for bayes (see the README's comparison)."""
+    """The method's Optuna sampler: GridSampler, RandomSampler, or GPSampler for bayes (see the README's comparison)."""
     method = config["method"]
     if method == "grid":
         space = {p.optuna_name: grid_values(p) for p in params if p.searched}
         base = AskTellGrid(space, seed=seed)
     elif method == "random":
         base = optuna.samplers.RandomSampler(seed=seed)
-    else:  # multivariate: learns how parameters act together; constant_liar: parallel runners spread out
-        base = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                          n_startup_trials=min(10, max(3, len(params))))
+    else:  # a Gaussian process: best in tools/compare_samplers.py (see the README), 5 random runs first
+        base = optuna.samplers.GPSampler(seed=seed, n_startup_trials=5)
     weights = {p.optuna_name: p.spec["probabilities"] for p in params if "probabilities" in p.spec}
     return WeightedChoices(base, weights, seed) if weights and method != "grid" else base
 
