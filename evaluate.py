@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
-    import startup
+    from inat_classifier import startup
 
     startup.stop_quietly()
 
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from checkpoint import restore_model
-from cli import UserError, add_bool, add_flag, run_cli
-from devices import select_device
-from inference import FlipTTA, collect_images, evaluate_samples, heldout_samples, run_data_dir, top_classes
-from metrics import plot_confusion, print_report
-from storage import atomic_write, atomic_write_text
+from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
+from inat_classifier.devices import select_device
+from inat_classifier.inference import FlipTTA, collect_images, evaluate_samples, heldout_samples, run_data_dir, top_classes
+from inat_classifier.metrics import plot_confusion, print_report
+from inat_classifier.storage import atomic_write, atomic_write_text
+from models import restore_model
 
 
 def write_predictions_csv(rows: list[dict], out: Path, k: int = 3) -> None:

@@ -6,14 +6,17 @@ Every model is described by a small JSON-able `spec` dict stored in checkpoints,
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from inat_classifier.backbone import Backbone
+from inat_classifier.checkpoint import load_checkpoint, load_weights
+from inat_classifier.cli import UserError
+from inat_classifier.complexity import count_complexity, format_count, published_complexity  # noqa: F401 (re-exported)
+from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -117,89 +120,8 @@ def convnet_spec(args, image_size: int) -> dict:
     return {"kind": "convnet", "kwargs": kwargs}
 
 
-# ----------------------------------------------------------------------------- complexity
-@contextmanager
-def plain_inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no autograd, attention through its plain matmul path; the model's mode restored after.
-
-    nn.MultiheadAttention's inference fast path and the fused CPU attention kernels are ops that
-    FlopCounterMode has no formula for.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
-    model.eval()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        model.train(was_training)
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
-def trace_flops(model: nn.Module, image_size: int, in_channels: int = 3):
-    """One image through the model in eval mode under PyTorch's FlopCounterMode; returns the counter
-    (per-module counts in get_flop_counts(), FLOPs: two per multiply-accumulate)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = next(model.parameters()).device
-    with plain_inference(model), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, in_channels, image_size, image_size, device=device))
-    return counter
-
-
-def count_complexity(model: nn.Module, image_size: int, in_channels: int = 3) -> tuple[int, int]:
-    """(parameters, multiply-accumulates per image), counted on one traced image, so every layer type
-    counts: convolutions, matmuls, attention."""
-    macs = trace_flops(model, image_size, in_channels).get_total_flops() // 2
-    return sum(p.numel() for p in model.parameters()), macs
-
-
-def published_complexity(name: str) -> tuple[nn.Module, int, int, float]:
-    """A torchvision model built as its DEFAULT weights build it (random weights), its input size, and
-    the weights' published num_params and GFLOPs (`_ops`, which are multiply-accumulates)."""
-    from torchvision.models import get_model, get_model_weights
-
-    weights = get_model_weights(name).DEFAULT
-    kwargs = {"num_classes": len(weights.meta["categories"])}
-    if name == "googlenet":
-        kwargs["aux_logits"] = False  # its builder drops the auxiliary heads when it loads weights
-    if name in ("googlenet", "inception_v3"):
-        kwargs["init_weights"] = False  # skips the slow scipy init; the counts do not depend on it
-    if name.startswith("vit_"):
-        kwargs["image_size"] = weights.meta["min_size"][0]  # e.g. 518 px for vit_h_14's SWAG weights
-    model = get_model(name, weights=None, **kwargs)
-    size = int(weights.transforms().crop_size[0])
-    return model, size, int(weights.meta["num_params"]), float(weights.meta["_ops"])
-
-
-def format_count(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
-
-
 # ----------------------------------------------------------------------------- Part B
 PACKAGED_MODELS = ("efficientnet_lite0",)
-
-
-@dataclass
-class Backbone:
-    """A pretrained classifier with a new head, and what its weights expect as input."""
-
-    model: nn.Module
-    spec: dict
-    head_name: str
-    image_size: int
-    mean: tuple
-    std: tuple
-    weights_source: str
-
-    def preprocess(self, image_size: int | None = None) -> Preprocess:
-        """The weights' preprocessing, at their own input size unless --image_size says otherwise."""
-        return Preprocess.for_size(image_size or self.image_size, self.mean, self.std)
 
 
 def model_kwargs(name: str) -> dict:
@@ -441,3 +363,14 @@ def build_from_spec(spec: dict, num_classes: int) -> nn.Module:
             raise ValueError(f"this checkpoint's model ({spec['name']}) needs timm: pip install timm") from None
         return timm.create_model(spec["name"], pretrained=False, num_classes=num_classes)
     raise ValueError(f"unknown model kind in checkpoint: {spec['kind']}")
+
+
+def restore_model(ckpt_path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """The trained model (eval mode, on device) and its checkpoint, from the file alone."""
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        model = build_from_spec(ckpt["spec"], len(ckpt["class_names"]))
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{ckpt_path}: checkpoint lacks a usable model description ({e})") from None
+    load_weights(model, ckpt["model_state"], ckpt_path)
+    return model.to(device).eval(), ckpt

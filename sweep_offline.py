@@ -21,7 +21,7 @@ from __future__ import annotations
 INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"
 
 if __name__ == "__main__":  # first, before the slow imports: a `kill` or Ctrl-C meanwhile is one line (startup.py)
-    import startup
+    from inat_classifier import startup
 
     startup.stop_quietly(INTERRUPTED)
 
@@ -33,13 +33,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cli import UserError, str2bool
-from startup import imports_done, raise_interrupt
-from sweep_engine import (check_metric, check_swept_not_passed, check_train_args, plain, print_leaderboard,
+from inat_classifier.cli import UserError, str2bool
+from inat_classifier.startup import imports_done, raise_interrupt
+from inat_classifier.sweep_engine import (check_metric, check_swept_not_passed, check_train_args, plain, print_leaderboard,
                           resolve_program)
-from sweep_runs import Sweep, best_run, run_loop, sweep_runs, write_best_config
-from sweep_space import check_config, load_config, metric_of, parse_parameters
-from sweep_storage import (GRACE_PERIOD_S, HEARTBEATS_PER_GRACE, create_study, journal_path, load_study,
+from inat_classifier.sweep_runs import Sweep, best_run, run_loop, sweep_runs, write_best_config
+from inat_classifier.sweep_space import check_config, load_config, metric_of, parse_parameters
+from inat_classifier.sweep_storage import (GRACE_PERIOD_S, HEARTBEATS_PER_GRACE, create_study, journal_path, load_study,
                            open_storage)
 
 DEFAULT_CONFIG = "sweep.yaml"
@@ -200,7 +200,7 @@ def main(args: argparse.Namespace) -> int:
     check_swept_not_passed(sweep.config, train_args)
     sweep.program, sweep.train_args = program, train_args
     if args.dry_run:
-        from sweep_runs import dry_run
+        from inat_classifier.sweep_runs import dry_run
 
         return dry_run(args, sweep)
     if sweep.study is None:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
-    import startup
+    from inat_classifier import startup
 
     startup.stop_quietly()
 
@@ -15,17 +15,17 @@ import argparse
 
 import torch
 
-import engine
-from checkpoint import TrainState, checkpoint_meta
-from cli import UserError, add_bool, add_flag, run_cli
-from config_file import parse_args
-from flags import add_training_args, check_common_args
-from loaders import image_loaders
+from inat_classifier import engine
+from inat_classifier.checkpoint import TrainState, checkpoint_meta
+from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
+from inat_classifier.config_file import parse_args
+from inat_classifier.flags import add_training_args, check_common_args
+from inat_classifier.loaders import image_loaders
 from models import ACTIVATIONS, ConvNet, count_complexity, convnet_spec, format_count
-from optim import param_groups_with_decay
-from presets import Preprocess
-from runs import setup_run
-from summary import class_count, print_table
+from inat_classifier.optim import param_groups_with_decay
+from inat_classifier.presets import Preprocess
+from inat_classifier.runs import setup_run
+from inat_classifier.summary import class_count, print_table
 
 DEFAULTS = dict(image_size=224, batch_size=64, epochs=20, lr=1e-3, optimizer="adamw", weight_decay=0.05,
                 scheduler="cosine", warmup_epochs=1.0, label_smoothing=0.1, augment=True, crop_scale=0.5,

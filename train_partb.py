@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
-    import startup
+    from inat_classifier import startup
 
     startup.stop_quietly()
 
@@ -17,19 +17,19 @@ from typing import Callable
 
 import torch
 
-import engine
-from checkpoint import TrainState, checkpoint_meta
-from cli import UserError, add_bool, add_flag, run_cli
-from config_file import parse_args
-from features import feature_loaders, head_on_features
-from flags import add_training_args, check_common_args
-from freezing import apply_freeze, count_trainable, freeze_batchnorm, list_stages
-from input_sizes import check_input_size
-from loaders import image_loaders
+from inat_classifier import engine
+from inat_classifier.checkpoint import TrainState, checkpoint_meta
+from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
+from inat_classifier.config_file import parse_args
+from inat_classifier.features import feature_loaders, head_on_features
+from inat_classifier.flags import add_training_args, check_common_args
+from inat_classifier.freezing import apply_freeze, count_trainable, freeze_batchnorm, list_stages
+from inat_classifier.input_sizes import check_input_size
+from inat_classifier.loaders import image_loaders
 from models import Backbone, build_backbone, count_complexity, format_count
-from optim import param_groups_with_decay
-from runs import setup_run
-from summary import class_count, print_table
+from inat_classifier.optim import param_groups_with_decay
+from inat_classifier.runs import setup_run
+from inat_classifier.summary import class_count, print_table
 
 DEFAULTS = dict(image_size=None, batch_size=64, epochs=10, lr=1e-3, optimizer="adamw", weight_decay=0.01,
                 scheduler="cosine", warmup_epochs=0.5, label_smoothing=0.1, augment=None,

@@ -17,7 +17,7 @@ their true colours, as the model saw them (resized and centre-cropped).
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
-    import startup
+    from inat_classifier import startup
 
     startup.stop_quietly()
 
@@ -32,18 +32,19 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from attribution import (auto_cam_layer, capture_outputs, conv_layer, conv_stages, grad_cam, guided_backprop,
+from inat_classifier.attribution import (auto_cam_layer, capture_outputs, conv_layer, conv_stages, grad_cam, guided_backprop,
                          parse_neurons)
-from checkpoint import json_safe, preprocess_of, restore_model
-from cli import UserError, add_bool, add_flag, run_cli
-from devices import select_device
-from figures import (gradient_image, plot_feature_maps, plot_filters, plot_gradcam, plot_guided_backprop,
+from inat_classifier.checkpoint import json_safe, preprocess_of
+from models import restore_model
+from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
+from inat_classifier.devices import select_device
+from inat_classifier.figures import (gradient_image, plot_feature_maps, plot_filters, plot_gradcam, plot_guided_backprop,
                      plot_prediction_grid, unnormalize)
-from inference import evaluate_samples, heldout_samples, load_input, predict
-from metrics import plot_confusion
-from runs import read_metrics_csv
-import sweep_report
-from tracking import WandbLogger, plot_curves
+from inat_classifier.inference import evaluate_samples, heldout_samples, load_input, predict
+from inat_classifier.metrics import plot_confusion
+from inat_classifier.runs import read_metrics_csv
+from inat_classifier import sweep_report
+from inat_classifier.tracking import WandbLogger, plot_curves
 
 
 # ----------------------------------------------------------------------------- small helpers

@@ -4,7 +4,7 @@
 #   bash experiments/parta.sh [DATA_DIR] [OUT_DIR]      (a finished run is skipped when run again)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:-../shared/data/imagenette224}
+DATA=${1:-data/imagenette}
 OUT=${2:-runs/experiments}
 mkdir -p "$OUT"
 

@@ -6,7 +6,7 @@
 #   bash experiments/partb.sh [DATA_DIR] [OUT_DIR] [PER_CLASS]    (finished runs are skipped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=$(cd "${1:-../shared/data/imagenette224}" && pwd)
+DATA=$(cd "${1:-data/imagenette}" && pwd)
 OUT=${2:-runs/experiments-partb}
 PER_CLASS=${3:-100}
 SUB="$OUT/data-$PER_CLASS"

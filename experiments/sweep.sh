@@ -5,7 +5,7 @@
 #   bash experiments/sweep.sh [DATA_DIR] [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:-../shared/data/imagenette224}
+DATA=${1:-data/imagenette}
 OUT=${2:-runs/imagenette-sweep}
 COMMON=(--sweep_dir "$OUT" --count 12 --quiet --stale_s 60)
 TRAIN=(-- --data_dir "$DATA" --workers 1 --cache "$OUT/cache")

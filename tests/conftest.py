@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# Imagenette (10 ImageNet classes, a 224 px copy) for the tests on real photos; IMAGENETTE_DIR points elsewhere.
+IMAGENETTE = Path(os.environ.get("IMAGENETTE_DIR", REPO.parent / "shared" / "data" / "imagenette224"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -333,7 +335,7 @@ def trained_run(image_folder, tmp_path_factory) -> TrainedRun:
 
 # ----------------------------------------------------------------------------- shared reference runs
 # One uninterrupted run per flag set, shared by every resume / DDP test that compares against it
-# (tests/test_training.py, tests/test_reliability.py, tests/test_resume.py), so that stronger
+# (tests/test_training.py, tests/test_robustness.py, tests/test_resume.py), so that stronger
 # comparisons do not cost a reference run each.
 REF_EPOCHS = 2
 DEFAULT_REF_FLAGS = ["--batch_size", "4"]  # Part A's defaults: augmentation and dropout on
@@ -359,3 +361,11 @@ def default_reference(image_folder, tmp_path_factory) -> TrainedRun:
 def plain_reference(image_folder, tmp_path_factory) -> TrainedRun:
     """Uninterrupted Part A run without dropout, augmentation or batch norm: batch 16, 2 epochs."""
     return _reference(image_folder, tmp_path_factory, "ref_plain", PLAIN_REF_FLAGS)
+
+
+@pytest.fixture
+def imagenette() -> Path:
+    """The Imagenette folder (train/ and val/), or a skip naming where it was looked for."""
+    if not (IMAGENETTE / "train").is_dir():
+        pytest.skip(f"Imagenette is not at {IMAGENETTE} (set IMAGENETTE_DIR)")
+    return IMAGENETTE

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import CLASSES, make_dataset
-from decoded_cache import decode_fixed, open_decoded_cache
-from device_batches import DeviceLoader, affine_normalize, augment_batch, augment_params, color_affine
-from presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from inat_classifier.decoded_cache import decode_fixed, open_decoded_cache
+from inat_classifier.device_batches import DeviceLoader, affine_normalize, augment_batch, augment_params, color_affine
+from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 @pytest.fixture
@@ -211,7 +211,7 @@ def pil_crop(path: Path, box: tuple[float, float, float, float], stored: int, ou
 
 
 def cached_crop(x: torch.Tensor, box: tuple[float, float, float, float], out: int) -> torch.Tensor:
-    from device_batches import crop_resize_flip
+    from inat_classifier.device_batches import crop_resize_flip
 
     fw, fh, fu, fv = box
     p = {"w": torch.tensor([fw]), "h": torch.tensor([fh]), "u": torch.tensor([fu]), "v": torch.tensor([fv]),
@@ -287,7 +287,7 @@ def test_old_cache_side_upscaled_small_crops(tmp_path):
 
 def test_float_batches_as_on_a_gpu_are_resized_like_uint8_batches_on_the_cpu(tmp_path):
     """CUDA resizes float copies of the rows: they must be antialiased as the CPU's uint8 ones are."""
-    from device_batches import crop_resize_flip
+    from inat_classifier.device_batches import crop_resize_flip
 
     photo = camera_photo(tmp_path / "camera.jpg")
     cache = open_decoded_cache([str(photo)], 517, tmp_path / "cache")

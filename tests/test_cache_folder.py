@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import train_parta
-from cli import UserError
+from inat_classifier.cli import UserError
 from conftest import CLASSES, REPO, clean_env, make_dataset, train_args
 
 

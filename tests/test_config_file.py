@@ -9,9 +9,9 @@ import pytest
 
 import train_parta
 import train_partb
-from checkpoint import json_safe
-from cli import UserError, given
-from config_file import parse_args
+from inat_classifier.checkpoint import json_safe
+from inat_classifier.cli import UserError, typed_flags
+from inat_classifier.config_file import parse_args
 from conftest import assert_one_line_error, make_dataset, run_cli, train_args
 
 
@@ -37,7 +37,7 @@ def test_yaml_sets_defaults_through_each_flags_type(tmp_path):
     assert args.lr == pytest.approx(3e-4) and isinstance(args.lr, float)  # YAML reads 3e-4 as a string
     assert args.download == "no"  # YAML's boolean no, through download_choice
     assert parta().filters == 64  # the file changed one parse only, not the script's defaults
-    assert given(args) == {"config"}  # values from the file are defaults, not typed flags
+    assert typed_flags(args) == {"config"}  # values from the file are defaults, not typed flags
 
 
 def test_typed_flags_win_before_or_after_config(tmp_path):
@@ -45,7 +45,7 @@ def test_typed_flags_win_before_or_after_config(tmp_path):
     for argv in (["--config", str(cfg), "--filters", "8"], ["--filters", "8", "--config", str(cfg)]):
         args = parta(*argv)
         assert (args.filters, args.epochs) == (8, 7)
-        assert given(args) == {"config", "filters"}
+        assert typed_flags(args) == {"config", "filters"}
 
 
 def test_hyphen_keys(tmp_path):
@@ -110,7 +110,7 @@ def test_partb_yaml_and_its_args_json_round_trip(tmp_path):
     args = partb("--config", str(cfg), "--lr", "0.01")
     assert (args.model, args.weights, args.freeze, args.lr_mult, args.freeze_bn) == \
         ("resnet18", "none", "upto:layer3", 0.5, False)
-    assert args.lr == 0.01 and args.unfreeze_at is None and given(args) == {"config", "lr"}
+    assert args.lr == 0.01 and args.unfreeze_at is None and typed_flags(args) == {"config", "lr"}
     # What runs.new_run_dir writes after resolve_recipe: resolved recipe flags plus use_cache, no flag.
     train_partb.resolve_recipe(args)
     saved = json_safe(vars(args))
@@ -131,7 +131,7 @@ def test_a_real_runs_args_json_reproduces_its_flags(tmp_path):
 
     again = parta("--config", str(out / "orig" / "args.json"), "--epochs", "5")
     assert again.kernel_size == [5, 3] and again.batch_norm is False
-    assert given(again) == {"config", "epochs"}
+    assert typed_flags(again) == {"config", "epochs"}
     differ = {k for k, v in json_safe(vars(again)).items() if saved.get(k, "absent") != v}
     assert differ == {"epochs", "run_name", "config"}, differ
     assert again.epochs == 5 and again.run_name is None  # a new run folder, never the original one

@@ -13,10 +13,10 @@ from PIL import Image
 
 import data
 from conftest import assert_one_line_error, make_dataset, run_cli
-from cli import UserError
-import images
-from images import BadImageLog, ImageListDataset, batch_to_device, collate_skip_bad, load_image, make_loader
-from presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from inat_classifier.cli import UserError
+from inat_classifier import images
+from inat_classifier.images import BadImageLog, ImageListDataset, batch_to_device, collate_skip_bad, load_image, make_loader
+from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 # ----------------------------------------------------------------------------- discovery

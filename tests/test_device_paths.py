@@ -11,9 +11,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from device_batches import augment_params, crop_resize_flip
-from devices import Dist, process_group_backend, select_device, sum_dtype
-from engine import stepping_module
+from inat_classifier.device_batches import augment_params, crop_resize_flip
+from inat_classifier.devices import Dist, process_group_backend, select_device, sum_dtype
+from inat_classifier.engine import stepping_module
 
 
 def test_running_sums_are_float32_on_mps_and_float64_elsewhere():

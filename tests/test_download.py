@@ -9,8 +9,8 @@ import pytest
 
 import data
 from conftest import make_dataset, run_cli, tree_bytes, zip_folder
-from cli import UserError
-from download import download_dataset
+from inat_classifier.cli import UserError
+from inat_classifier.download import download_dataset
 
 URL_PATH = "/datasets/nature_12K.zip"
 

@@ -13,11 +13,12 @@ from torch import nn
 
 import evaluate
 from conftest import run_cli
-from checkpoint import load_checkpoint, restore_model
-from cli import UserError
-from images import load_image
-from inference import FlipTTA
-from metrics import classification_metrics, confusion_matrix
+from inat_classifier.checkpoint import load_checkpoint
+from models import restore_model
+from inat_classifier.cli import UserError
+from inat_classifier.images import load_image
+from inat_classifier.inference import FlipTTA
+from inat_classifier.metrics import classification_metrics, confusion_matrix
 
 EVAL_KEYS = {"accuracy", "macro_f1", "per_class", "confusion_matrix"}
 
@@ -95,7 +96,7 @@ def test_split_val_reproduces_the_runs_best_val_acc(trained_run):
     val = json.loads((trained_run.run_dir / "split.json").read_text())["val"]
     assert metrics["n"] == len([p for p in val if "odd_truncated" not in p])  # unreadable ones skipped
     model, ckpt = restore_model(trained_run.run_dir / "best.pt", torch.device("cpu"))
-    import inference
+    from inat_classifier import inference
 
     samples, _ = inference.heldout_samples(ckpt, None, "val")
     x, y = torchvision_inputs(ckpt, samples)

@@ -1,7 +1,7 @@
 """Every training flag takes effect: two values give a different first step, and the value is recorded.
 
 The first step is built by the scripts' own builders (train_parta.build_model,
-train_partb.build_backbone_for and param_groups, engine.plain_training and full_training) on a
+train_partb.build_backbone_for and param_groups, engine.build_trainer and complete_trainer) on a
 fixed batch, without a data folder. A flag that cannot change a first step is in EXEMPT with the
 test that covers what it does. A new flag in neither list fails here.
 """
@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine
+from inat_classifier import engine
 import train_parta
 import train_partb
-from amp import train_step
-from checkpoint import json_safe, load_checkpoint
-from devices import Dist
-from freezing import set_train_mode
+from inat_classifier.training_step import train_step
+from inat_classifier.checkpoint import json_safe, load_checkpoint
+from inat_classifier.devices import Dist
+from inat_classifier.freezing import set_train_mode
 from conftest import CLASSES, clean_env, make_dataset
 
 SCRIPTS = {"parta": train_parta, "partb": train_partb}
@@ -82,12 +82,12 @@ EXEMPT_COMMON = {
     "cache": "tests/test_cache.py::test_cache_is_reused_and_rebuilt_when_files_change",
     "lr_find": "tests/test_recipes.py::test_lr_find_flag_writes_the_plot_and_trains_nothing",
     "patience": "tests/test_resume.py::test_patience_stops_after_n_epochs_without_a_better_val_acc",
-    "device": "tests/test_faults.py::test_bad_flags_found_late_leave_no_orphan_run_folder",
+    "device": "tests/test_bad_data.py::test_bad_flags_found_late_leave_no_orphan_run_folder",
     "compile": "tests/test_device_paths.py::test_compile_wraps_the_ddp_module_not_the_other_way_round",  # slow
-    "out_dir": "tests/test_faults.py::test_run_name_stays_inside_out_dir",
-    "run_name": "tests/test_faults.py::test_run_name_stays_inside_out_dir",
-    "resume": "tests/test_reliability.py::test_sigkill_mid_run_then_resume_reproduces_the_uninterrupted_run",
-    "save_every": "tests/test_reliability.py::test_sigint_and_sigterm_mid_epoch_save_last_pt_exit_130_and_resume",
+    "out_dir": "tests/test_bad_data.py::test_run_name_stays_inside_out_dir",
+    "run_name": "tests/test_bad_data.py::test_run_name_stays_inside_out_dir",
+    "resume": "tests/test_robustness.py::test_sigkill_mid_run_then_resume_reproduces_the_uninterrupted_run",
+    "save_every": "tests/test_robustness.py::test_sigint_and_sigterm_mid_epoch_save_last_pt_exit_130_and_resume",
     "wandb": "tests/test_training.py::test_wandb_offline_needs_no_account",
     "wandb_project": "test_a_real_run_records_every_step_flag (the W&B run's project)",
     "wandb_entity": "tests/test_training.py::test_wandb_offline_needs_no_account",  # needs an account
@@ -99,7 +99,7 @@ EXEMPT = {
               "summary": "tests/test_models.py::test_partb_summary_marks_frozen_layers",
               "list_stages": "tests/test_partb.py::test_list_stages_expands_a_single_features_body",
               "cache_features": "tests/test_partb.py::test_feature_cache_matches_the_uncached_path_and_is_reused",
-              "feature_cache_dir": "tests/test_interrupts.py::"
+              "feature_cache_dir": "tests/test_signals.py::"
                                    "test_a_feature_cache_of_the_wrong_shape_is_recomputed_with_one_line"},
 }
 
@@ -140,20 +140,20 @@ def first_step(part: str, flags: list[str], r18: Path) -> torch.Tensor:
         bb = train_partb.build_backbone_for(args, N_CLASSES)
         model, groups = bb.model, train_partb.param_groups(bb, args)
         train_partb.unfreezer(bb, args)(1)  # fit's on_epoch_start of the first epoch
-    plain = engine.plain_training(args, model, groups, torch.device("cpu"))
-    training = engine.full_training(plain, args, 4, N_CLASSES, Dist())
-    set_train_mode(training.model)
+    plain = engine.build_trainer(args, model, groups, torch.device("cpu"))
+    trainer = engine.complete_trainer(plain, args, 4, N_CLASSES, Dist())
+    set_train_mode(trainer.model)
     torch.manual_seed(7)  # the same dropout and MixUp/CutMix draws for both values
     x, y = fixed_batch(args.image_size, args.batch_size)
-    if training.mix is not None:
-        x, y = training.mix(x, y)
-    loss, _ = train_step(training, x, y, min(args.accum_steps, 4), update=args.accum_steps == 1)
+    if trainer.mix is not None:
+        x, y = trainer.mix(x, y)
+    loss, _ = train_step(trainer, x, y, min(args.accum_steps, 4), update=args.accum_steps == 1)
     conv = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    parts = [loss.float().reshape(1), torch.tensor([g["lr"] for g in training.optimizer.param_groups]),
+    parts = [loss.float().reshape(1), torch.tensor([g["lr"] for g in trainer.optimizer.param_groups]),
              torch.tensor([float(conv.is_contiguous(memory_format=torch.channels_last))])]
     parts += [t.detach().float().flatten() for t in model.state_dict().values() if t.is_floating_point()]
-    if training.ema is not None:
-        parts += [p.detach().float().flatten() for p in training.ema.parameters()]
+    if trainer.ema is not None:
+        parts += [p.detach().float().flatten() for p in trainer.ema.parameters()]
     return torch.cat(parts)
 
 

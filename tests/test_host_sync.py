@@ -1,4 +1,4 @@
-"""No training step waits for the host: no `.item()` and no device-to-host copy in amp.train_step.
+"""No training step waits for the host: no `.item()` and no device-to-host copy in training_step.train_step.
 
 The step is built by the engine's own builders (fused optimizer, GradScaler, clipping, EMA,
 accumulation, MixUp) and run under a TorchDispatchMode that records every scalar read and every
@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_parta
-from amp import grad_scaler, train_step
-from devices import Dist
-from engine import full_training, plain_training
+from inat_classifier.precision import grad_scaler
+from inat_classifier.training_step import train_step
+from inat_classifier.devices import Dist
+from inat_classifier.engine import complete_trainer, build_trainer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SCALAR_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
@@ -70,12 +71,12 @@ def small_net() -> nn.Module:
 
 
 def built_training(device: torch.device, *flags: str):
-    """A Training exactly as train_parta.py builds it from its flags, around small_net."""
+    """A Trainer exactly as train_parta.py builds it from its flags, around small_net."""
     args = train_parta.get_args_parser().parse_args(["--warmup_epochs", "1", *flags])
     model = small_net().to(device)
     groups = [{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0}]
-    plain = plain_training(args, model, groups, device)
-    return full_training(plain, args, steps_per_epoch=8, num_classes=4, dist=Dist())
+    plain = build_trainer(args, model, groups, device)
+    return complete_trainer(plain, args, steps_per_epoch=8, num_classes=4, dist=Dist())
 
 
 def batch(device: torch.device, n: int = 8):

@@ -1,4 +1,4 @@
-"""The code's shape: small modules with one job, short functions, imports that flow one way."""
+"""The code's shape: user files at the root over one package, imports flowing one way, small modules with one job."""
 from __future__ import annotations
 
 import ast
@@ -7,68 +7,96 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = {"train_parta", "train_partb", "evaluate", "visualize", "sweep_offline", "bench"}
-# Each module may import only modules of lower layers: data -> models -> loop -> checkpoint files ->
-# evaluate/visualize. data.py is also a small CLI, but every layer above uses its discovery and split.
-LAYERS = {
-    "startup": 0,
-    "cli": 1, "presets": 1,
-    "storage": 2,
-    "images": 2, "sampler": 2, "devices": 2, "amp": 2, "attribution": 2, "figures": 2,
-    "sweep_space": 2, "sweep_storage": 2, "config_file": 2,
-    "sweep_process": 3, "sweep_engine": 3, "folder_lock": 3,
-    "download": 2.5,  # between storage (its full-disk errors) and data (its download command)
-    "data": 3, "decoded_cache": 3, "models": 3, "freezing": 3, "metrics": 3,
-    "device_batches": 4, "checkpoint": 4, "optim": 4, "tracking": 4, "sweep_runs": 4, "input_sizes": 4,
-    "flags": 5, "inference": 5, "summary": 5, "sweep_report": 5,
-    "runs": 6,
-    "loaders": 7,
-    "features": 8, "engine": 8,
-    **{s: 10 for s in SCRIPTS},
-}
+PACKAGE = REPO / "inat_classifier"
+# The root holds what a user runs or edits: the scripts, and the models and data they share.
+ROOT_FILES = {"train_parta", "train_partb", "evaluate", "visualize", "sweep_offline", "models", "data"}
+SHARED_ROOT = {"models", "data"}  # what the scripts at the root may import from beside them
 FLAG_LISTS = {"get_args_parser", "add_training_args"}  # argparse builders: plain lists of flags
 
 
-def modules() -> dict[str, ast.Module]:
-    return {p.stem: ast.parse(p.read_text()) for p in sorted(REPO.glob("*.py"))}
+def python_files() -> dict[str, Path]:
+    files = {p.stem: p for p in REPO.glob("*.py")}
+    files |= {f"inat_classifier.{p.stem}": p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    return files
 
 
-def own_imports(tree: ast.Module, names: set[str]) -> set[str]:
+def parsed() -> dict[str, ast.Module]:
+    return {name: ast.parse(path.read_text()) for name, path in python_files().items()}
+
+
+def imported(tree: ast.Module) -> set[str]:
+    """Top-level names of imported modules, with `inat_classifier.X` kept whole."""
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
-    return found & names
+            found.add(node.module)
+            if node.module == "inat_classifier":
+                found |= {f"inat_classifier.{a.name}" for a in node.names}
+    return found
 
 
-def test_every_module_has_a_layer_and_a_one_sentence_job():
-    for name, tree in modules().items():
-        assert name in LAYERS, f"{name}.py: give it a layer in tests/test_layout.py"
+def test_the_root_holds_only_what_a_user_runs_or_edits():
+    assert {p.stem for p in REPO.glob("*.py")} == ROOT_FILES
+
+
+def test_the_package_never_imports_a_root_file():
+    for name, tree in parsed().items():
+        if name.startswith("inat_classifier."):
+            bad = {m.split(".")[0] for m in imported(tree)} & ROOT_FILES
+            assert not bad, f"{name} imports the root file(s) {sorted(bad)}: move what it needs down, or pass it in"
+
+
+def test_scripts_use_the_package_and_the_shared_root_files_only():
+    for name, tree in parsed().items():
+        if name in ROOT_FILES:
+            others = {m.split(".")[0] for m in imported(tree)} & ROOT_FILES - {name}
+            assert others <= SHARED_ROOT, f"{name}.py imports the script(s) {sorted(others - SHARED_ROOT)}"
+    shared = {n: {m.split(".")[0] for m in imported(t)} & ROOT_FILES - {n} for n, t in parsed().items() if n in SHARED_ROOT}
+    assert all(not deps for deps in shared.values()), shared  # models.py and data.py build on the package only
+
+
+def package_graph() -> dict[str, set[str]]:
+    trees = {n: t for n, t in parsed().items() if n.startswith("inat_classifier.")}
+    return {n: {m for m in imported(t) if m in trees} - {n} for n, t in trees.items()}
+
+
+def test_the_package_has_no_import_cycle():
+    graph, done, path = package_graph(), set(), []
+
+    def visit(node: str) -> None:
+        if node in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(node):] + [node]))
+        if node in done:
+            return
+        path.append(node)
+        for dep in sorted(graph[node]):
+            visit(dep)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+
+
+def test_every_module_has_a_one_sentence_job():
+    for name, tree in parsed().items():
         doc = ast.get_docstring(tree)
-        assert doc and doc.splitlines()[0].endswith((".", ":")), f"{name}.py: start with a one-line docstring"
-
-
-def test_imports_flow_one_way_and_no_module_imports_a_script():
-    trees = modules()
-    for name, tree in trees.items():
-        for dep in own_imports(tree, set(trees)) - {name}:
-            assert dep not in SCRIPTS, f"{name}.py imports the script {dep}.py"
-            assert LAYERS[dep] < LAYERS[name], f"{name}.py (layer {LAYERS[name]}) imports {dep}.py (layer {LAYERS[dep]})"
+        assert doc and doc.splitlines()[0].endswith((".", ":")), f"{name}: start with a one-line docstring"
 
 
 def test_no_module_over_450_lines():
-    sizes = {p.name: len(p.read_text().splitlines()) for p in REPO.glob("*.py")}
+    sizes = {name: len(path.read_text().splitlines()) for name, path in python_files().items()}
     assert max(sizes.values()) <= 450, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
 
 
 def function_lengths() -> dict[str, int]:
     lengths = {}
-    for name, tree in modules().items():
+    for name, tree in parsed().items():
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in FLAG_LISTS:
-                lengths[f"{name}.{node.name}"] = node.end_lineno - node.lineno + 1
+                lengths[f"{name.split('.')[-1]}.{node.name}"] = node.end_lineno - node.lineno + 1
     return lengths
 
 
@@ -77,6 +105,6 @@ def test_no_function_over_60_lines():
     assert not long, long
 
 
-@pytest.mark.parametrize("name", ["engine.train_one_epoch", "amp.train_step"])
+@pytest.mark.parametrize("name", ["engine.train_one_epoch", "training_step.train_step"])
 def test_the_training_step_and_epoch_read_in_one_screen(name):
     assert function_lengths()[name] <= 40

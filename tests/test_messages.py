@@ -19,11 +19,11 @@ import torch
 
 import train_parta
 import train_partb
-from cli import UserError
+from inat_classifier.cli import UserError
 from conftest import CLASSES, REPO, assert_one_line_error, clean_env, make_dataset, train_args
-from metrics import classification_metrics, print_report
+from inat_classifier.metrics import classification_metrics, print_report
 from models import build_backbone
-from test_interrupts import needs_tmpfs, on_small_disk
+from test_signals import needs_tmpfs, on_small_disk
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -163,10 +163,10 @@ def test_a_class_without_test_photos_is_left_out_of_macro_f1_and_named(capsys):
 STAND_IN = """
 import sys, threading, time
 sys.path.insert(0, sys.argv[1])
-import startup
+from inat_classifier import startup
 startup.stop_quietly()
 import argparse
-import cli
+from inat_classifier import cli
 
 class SlowTeardown:  # like a library object whose cleanup runs while the interpreter finalizes
     def __del__(self):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cli import UserError
+from inat_classifier.cli import UserError
 from conftest import assert_one_line_error, make_dataset, run_cli, train_args
-from input_sizes import check_input_size
+from inat_classifier.input_sizes import check_input_size
 from models import ConvNet, build_backbone
 
 

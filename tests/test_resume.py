@@ -17,9 +17,9 @@ import torch
 
 import train_parta
 import train_partb
-from checkpoint import load_checkpoint
+from inat_classifier.checkpoint import load_checkpoint
 from conftest import REPO, clean_env, make_dataset, read_rows, run_cli, train_args
-from sampler import EpochSampler
+from inat_classifier.sampler import EpochSampler
 
 MACHINE_FLAGS = ["--workers", "0", "--wandb", "disabled", "--device", "cpu"]
 RESUMED_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -194,7 +194,7 @@ def test_validation_shards_cover_every_index_exactly_once():
 
 
 def test_training_shards_are_padded_to_equal_length_and_interleave_the_epoch_order():
-    """pad=True (training): both ranks get ceil(n/2); together they are the 1-process order, wrapped once."""
+    """pad=True (trainer): both ranks get ceil(n/2); together they are the 1-process order, wrapped once."""
     one = EpochSampler(9, seed=4)
     one.set_epoch(3)
     order = list(one)

@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 import train_parta
-from amp import Training, resumed_amp, saved_precision
-from checkpoint import load_checkpoint, rng_state, set_rng_state
+from inat_classifier.precision import resumed_amp, saved_precision
+from inat_classifier.training_step import Trainer
+from inat_classifier.checkpoint import load_checkpoint, rng_state, set_rng_state
 from conftest import make_dataset, train_args
-from engine import resume_training
+from inat_classifier.engine import resume_training
 
 CPU = torch.device("cpu")
 
@@ -61,7 +62,7 @@ def test_an_fp32_last_pt_resumes_into_an_enabled_fp16_scaler(bf16_run):
     ckpt = {**ckpt, "optimizer": opt.state_dict()}  # the scaler is what this test is about
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=True)  # what a CUDA fp16 resume builds
-    t = Training(model, opt, nn.CrossEntropyLoss(), CPU, torch.float16, scaler, scheduler=sched)
+    t = Trainer(model, opt, nn.CrossEntropyLoss(), CPU, torch.float16, scaler, scheduler=sched)
     resume_training(ckpt, t, model, bf16_run[1] / "r")
     assert scaler.get_scale() == 2.0**16
 

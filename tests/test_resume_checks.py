@@ -10,7 +10,7 @@ import pytest
 
 import train_parta
 import train_partb
-from cli import UserError
+from inat_classifier.cli import UserError
 from conftest import CLASSES, make_dataset, train_args
 
 MACHINE = ["--workers", "0", "--device", "cpu", "--wandb", "disabled"]

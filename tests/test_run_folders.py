@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import train_parta
-from checkpoint import load_checkpoint
-from cli import UserError
-from config_file import parse_args
+from inat_classifier.checkpoint import load_checkpoint
+from inat_classifier.cli import UserError
+from inat_classifier.config_file import parse_args
 from conftest import CLASSES, REPO, assert_one_line_error, clean_env, make_dataset, read_rows, train_args
-from test_interrupts import needs_tmpfs
-from test_reliability import Done, poll_until, start_script
+from test_signals import needs_tmpfs
+from test_robustness import Done, poll_until, start_script
 
 MACHINE = ["--workers", "0", "--device", "cpu", "--wandb", "disabled"]
 

@@ -16,10 +16,10 @@ from PIL import Image
 
 import data
 import evaluate
-import inference
+from inat_classifier import inference
 import train_parta
-from cli import UserError
-from images import BAD_IMAGES
+from inat_classifier.cli import UserError
+from inat_classifier.images import BAD_IMAGES
 from conftest import CLASSES, make_dataset, run_cli, train_args, write_image
 
 

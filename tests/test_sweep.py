@@ -21,10 +21,10 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 import sweep_offline
 import train_parta
-from cli import UserError
+from inat_classifier.cli import UserError
 from conftest import assert_one_line_error, clean_env, make_dataset, run_cli
-from runs import read_metrics_csv
-from sweep_runs import newest_trials
+from inat_classifier.runs import read_metrics_csv
+from inat_classifier.sweep_runs import newest_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,7 +204,7 @@ def test_offline_random_sweep_ranks_resumes_and_writes_the_best_config(tiny_data
     out = capsys.readouterr().out
     best_name = read_leaderboard(sweep_dir)[0]["run"]
     assert f"best run: {best_name}" in out and f"--config {sweep_dir / 'best.yaml'} --epochs 30" in out
-    import config_file
+    from inat_classifier import config_file
 
     again = config_file.parse_args(train_parta.get_args_parser(), ["--config", str(sweep_dir / "best.yaml"),
                                                                    "--epochs", "30"])

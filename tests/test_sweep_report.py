@@ -14,8 +14,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 from PIL import Image
 
-import cli
-import sweep_report
+from inat_classifier import cli
+from inat_classifier import sweep_report
 import visualize
 from conftest import assert_one_line_error, clean_env, run_cli
 

@@ -12,9 +12,9 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 import train_parta
 import train_partb
-from cli import UserError
-from sweep_engine import build_command
-from sweep_space import build_pruner, build_sampler, check_config, parse_parameters, suggest
+from inat_classifier.cli import UserError
+from inat_classifier.sweep_engine import build_command
+from inat_classifier.sweep_space import build_pruner, build_sampler, check_config, parse_parameters, suggest
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_TYPES = {"filters": int, "filter_org": float, "conv_layers": int, "activation": str, "dropout": float,
@@ -155,7 +155,7 @@ def test_what_cannot_be_mapped_is_one_line_naming_its_key(change, message):
     config = {"program": "train_parta.py", "method": "random", "metric": {"name": "val_acc", "goal": "maximize"},
               "parameters": {"lr": {"values": [0.1]}}}
     config.update(change)
-    with pytest.raises(UserError, match="") as e:
+    with pytest.raises(UserError) as e:
         check_config(config, "s.yaml")
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 

@@ -11,9 +11,10 @@ import torch
 timm = pytest.importorskip("timm")
 
 import train_partb  # noqa: E402
-from checkpoint import load_checkpoint, restore_model  # noqa: E402
+from inat_classifier.checkpoint import load_checkpoint  # noqa: E402
+from models import restore_model  # noqa: E402
 from conftest import CLASSES, REPO, clean_env, make_dataset  # noqa: E402
-from freezing import list_stages  # noqa: E402
+from inat_classifier.freezing import list_stages  # noqa: E402
 from models import build_backbone, count_complexity  # noqa: E402
 
 MODEL = "resnet10t"  # a small timm model: conv stem, layer1-4, fc

@@ -20,9 +20,10 @@ import train_parta
 from conftest import (DEFAULT_REF_FLAGS, PLAIN_REF_FLAGS, REF_EPOCHS, REPO, TRAINED_EPOCHS, clean_env, make_dataset,
                       read_rows, run_cli, train_args)
 from models import ConvNet
-from checkpoint import load_checkpoint, restore_model
-from cli import UserError
-from presets import IMAGENET_MEAN, IMAGENET_STD
+from inat_classifier.checkpoint import load_checkpoint
+from models import restore_model
+from inat_classifier.cli import UserError
+from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time"]
 
@@ -231,20 +232,15 @@ def test_wandb_offline_needs_no_account(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real photos
-IMAGENETTE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette224"
-
-
 @pytest.mark.integration
-def test_one_epoch_on_real_photos(tmp_path):
+def test_one_epoch_on_real_photos(tmp_path, imagenette):
     """20 train + 5 val photos per class of Imagenette (224 px JPEGs, some greyscale) at 32 px."""
-    if not (IMAGENETTE / "train").is_dir():
-        pytest.skip(f"{IMAGENETTE} is not here (it is only on the project's machines)")
     root = tmp_path / "imagenette"
-    classes = sorted(d.name for d in (IMAGENETTE / "train").iterdir() if d.is_dir())
+    classes = sorted(d.name for d in (imagenette / "train").iterdir() if d.is_dir())
     for split, n in (("train", 20), ("val", 5)):
         for c in classes:
             (root / split / c).mkdir(parents=True)
-            for f in sorted((IMAGENETTE / split / c).iterdir())[:n]:
+            for f in sorted((imagenette / split / c).iterdir())[:n]:
                 shutil.copy(f, root / split / c / f.name)
     args = train_parta.get_args_parser().parse_args(
         train_args(root, tmp_path / "runs", "real", 1, "--filters", "8", "--conv_layers", "3"))

@@ -14,17 +14,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-import attribution
-import checkpoint
-import cli
-import figures
-import inference
+from inat_classifier import attribution
+from inat_classifier import checkpoint
+from inat_classifier import cli
+from inat_classifier import figures
+from inat_classifier import inference
 import train_parta
 import visualize
 from conftest import make_dataset, run_cli, assert_one_line_error, train_args
-from images import load_image
+from inat_classifier.images import load_image
 from models import ACTIVATIONS, ConvNet
-from presets import Preprocess
+from inat_classifier.presets import Preprocess
 
 CLASSES3 = ["blue", "green", "red"]
 

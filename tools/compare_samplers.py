@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sweep_space import build_sampler, parse_parameters, suggest  # noqa: E402
+from inat_classifier.sweep_space import build_sampler, parse_parameters, suggest  # noqa: E402
 
 SPACE = {
     "program": "train_parta.py", "method": "bayes", "metric": {"name": "val_acc", "goal": "maximize"},

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 import torchvision
-from amp import Training, grad_scaler, train_step
-from optim import build_ema
-from devices import select_device
+from inat_classifier.precision import grad_scaler
+from inat_classifier.training_step import Trainer, train_step
+from inat_classifier.optim import build_ema
+from inat_classifier.devices import select_device
 dev = select_device("cpu"); torch.manual_seed(0)
 model = torchvision.models.resnet50(num_classes=10).to(memory_format=torch.channels_last)
 def old_ema(decay):
@@ -24,7 +25,7 @@ def old_ema(decay):
     return AveragedModel(model, avg_fn=ema, use_buffers=True)
 x = torch.randn(16, 3, 128, 128).contiguous(memory_format=torch.channels_last); y = torch.randint(0, 10, (16,))
 def timed(ema, steps=6):
-    t = Training(model, torch.optim.AdamW(model.parameters(), 1e-3), nn.CrossEntropyLoss(), dev, None,
+    t = Trainer(model, torch.optim.AdamW(model.parameters(), 1e-3), nn.CrossEntropyLoss(), dev, None,
                  grad_scaler(dev, None), ema=ema)
     train_step(t, x, y); train_step(t, x, y)  # warm-up (first EMA call copies)
     t0 = time.perf_counter()

@@ -1,0 +1,137 @@
+"""Command-line plumbing shared by every script: the one UserError, flag helpers, the one-line-error runner."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+import torch
+
+from inat_classifier.startup import INTERRUPTED, imports_done, work_done
+
+# What a run folder holds that sweep runners read (written by runs.py; here for the lower layers too):
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")  # metrics.csv
+RESULT_FILE = "result.json"  # written once a run has trained all its epochs (or stopped early)
+
+
+class UserError(Exception):
+    """Bad input from the user: the scripts print it as one line and exit 2, no traceback."""
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse what `wandb agent` and people pass: True/False, true/false, 1/0, yes/no."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("true", "t", "1", "yes", "y", "on"):
+        return True
+    if v in ("false", "f", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False, 1/0, yes/no), got '{value}'")
+
+
+def spellings(name: str) -> list[str]:
+    """`--batch_size` and its hyphen spelling `--batch-size`."""
+    names = [f"--{name}"]
+    if "_" in name:
+        names.append(f"--{name.replace('_', '-')}")
+    return names
+
+
+def mark_typed(namespace: argparse.Namespace, dest: str) -> None:
+    namespace._typed_flags = getattr(namespace, "_typed_flags", frozenset()) | {dest}
+
+
+class StoreTyped(argparse._StoreAction):
+    """argparse's store, noting that the flag was typed (see `typed_flags`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        mark_typed(namespace, self.dest)
+
+
+class StoreFalseTyped(argparse._StoreFalseAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        mark_typed(namespace, self.dest)
+
+
+def typed_flags(args: argparse.Namespace) -> frozenset[str]:
+    """The flags typed on the command line, as opposed to defaults (e.g. --epochs on --resume)."""
+    return getattr(args, "_typed_flags", frozenset())
+
+
+def add_flag(group, name: str, **kwargs) -> None:
+    """A flag under both spellings, --name_with_underscores and --name-with-hyphens."""
+    group.add_argument(*spellings(name), dest=name, **({"action": StoreTyped} | kwargs))
+
+
+def add_bool(group, name: str, default: bool | None, help: str, default_text: str | None = None) -> None:
+    """`--name`, `--name=False` (as wandb agent passes it), and `--no-name`.
+
+    default_text describes a default that is decided later (default None), e.g. by a recipe.
+    """
+    shown = default_text if default_text is not None else default
+    group.add_argument(*spellings(name), dest=name, action=StoreTyped, type=str2bool, nargs="?", const=True,
+                       default=default, metavar="BOOL",
+                       help=f"{help} (default: {shown}; --no-{name} turns it off)")
+    group.add_argument(*dict.fromkeys([f"--no-{name}", f"--no-{name.replace('_', '-')}", f"--no_{name}"]),
+                       dest=name, action=StoreFalseTyped, help=argparse.SUPPRESS)
+
+
+FAILURE_HOOKS: list[Callable[[bool], str | None]] = []  # see on_failure
+
+
+def on_failure(hook: Callable[[bool], str | None]) -> None:
+    """Run hook(interrupted) when the script stops on an error or Ctrl-C/SIGTERM; it may return a hint.
+
+    E.g. a run folder created moments before a one-line error is removed again.
+    """
+    FAILURE_HOOKS.append(hook)
+
+
+def fail(message: str, code: int, interrupted: bool = False) -> None:
+    hints = [h for h in (hook(interrupted) for hook in reversed(FAILURE_HOOKS)) if h]
+    FAILURE_HOOKS.clear()
+    print(" ".join([message, *hints]), file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def is_out_of_host_memory(error: RuntimeError) -> bool:
+    text = str(error)
+    return "can't allocate memory" in text or "not enough memory" in text
+
+
+def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
+            argv: list[str] | None = None,
+            parse: Callable[[argparse.ArgumentParser, list[str] | None], argparse.Namespace] | None = None) -> None:
+    """Parse and run; bad input becomes one 'error:' line and exit code 2, never a traceback.
+
+    Ctrl-C or SIGTERM at any moment (the training loop has its own, gentler handler) ends with
+    one line and exit code 130, after `finally` blocks removed their temp files. `parse` replaces
+    parser.parse_args, e.g. config_file.parse_args; a UserError from it is one line too.
+    """
+    try:
+        args = parse(parser, argv) if parse else parser.parse_args(argv)
+    except UserError as e:
+        fail(f"error: {e}", 2)
+    try:
+        imports_done()
+    except ValueError:  # not the main thread
+        pass
+    try:
+        main(args)
+    except (UserError, ValueError, OSError) as e:  # OSError: unwritable folders, vanished files
+        fail(f"error: {e}", 2)
+    except torch.cuda.OutOfMemoryError:
+        fail("error: out of GPU memory; lower --batch_size or --image_size, or use --amp fp16/bf16", 2)
+    except RuntimeError as e:
+        if not is_out_of_host_memory(e):
+            raise
+        fail("error: out of memory; lower --batch_size, --image_size or --workers", 2)
+    except KeyboardInterrupt:
+        fail(INTERRUPTED, 130, True)
+    try:
+        work_done()
+    except ValueError:  # not the main thread
+        pass

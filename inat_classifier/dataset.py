@@ -1,0 +1,260 @@
+"""The dataset on disk: finding classes and photos, and the stratified train/val split (data.py is its CLI)."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from inat_classifier.cli import UserError
+from inat_classifier.download import DownloadFailed, default_url, download_dataset
+from inat_classifier.images import special_kind
+
+DEFAULT_DATA_DIR = "data/inaturalist_12K"
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+HELDOUT_NAMES = ("test", "val")
+
+
+# ----------------------------------------------------------------------------- discovery
+@dataclass
+class DatasetFiles:
+    """The files of one dataset root: class names and (path, label) samples per split."""
+
+    root: Path
+    classes: list[str]
+    train: list[tuple[str, int]]
+    heldout: list[tuple[str, int]]
+    heldout_name: str
+
+
+def is_image_file(path: str | Path) -> bool:
+    name = os.path.basename(str(path))
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def list_class_dirs(split_dir: Path) -> list[str]:
+    """Class folders of a split; hidden ones (.name) are not classes, and each is named in a warning."""
+    dirs = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    for name in (d for d in dirs if d.startswith(".")):
+        warn(f"ignoring the folder {split_dir / name}: hidden folders (names starting with '.') are not classes")
+    return [d for d in dirs if not d.startswith(".")]
+
+
+def unreadable_folder(error: OSError) -> None:
+    """os.walk's onerror: a folder it cannot list (no permission) is an error, not an empty class."""
+    raise UserError(f"folder {error.filename} cannot be read ({error.strerror}); fix its permissions "
+                    f"(chmod) or remove it")
+
+
+def photo_id(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a photo file, through links: one id for symlinks and hard links alike.
+
+    None, with a warning, for what cannot be a photo: a broken link, a FIFO, socket or device
+    (a FIFO would block the first open() forever, so none of them is ever opened).
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        broken = os.path.islink(path) and not os.path.exists(path)
+        warn(f"skipping {path}: " + (f"a link to {os.readlink(path)}, which does not exist" if broken
+                                     else f"{e.strerror or e}"))
+        return None
+    kind = special_kind(st.st_mode)
+    if kind:
+        warn(f"skipping {path}: {kind}, not a regular file (never opened)")
+        return None
+    return st.st_dev, st.st_ino
+
+
+def class_photos(class_dir: Path) -> dict[tuple[int, int], str]:
+    """Image files below one class folder (recursively, through symlinks): file id -> its first path.
+
+    Each real file once, however many links (symbolic or hard) reach it. A folder link back into
+    what is already walked (`ln -s . self`, `ln -s .. up`, two links to one place) would count
+    photos twice or walk forever: it is skipped, with a warning.
+    """
+    top = os.path.realpath(class_dir)
+    visited: set[str] = set()
+    files: dict[tuple[int, int], str] = {}  # file id -> the first path (in sorted order) that reaches it
+    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=unreadable_folder, followlinks=True):
+        visited.add(os.path.realpath(dirpath))
+        keep = []
+        for d in sorted(n for n in dirnames if not n.startswith(".")):
+            target = os.path.realpath(os.path.join(dirpath, d))
+            if target in visited or top == target or top.startswith(target + os.sep):
+                warn(f"skipping {os.path.join(dirpath, d)}: a link to {target}, which is "
+                     f"already included (a loop or a second way to the same photos)")
+                continue
+            visited.add(target)
+            keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            if is_image_file(name):
+                path = os.path.join(dirpath, name)
+                key = photo_id(path)
+                if key is not None:
+                    files.setdefault(key, path)
+    return dict(sorted(files.items(), key=lambda kv: kv[1]))
+
+
+def resolve_data_dir(data_dir: str | Path) -> Path:
+    """The folder that holds train/; accepts the zip's parent folder too."""
+    root = Path(data_dir).expanduser()
+    if (root / "train").is_dir():
+        return root
+    if (root / "inaturalist_12K" / "train").is_dir():
+        return root / "inaturalist_12K"
+    raise UserError(
+        f"no dataset found: looked for {root / 'train'}/<class>/*.jpg; get iNaturalist 12K with "
+        f"'python data.py download --dest data' (or add --download yes), or pass --data_dir DIR"
+    )
+
+
+def find_heldout_dir(root: Path) -> tuple[Path, str] | None:
+    for name in HELDOUT_NAMES:
+        if (root / name).is_dir():
+            return root / name, name
+    return None
+
+
+def scan_split(split_dir: Path, classes: Sequence[str], owners: dict[tuple[int, int], str]) -> list[tuple[str, int]]:
+    """(path, label) of every photo of a split; owners (file id -> path) spans splits and classes."""
+    samples = []
+    for label, name in enumerate(classes):
+        photos = class_photos(split_dir / name)
+        if not photos:
+            raise UserError(f"class folder {split_dir / name} has no images")
+        for key, f in photos.items():
+            first = owners.setdefault(key, f)
+            if first != f:
+                raise UserError(f"the same photo is in two places, {first} and {f} (a link or a copy by "
+                                f"link); every photo must belong to one class of one split")
+        samples.extend((f, label) for f in photos.values())
+    return samples
+
+
+def discover(data_dir: str | Path, need_heldout: bool = False) -> DatasetFiles:
+    """Find classes and samples; class folders must match between train/ and the held-out split."""
+    root = resolve_data_dir(data_dir)
+    classes = list_class_dirs(root / "train")
+    if not classes:
+        raise UserError(f"{root / 'train'} has no class folders (expected train/<class>/*.jpg)")
+    heldout = find_heldout_dir(root)
+    heldout_samples: list[tuple[str, int]] = []
+    heldout_name = ""
+    if heldout is not None:
+        held_dir, heldout_name = heldout
+        held_classes = list_class_dirs(held_dir)
+        if held_classes != classes:
+            only_train = sorted(set(classes) - set(held_classes))
+            only_held = sorted(set(held_classes) - set(classes))
+            raise UserError(
+                f"class folders differ between {root / 'train'} and {held_dir}: "
+                f"only in train: {only_train or 'none'}; only in {heldout_name}: {only_held or 'none'}"
+            )
+    elif need_heldout:
+        raise UserError(f"no held-out split: expected {root / 'val'} or {root / 'test'}")
+    owners: dict[tuple[int, int], str] = {}
+    train = scan_split(root / "train", classes, owners)
+    if heldout is not None:
+        heldout_samples = scan_split(held_dir, classes, owners)
+    return DatasetFiles(root, classes, train, heldout_samples, heldout_name)
+
+
+def check_trainable(classes: Sequence[str], samples: Sequence[tuple[str, int]], unreadable: set[str],
+                    where: Path | str) -> None:
+    """Refuse a dataset a classifier cannot learn from: under 2 classes, or a class without a readable image."""
+    if len(classes) < 2:
+        raise UserError(f"{where} has {len(classes)} class folder{'s' * (len(classes) != 1)} "
+                        f"({', '.join(classes) or 'none'}); a classifier needs at least 2")
+    readable = [0] * len(classes)
+    for path, label in samples:
+        readable[label] += path not in unreadable
+    if not any(readable):
+        raise UserError(f"none of the {len(samples)} images in {where} can be read (not images, or damaged); "
+                        f"'python data.py stats --data_dir DIR' lists them")
+    empty = [c for c, n in zip(classes, readable) if n == 0]
+    if empty:
+        raise UserError(f"class{'es' * (len(empty) > 1)} {', '.join(empty)} in {where} "
+                        f"ha{'ve' if len(empty) > 1 else 's'} no readable image; fix or remove "
+                        f"{'them' if len(empty) > 1 else 'it'} ('python data.py stats' lists unreadable files)")
+
+
+def stratified_split(
+    samples: Sequence[tuple[str, int]], val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Indices of train and val: `val_fraction` of every class, the same for the same seed."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(i)
+    rng = random.Random(seed)
+    train_idx, val_idx = [], []
+    for label in sorted(by_class):
+        idx = sorted(by_class[label], key=lambda i: samples[i][0])
+        rng.shuffle(idx)
+        n_val = round(len(idx) * val_fraction)
+        if val_fraction > 0 and len(idx) > 1:
+            n_val = max(n_val, 1)  # every class in both parts
+        n_val = min(n_val, len(idx) - 1)  # never leave a class without training images
+        val_idx.extend(idx[:n_val])
+        train_idx.extend(idx[n_val:])
+    return sorted(train_idx), sorted(val_idx)
+
+
+def split_to_json(root: Path, samples, train_idx, val_idx) -> dict:
+    """The split as paths relative to the data root, so it survives moving the dataset."""
+    rel = lambda i: os.path.relpath(samples[i][0], root)  # noqa: E731
+    return {"train": [rel(i) for i in train_idx], "val": [rel(i) for i in val_idx]}
+
+
+def split_from_json(root: Path, split: dict, classes: Sequence[str]) -> tuple[list, list]:
+    """Samples of a saved split; the label comes from the class folder in the path."""
+    index = {c: i for i, c in enumerate(classes)}
+
+    def load(rel_paths):
+        out = []
+        for rel in rel_paths:
+            cls = Path(rel).parts[1] if len(Path(rel).parts) > 2 else Path(rel).parts[0]
+            if cls not in index:
+                raise UserError(f"saved split names class '{cls}' that is not among {list(classes)}")
+            out.append((str(root / rel), index[cls]))
+        return out
+
+    train, val = load(split["train"]), load(split["val"])
+    missing = [path for path, _ in train + val if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"{len(missing)} of the run's {len(train) + len(val)} photos are no longer in {root} "
+                        f"(first: {os.path.relpath(missing[0], root)}); the data folder changed since the run: "
+                        f"restore them, or pass --data_dir with the original dataset")
+    return train, val
+
+
+def ensure_data(data_dir: str | Path, download: str = "auto", url: str | None = None) -> Path:
+    """Resolve the data root, fetching nature_12K.zip first when it is missing and `download` says so.
+
+    download: "yes" fetches into any missing folder; "auto" only into the default folder (the first
+    run of a new user), never into a --data_dir somebody typed; "no" never.
+    """
+    try:
+        return resolve_data_dir(data_dir)
+    except UserError:
+        if download == "no" or (download == "auto" and str(data_dir) != DEFAULT_DATA_DIR):
+            raise
+    url = url or default_url()
+    data_dir = Path(data_dir)
+    dest = data_dir.parent if data_dir.name == "inaturalist_12K" else data_dir
+    print(f"no dataset in {data_dir}: downloading {url} (once; later runs reuse it)")
+    try:
+        download_dataset(dest, url)
+    except DownloadFailed as e:  # offline: the hand-placed archive; other errors (full disk, a clash) say their own fix
+        raise UserError(f"{e}. Without internet, put the archive at {dest / Path(url.split('?')[0]).name} "
+                        f"(it is extracted on the next run), or pass --data_dir") from None
+    return resolve_data_dir(data_dir)

@@ -1,0 +1,424 @@
+"""The training loop: `train_one_epoch`, `evaluate` and `fit` (epochs, validation, checkpoints, resume, stop).
+
+Scripts build their model and loaders, then call `fit`; every optimisation step goes through
+`training_step.train_step`. No step waits for the host: loss and accuracy are summed on the device and
+read every SYNC_EVERY steps.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from inat_classifier.precision import autocast, precision_name
+
+from inat_classifier.training_step import Trainer, train_step
+from inat_classifier.checkpoint import (TrainState, atomic_torch_save, checkpoint_payload, load_weights, rng_state,
+                        set_rng_state)
+from inat_classifier.cli import RESULT_FILE, UserError
+from inat_classifier.dataset import check_trainable
+from inat_classifier.devices import all_reduce_sum, distributed, finish_distributed, sum_dtype
+from inat_classifier.freezing import set_train_mode
+from inat_classifier.images import BAD_IMAGES, batch_to_device
+from inat_classifier.optim import (EmaWeights, load_schedule_progress, run_lr_finder)
+from inat_classifier.folder_lock import release_folder
+from inat_classifier.runs import RunSetup, write_metrics_csv, write_result
+from inat_classifier.sampler import EpochSampler
+from inat_classifier.storage import remove_stale_temps
+from inat_classifier.tracking import WandbLogger, plot_curves, progress, say
+from inat_classifier.trainer import build_trainer, complete_trainer, stepping_module
+
+SYNC_EVERY = 20  # steps between host reads of the running loss (and agreement on stopping under torchrun)
+
+
+class StopRequested:
+    """Turns Ctrl-C / SIGTERM into a flag the loop checks after each step.
+
+    A second signal does not cut the save the first one asked for (it is only noted); a third
+    quits at once, for a step that never ends.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.count = 0
+        self.previous: dict = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count >= 3:
+            raise KeyboardInterrupt
+        if self.signum is not None:  # e.g. a killed sweep runner's death signal, once per runner thread
+            say(f"{signal.Signals(signum).name}: still saving last.pt; once more quits without saving", err=True)
+            return
+        self.signum = signum
+        say(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt ...", err=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def check_finite_weights(model: nn.Module, epoch: int, step: int) -> None:
+    """Never save weights an overflowing update made NaN/inf as a 'good' checkpoint."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]  # BN statistics too
+    if not torch.stack([torch.isfinite(t).all() for t in tensors]).all().item():
+        raise NonFiniteLoss(f"weights became non-finite at epoch {epoch}, batch {step}")
+
+
+class EpochMeter:
+    """Loss and accuracy of one epoch: summed on the device each step, read by the host at sync points."""
+
+    def __init__(self, device: torch.device, partial: dict) -> None:
+        self.device = device
+        self.sums = {"loss": 0.0, "correct": 0.0, "seen": 0, **partial}  # host side, as saved mid-epoch
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite batch
+        self.pending = 0  # images added since the last sync
+        self.t0, self.images = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor, step: int) -> None:
+        loss = loss.float()
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+        self.loss += loss * y.shape[0]
+        self.correct += (out.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
+        self.pending += y.shape[0]
+        self.images += y.shape[0]
+
+    def sync(self, epoch: int, step: int) -> None:
+        """Move the device sums to the host; raise NonFiniteLoss on every process if any saw one."""
+        loss, correct, bad = self.loss.item(), self.correct.item(), int(self.first_bad.item())
+        failed = bad >= 0 or not math.isfinite(loss)
+        if distributed():  # every process must stop together, or the others wait forever
+            failed = all_reduce_sum([float(failed)], self.device)[0] > 0
+        if failed:
+            raise NonFiniteLoss(f"loss became {loss} at epoch {epoch}, batch {bad if bad >= 0 else step}")
+        self.sums["loss"] += loss
+        self.sums["correct"] += correct
+        self.sums["seen"] += self.pending
+        self.loss.zero_(), self.correct.zero_()
+        self.pending = 0
+
+    def postfix(self) -> dict:
+        seen = max(1, self.sums["seen"])
+        return {"loss": f"{self.sums['loss'] / seen:.3f}", "acc": f"{self.sums['correct'] / seen:.3f}",
+                "img_s": f"{self.images / (time.perf_counter() - self.t0):.0f}"}
+
+    def totals(self) -> dict:
+        """train_loss and train_acc over all processes."""
+        loss, correct, seen = all_reduce_sum([self.sums["loss"], self.sums["correct"], float(self.sums["seen"])],
+                                             self.device)
+        return {"train_loss": loss / max(1, seen), "train_acc": correct / max(1, seen)}
+
+
+def stop_agreed(stop: StopRequested, step: int, checkpoint_due: bool, device: torch.device) -> bool:
+    """Whether to stop after this step; under torchrun all processes decide together, at shared points."""
+    if not distributed():
+        return bool(stop)
+    if not (step % SYNC_EVERY == 0 or checkpoint_due):
+        return False
+    stopping = all_reduce_sum([float(bool(stop))], device)[0] > 0
+    if stopping:
+        stop.signum = stop.signum or signal.SIGTERM  # a process the signal did not reach stops too
+    return stopping
+
+
+def readable_batches(loader: Iterable, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) of each loader batch on the device, without the batches whose images were all unreadable.
+
+    Under torchrun every process must take the same steps (the all-reduces pair them up), so
+    there such a batch is replaced by the previous readable one (the next one, early in an epoch).
+    """
+    fill = distributed()
+    last, owed = None, 0
+    for batch in loader:
+        moved = batch_to_device(batch, device)
+        if moved is None:
+            if fill and last is not None:
+                yield last
+            owed += fill and last is None
+            continue
+        for _ in range(owed + 1):
+            yield moved
+        last, owed = moved, 0
+    if owed:  # the other processes would wait for these steps forever
+        raise UserError("every image this process was given in the epoch is unreadable")
+
+
+def micro_batch_place(step: int, accum_steps: int, total: int) -> tuple[int, bool]:
+    """For batch `step` (0-based) of an epoch of `total`: how many micro-batches its optimizer step has
+    (accum_steps, fewer in the epoch's last step) and whether this batch is that step's last."""
+    first = step // accum_steps * accum_steps
+    micro = min(accum_steps, total - first)
+    return micro, step + 1 - first == micro
+
+
+def train_one_epoch(trainer: Trainer, loader: Iterable, epoch: int, args: argparse.Namespace, state: TrainState,
+                    stop: StopRequested, save_mid_epoch: Callable[[int, dict], None]) -> dict:
+    """One pass over the training data; returns train_loss and train_acc ({} when stopped mid-epoch)."""
+    set_train_mode(trainer.model)
+    meter = EpochMeter(trainer.device, state.partial)
+    step, k = state.batches_done, trainer.accum_steps
+    total = step + len(loader)  # a resumed epoch's loader holds only the batches still to come
+    bar = progress(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, total=len(loader))
+    for x, y in readable_batches(bar, trainer.device):
+        if trainer.mix is not None:
+            x, y = trainer.mix(x, y)  # soft targets; accuracy counts the dominant class
+        micro, update = micro_batch_place(step, k, total)
+        loss, out = train_step(trainer, x, y, micro, update)
+        step += 1
+        meter.add(loss, out, y, step)
+        # Saves and stops only between optimizer steps: a resume never loses accumulated gradients.
+        every = args.save_every
+        checkpoint_due = update and bool(every) and (step - micro) // every < step // every
+        stopping = update and stop_agreed(stop, step, checkpoint_due, trainer.device)
+        if step % SYNC_EVERY == 0 or stopping or checkpoint_due:
+            meter.sync(epoch, step)
+            bar.set_postfix(meter.postfix())
+        if stopping or checkpoint_due:
+            check_finite_weights(trainer.model, epoch, step)
+            save_mid_epoch(step, dict(meter.sums))
+            if stopping:
+                bar.close()
+                return {}
+    meter.sync(epoch, step)
+    check_finite_weights(trainer.model, epoch, step)
+    bar.close()
+    return meter.totals()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,
+             criterion: nn.Module | None = None) -> dict:
+    """Loss and accuracy over a loader, each sample counted once over all processes."""
+    model.eval()
+    criterion = criterion or nn.CrossEntropyLoss()
+    loss_sum = torch.zeros((), device=device, dtype=sum_dtype(device))
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    for batch in loader:
+        moved = batch_to_device(batch, device)
+        if moved is None:
+            continue
+        x, y = moved
+        with autocast(device, dtype):
+            out = model(x)
+        out = out.float()
+        loss_sum += criterion(out, y).to(loss_sum.dtype) * y.shape[0]
+        correct += (out.argmax(1) == y).sum()
+        n += y.shape[0]
+    total_loss, total_correct, n = all_reduce_sum([loss_sum.item(), float(correct.item()), float(n)], device)
+    return {"loss": total_loss / max(1, n), "acc": total_correct / max(1, n), "n": int(n)}
+
+
+class Checkpointer:
+    """Writes a run's best.pt and last.pt (rank 0 only); the EMA's weights when there is one."""
+
+    def __init__(self, run_dir: Path, meta: dict, model: nn.Module, save_model: nn.Module, trainer: Trainer,
+                 train_loader: Iterable, enabled: bool) -> None:
+        self.run_dir, self.meta, self.enabled = run_dir, meta, enabled
+        self.model, self.save_model = model, save_model  # what trains; what the files hold (contains it)
+        self.trainer, self.train_loader = trainer, train_loader
+
+    def save_best(self, state: TrainState) -> None:
+        if self.enabled:
+            with EmaWeights(self.model, self.trainer.ema):  # the weights that were validated
+                atomic_torch_save(checkpoint_payload(self.meta, self.save_model, state), self.run_dir / "best.pt")
+
+    def save_last(self, state: TrainState, batches_done: int = 0, partial: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        trainer = self.trainer
+        with EmaWeights(self.model, trainer.ema):
+            payload = checkpoint_payload(self.meta, self.save_model, state)
+        payload.update(optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
+                       scaler=trainer.scaler.state_dict(), precision=precision_name(trainer.dtype), rng=rng_state(trainer.device),
+                       batches_done=batches_done,
+                       partial=partial or {})
+        if getattr(self.train_loader, "generator", None) is not None:
+            payload["loader_rng"] = self.train_loader.generator.get_state()
+        if trainer.ema is not None:
+            payload["ema"] = trainer.ema.state_dict()
+            payload["train_state"] = {k: v.detach().clone() for k, v in self.save_model.state_dict().items()}
+        atomic_torch_save(payload, self.run_dir / "last.pt")
+
+
+def resume_training(ckpt: dict, trainer: Trainer, save_model: nn.Module, run_dir: Path) -> TrainState:
+    """Weights, optimizer, schedule, loss scale, RNGs and EMA from last.pt: the run continues exactly."""
+    load_weights(save_model, ckpt.get("train_state", ckpt["model_state"]), run_dir / "last.pt")
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    load_schedule_progress(trainer.scheduler, ckpt["scheduler"])
+    if ckpt["scaler"] and trainer.scaler.is_enabled():  # a run that now starts fp16 starts a fresh scale
+        trainer.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], trainer.device)
+    if trainer.ema is not None and "ema" in ckpt:
+        trainer.ema.load_state_dict(ckpt["ema"])
+    state = TrainState(ckpt["epoch"], ckpt["metrics"], ckpt["best_val_acc"], ckpt["best_epoch"],
+                       ckpt.get("batches_done", 0), ckpt.get("partial", {}))
+    print(f"resuming {run_dir} after epoch {state.epoch}"
+          + (f", batch {state.batches_done}" if state.batches_done else ""))
+    return state
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A distinct seed for every run seed, epoch and torchrun rank: epochs step by 1, run seeds by 1000
+    (room for 1000 epochs), ranks by the prime 7919, so no two of them collide in practice."""
+    return seed * 1000 + epoch + 7919 * rank
+
+
+def seed_epoch(setup: RunSetup, train_loader: Iterable, epoch: int, state: TrainState) -> None:
+    """Fix the epoch's batch order and random draws, so a resumed run repeats them exactly."""
+    args, rank = setup.args, setup.dist.rank
+    sampler = getattr(train_loader, "sampler", None)
+    if isinstance(sampler, EpochSampler):
+        sampler.set_epoch(epoch, state.batches_done * setup.rank_batch_size)
+    generator = getattr(train_loader, "generator", None)
+    if state.batches_done and setup.resume is not None:
+        # Resumed mid-epoch: the saved RNG states continue the epoch where it stopped.
+        if generator is not None and "loader_rng" in setup.resume:
+            generator.set_state(setup.resume["loader_rng"])
+    else:
+        # Per-epoch seeds make a resumed run draw the same augmentations and dropout.
+        torch.manual_seed(epoch_seed(args.seed, epoch, rank))
+        if generator is not None:
+            generator.manual_seed(epoch_seed(args.seed, epoch, rank))
+
+
+def record_epoch(setup: RunSetup, state: TrainState, row: dict, saver: Checkpointer, logger: WandbLogger) -> None:
+    """Add the epoch to the history; rank 0 writes best.pt, last.pt, metrics.csv, curves and the log line."""
+    bad = BAD_IMAGES.take_epoch_count()
+    state.history.append(row)
+    state.epoch = row["epoch"]
+    improved = row["val_acc"] > state.best_val_acc
+    if improved:
+        state.best_val_acc, state.best_epoch = row["val_acc"], row["epoch"]
+        saver.save_best(state)
+    saver.save_last(state)
+    if not setup.dist.main:
+        return
+    write_metrics_csv(setup.run_dir, state.history)
+    plot_curves({setup.run_dir.name: state.history}, setup.run_dir / "curves.png")
+    logger.log({**row, "skipped_images": bad}, step=row["epoch"])
+    say(f"epoch {row['epoch']:>3}/{setup.args.epochs}  train_loss {row['train_loss']:.4f}  "
+        f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f}  "
+        f"val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  {row['epoch_time']:.1f}s"
+        + (f"  ({bad} unreadable images skipped)" if bad else "") + ("  *" if improved else ""))
+
+
+def run_epochs(setup: RunSetup, trainer: Trainer, train_loader: Iterable, val_loader: Iterable, state: TrainState,
+               saver: Checkpointer, logger: WandbLogger, on_epoch_start: Callable[[int], bool] | None) -> None:
+    """Train and validate epoch by epoch until --epochs, --patience or a stop signal (KeyboardInterrupt)."""
+    args = setup.args
+    first = state.epoch + 1
+    with StopRequested() as stop:
+        for epoch in progress(range(state.epoch + 1, args.epochs + 1), desc="epochs", initial=state.epoch,
+                              total=args.epochs):
+            if on_epoch_start is not None and on_epoch_start(epoch) and setup.dist.world > 1:
+                # DDP only syncs what was trainable when it wrapped: wrap (and compile) the new set
+                trainer.model = stepping_module(saver.model, args, setup.dist, trainer.device)
+            seed_epoch(setup, train_loader, epoch, state)
+            t0 = time.perf_counter()
+            train = train_one_epoch(trainer, train_loader, epoch, args, state, stop,
+                                    lambda step, sums: saver.save_last(state, step, sums))
+            if stop:
+                raise KeyboardInterrupt
+            if epoch == first and not distributed():  # truncated files pass the header check; now all were read
+                check_trainable(setup.classes, setup.train_samples, BAD_IMAGES.seen, setup.root / "train")
+            state.batches_done, state.partial = 0, {}
+            with EmaWeights(saver.model, trainer.ema):
+                val = evaluate(trainer.model, val_loader, trainer.device, trainer.dtype, trainer.criterion)
+            record_epoch(setup, state, {"epoch": epoch, **train, "val_loss": val["loss"], "val_acc": val["acc"],
+                                        "lr": trainer.optimizer.param_groups[0]["lr"],
+                                        "epoch_time": time.perf_counter() - t0}, saver, logger)
+            if args.patience and epoch - state.best_epoch >= args.patience:
+                print(f"early stop: no better val_acc for {args.patience} epochs")
+                break
+
+
+def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: Iterable, param_groups: list[dict],
+        meta: dict, device: torch.device, save_model: nn.Module | None = None,
+        on_epoch_start: Callable[[int], bool] | None = None) -> TrainState:
+    """Train with AMP, validate, checkpoint and log every epoch; resumable and interruptible.
+
+    `model` is what runs on each batch; `save_model` (default `model`) is what the checkpoints
+    hold, e.g. the full network when only its head trains on cached features. `meta`
+    (checkpoint.checkpoint_meta) goes into every checkpoint. `on_epoch_start(epoch)` returns True
+    when it changed which parameters train. Under torchrun, rank 0 alone writes files and W&B.
+    """
+    args, run_dir, main = setup.args, setup.run_dir, setup.dist.main
+    save_model = save_model or model
+    plain = build_trainer(args, model, param_groups, device)
+    if getattr(args, "lr_find", False):
+        run_lr_finder(plain, train_loader, run_dir, main)
+        finish_distributed()
+        return TrainState()
+    trainer = complete_trainer(plain, args, len(train_loader), len(meta["class_names"]), setup.dist)
+    state = resume_training(setup.resume, trainer, save_model, run_dir) if setup.resume else TrainState()
+    if state.epoch >= args.epochs:
+        print(f"nothing to train: {run_dir} has trained all its {state.epoch} epochs; "
+              f"add --epochs N to train it further")
+        finish_distributed()
+        return state
+    if main:
+        (run_dir / RESULT_FILE).unlink(missing_ok=True)  # complete again only when these epochs are done
+        remove_stale_temps(run_dir)  # of a save cut by kill -9
+    logger = WandbLogger(args, run_dir, run_dir.name, meta["config"]) if main else WandbLogger.off()
+    saver = Checkpointer(run_dir, meta, model, save_model, trainer, train_loader, enabled=main)
+    try:
+        run_epochs(setup, trainer, train_loader, val_loader, state, saver, logger, on_epoch_start)
+    except KeyboardInterrupt:
+        logger.finish()
+        if not (run_dir / "last.pt").exists():
+            raise  # nothing saved yet: cli.run_cli says how to start the run again
+        if main:
+            say(f"interrupted: progress is in {run_dir / 'last.pt'}; continue with --resume {run_dir}", err=True)
+        sys.exit(130)
+    except NonFiniteLoss as e:
+        logger.finish()
+        last_good = run_dir / "last.pt"
+        message = (f"{e}; stopped instead of training on garbage. Last good checkpoint: "
+                   f"{last_good if last_good.exists() else 'none yet'} (try a lower --lr or --grad_clip)")
+        if distributed():  # every process stopped at the same batch; rank 0 says why, in one line
+            if main:
+                print(f"error: {message}", file=sys.stderr, flush=True)
+            finish_distributed()  # after the print: torchrun stops the others once one has exited
+            sys.exit(2)
+        raise UserError(message) from None
+    except Exception:  # never leave a W&B run open on an unexpected error
+        logger.finish()
+        raise
+    logger.close(state.best_val_acc, run_dir / "curves.png")
+    if main:
+        write_result(run_dir, state.epoch, state.best_val_acc, state.best_epoch)
+    finish_distributed()
+    return state
+
+
+def report(setup: RunSetup, state: TrainState) -> None:
+    """The closing lines of a training script (rank 0 only); its run folder is free for the next process."""
+    release_folder(setup.run_dir)
+    if setup.dist.main and not getattr(setup.args, "lr_find", False):
+        print(f"run folder: {setup.run_dir}")
+        print(f"best val_acc: {state.best_val_acc:.4f} (epoch {state.best_epoch})")

@@ -1,0 +1,438 @@
+"""The report of a hyperparameter sweep read from its Optuna study: W&B-style panels as PNGs and tables.
+
+    python visualize.py sweep --sweep_dir sweeps/parta [--top 5] [--out DIR] [--wandb]
+    python visualize.py sweep --storage sqlite:///sweeps.db --study parta-sweep
+
+Panels: metric vs created (with best so far), parallel coordinates, parameter importance (fANOVA)
+beside each parameter's correlation with the metric, top-N validation curves; tables: every run,
+the importances, and per categorical parameter its values' best and mean metric (also as CSV).
+Words: a run is one trial (a continued trial replaces the failed one it continues); "complete" runs
+trained all their epochs, "finished" ones are complete, pruned or failed (not running).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from inat_classifier.cli import UserError, add_flag
+from inat_classifier.figures import pyplot, save_figure
+from inat_classifier.sweep_engine import fmt, read_history
+from inat_classifier.sweep_runs import newest_trials
+from inat_classifier.sweep_storage import journal_path, open_study
+from inat_classifier.tracking import WandbLogger
+
+STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+# How each state is drawn in the metric-vs-created and parallel-coordinates panels.
+MARKERS = {"complete": ("o", "C0"), "pruned": ("v", "C1"), "failed": ("X", "C3"), "running": ("s", "C7"),
+           "waiting": ("s", "C7")}
+LINESTYLES = {"complete": "-", "pruned": "--", "failed": ":"}
+
+
+@dataclass
+class Run:
+    """One run of the sweep: its newest trial, its state, and its metric (best epoch per goal)."""
+    trial: Any  # optuna.trial.FrozenTrial
+    name: str
+    state: str
+    metric: float | None
+    run_dir: Path | None
+
+
+# ----------------------------------------------------------------------------- runs
+def trial_metric(trial, goal: str) -> float | None:
+    """The trial's value; for a pruned, failed or running one without it, its best epoch so far."""
+    if trial.value is not None and math.isfinite(trial.value):
+        return float(trial.value)
+    values = [v for v in trial.intermediate_values.values() if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return float(max(values) if goal == "maximize" else min(values))
+
+
+def select_runs(study, base: Path, goal: str) -> list[Run]:
+    """Every run once, in creation order: the newest trial of each run folder (sweep_runs.newest_trials),
+    placed where the run's first trial was created."""
+    trials = study.get_trials(deepcopy=False)
+    created: dict[str, tuple] = {}  # a continued run was created when its first trial was
+    for t in trials:
+        key = t.user_attrs.get("run_dir")
+        start = (t.datetime_start is None, t.datetime_start or 0, t.number)
+        if key is not None:
+            created[key] = min(created[key], start) if key in created else start
+    runs = []
+    for rel, t in sorted(newest_trials(study).items(), key=lambda kv: created[kv[0]]):
+        state = STATES.get(t.state.name, t.state.name.lower())
+        runs.append(Run(t, Path(rel).name, state, trial_metric(t, goal), base / rel))
+    return runs
+
+
+def ranked(runs: Sequence[Run], goal: str) -> list[Run]:
+    """Complete runs best first, then the others with a metric, then those without one (creation order)."""
+    sign = -1.0 if goal == "maximize" else 1.0
+    return sorted(runs, key=lambda r: (r.metric is None, r.state != "complete", sign * (r.metric or 0.0)))
+
+
+def searched_params(runs: Sequence[Run]) -> dict[str, Any]:
+    """Each searched parameter's distribution, as its newest run has it (sorted by name, like Optuna)."""
+    dists: dict[str, Any] = {}
+    for r in runs:
+        dists.update(r.trial.distributions)
+    return dict(sorted(dists.items()))
+
+
+def is_categorical(dist) -> bool:
+    return type(dist).__name__ == "CategoricalDistribution"
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    table = [[fmt(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(t[i]) for t in table]) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for t in table:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
+
+
+def print_runs(runs: Sequence[Run], params: dict, metric: str, goal: str) -> None:
+    """Every run, best first, with its state (pruned, failed, running runs marked as such)."""
+    rows = [[i, r.name, r.state, r.metric, r.trial.user_attrs.get("epochs", len(r.trial.intermediate_values)),
+             *(r.trial.params.get(p) for p in params)] for i, r in enumerate(ranked(runs, goal), 1)]
+    counts = {s: sum(r.state == s for r in runs) for s in dict.fromkeys(r.state for r in runs)}
+    print_table(f"runs ({len(runs)}: {', '.join(f'{n} {s}' for s, n in counts.items())}; {metric} {goal}):",
+                ["rank", "run", "state", metric, "epochs", *params], rows)
+
+
+# ----------------------------------------------------------------------------- metric vs created
+def plot_metric_vs_created(runs: Sequence[Run], metric: str, goal: str, out: Path, dpi: int) -> Path:
+    """Every run's metric in creation order and the best so far; runs without a metric sit on the x-axis."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
+    xs = np.arange(1, len(runs) + 1)
+    for state, (marker, colour) in MARKERS.items():
+        have = [(x, r.metric) for x, r in zip(xs, runs) if r.state == state and r.metric is not None]
+        lack = [x for x, r in zip(xs, runs) if r.state == state and r.metric is None]
+        if have:
+            ax.scatter(*zip(*have), marker=marker, color=colour, s=36, zorder=3, label=state)
+        if lack:  # drawn on the x-axis (axes coordinates), so that no made-up metric stretches the scale
+            ax.scatter(lack, [0.0] * len(lack), marker=marker, edgecolors=colour, facecolors="none", s=36,
+                       zorder=3, clip_on=False, transform=ax.get_xaxis_transform(), label=f"{state}, no {metric}")
+    best, line = None, []
+    for x, r in zip(xs, runs):  # like W&B, every run's metric counts: a pruned run's best epoch was reached
+        if r.metric is not None and (best is None or (r.metric > best if goal == "maximize" else r.metric < best)):
+            best = r.metric
+        line.append(np.nan if best is None else best)
+    ax.step(xs, line, where="post", color="k", lw=1.2, alpha=0.7, label="best so far")
+    ax.set(xlabel="run, in creation order", ylabel=metric, title=f"{metric} vs created ({goal})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, out, dpi)
+
+
+# ----------------------------------------------------------------------------- parallel coordinates
+def axis_position(value: Any, dist) -> float:
+    """A parameter value's height on its axis, in [0, 1]: categoricals evenly spaced, log floats in log10."""
+    if is_categorical(dist):
+        k = len(dist.choices)
+        return dist.choices.index(value) / (k - 1) if k > 1 else 0.5
+    lo, hi, v = float(dist.low), float(dist.high), float(value)
+    if dist.log:
+        lo, hi, v = math.log10(lo), math.log10(hi), math.log10(v)
+    return (v - lo) / (hi - lo) if hi > lo else 0.5
+
+
+def axis_ticks(dist, n: int = 5) -> list[tuple[float, str]]:
+    """(height, label) of an axis' ticks: every choice, or n values evenly spaced on its (log) scale."""
+    if is_categorical(dist):
+        return [(axis_position(c, dist), str(c)) for c in dist.choices]
+    lo, hi = float(dist.low), float(dist.high)
+    values = np.geomspace(lo, hi, n) if dist.log else np.linspace(lo, hi, n)
+    if type(dist).__name__ == "IntDistribution":
+        values = np.unique(np.round(values).astype(int))
+    return [(axis_position(v, dist), fmt(float(v)) if not isinstance(v, np.integer) else str(v)) for v in values]
+
+
+def parallel_coordinates_figure(runs: Sequence[Run], params: dict, metric: str):
+    """One line per finished run with a metric over the parameters, the metric last; returns (fig, lines)."""
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+
+    shown = [r for r in runs if r.state in LINESTYLES and r.metric is not None and set(params) <= set(r.trial.params)]
+    values = [r.metric for r in shown]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo, hi)
+    norm, cmap = plt.Normalize(lo, hi), plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(1.6 * len(params) + 3.5, 4.8), layout="constrained")
+    for r in shown:
+        ys = [axis_position(r.trial.params[p], d) for p, d in params.items()] + [norm(r.metric)]
+        ax.plot(range(len(ys)), ys, color=cmap(norm(r.metric)), ls=LINESTYLES[r.state], lw=1.4, alpha=0.85,
+                gid=f"run:{r.name}")
+    metric_ticks = [(norm(v), fmt(float(v))) for v in np.linspace(lo, hi, 5)]
+    for i, ticks in enumerate([*(axis_ticks(d) for d in params.values()), metric_ticks]):
+        ax.axvline(i, color="k", lw=0.8)
+        for y, label in ticks:
+            ax.text(i - 0.03, y, label, ha="right", va="center", fontsize=7,
+                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.7, pad=0.5))
+    ax.set_xticks(range(len(params) + 1), [*params, metric])
+    ax.set_yticks([])
+    ax.set_xlim(-0.4, len(params) + 0.1)
+    ax.set_ylim(-0.05, 1.05)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    states = sorted({r.state for r in shown}, key=list(LINESTYLES).index)
+    ax.legend([Line2D([], [], color="k", ls=LINESTYLES[s]) for s in states], states, fontsize=8, ncol=3,
+              loc="upper center", bbox_to_anchor=(0.5, -0.07), frameon=False)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric, pad=0.02)
+    ax.set_title(f"{len(shown)} finished runs (log-searched parameters on log axes)")
+    return fig, len(shown)
+
+
+# ----------------------------------------------------------------------------- importance, correlation
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties sharing their mean rank (as Spearman's rho needs)."""
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="mergesort")] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):
+        r[x == v] = r[x == v].mean()
+    return r
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (nan when either side is constant)."""
+    a, b = ranks(np.asarray(x, float)), ranks(np.asarray(y, float))
+    if a.std() == 0 or b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def correlation_ratio(labels: Sequence[Any], y: Sequence[float]) -> float:
+    """eta: how much of the metric's variance the categories explain, sqrt(between / total), in [0, 1]."""
+    y = np.asarray(y, float)
+    total = ((y - y.mean()) ** 2).sum()
+    if total == 0:
+        return math.nan
+    between = sum(len(g) * (g.mean() - y.mean()) ** 2
+                  for g in (y[[lab == v for lab in labels]] for v in dict.fromkeys(labels)))
+    return float(math.sqrt(between / total))
+
+
+def correlation(dist, xs: Sequence[Any], ys: Sequence[float]) -> tuple[float, str]:
+    """(value, kind): Spearman's rho for numbers (a monotone relation, log scale or not, counts the same), and
+    for categoricals whose choices are not all numbers eta, unsigned, since their order means nothing."""
+    numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in getattr(dist, "choices", [0]))
+    if numeric:
+        return spearman([float(x) for x in xs], ys), "spearman"
+    return correlation_ratio(xs, ys), "eta"
+
+
+def importance_table(study, runs: Sequence[Run], params: dict, metric: str) -> list[list] | str:
+    """Rows of (parameter, fANOVA importance, correlation, kind) over the complete runs, or why there are none."""
+    done = [r for r in runs if r.state == "complete" and r.metric is not None]
+    if len(done) < 2:
+        return f"no importance: {len(done)} complete run(s) with a {metric}; it needs at least 2"
+    if len({r.metric for r in done}) == 1:
+        return f"no importance: every complete run has the same {metric} ({fmt(done[0].metric)})"
+    varied = [p for p in params if len({repr(r.trial.params.get(p)) for r in done}) > 1]
+    if not varied:
+        return "no importance: no searched parameter varies between the complete runs"
+    import optuna
+
+    try:  # fANOVA is Optuna's, and reads the study's COMPLETE trials (a continued run's newest trial)
+        imp = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except ImportError as e:
+        return f"no importance: fANOVA needs scikit-learn (pip install scikit-learn; {e.name or e})"
+    except (ValueError, RuntimeError) as e:  # e.g. parameters that only some runs have
+        return f"no importance: {str(e).splitlines()[0][:200]}"
+    rows = []
+    for p, value in imp.items():
+        have = [r for r in done if p in r.trial.params]
+        corr, kind = correlation(params.get(p), [r.trial.params[p] for r in have], [r.metric for r in have])
+        rows.append([p, value, corr, kind])
+    return rows
+
+
+def plot_importance(rows: Sequence[Sequence], metric: str, out: Path, dpi: int) -> Path:
+    """Bars of importance and of correlation per parameter, most important on top (W&B's panel)."""
+    plt = pyplot()
+    names = [r[0] for r in rows][::-1]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 0.45 * len(rows) + 1.6), sharey=True, layout="constrained")
+    a.barh(names, [r[1] for r in rows][::-1], color="C0")
+    a.set(xlabel="fANOVA importance (sums to 1)", title=f"importance for {metric}", xlim=(0, 1))
+    corr = [0.0 if math.isnan(r[2]) else r[2] for r in rows][::-1]
+    kinds = [r[3] for r in rows][::-1]
+    colours = ["0.6" if k == "eta" else ("C2" if c >= 0 else "C3") for c, k in zip(corr, kinds)]
+    bars = b.barh(names, corr, color=colours)
+    for bar, k in zip(bars, kinds):
+        if k == "eta":
+            bar.set_hatch("//")
+    b.axvline(0, color="k", lw=0.8)
+    b.set(xlabel="Spearman's rho (grey, hatched: eta of a categorical)", title=f"correlation with {metric}",
+          xlim=(-1, 1))
+    for ax in (a, b):
+        ax.grid(axis="x", alpha=0.3)
+    return save_figure(fig, out, dpi)
+
+
+# ----------------------------------------------------------------------------- categorical parameters
+def categorical_rows(runs: Sequence[Run], param: str, dist, goal: str) -> list[list]:
+    """Per value: best and mean metric over its complete runs, then its complete/pruned/failed/running counts."""
+    pick = max if goal == "maximize" else min
+    rows = []
+    for value in dist.choices:
+        mine = [r for r in runs if param in r.trial.params and r.trial.params[param] == value]
+        done = [r.metric for r in mine if r.state == "complete" and r.metric is not None]
+        rows.append([value, pick(done) if done else None, sum(done) / len(done) if done else None,
+                     *(sum(r.state == s for r in mine) for s in ("complete", "pruned", "failed", "running"))])
+    return rows
+
+
+def categorical_tables(runs: Sequence[Run], params: dict, metric: str, goal: str, out_dir: Path) -> list[Path]:
+    """Print every categorical parameter's table and write it to OUT/<param>.csv; returns the CSV paths."""
+    paths = []
+    for param, dist in params.items():
+        if not is_categorical(dist):
+            continue
+        header = [param, f"best_{metric}", f"mean_{metric}", "complete", "pruned", "failed", "running"]
+        rows = categorical_rows(runs, param, dist, goal)
+        print_table(f"{param} (best and mean over complete runs):", header, rows)
+        path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', param)}.csv"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows([["" if v is None else v for v in row] for row in rows])
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- top curves
+def plot_top_curves(runs: Sequence[Run], metric: str, goal: str, top: int, out: Path, dpi: int) -> tuple[Path, int]:
+    """The metric per epoch (metrics.csv) of the top runs on one plot; a run without it is skipped with a note."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    drawn = 0
+    for r in [r for r in ranked(runs, goal) if r.metric is not None][:top]:
+        history = read_history(r.run_dir) if r.run_dir is not None else []
+        points = [(h["epoch"], h[metric]) for h in history if "epoch" in h and metric in h]
+        if not points:
+            where = r.run_dir / "metrics.csv" if r.run_dir is not None else "its trial (no run_dir)"
+            print(f"note: {r.name}: no {metric} per epoch in {where}; its curve is skipped")
+            continue
+        state = "" if r.state == "complete" else f", {r.state}"
+        ax.plot(*zip(*points), "-o", ms=3, label=f"{r.name} ({metric} {fmt(r.metric)}{state})")
+        drawn += 1
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch of the top {top} runs")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no run has a metrics.csv", ha="center", transform=ax.transAxes)
+    return save_figure(fig, out, dpi), drawn
+
+
+# ----------------------------------------------------------------------------- W&B
+def wandb_project(study, runs: Sequence[Run]) -> tuple[str, str | None]:
+    """(project, entity) of the sweep's runs: as their config says, else the program's default project
+    (train_parta.py logs to inat12k-parta, train_partb.py to inat12k-partb)."""
+    config = next((r.trial.user_attrs.get("run_config") or {} for r in reversed(runs)
+                   if r.trial.user_attrs.get("run_config")), {})
+    program = Path(str(study.user_attrs.get("program") or "")).stem
+    default = f"inat12k-{program.removeprefix('train_')}" if program.startswith("train_") else "inat12k"
+    return (study.user_attrs.get("project") or config.get("wandb_project") or default), config.get("wandb_entity")
+
+
+def log_report(images: dict[str, Path], study, runs: Sequence[Run], out_dir: Path) -> bool:
+    """Log the PNGs as one W&B run of the sweep's project: online with an API key, else offline; never prompts."""
+    project, entity = wandb_project(study, runs)
+    ns = argparse.Namespace(wandb="auto", wandb_project=project, wandb_entity=entity)
+    try:
+        logger = WandbLogger(ns, out_dir, f"sweep-report-{study.study_name}",
+                             {"study": study.study_name, **dict(study.user_attrs)})
+    except UserError as e:  # the PNGs are written already: W&B trouble costs only the upload
+        print(f"W&B: not logging the report ({e})")
+        return False
+    logged = logger.run is not None
+    try:
+        for key, path in images.items():
+            logger.log_image(f"sweep/{key}", path)
+    finally:
+        logger.finish()
+    print(f"W&B: logged {len(images)} figures to project {project} ({out_dir / 'wandb'})" if logged
+          else "W&B: not logging the report")
+    return logged
+
+
+# ----------------------------------------------------------------------------- command
+DESCRIPTION = ("Report of a hyperparameter sweep from its Optuna study: metric vs created, parallel coordinates, "
+               "parameter importance and correlation, top-N validation curves (PNGs, default SWEEP_DIR/report), "
+               "and tables of the runs and of each categorical parameter's values (also as CSV).")
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    add_flag(p, "sweep_dir", default=None, help="the sweep folder (its optuna.journal; run folders are relative to it)")
+    add_flag(p, "storage", default=None, help="database URL or journal file, instead of SWEEP_DIR/optuna.journal")
+    add_flag(p, "study", default=None, help="study name in --storage (default: its only study)")
+    add_flag(p, "top", type=int, default=5, help="validation curves of this many best runs (default: %(default)s)")
+
+
+def open_report_study(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The study and the folder its run_dirs are relative to (the sweep folder, or the journal's)."""
+    if args.sweep_dir is None and args.storage is None:
+        raise UserError("give --sweep_dir DIR (or --storage URL with --study NAME)")
+    if args.sweep_dir is not None and not Path(args.sweep_dir).is_dir():
+        raise UserError(f"--sweep_dir {args.sweep_dir}: no such folder")
+    if args.top < 1:
+        raise UserError(f"--top must be >= 1, got {args.top}")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Using an existing study" chatter
+    study = open_study(Path(args.sweep_dir) if args.sweep_dir else None, args.storage, args.study, read_only=True)
+    journal = journal_path(Path(args.sweep_dir) if args.sweep_dir else None, args.storage)
+    base = Path(args.sweep_dir) if args.sweep_dir else (journal.parent if journal is not None else Path("."))
+    return study, base
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Write the report's PNGs and CSVs and print the tables; returns the paths and the drawn-line counts."""
+    study, base = open_report_study(args)
+    metric = str(study.user_attrs.get("metric") or "value")
+    goal = str(study.user_attrs.get("goal") or study.direction.name.lower())
+    runs = select_runs(study, base, goal)
+    if not runs:
+        print(f"{base}: the study '{study.study_name}' has no runs yet; nothing to report")
+        return {"runs": 0}
+    out_dir = Path(args.out) if args.out else base / "report"
+    params = searched_params(runs)
+    print_runs(runs, params, metric, goal)
+    images = {"metric_vs_created": plot_metric_vs_created(runs, metric, goal, out_dir / "metric_vs_created.png",
+                                                          args.dpi)}
+    fig, lines = parallel_coordinates_figure(runs, params, metric)
+    images["parallel_coordinates"] = save_figure(fig, out_dir / "parallel_coordinates.png", args.dpi)
+    rows = importance_table(study, runs, params, metric)
+    if isinstance(rows, str):
+        print(f"\n{rows}")
+    else:
+        print_table(f"parameter importance for {metric} (fANOVA, seed 0) and correlation (spearman: Spearman's "
+                    "rho; eta: correlation ratio of a categorical, unsigned), over complete runs:",
+                    ["parameter", "importance", "correlation", "kind"], rows)
+        images["importance"] = plot_importance(rows, metric, out_dir / "importance.png", args.dpi)
+    csvs = categorical_tables(runs, params, metric, goal, out_dir)
+    images["top_curves"], curves = plot_top_curves(runs, metric, goal, args.top, out_dir / "top_curves.png",
+                                                   args.dpi)
+    print()
+    for path in [*images.values(), *csvs]:
+        print(f"wrote {path}")
+    if args.wandb:
+        log_report(images, study, runs, out_dir)
+    return {"runs": len(runs), "images": images, "csvs": csvs, "parallel_lines": lines, "curves": curves,
+            "importance": rows}

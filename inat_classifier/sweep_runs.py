@@ -1,0 +1,354 @@
+"""The offline sweep's run loop: claim a run from the study, train it as a child process, record how it ended.
+
+A claimed run is an Optuna trial. Its folder, number and program values are trial attributes, with
+the folder relative to the sweep folder, so a copied or moved sweep continues in place. A run
+whose runner stopped (Ctrl-C, SIGTERM) or died (kill -9, a lost node: a stale heartbeat) is
+marked FAIL and queued again with its attributes; the next claim continues its folder from
+last.pt with --resume.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from inat_classifier.sweep_engine import (Run, metrics_columns, plain, print_leaderboard, ranked, read_history, run_command,
+                          run_result, summarize)
+from inat_classifier.sweep_process import Interrupted, error_line, execute, failure_note, run_dir_from_output
+from inat_classifier.sweep_space import Parameter, build_pruner, build_sampler, grid_values, metric_of, suggest
+from inat_classifier.sweep_storage import Heartbeat, fail_stale_runs, requeue
+
+INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"
+STATES = {TrialState.COMPLETE: "finished", TrialState.PRUNED: "stopped", TrialState.RUNNING: "running",
+          TrialState.WAITING: "queued"}
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # the runner prints its own lines
+
+
+@dataclass
+class Sweep:
+    """One sweep: its folder, config and parameters, its study (None before its first run), and how runs start."""
+
+    dir: Path
+    config: dict
+    params: list[Parameter]
+    study: optuna.Study | None
+    config_path: Path | None
+    program: str = ""
+    train_args: list[str] = field(default_factory=list)
+
+    @property
+    def metric(self) -> tuple[str, str]:
+        return metric_of(self.config)
+
+
+@dataclass
+class Claim:
+    """A run this runner trains now: its trial and what the trial records."""
+
+    trial: optuna.Trial
+    name: str
+    run_dir: str  # relative to the sweep folder
+    run_config: dict  # {name: {"value": v}}, as W&B hands it to the agent
+    resumed_after: int = 0  # epochs already in its folder
+    earlier_s: float = 0.0
+    resume: bool = False  # continue its folder (it exists: the trainer started it) with --resume
+
+
+def with_sampler(sweep: Sweep, args: argparse.Namespace) -> optuna.Study:
+    """The sweep's study with this runner's sampler and pruner (a loaded study has Optuna's defaults)."""
+    study = sweep.study
+    study.sampler = build_sampler(sweep.config, sweep.params, args.seed)
+    study.pruner = build_pruner(sweep.config, args.early_terminate)
+    return study
+
+
+# ----------------------------------------------------------------------------- the runs of a study
+def newest_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    """The newest trial of every run folder: a continued run's earlier, FAIL trials are not runs of their own."""
+    newest: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False):
+        folder = t.user_attrs.get("run_dir")
+        if folder is not None and (folder not in newest or t.number > newest[folder].number):
+            newest[folder] = t
+    return newest
+
+
+def run_of(sweep: Sweep, t: optuna.trial.FrozenTrial) -> Run:
+    """A trial as a leaderboard row: its metric from the study, or from its metrics.csv while unfinished."""
+    metric, goal = sweep.metric
+    a = t.user_attrs
+    history = read_history(sweep.dir / a["run_dir"])
+    best, best_epoch = summarize(history, metric, goal)
+    state = STATES.get(t.state) or a.get("status", "failed")
+    if t.state == TrialState.COMPLETE:
+        best, best_epoch = t.value, a.get("best_epoch", best_epoch)
+    elapsed = time.time() - t.datetime_start.timestamp() if t.state == TrialState.RUNNING and t.datetime_start else 0
+    return Run(name=Path(a["run_dir"]).name, number=a.get("run", t.number + 1), state=state, run_dir=a["run_dir"],
+               config={k: v.get("value") for k, v in (a.get("run_config") or {}).items()}, metric=best,
+               best_epoch=best_epoch, epochs=len(history), minutes=(a.get("duration_s", 0.0) + elapsed) / 60,
+               note=a.get("note", ""))
+
+
+def sweep_runs(sweep: Sweep) -> list[Run]:
+    """Every run of the sweep, once each."""
+    if sweep.study is None:
+        return []
+    return [run_of(sweep, t) for t in newest_trials(sweep.study).values()]
+
+
+def best_run(sweep: Sweep, runs: list[Run]) -> Run | None:
+    finished = [r for r in runs if r.metric is not None and r.state == "finished"]
+    return ranked(finished, sweep.metric[1])[0] if finished else None
+
+
+# Flags of a run's args.json that belong to that run's folder, not to its configuration.
+RUN_BOOKKEEPING = ("out_dir", "run_name", "resume", "wandb", "config", "use_cache")
+
+
+def write_best_config(sweep: Sweep, best: Run, writable: bool) -> None:
+    """Print the best run's ready command and write SWEEP_DIR/best.yaml: its flags, for --config."""
+    run_dir = sweep.dir / best.run_dir
+    try:
+        flags = json.loads((run_dir / "args.json").read_text())
+    except (OSError, ValueError):
+        print(f"[sweep] best run {best.name}: no readable {run_dir / 'args.json'}; no best.yaml")
+        return
+    flags = {k: v for k, v in flags.items() if k not in RUN_BOOKKEEPING}
+    program = Path(sweep.config["program"]).name
+    target = sweep.dir / "best.yaml"
+    if writable:
+        target.write_text(f"# {best.name} of {sweep.dir}: {sweep.metric[0]} {best.metric:.4f}\n"
+                          + yaml.safe_dump(flags, sort_keys=False))
+    print(f"\nbest run: {best.name} ({sweep.metric[0]} {best.metric:.4f}, epoch {best.best_epoch})")
+    print(f"train it again, longer:  python {program} --config {target} --epochs 30"
+          + ("" if writable else f"   ({sweep.dir} is read-only: no best.yaml written)"))
+    print(f"test it:                 python evaluate.py --ckpt {run_dir / 'best.pt'}")
+
+
+def show_leaderboard(sweep: Sweep, top: int) -> None:
+    print_leaderboard(sweep.dir, sweep.config, sweep_runs(sweep), top)
+
+
+# ----------------------------------------------------------------------------- claiming
+def done_reason(sweep: Sweep) -> str | None:
+    """Why no run is left to claim: run_cap reached, or every grid point has run or is running."""
+    runs = newest_trials(sweep.study)
+    cap = sweep.config.get("run_cap")
+    if cap is not None and len(runs) >= cap and not any(t.state == TrialState.WAITING for t in runs.values()):
+        return f"[sweep] run_cap reached: {len(runs)} runs"
+    if sweep.config["method"] == "grid":
+        total = math.prod(len(grid_values(p)) for p in sweep.params if p.searched)
+        taken = {t.system_attrs.get("grid_id") for t in sweep.study.get_trials(deepcopy=False)
+                 if t.user_attrs.get("status") != "duplicate"} - {None}
+        if len(taken) >= total and not any(t.state == TrialState.WAITING for t in runs.values()):
+            return "[sweep] grid search complete: every configuration has run or is running"
+    return None
+
+
+def duplicate_grid_point(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether another runner holds this trial's grid point: the continued run, or else the lowest trial number."""
+    me = study._storage.get_trial(trial._trial_id)
+    grid_id = me.system_attrs.get("grid_id")
+    if grid_id is None:
+        return False
+    for t in study.get_trials(deepcopy=False):
+        if t.number == me.number or t.system_attrs.get("grid_id") != grid_id or t.state == TrialState.FAIL:
+            continue
+        if "failed_trial" in t.system_attrs or t.number < me.number:
+            return True
+    return False
+
+
+def claim_run(sweep: Sweep, stale_s: float) -> Claim | None:
+    """A run to train: a queued one to continue, else a new sample; None when the sweep is done."""
+    study = sweep.study
+    for number in fail_stale_runs(study, stale_s):
+        print(f"[sweep] trial {number}: its runner stopped beating; its run is queued to continue")
+    while True:
+        reason = done_reason(sweep)
+        if reason:
+            print(reason)
+            return None
+        trial = study.ask()
+        attrs = trial.user_attrs
+        if "run_dir" in attrs:  # a run queued to continue: its folder, from its last.pt
+            epochs = len(read_history(sweep.dir / attrs["run_dir"]))
+            trial.set_user_attr("note", f"resumed after epoch {epochs}")
+            return Claim(trial, Path(attrs["run_dir"]).name, attrs["run_dir"], attrs["run_config"], epochs,
+                         attrs.get("duration_s", 0.0), resume=(sweep.dir / attrs["run_dir"]).is_dir())
+        if duplicate_grid_point(study, trial):
+            trial.set_user_attr("status", "duplicate")
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        run_config = plain(suggest(trial, sweep.params))
+        name = f"run-{trial.number + 1:03d}"  # trial numbers are unique across runners: no coordination needed
+        for key, value in {"run": trial.number + 1, "run_dir": f"runs/{name}", "run_config": run_config,
+                           "log": f"logs/{name}.log"}.items():
+            trial.set_user_attr(key, value)
+        return Claim(trial, name, f"runs/{name}", run_config)
+
+
+# ----------------------------------------------------------------------------- training
+def command_of(args: argparse.Namespace, sweep: Sweep, claim: Claim) -> list[str]:
+    """The agent's command for the run; a continued run resumes its folder (--resume wins over the rest)."""
+    command = run_command(sweep.config, claim.run_config, sweep.program, sweep.dir / "runs", claim.name,
+                          args.interpreter, args.wandb, sweep.train_args)
+    return command + (["--resume", str(sweep.dir / claim.run_dir)] if claim.resume else [])
+
+
+def pruning_check(sweep: Sweep, claim: Claim, heartbeat: Heartbeat, run_dir: Path, hyperband: bool):
+    """What the watcher calls every poll: a heartbeat, and each new epoch's metric for the pruner."""
+    metric = sweep.metric[0]
+    reported: set[int] = set()
+
+    def check() -> bool:
+        heartbeat.beat()
+        if not hyperband:
+            return False
+        new = [row for row in read_history(run_dir) if row.get("epoch") not in reported and metric in row]
+        for row in new:
+            claim.trial.report(row[metric], step=row["epoch"])
+            reported.add(row["epoch"])
+        return bool(new) and claim.trial.should_prune()
+
+    return check
+
+
+def train_claimed(args: argparse.Namespace, sweep: Sweep, claim: Claim) -> str | None:
+    """Train a claimed run and record it; its state, or None when the runner was interrupted meanwhile."""
+    run_dir, log = sweep.dir / claim.run_dir, sweep.dir / "logs" / f"{claim.name}.log"
+    if run_result(run_dir) is not None:  # it completed, but its runner died before recording that
+        return record_end(sweep, claim, 0, False, [], 0.0, "completed; its runner stopped before it recorded that")
+    values = " ".join(f"{k}={v['value']}" for k, v in claim.run_config.items()
+                      if k in {p.name for p in sweep.params if p.searched})
+    print(f"\n[sweep] {claim.name}: {values}" + (f" (resuming it after epoch {claim.resumed_after})"
+                                               if claim.resume else ""), flush=True)
+    command = command_of(args, sweep, claim)
+    print("[sweep] $ " + " ".join(command), flush=True)
+    heartbeat = Heartbeat(sweep.study, claim.trial, args.stale_s)
+    heartbeat.beat()
+    hyperband = args.early_terminate and bool(sweep.config.get("early_terminate"))
+    check = pruning_check(sweep, claim, heartbeat, run_dir, hyperband)
+    t0 = time.time()
+    try:
+        code, stopped, tail = execute(command, {"name": claim.name}, log, check, args.poll_s,
+                                      not args.quiet, append=claim.resume)
+    except Interrupted as stop:
+        if stop.code == 0 or run_result(run_dir) is not None:  # it completed before it could stop
+            record_end(sweep, claim, 0, False, stop.tail, time.time() - t0)
+        else:
+            record_interrupted(sweep, claim, time.time() - t0)
+        show_leaderboard(sweep, args.top)
+        print(INTERRUPTED, file=sys.stderr)
+        return None
+    return record_end(sweep, claim, code, stopped, tail, time.time() - t0)
+
+
+def record_interrupted(sweep: Sweep, claim: Claim, seconds: float) -> None:
+    """A run cut short by its runner stopping: FAIL, and queued to continue from its last.pt."""
+    trial = claim.trial
+    trial.set_user_attr("status", "interrupted")
+    trial.set_user_attr("note", "interrupted (Ctrl-C / SIGTERM of the runner)")
+    trial.set_user_attr("duration_s", round(claim.earlier_s + seconds, 1))
+    sweep.study.tell(trial, state=TrialState.FAIL)
+    requeue(sweep.study, trial._trial_id)
+
+
+def record_end(sweep: Sweep, claim: Claim, code: int, stopped: bool, tail: list[str], seconds: float,
+               note: str = "") -> str:
+    """Tell the study how the run ended (finished, stopped by hyperband, failed) and print one line; its state."""
+    metric, goal = sweep.metric
+    run_dir = run_dir_from_output(tail, sweep.dir / claim.run_dir)
+    history = read_history(run_dir)
+    best, best_epoch = summarize(history, metric, goal)
+    trial = claim.trial
+    attrs = {"duration_s": round(claim.earlier_s + seconds, 1), "returncode": code, "best_epoch": best_epoch,
+             "epochs": len(history)}
+    if code == 0 or run_result(run_dir) is not None:  # complete, also when it ended before a SIGTERM landed
+        state, status = (TrialState.COMPLETE if best is not None else TrialState.FAIL), "finished"
+        note = note or ("" if best is not None else f"no {metric} in {run_dir / 'metrics.csv'}")
+    elif stopped:
+        state, status, note = TrialState.PRUNED, "stopped", f"stopped by hyperband after epoch {len(history)}"
+    else:
+        state, status, note = TrialState.FAIL, "failed", failure_note(tail, code)
+    for key, value in {**attrs, "status": status, "note": note}.items():
+        trial.set_user_attr(key, value)
+    sweep.study.tell(trial, best if state == TrialState.COMPLETE else None, state=state)
+    result = f"{metric} {best:.4f} (epoch {best_epoch})" if best is not None else "-"
+    print(f"[sweep] {claim.name} {status}: {result} in {attrs['duration_s']:.0f}s" + (f" ({note})" if note else ""),
+          flush=True)
+    if status == "finished" and best is None:
+        columns = metrics_columns(run_dir)
+        print(f"[sweep] warning: no run logs '{metric}': {claim.name}'s metrics.csv has "
+              + (", ".join(columns) if columns else "no columns (or is missing)") + "; fix metric.name in the yaml",
+              flush=True)
+    if status == "failed" and code == 2 and len(history) <= claim.resumed_after:
+        trial_note = error_line(tail)
+        if trial_note:  # bad input fails every run the same way: say why now, not after --count failures
+            return "rejected:" + trial_note
+    return status
+
+
+def run_loop(args: argparse.Namespace, sweep: Sweep) -> int:
+    """Claim, train and record runs until --count, the end of the sweep, a rejected run, too many failures or
+    an interrupt; the exit code: 0, 1 (runs failed), 2 (a run's flags were rejected), 130."""
+    with_sampler(sweep, args)
+    metric, goal = sweep.metric
+    print(f"[sweep] {sweep.dir}: {sweep.config['method']} search, {metric} ({goal}), "
+          f"{len(newest_trials(sweep.study))} runs so far; training {args.count} more", flush=True)
+    failures_in_a_row, trained, failed = 0, 0, 0
+    try:
+        for _ in range(args.count):
+            claim = claim_run(sweep, args.stale_s)
+            if claim is None:
+                break
+            status = train_claimed(args, sweep, claim)
+            if status is None:
+                return 130
+            if status.startswith("rejected:"):
+                print(f"error: {claim.name} was rejected: {status[9:]} (see {sweep.dir / 'logs' / claim.name}.log); "
+                      f"fix the sweep's parameters or the flags after --", file=sys.stderr)
+                return 2
+            trained, failed = trained + 1, failed + (status == "failed")
+            failures_in_a_row = failures_in_a_row + 1 if status == "failed" else 0
+            if args.max_failures and failures_in_a_row >= args.max_failures:
+                print(f"[sweep] stopping: {failures_in_a_row} runs in a row failed; see {sweep.dir / 'logs'}",
+                      file=sys.stderr)
+                show_leaderboard(sweep, args.top)
+                return 1
+    except KeyboardInterrupt:  # between runs
+        show_leaderboard(sweep, args.top)
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    show_leaderboard(sweep, args.top)
+    if trained and failed == trained:
+        print(f"[sweep] every run this runner trained failed ({failed}); see {sweep.dir / 'logs'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def dry_run(args: argparse.Namespace, sweep: Sweep) -> int:
+    """Print the commands of the next --count samples, from a copy of the study in memory; nothing is saved."""
+    memory = optuna.create_study(direction=sweep.metric[1], sampler=build_sampler(sweep.config, sweep.params, args.seed))
+    if sweep.study is not None:
+        memory.add_trials([t for t in sweep.study.get_trials() if t.state.is_finished()])
+    copy = Sweep(sweep.dir, sweep.config, sweep.params, memory, sweep.config_path, sweep.program, sweep.train_args)
+    for _ in range(args.count):
+        if done_reason(copy):
+            print("grid search complete: no more configurations" if sweep.config["method"] == "grid"
+                  else done_reason(copy))
+            break
+        trial = memory.ask()
+        run_config = plain(suggest(trial, sweep.params))
+        claim = Claim(trial, f"run-{trial.number + 1:03d}", f"runs/run-{trial.number + 1:03d}", run_config)
+        trial.set_user_attr("run_dir", claim.run_dir)
+        print(" ".join(command_of(args, copy, claim)))
+    return 0

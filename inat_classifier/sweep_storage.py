@@ -1,0 +1,193 @@
+"""Where a sweep's runs are recorded: an Optuna study in a journal file inside the sweep folder, or in a database.
+
+The journal file needs no server and no `flock` (Optuna locks it with a symlink, which works on
+NFS, Lustre and GPFS), so runners on many nodes of a shared filesystem can share it. A database
+URL (`sqlite:///`, `postgresql://`, `mysql://`) suits many nodes without a shared filesystem.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from inat_classifier.cli import UserError
+
+JOURNAL_NAME = "optuna.journal"
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+# A running run without a heartbeat for GRACE_PERIOD_S is stale (its runner was killed or its node
+# lost) and is continued by the next runner; runners beat HEARTBEATS_PER_GRACE times per period.
+GRACE_PERIOD_S = 120
+HEARTBEATS_PER_GRACE = 6
+
+
+def is_database_url(storage: str) -> bool:
+    """Whether --storage names a database (SQLAlchemy URL, driver suffix allowed) rather than a journal file."""
+    scheme = storage.split("://", 1)[0] if "://" in storage else ""
+    return scheme.split("+", 1)[0] in DATABASE_SCHEMES
+
+
+def journal_path(sweep_dir: Path | None, storage: str | None) -> Path | None:
+    """The journal file a sweep uses (None for a database)."""
+    if storage is None:
+        return Path(sweep_dir) / JOURNAL_NAME
+    if is_database_url(storage):
+        return None
+    return Path(storage[len("file://"):] if storage.startswith("file://") else storage)
+
+
+def open_storage(sweep_dir: Path | None, storage: str | None, read_only: bool = False,
+                 grace_s: int = GRACE_PERIOD_S):
+    """The Optuna storage of a sweep; read_only reads a copy of the journal (a read-only folder, --show)."""
+    import optuna
+    from optuna.storages import journal
+
+    path = journal_path(sweep_dir, storage)
+    if path is None:
+        return _database(storage, grace_s)
+    if path.is_dir():
+        raise UserError(f"--storage {path}: is a folder; give a journal file or a database URL")
+    if read_only:
+        if not path.is_file():
+            raise UserError(f"{path}: no sweep journal here")
+        folder = tempfile.mkdtemp(prefix="sweep-show-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the copy lives as long as the process
+        copy = Path(folder) / JOURNAL_NAME
+        shutil.copyfile(path, copy)
+        path = copy
+    elif (path.exists() and not os.access(path, os.W_OK)) or not os.access(path.parent, os.W_OK):
+        raise UserError(f"{path.parent}: not writable; a sweep records its runs there (--show only reads)")
+    try:
+        return journal.JournalStorage(journal.JournalFileBackend(str(path)))
+    except (optuna.exceptions.StorageInternalError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not an Optuna sweep journal ({type(e).__name__})") from None
+
+
+def _database(url: str, grace_s: int):
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+            return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, grace_s // HEARTBEATS_PER_GRACE),
+                                              grace_period=grace_s, heartbeat_stale_trial_callback=retry)
+        except ImportError as e:
+            raise UserError(f"--storage {url.split('://')[0]}://...: needs its database driver "
+                            f"({e.name or e})") from None
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            if attempt == 2:  # runners starting together race to create the tables: the loser tries again
+                raise UserError(f"--storage {url.split('@')[-1]}: cannot create the study tables "
+                                f"({type(e).__name__})") from None
+            time.sleep(1.0 + attempt)
+        except Exception as e:  # sqlalchemy's errors: a refused connection, a wrong password, not a study schema
+            raise UserError(f"--storage {url.split('@')[-1]}: cannot open the database ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+
+
+def load_study(storage, name: str | None, where: str):
+    """The study `name` in storage; without a name, the storage's only study."""
+    import optuna
+
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as e:  # a journal or database that is not a study
+        raise UserError(f"{where}: not an Optuna sweep storage ({type(e).__name__})") from None
+    if name is None:
+        if len(names) != 1:
+            raise UserError(f"{where}: holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study")
+        name = names[0]
+    if name not in names:
+        raise UserError(f"{where}: has no study '{name}' (it has: {', '.join(names) or 'none'})")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def open_study(sweep_dir: Path | None, storage: str | None, study: str | None, read_only: bool = True):
+    """An existing sweep's study, from its folder's journal or from --storage (with --study)."""
+    where = storage if storage is not None and is_database_url(storage) else str(journal_path(sweep_dir, storage))
+    return load_study(open_storage(sweep_dir, storage, read_only=read_only), study, where)
+
+
+def create_study(storage, name: str, direction: str, attrs: dict):
+    """The sweep's study, created with its config (or joined: another runner may have just created it)."""
+    import optuna
+
+    study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True)
+    if "config" not in study.user_attrs:
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+    return study
+
+
+def is_database(storage) -> bool:
+    import optuna
+
+    return isinstance(storage, optuna.storages.RDBStorage)
+
+
+class Heartbeat:
+    """A running run's sign of life: Optuna's own heartbeat on a database, a trial attribute in a journal.
+
+    Optuna has heartbeats for database storages only; the journal gets the same bound from a
+    `heartbeat` user attribute (a timestamp, appended to the journal like any other write).
+    """
+
+    def __init__(self, study, trial, grace_s: float = GRACE_PERIOD_S) -> None:
+        self.study, self.trial, self.last = study, trial, 0.0
+        self.interval = grace_s / HEARTBEATS_PER_GRACE
+
+    def beat(self, now: float | None = None) -> None:
+        """Record a heartbeat, at most every grace_s / HEARTBEATS_PER_GRACE seconds."""
+        now = time.time() if now is None else now
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        if is_database(self.study._storage):
+            self.study._storage.record_heartbeat(self.trial._trial_id)
+        else:
+            self.trial.set_user_attr("heartbeat", now)
+
+
+def requeue(study, trial_id: int) -> None:
+    """Queue a failed run to be continued: a WAITING trial with its parameters, attributes and history
+    (Optuna's RetryHeartbeatStaleTrialCallback, which database storages call themselves)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    retry(study, study._storage.get_trial(trial_id))
+
+
+def fail_stale_runs(study, grace_s: float = GRACE_PERIOD_S, now: float | None = None) -> list[int]:
+    """Mark running runs whose runner stopped beating FAIL and queue each to continue; their trial numbers.
+
+    Several runners may look at once: only the one whose FAIL lands queues the retry.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    if is_database(study._storage):
+        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        optuna.storages.fail_stale_trials(study)  # Optuna's heartbeat check; its callback queues the retry
+        states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        return [n for n in running if states[n] == TrialState.FAIL]
+    now = time.time() if now is None else now
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        last = t.user_attrs.get("heartbeat", t.datetime_start.timestamp() if t.datetime_start else now)
+        if now - last <= grace_s:
+            continue
+        try:
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another runner was first
+            continue
+        requeue(study, t._trial_id)
+        failed.append(t.number)
+    return failed

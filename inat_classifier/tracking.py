@@ -1,0 +1,167 @@
+"""What a run reports: progress bars and lines, training curves, and W&B logging that needs no account."""
+from __future__ import annotations
+
+import argparse
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from inat_classifier.cli import UserError
+from inat_classifier.figures import pyplot
+from inat_classifier.storage import save_png
+
+
+def progress(iterable: Iterable | None = None, **kwargs: Any) -> Iterable:
+    """A tqdm bar on a terminal (or with TQDM_FORCE set) of rank 0; silent in logs, CI and other ranks."""
+    from tqdm import tqdm
+
+    quiet = (not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None) or os.environ.get("RANK", "0") != "0"
+    return tqdm(iterable, dynamic_ncols=True, disable=quiet, **kwargs)
+
+
+def say(message: str, err: bool = False) -> None:
+    """One line on stdout (stderr with err) above the progress bars; it never fails when the stream is gone
+    (a closed pipe), so a stop still saves."""
+    from tqdm import tqdm
+
+    stream = sys.stderr if err else sys.stdout
+    try:
+        tqdm.write(message, file=stream)
+        stream.flush()
+    except OSError:
+        pass
+
+
+def plot_curves(histories: dict[str, list[dict]], out: Path) -> None:
+    """Loss and accuracy per epoch, train dashed and val solid, one colour per run."""
+    plt = pyplot()
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for i, (label, hist) in enumerate(histories.items()):
+        color = f"C{i % 10}"
+        epochs = [h["epoch"] for h in hist]
+        prefix = f"{label} " if len(histories) > 1 else ""
+        for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+            ax.plot(epochs, [h[f"train_{key}"] for h in hist], "--o", color=color, ms=3, label=f"{prefix}train")
+            ax.plot(epochs, [h[f"val_{key}"] for h in hist], "-o", color=color, ms=3, label=f"{prefix}val")
+    from matplotlib.ticker import MaxNLocator
+
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        save_png(fig, out)
+    finally:
+        plt.close(fig)
+
+
+def wandb_api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    candidates = [os.environ.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc"]
+    for path in filter(None, candidates):
+        try:
+            hosts = netrc.netrc(str(path)).hosts
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if any("wandb" in h for h in hosts):
+            return True
+    return False
+
+
+INIT_TIMEOUT_S = 15.0  # W&B's own default waits 90 s (and more) for an unreachable server before giving up
+
+
+def init_timeout() -> float:
+    """Seconds wandb.init may wait for the server: $WANDB_INIT_TIMEOUT when set, else INIT_TIMEOUT_S."""
+    try:
+        return float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
+    except ValueError:
+        raise UserError(f"WANDB_INIT_TIMEOUT must be a number of seconds, got "
+                        f"'{os.environ['WANDB_INIT_TIMEOUT']}'") from None
+
+
+def wandb_server() -> str:
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
+def online_settings(wandb: Any, mode: str) -> dict:
+    """wandb.init's settings for online mode: a bounded wait, so no network costs seconds, not minutes."""
+    if mode != "online":
+        return {}
+    # W&B's own error reporting flushes to the server when the process exits, waiting some 20 s more
+    # for one that does not answer; it stays off unless WANDB_ERROR_REPORTING asks for it.
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    return {"settings": wandb.Settings(init_timeout=init_timeout())}
+
+
+class WandbLogger:
+    """W&B that never prompts and needs no account: auto picks online only when a key exists."""
+
+    @classmethod
+    def off(cls) -> "WandbLogger":
+        logger = cls.__new__(cls)
+        logger.run = None
+        return logger
+
+    def __init__(self, args: argparse.Namespace, run_dir: Path, name: str, config: dict) -> None:
+        self.run = None
+        mode = args.wandb
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            if mode == "auto":
+                print("W&B: wandb is not installed; logging only to metrics.csv")
+                return
+            raise UserError(f"--wandb {mode} needs the wandb package (pip install wandb), or use --wandb disabled")
+        if mode == "auto":
+            env_mode = os.environ.get("WANDB_MODE")
+            if env_mode in ("online", "offline", "disabled", "dryrun", "run"):
+                mode = {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)
+            elif wandb_api_key_configured():
+                mode = "online"
+            else:
+                mode = "offline"
+                print(f"W&B: no API key configured, logging offline to {run_dir / 'wandb'} "
+                      f"(upload later with 'wandb sync {run_dir / 'wandb'}/offline-run-*')")
+        if mode == "disabled":
+            return
+        self.wandb = wandb
+        kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=name,
+                      config=config, dir=str(run_dir))
+        try:
+            self.run = wandb.init(mode=mode, **kwargs, **online_settings(wandb, mode))
+        except Exception as e:  # no key, no network: never lose the run over logging
+            if mode != "online":
+                raise UserError(f"W&B could not start in {mode} mode: {str(e).splitlines()[0][:200]}") from None
+            print(f"W&B: {wandb_server()} did not start the run ({str(e).splitlines()[0][:80]}; waited at "
+                  f"most {init_timeout():g} s); logging offline to {run_dir / 'wandb'} instead")
+            self.run = wandb.init(mode="offline", **kwargs)
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: Path) -> None:
+        if self.run is not None and path.exists():
+            self.run.log({key: self.wandb.Image(str(path))})
+
+    def close(self, best_val_acc: float, curves: Path) -> None:
+        """The end of a finished run: best val_acc as the summary, the curves as an image."""
+        if best_val_acc >= 0 and self.run is not None:
+            self.run.summary["best_val_acc"] = best_val_acc
+        self.log_image("curves", curves)
+        self.finish()
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
