@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 
 from inat_classifier.dataset import (  # noqa: F401  (the dataset's API, for scripts and notebooks)
-from inat_classifier.download import default_url, download_dataset
-from inat_classifier.images import load_image
     DEFAULT_DATA_DIR, DatasetFiles, HELDOUT_NAMES, IMG_EXTENSIONS, check_trainable, class_photos, discover,
     ensure_data, find_heldout_dir, is_image_file, list_class_dirs, photo_id, resolve_data_dir, scan_split,
     split_from_json, split_to_json, stratified_split, unreadable_folder, warn,
 )
+from inat_classifier.download import default_url, download_dataset
+from inat_classifier.images import load_image
 
 
 def dataset_stats(data_dir: str | Path, check_images: bool = True) -> dict:
