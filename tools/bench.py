@@ -1,6 +1,6 @@
 """Benchmark: images/s of a plain torchvision pipeline vs ours, on the same data, in one run.
 
-    python bench.py --data_dir data/inaturalist_12K --image_size 224 --json bench.json
+    python tools/bench.py --data_dir data/inaturalist_12K --image_size 224 --json bench.json
 
 (a) reference: ImageFolder + PIL transforms every epoch, DataLoader with --workers processes;
 (b) ours: the decoded-image cache with device-side augmentation, for loading alone and for full
@@ -8,6 +8,11 @@
     feature cache. Prints ratios (ours / reference) and writes everything to --json.
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the package, data.py, models.py
 
 if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
     from inat_classifier import startup
@@ -18,16 +23,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: its data.py and models.py
-import data  # noqa: E402
+import data
 from inat_classifier.precision import amp_dtype, grad_scaler
 from inat_classifier.training_step import Trainer, train_step
 from inat_classifier.decoded_cache import DecodedCache, open_decoded_cache

