@@ -21,7 +21,7 @@ from inat_classifier.sweep_space import metric_of
 DEFAULT_SWEEP_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # as wandb agent
 # Flags the runner sets itself on every run; passing them after `--` would break the bookkeeping.
 MANAGED_FLAGS = ("out_dir", "run_name", "resume", "wandb")
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root, where the training scripts are
 OWN_PROGRAMS = ("train_parta.py", "train_partb.py")  # their metrics.csv has exactly METRIC_FIELDS
 
 

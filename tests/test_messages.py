@@ -80,7 +80,7 @@ def test_a_full_out_dir_is_one_line_naming_the_folder_and_sizes(tmp_path):
 WRITERS = """
 import sys
 from pathlib import Path
-import runs, tracking, metrics, storage
+from inat_classifier import metrics, runs, storage, tracking
 folder = Path(sys.argv[1]) / "run"
 folder.mkdir()
 row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5, "lr": 0.1, "epoch_time": 1.0}

@@ -187,7 +187,7 @@ def test_a_cache_that_does_not_fit_is_one_line_naming_the_folder_and_leaves_noth
 def test_a_full_disk_while_decoding_is_an_error_not_a_bus_error(camera_photos, tmp_path):
     """Past the free-space check (another process fills the disk): the reserved blocks fail cleanly."""
     folder = tmp_path / "small"
-    code = ("import sys, errno; from pathlib import Path; import decoded_cache as d\n"
+    code = ("import sys, errno; from pathlib import Path; from inat_classifier import decoded_cache as d\n"
             "try:\n    d.preallocate(Path(sys.argv[1]) / 'x.npy', (100, 3, 256, 256))\n"
             "except OSError as e:\n    sys.exit(3 if e.errno == errno.ENOSPC else 4)\n")
     done = on_small_disk(folder, 4, [sys.executable, "-c", code, folder])
@@ -242,7 +242,7 @@ def test_a_feature_cache_of_the_wrong_shape_is_recomputed_with_one_line(two_clas
 
 def test_signals_during_a_save_are_held_then_delivered(tmp_path):
     """storage.signals_held: the block finishes, then the signal reaches the handler it interrupted."""
-    code = ("import os, signal, storage, sys\n"
+    code = ("import os, signal, sys\nfrom inat_classifier import storage\n"
             "got = []\nsignal.signal(signal.SIGTERM, lambda s, f: got.append('handler'))\n"
             "with storage.signals_held():\n    os.kill(os.getpid(), signal.SIGTERM)\n    got.append('block done')\n"
             "print(got)\n")

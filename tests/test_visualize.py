@@ -20,6 +20,7 @@ from inat_classifier import cli
 from inat_classifier import figures
 from inat_classifier import inference
 import train_parta
+import models
 import visualize
 from conftest import make_dataset, run_cli, assert_one_line_error, train_args
 from inat_classifier.images import load_image
@@ -123,7 +124,7 @@ def test_curves_one_and_several_runs(viz_run, tmp_path):
 
 # ----------------------------------------------------------------------------- prediction grid
 def test_prediction_grid_frames_exactly_the_wrong_predictions(viz_run, tmp_path):
-    model, ckpt = checkpoint.restore_model(viz_run.ckpt, torch.device("cpu"))
+    model, ckpt = models.restore_model(viz_run.ckpt, torch.device("cpu"))
     samples, _ = inference.heldout_samples(ckpt, str(viz_run.root), "test")
     chosen = visualize.choose_samples(samples, 9, seed=3)
     assert chosen == visualize.choose_samples(samples, 9, seed=3) != visualize.choose_samples(samples, 9, seed=4)
@@ -162,7 +163,7 @@ def test_prediction_grid_frames_exactly_the_wrong_predictions(viz_run, tmp_path)
 
 
 def test_prediction_samples_skip_unreadable_files(viz_run, tmp_path, capsys):
-    model, ckpt = checkpoint.restore_model(viz_run.ckpt, torch.device("cpu"))
+    model, ckpt = models.restore_model(viz_run.ckpt, torch.device("cpu"))
     samples, _ = inference.heldout_samples(ckpt, str(viz_run.root), "test")
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
@@ -175,7 +176,7 @@ def test_prediction_samples_skip_unreadable_files(viz_run, tmp_path, capsys):
 
 
 def test_per_class_shows_every_class(viz_run):
-    model, ckpt = checkpoint.restore_model(viz_run.ckpt, torch.device("cpu"))
+    model, ckpt = models.restore_model(viz_run.ckpt, torch.device("cpu"))
     samples, _ = inference.heldout_samples(ckpt, str(viz_run.root), "test")
     chosen = visualize.choose_samples(samples, 0, seed=0, per_class=3, num_classes=3)
     assert [y for _, y in chosen] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -244,7 +245,7 @@ def test_guided_rule_for_non_relu_cuts_negative_inputs_and_gradients():
 
 
 def test_neuron_guided_backprop_and_bad_neuron(viz_run):
-    model, ckpt = checkpoint.restore_model(viz_run.ckpt, torch.device("cpu"))
+    model, ckpt = models.restore_model(viz_run.ckpt, torch.device("cpu"))
     x = torch.randn(1, 3, 32, 32)
     layer = attribution.auto_cam_layer(model, x)
     assert layer == "features.1.2"  # the last block's activation, before its max-pool
@@ -358,7 +359,7 @@ def test_wandb_is_opt_in_and_never_imported_unasked(viz_run, tmp_path, capsys, m
 
 
 def test_every_figure_from_a_part_b_torchvision_checkpoint(viz_run, tmp_path):
-    """A resnet18 checkpoint as Part B writes it (spec kind 'torchvision'), restored by checkpoint.restore_model."""
+    """A resnet18 checkpoint as Part B writes it (spec kind 'torchvision'), restored by models.restore_model."""
     import models
 
     if not hasattr(models, "build_backbone"):
@@ -376,7 +377,7 @@ def test_every_figure_from_a_part_b_torchvision_checkpoint(viz_run, tmp_path):
         out = viz(*argv, "--ckpt", path)
         assert out.parent == path.parent
         assert_png(out)
-    model, _ = checkpoint.restore_model(path, torch.device("cpu"))
+    model, _ = models.restore_model(path, torch.device("cpu"))
     assert attribution.auto_cam_layer(model, torch.randn(1, 3, 64, 64)) == "layer4.1"
 
 
@@ -396,7 +397,7 @@ def colour_blobs(png: Path, hex_colour: str, min_pixels: int) -> list[tuple[floa
 
 def test_prediction_grid_png_draws_one_frame_per_panel_in_its_colour(viz_run, tmp_path):
     """The PNG holds as many green and red frames (rings of >= 300 px) as the returned colours say."""
-    model, ckpt = checkpoint.restore_model(viz_run.ckpt, torch.device("cpu"))
+    model, ckpt = models.restore_model(viz_run.ckpt, torch.device("cpu"))
     samples, _ = inference.heldout_samples(ckpt, str(viz_run.root), "test")
     chosen = visualize.choose_samples(samples, 6, seed=3)
     relabelled = [(p, (y + (i % 3 == 0)) % 3) for i, (p, y) in enumerate(chosen)]  # some wrong for sure
