@@ -125,7 +125,7 @@ def test_default_recipe_trains_the_head_then_unfreezes():
 
 
 @pytest.mark.parametrize("epochs,body_changes", [(1, False), (2, True)])
-def test_unfreezing_at_the_typed_flags_epoch_takes_effect(tiny_data, r18_file, tmp_path, epochs, body_changes):
+def test_unfreezing_at_the_given_epoch_takes_effect(tiny_data, r18_file, tmp_path, epochs, body_changes):
     partb(tiny_data, tmp_path, "--model", "resnet18", "--weights", str(r18_file), "--freeze", "all",
           "--unfreeze_at", "2", "--epochs", str(epochs), "--lr", "0.01")
     last = load_checkpoint(run_dir_of(tmp_path) / "last.pt")

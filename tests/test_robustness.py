@@ -688,7 +688,7 @@ def test_torchrun_two_gloo_processes_train_parta_with_exact_validation(ddp_data,
     assert_validation_matches_single_process_eval(run_dir, ddp_data, tmp_path / "eval")
 
 
-def test_torchrun_process_typed_flags_a_batch_of_unreadable_images_keeps_step_with_the_other(tmp_path):
+def test_torchrun_process_given_a_batch_of_unreadable_images_keeps_step_with_the_other(tmp_path):
     """--cache off, one image per process per step, one truncated JPEG: the process that gets it
     must still take every step, or the other one waits at the next all-reduce forever."""
     data_dir = make_dataset(tmp_path / "ds", ["blue", "red"], n_train=8, n_val=1, size=32)
