@@ -107,24 +107,24 @@ def run_name(args: argparse.Namespace) -> str:
     return f"partb-{model}-{args.freeze.replace(':', '')}{unfreeze}-lr{args.lr:.0e}-blr{args.backbone_lr:.0e}"
 
 
-def param_groups(bb: Backbone, args: argparse.Namespace) -> list[dict]:
+def param_groups(backbone: Backbone, args: argparse.Namespace) -> list[dict]:
     """The new head at --lr, the body at --backbone_lr (frozen parameters join when unfrozen)."""
-    head = bb.model.get_submodule(bb.head_name)
+    head = backbone.model.get_submodule(backbone.head_name)
     head_ids = {id(p) for p in head.parameters()}
-    body = [(n, p) for n, p in bb.model.named_parameters() if id(p) not in head_ids]
+    body = [(n, p) for n, p in backbone.model.named_parameters() if id(p) not in head_ids]
     return (param_groups_with_decay(head.named_parameters(), args.lr, args.weight_decay, "head")
             + param_groups_with_decay(body, args.backbone_lr, args.weight_decay, "backbone"))
 
 
 # ----------------------------------------------------------------------------- main
-def freeze(bb: Backbone, args: argparse.Namespace, strategy: str) -> None:
+def freeze(backbone: Backbone, args: argparse.Namespace, strategy: str) -> None:
     """Apply a --freeze strategy, keeping the body's batch norm frozen with --freeze_bn."""
-    apply_freeze(bb.model, strategy, bb.head_name)
+    apply_freeze(backbone.model, strategy, backbone.head_name)
     if args.freeze_bn:
-        freeze_batchnorm(bb.model, bb.head_name)
+        freeze_batchnorm(backbone.model, backbone.head_name)
 
 
-def unfreezer(bb: Backbone, args: argparse.Namespace) -> Callable[[int], bool]:
+def unfreezer(backbone: Backbone, args: argparse.Namespace) -> Callable[[int], bool]:
     """fit's on_epoch_start: unfreeze everything at --unfreeze_at (True when it did)."""
     done = False  # per process: a resumed run unfreezes again at its first epoch past --unfreeze_at
 
@@ -133,18 +133,18 @@ def unfreezer(bb: Backbone, args: argparse.Namespace) -> Callable[[int], bool]:
         if done or args.unfreeze_at is None or epoch < args.unfreeze_at:
             return False
         done = True
-        freeze(bb, args, "none")
+        freeze(backbone, args, "none")
         print(f"epoch {epoch}: unfreezing the whole model (backbone lr {args.backbone_lr:.1e}"
               f"{', batch norm frozen' if args.freeze_bn else ''})")
         return True
     return on_epoch_start
 
 
-def print_stages(bb: Backbone) -> None:
+def print_stages(backbone: Backbone) -> None:
     """The model's stages (names for --freeze upto:/last:) with their parameter counts."""
-    for name, m in list_stages(bb.model):
+    for name, m in list_stages(backbone.model):
         n = sum(p.numel() for p in m.parameters())
-        mark = "  <- head" if bb.head_name == name or bb.head_name.startswith(name + ".") else ""
+        mark = "  <- head" if backbone.head_name == name or backbone.head_name.startswith(name + ".") else ""
         print(f"{name:<24} {type(m).__name__:<28} {n:>12,}{mark}")
 
 
@@ -152,10 +152,10 @@ def build_backbone_for(args: argparse.Namespace, num_classes: int) -> Backbone:
     """The pretrained backbone with a new head, frozen as --freeze says (the head's init fixed by --seed),
     refused with one line when it cannot take --image_size."""
     torch.manual_seed(args.seed)
-    bb = build_backbone(args.model, args.weights, num_classes)
-    check_input_size(bb.model, args.model, args.image_size or bb.image_size, bb.image_size)
-    freeze(bb, args, args.freeze)
-    return bb
+    backbone = build_backbone(args.model, args.weights, num_classes)
+    check_input_size(backbone.model, args.model, args.image_size or backbone.image_size, backbone.image_size)
+    freeze(backbone, args, args.freeze)
+    return backbone
 
 
 def main(args: argparse.Namespace) -> TrainState | None:
@@ -166,35 +166,35 @@ def main(args: argparse.Namespace) -> TrainState | None:
     if not args.resume:
         resolve_recipe(args)
     if args.summary:
-        bb = build_backbone_for(args, class_count(args.data_dir))
-        print_table(bb.model, args.image_size or bb.image_size)
+        backbone = build_backbone_for(args, class_count(args.data_dir))
+        print_table(backbone.model, args.image_size or backbone.image_size)
         return None
     built: dict = {}  # a new run builds (and so validates) the model before its folder exists
     setup = setup_run(args, run_name(args) if not args.resume else "", get_args_parser(),
-                      validate=lambda n: built.setdefault("bb", build_backbone_for(args, n)))
+                      validate=lambda n: built.setdefault("backbone", build_backbone_for(args, n)))
     args = setup.args
-    bb = built.get("bb") or build_backbone_for(args, len(setup.classes))  # resume: the saved flags
-    args.image_size = args.image_size or bb.image_size
-    preprocess = bb.preprocess(args.image_size)
+    backbone = built.get("backbone") or build_backbone_for(args, len(setup.classes))  # resume: the saved flags
+    args.image_size = args.image_size or backbone.image_size
+    preprocess = backbone.preprocess(args.image_size)
     device = setup.device
-    trainable, total = count_trainable(bb.model)
-    _, macs = count_complexity(bb.model, args.image_size)
-    print(f"{args.model} ({bb.weights_source}): {format_count(total)} parameters, {format_count(trainable)} "
+    trainable, total = count_trainable(backbone.model)
+    _, macs = count_complexity(backbone.model, args.image_size)
+    print(f"{args.model} ({backbone.weights_source}): {format_count(total)} parameters, {format_count(trainable)} "
           f"trainable ({trainable:,}) with --freeze {args.freeze}; {format_count(macs)} MACs per image")
     print(f"data: {setup.root} | {len(setup.classes)} classes | train {len(setup.train_samples)} | "
           f"val {len(setup.val_samples)} | {args.image_size}px | device {device} | run {setup.run_dir}")
-    bb.model.to(device)
-    meta = checkpoint_meta(bb.spec, setup.classes, preprocess, setup.split, vars(args),
-                           weights_source=bb.weights_source, freeze=args.freeze)
-    groups = param_groups(bb, args)
+    backbone.model.to(device)
+    meta = checkpoint_meta(backbone.spec, setup.classes, preprocess, setup.split, vars(args),
+                           weights_source=backbone.weights_source, freeze=args.freeze)
+    groups = param_groups(backbone, args)
     if args.use_cache:
-        train_loader, val_loader = feature_loaders(setup, bb, preprocess, device)
-        model, on_epoch_start = head_on_features(bb), None
+        train_loader, val_loader = feature_loaders(setup, backbone, preprocess, device)
+        model, on_epoch_start = head_on_features(backbone), None
     else:
         train_loader, val_loader = image_loaders(setup, preprocess, device)
-        model, on_epoch_start = bb.model, unfreezer(bb, args)
+        model, on_epoch_start = backbone.model, unfreezer(backbone, args)
     state = engine.fit(setup, model, train_loader, val_loader, groups, meta, device,
-                       save_model=bb.model, on_epoch_start=on_epoch_start)
+                       save_model=backbone.model, on_epoch_start=on_epoch_start)
     engine.report(setup, state)
     return state
 

@@ -137,9 +137,9 @@ def first_step(part: str, flags: list[str], r18: Path) -> torch.Tensor:
         groups = train_parta.param_groups_with_decay(model.named_parameters(), args.lr, args.weight_decay, "model")
     else:
         train_partb.resolve_recipe(args)
-        bb = train_partb.build_backbone_for(args, N_CLASSES)
-        model, groups = bb.model, train_partb.param_groups(bb, args)
-        train_partb.unfreezer(bb, args)(1)  # fit's on_epoch_start of the first epoch
+        backbone = train_partb.build_backbone_for(args, N_CLASSES)
+        model, groups = backbone.model, train_partb.param_groups(backbone, args)
+        train_partb.unfreezer(backbone, args)(1)  # fit's on_epoch_start of the first epoch
     plain = engine.build_trainer(args, model, groups, torch.device("cpu"))
     trainer = engine.complete_trainer(plain, args, 4, N_CLASSES, Dist())
     set_train_mode(trainer.model)

@@ -58,16 +58,16 @@ def test_parta_refuses_an_image_too_small_for_its_pooling_before_its_run_folder(
 ])
 def test_each_family_names_the_sizes_it_takes(model, size, says):
     torch.manual_seed(0)
-    bb = build_backbone(model, "none", 4)
+    backbone = build_backbone(model, "none", 4)
     with pytest.raises(UserError, match=says):
-        check_input_size(bb.model, model, size, bb.image_size)
-    check_input_size(bb.model, model, bb.image_size, bb.image_size)  # its own size passes
+        check_input_size(backbone.model, model, size, backbone.image_size)
+    check_input_size(backbone.model, model, backbone.image_size, backbone.image_size)  # its own size passes
 
 
 @pytest.mark.parametrize("model", ["resnet18", "mobilenet_v3_small", "efficientnet_lite0", "timm:resnet18"])
 def test_models_that_take_any_size_pass_small_ones(model):
-    bb = build_backbone(model, "none", 4)
-    check_input_size(bb.model, model, 32, bb.image_size)
+    backbone = build_backbone(model, "none", 4)
+    check_input_size(backbone.model, model, 32, backbone.image_size)
 
 
 def test_the_check_leaves_the_weights_and_mode_as_they_were():

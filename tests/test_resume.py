@@ -155,8 +155,8 @@ def test_partb_body_is_frozen_before_unfreeze_at_and_trains_after(partb_referenc
     """The uninterrupted reference itself: epoch 1 leaves the body at its initial weights, epochs 2-3 move it."""
     args = train_partb.get_args_parser().parse_args(["--model", "mobilenet_v3_small", "--weights", "none", "--freeze", "all",
                                                      "--seed", "3"])
-    bb = train_partb.build_backbone_for(args, 3)
-    init = body_weights(bb.model.state_dict())
+    backbone = train_partb.build_backbone_for(args, 3)
+    init = body_weights(backbone.model.state_dict())
     best = load_checkpoint(partb_reference / "best.pt")
     last = body_weights(load_checkpoint(partb_reference / "last.pt")["model_state"])
     assert sum(not torch.equal(init[k], last[k]) for k in init) > len(init) // 2

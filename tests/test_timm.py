@@ -35,16 +35,16 @@ def timm_weights(tmp_path_factory) -> Path:
 
 
 def test_timm_backbone_gets_a_new_head_its_stages_and_its_preprocessing(timm_weights):
-    bb = build_backbone(f"timm:{MODEL}", str(timm_weights), 3)
-    assert bb.head_name == "fc" and bb.model.get_classifier().out_features == 3
-    assert bb.weights_source == f"file:{timm_weights}" and bb.spec == {"kind": "timm", "name": MODEL}
+    backbone = build_backbone(f"timm:{MODEL}", str(timm_weights), 3)
+    assert backbone.head_name == "fc" and backbone.model.get_classifier().out_features == 3
+    assert backbone.weights_source == f"file:{timm_weights}" and backbone.spec == {"kind": "timm", "name": MODEL}
     state = torch.load(timm_weights, weights_only=True)
-    assert torch.equal(bb.model.state_dict()["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
-    assert [n for n, _ in list_stages(bb.model)][-5:] == ["layer1", "layer2", "layer3", "layer4", "fc"]
+    assert torch.equal(backbone.model.state_dict()["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
+    assert [n for n, _ in list_stages(backbone.model)][-5:] == ["layer1", "layer2", "layer3", "layer4", "fc"]
     cfg = timm.create_model(MODEL, pretrained=False).pretrained_cfg  # what timm trained it at (176 px here)
-    assert bb.image_size == cfg["input_size"][-1] and bb.mean == pytest.approx(cfg["mean"])
-    params, macs = count_complexity(bb.model, 224)
-    assert params == sum(p.numel() for p in bb.model.parameters()) and macs > 0
+    assert backbone.image_size == cfg["input_size"][-1] and backbone.mean == pytest.approx(cfg["mean"])
+    params, macs = count_complexity(backbone.model, 224)
+    assert params == sum(p.numel() for p in backbone.model.parameters()) and macs > 0
 
 
 def test_unknown_timm_model_and_offline_default_weights_are_one_line_errors():

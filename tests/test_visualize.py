@@ -365,10 +365,10 @@ def test_every_figure_from_a_part_b_torchvision_checkpoint(viz_run, tmp_path):
     if not hasattr(models, "build_backbone"):
         pytest.skip("Part B backbones are not in models.py")
     torch.manual_seed(0)
-    bb = models.build_backbone("resnet18", "none", 3)
-    ckpt = {"format": checkpoint.CHECKPOINT_FORMAT, "spec": bb.spec, "class_names": CLASSES3,
-            "mean": list(bb.mean), "std": list(bb.std), "image_size": 64, "epoch": 1,
-            "config": {"data_dir": str(viz_run.root), "wandb": "disabled"}, "model_state": bb.model.state_dict()}
+    backbone = models.build_backbone("resnet18", "none", 3)
+    ckpt = {"format": checkpoint.CHECKPOINT_FORMAT, "spec": backbone.spec, "class_names": CLASSES3,
+            "mean": list(backbone.mean), "std": list(backbone.std), "image_size": 64, "epoch": 1,
+            "config": {"data_dir": str(viz_run.root), "wandb": "disabled"}, "model_state": backbone.model.state_dict()}
     path = tmp_path / "run" / "best.pt"
     path.parent.mkdir()
     torch.save(ckpt, path)

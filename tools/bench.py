@@ -141,15 +141,15 @@ def parta_model(args: argparse.Namespace, num_classes: int, device: torch.device
 
 def partb_backbone(name: str, num_classes: int):
     weights = "packaged" if name == "efficientnet_lite0" else "none"
-    bb = build_backbone(name, weights, num_classes)
-    apply_freeze(bb.model, "all", bb.head_name)
-    return bb
+    backbone = build_backbone(name, weights, num_classes)
+    apply_freeze(backbone.model, "all", backbone.head_name)
+    return backbone
 
 
-def partb_times(bb, loader, device: torch.device, epochs: int, batches: int) -> dict:
+def partb_times(backbone, loader, device: torch.device, epochs: int, batches: int) -> dict:
     """Wall time of `epochs` head-only epochs over `batches` batches: backbone every epoch vs once."""
-    head = head_on_features(bb)
-    params = [p for p in bb.model.parameters() if p.requires_grad]
+    head = head_on_features(backbone)
+    params = [p for p in backbone.model.parameters() if p.requires_grad]
     subset = []
     for i, (x, y) in enumerate(loader):
         if i == batches:
@@ -165,10 +165,10 @@ def partb_times(bb, loader, device: torch.device, epochs: int, batches: int) -> 
         sync(device)
 
     t0 = time.perf_counter()
-    epochs_of(bb.model, subset)
+    epochs_of(backbone.model, subset)
     uncached = time.perf_counter() - t0
     t0 = time.perf_counter()
-    feats, labels = extract_features(bb, subset, device, amp_dtype("auto", device))
+    feats, labels = extract_features(backbone, subset, device, amp_dtype("auto", device))
     feature_batches = list(zip(feats.to(device).split(loader.batch_size), labels.to(device).split(loader.batch_size)))
     epochs_of(head, feature_batches)
     cached = time.perf_counter() - t0
@@ -249,13 +249,13 @@ def measure_partb(args: argparse.Namespace, samples: list, n_cls: int, device: t
                   cache_dir: Path) -> dict:
     """Part B head-only epochs through the backbone every epoch vs through the feature cache."""
     name = args.partb_model or default_partb_model()
-    bb = partb_backbone(name, n_cls)
-    bb.model.to(device)
-    preprocess = bb.preprocess()
+    backbone = partb_backbone(name, n_cls)
+    backbone.model.to(device)
+    preprocess = backbone.preprocess()
     if preprocess.resize_size != cache.images.shape[-1]:
         cache = open_decoded_cache([p for p, _ in samples], preprocess.resize_size, cache_dir, args.workers)
     loader = our_loader(cache, samples, preprocess, False, args.batch_size, device, args.crop_scale)
-    pb = partb_times(bb, loader, device, args.partb_epochs, args.partb_batches)
+    pb = partb_times(backbone, loader, device, args.partb_epochs, args.partb_batches)
     print(f"Part B {name}, head only, {pb['epochs']} epochs of {pb['images']} images: "
           f"backbone every epoch {pb['uncached_s']:.1f}s, feature cache {pb['cached_s']:.1f}s")
     return {"model": name, **pb}
