@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from inat_classifier.presets import Preprocess
+from inat_classifier.storage import save_png
 
 RIGHT, WRONG = "#1a9850", "#d73027"  # frame colours of right and wrong predictions
 
@@ -28,9 +29,12 @@ def pyplot() -> ModuleType:
 
 
 def save_figure(fig, out: Path, dpi: int) -> Path:
+    """Write the figure as a PNG, whole or not at all (a full disk is the one-line error naming the folder)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, bbox_inches="tight", facecolor="white")
-    pyplot().close(fig)
+    try:
+        save_png(fig, out, dpi=dpi, bbox_inches="tight", facecolor="white")
+    finally:
+        pyplot().close(fig)
     return out
 
 

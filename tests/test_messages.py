@@ -80,7 +80,7 @@ def test_a_full_out_dir_is_one_line_naming_the_folder_and_sizes(tmp_path):
 WRITERS = """
 import sys
 from pathlib import Path
-from inat_classifier import metrics, runs, storage, tracking
+from inat_classifier import figures, metrics, runs, storage, tracking
 folder = Path(sys.argv[1]) / "run"
 folder.mkdir()
 row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5, "lr": 0.1, "epoch_time": 1.0}
@@ -90,6 +90,7 @@ writers = {
     "result.json": lambda: runs.write_result(folder, 1, 0.5, 1),
     "confusion_matrix.png": lambda: metrics.plot_confusion([[1, 0], [0, 1]], ["a", "b"], folder / "confusion_matrix.png"),
     "eval.json": lambda: storage.atomic_write_text(folder / "eval.json", "{}"),
+    "gradcam.png": lambda: figures.save_figure(figures.pyplot().figure(), folder / "gradcam.png", 50),
 }
 for name, write in writers.items():
     try:
@@ -105,7 +106,8 @@ def test_every_run_file_on_a_full_disk_is_the_one_line_error(tmp_path):
     out = tmp_path / "full"
     done = on_full_disk(out, [sys.executable, "-c", WRITERS, out])
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
-    assert set(lines) == {"metrics.csv", "curves.png", "result.json", "confusion_matrix.png", "eval.json"}, done
+    assert set(lines) == {"metrics.csv", "curves.png", "result.json", "confusion_matrix.png", "eval.json",
+                          "gradcam.png"}, done
     for name, said in lines.items():
         assert said.startswith(f"UserError not enough disk space in {out / 'run'} for {name}: needs "), said
         assert "free; free some space" in said, said
