@@ -27,7 +27,7 @@ from inat_classifier.sweep_space import Parameter, build_pruner, build_sampler, 
 from inat_classifier.sweep_storage import Heartbeat, fail_stale_runs, requeue
 
 INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"
-STATES = {TrialState.COMPLETE: "finished", TrialState.PRUNED: "stopped", TrialState.RUNNING: "running",
+STATES = {TrialState.COMPLETE: "finished", TrialState.PRUNED: "pruned", TrialState.RUNNING: "running",
           TrialState.WAITING: "queued"}
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the runner prints its own lines
 
@@ -264,7 +264,7 @@ def record_interrupted(sweep: Sweep, claim: Claim, seconds: float) -> None:
 
 def record_end(sweep: Sweep, claim: Claim, code: int, stopped: bool, tail: list[str], seconds: float,
                note: str = "") -> str:
-    """Tell the study how the run ended (finished, stopped by hyperband, failed) and print one line; its state."""
+    """Tell the study how the run ended (finished, pruned by hyperband, failed) and print one line; its state."""
     metric, goal = sweep.metric
     run_dir = run_dir_from_output(tail, sweep.dir / claim.run_dir)
     history = read_history(run_dir)
@@ -276,7 +276,7 @@ def record_end(sweep: Sweep, claim: Claim, code: int, stopped: bool, tail: list[
         state, status = (TrialState.COMPLETE if best is not None else TrialState.FAIL), "finished"
         note = note or ("" if best is not None else f"no {metric} in {run_dir / 'metrics.csv'}")
     elif stopped:
-        state, status, note = TrialState.PRUNED, "stopped", f"stopped by hyperband after epoch {len(history)}"
+        state, status, note = TrialState.PRUNED, "pruned", f"pruned by hyperband after epoch {len(history)}"
     else:
         state, status, note = TrialState.FAIL, "failed", failure_note(tail, code)
     for key, value in {**attrs, "status": status, "note": note}.items():

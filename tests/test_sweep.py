@@ -242,11 +242,11 @@ def test_hyperband_prunes_the_run_that_is_behind_at_min_iter(tmp_path):
     runs = sorted(runs_of(sweep_dir).values(), key=lambda r: r["number"])
     by_q = {r["params"]["q"]: r for r in runs}
     assert runs[0]["state"] == "COMPLETE"  # the first has nothing to be behind
-    assert by_q[0.1]["state"] == "PRUNED" and by_q[0.1]["status"] == "stopped", by_q
+    assert by_q[0.1]["state"] == "PRUNED" and by_q[0.1]["status"] == "pruned", by_q
     assert csv_rows(sweep_dir / by_q[0.1]["attrs"]["run_dir"] / "metrics.csv") < 6
     assert by_q[0.95]["state"] == "COMPLETE"  # ahead of every other run at every epoch
     board = {r["run"]: r for r in read_leaderboard(sweep_dir)}
-    assert "stopped by hyperband" in board[Path(by_q[0.1]["attrs"]["run_dir"]).name]["note"]
+    assert "pruned by hyperband" in board[Path(by_q[0.1]["attrs"]["run_dir"]).name]["note"]
 
 
 def start_runner(*args, cwd: Path) -> subprocess.Popen:
