@@ -40,7 +40,7 @@ from inat_classifier.sweep_engine import (check_metric, check_swept_not_passed, 
 from inat_classifier.sweep_runs import Sweep, best_run, run_loop, sweep_runs, write_best_config
 from inat_classifier.sweep_space import check_config, load_config, metric_of, parse_parameters
 from inat_classifier.sweep_storage import (GRACE_PERIOD_S, HEARTBEATS_PER_GRACE, create_study, journal_path, load_study,
-                           open_storage)
+                           open_storage, sweep_config)
 
 DEFAULT_CONFIG = "sweep.yaml"
 
@@ -147,9 +147,9 @@ def open_sweep(args: argparse.Namespace, writable: bool) -> Sweep:
     sweep_dir = sweep_folder(args, config, config_path)
     study = existing_study(args, sweep_dir, writable)
     if study is not None:
-        stored = study.user_attrs.get("config")
+        stored = sweep_config(study)
         where = f"study '{study.study_name}' in {args.storage or journal_path(sweep_dir, None)}"
-        if not isinstance(stored, dict):
+        if stored is None:
             raise UserError(f"{where}: is not a sweep of sweep_offline.py (it has no sweep config)")
         check_config(stored, where)
         if config is not None and plain(config) != stored:

@@ -23,6 +23,9 @@ DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql")
 # lost) and is continued by the next runner; runners beat HEARTBEATS_PER_GRACE times per period.
 GRACE_PERIOD_S = 120
 HEARTBEATS_PER_GRACE = 6
+# Runners started together: the one that loses the race to create the sweep waits this long for the
+# winner to write the study and its config.
+CREATION_WAIT_S = 10.0
 
 
 def is_database_url(storage: str) -> bool:
@@ -95,10 +98,15 @@ def load_study(storage, name: str | None, where: str):
     """The study `name` in storage; without a name, the storage's only study."""
     import optuna
 
-    try:
-        names = optuna.get_all_study_names(storage)
-    except Exception as e:  # a journal or database that is not a study
-        raise UserError(f"{where}: not an Optuna sweep storage ({type(e).__name__})") from None
+    deadline = time.monotonic() + CREATION_WAIT_S
+    while True:
+        try:
+            names = optuna.get_all_study_names(storage)
+        except Exception as e:  # a journal or database that is not a study
+            raise UserError(f"{where}: not an Optuna sweep storage ({type(e).__name__})") from None
+        if names or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)  # an empty journal: a runner started alongside is creating the study in it
     if name is None:
         if len(names) != 1:
             raise UserError(f"{where}: holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study")
@@ -120,9 +128,23 @@ def create_study(storage, name: str, direction: str, attrs: dict):
 
     study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True)
     if "config" not in study.user_attrs:
-        for key, value in attrs.items():
-            study.set_user_attr(key, value)
+        for key, value in sorted(attrs.items(), key=lambda item: item[0] == "config"):
+            study.set_user_attr(key, value)  # "config" last: a runner that sees it sees the rest
     return study
+
+
+def sweep_config(study, wait_s: float = CREATION_WAIT_S) -> dict | None:
+    """The config the study's sweep was started with (None: not a sweep of ours).
+
+    A runner started alongside the one creating the sweep may open the study between its
+    creation and its config being written: an empty study without a config gets wait_s to gain one.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        config = study.user_attrs.get("config")
+        if isinstance(config, dict) or study.trials or time.monotonic() > deadline:
+            return config if isinstance(config, dict) else None
+        time.sleep(0.1)
 
 
 def is_database(storage) -> bool:

@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from inat_classifier.cli import UserError
 from conftest import assert_one_line_error, clean_env, make_dataset, run_cli
 from inat_classifier.runs import read_metrics_csv
 from inat_classifier.sweep_runs import newest_trials
+from inat_classifier.sweep_storage import create_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,6 +270,24 @@ def test_two_runners_on_one_journal_train_each_grid_point_once(tmp_path):
     assert all(r["state"] == "COMPLETE" for r in runs.values())
     assert len(list((sweep_dir / "runs").iterdir())) == 6
     assert all("grid search complete" in out for out in outputs)
+
+
+def test_a_runner_opening_a_sweep_as_another_creates_it_waits_for_its_config(tmp_path, monkeypatch):
+    """The race two runners started together run: one creates the study, the other opens it before its config."""
+    cfg = fake_sweep(tmp_path, "grid", [0.4])
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal")))
+    optuna.create_study(storage=storage, study_name="s", direction="maximize")  # created, its config not yet written
+    attrs = {"config": yaml.safe_load(cfg.read_text()), "config_file": str(cfg), "metric": "val_acc", "goal": "maximize"}
+    writer = threading.Timer(0.5, create_study, (storage, "s", "maximize", attrs))
+    writer.start()
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert sweep_offline.main(sweep_offline.parse_args(["--sweep_dir", str(sweep_dir), "--count", "1", "--quiet"])) == 0
+    finally:
+        writer.join()
+    assert [r["state"] for r in runs_of(sweep_dir).values()] == ["COMPLETE"]
 
 
 def wait_for(predicate, timeout: float = 60.0, runner: subprocess.Popen | None = None) -> None:
@@ -556,7 +576,7 @@ def test_a_damaged_sweep_is_one_line_naming_the_file(tmp_path, damage):
             journal.write_text('{"op_code": 0, "worker_id": "x"\nnot json at all\n')
         else:  # a valid study, but not one this runner made
             storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-            optuna.create_study(storage=storage, study_name="elsewhere")
+            optuna.create_study(storage=storage, study_name="elsewhere").enqueue_trial({})  # no config, a trial
         expected = "optuna.journal"
     for argv in (["--sweep_dir", sweep_dir, "--show"], ["--sweep_dir", sweep_dir, "--count", "1"]):
         proc = run_cli("sweep_offline.py", *argv, env=clean_env(), timeout=120)
