@@ -435,7 +435,7 @@ def test_finished_runs_are_never_retrained_and_interrupted_ones_resume(tmp_path)
     assert "grid search complete" in out_d
 
 
-def test_a_rejected_run_stops_the_runner_with_the_trainers_error(tiny_data, tmp_path):
+def test_a_rejected_run_stops_the_runner_with_the_trainers_error(tiny_data, tmp_path, capsys):
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_sweep_config())
     proc = run_cli("sweep_offline.py", "--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "3", "--quiet",
                    "--", "--data_dir", tiny_data, "--workers", "0", "--device", "cpu", "--label_smoothing", "2",
@@ -444,14 +444,14 @@ def test_a_rejected_run_stops_the_runner_with_the_trainers_error(tiny_data, tmp_
     assert_one_line_error(proc, "was rejected", "--label_smoothing must be in [0, 1)")
     assert len(runs_of(tmp_path / "s")) == 1  # it stopped at once
     fake = fake_sweep(tmp_path, "grid", [0.5, 0.6])
-    proc = run_cli("sweep_offline.py", "--config", fake, "--sweep_dir", tmp_path / "f", "--count", "2", "--",
-                   "--bogus", "1", env=clean_env(), timeout=120)
-    assert proc.returncode == 2
-    assert_one_line_error(proc, "was rejected", "unrecognized arguments: --bogus")
+    capsys.readouterr()
+    assert run_sweep("--config", fake, "--sweep_dir", tmp_path / "f", "--count", "2", "--", "--bogus", "1") == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: run-001 was rejected") and "unrecognized arguments: --bogus" in line, line
+    assert len(runs_of(tmp_path / "f")) == 1
     fake = fake_sweep(tmp_path, "grid", [-1, -2])  # other failures go on, but such a runner does not exit 0
-    proc = run_cli("sweep_offline.py", "--config", fake, "--sweep_dir", tmp_path / "g", "--count", "2",
-                   env=clean_env(), timeout=120)
-    assert proc.returncode == 1 and "every run this runner trained failed (2)" in proc.stderr, proc.stderr
+    assert run_sweep("--config", fake, "--sweep_dir", tmp_path / "g", "--count", "2") == 1
+    assert "every run this runner trained failed (2)" in capsys.readouterr().err
     assert [r["status"] for r in runs_of(tmp_path / "g").values()] == ["failed", "failed"]
 
 
