@@ -173,13 +173,13 @@ from inat_classifier import cli
 class SlowTeardown:  # like a library object whose cleanup runs while the interpreter finalizes
     def __del__(self):
         print("exiting", flush=True)
-        time.sleep(3)
+        time.sleep(1.5)
 
 keep = SlowTeardown()
 
 def main(args):
     if sys.argv[2] == "thread":  # like W&B's last upload: a thread the exit waits for
-        threading.Thread(target=time.sleep, args=(3,)).start()
+        threading.Thread(target=time.sleep, args=(1.5,)).start()
         print("exiting", flush=True)
 
 cli.run_cli(main, argparse.ArgumentParser(), [])
