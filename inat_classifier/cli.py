@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from inat_classifier.startup import INTERRUPTED, imports_done, work_done
+from inat_classifier.startup import INTERRUPTED, imports_done, leave_torchrun_process, work_done
 
 # What a run folder holds that sweep runners read (written by runs.py; here for the lower layers too):
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")  # metrics.csv
@@ -94,6 +94,7 @@ def fail(message: str, code: int, interrupted: bool = False) -> None:
     hints = [h for h in (hook(interrupted) for hook in reversed(FAILURE_HOOKS)) if h]
     FAILURE_HOOKS.clear()
     print(" ".join([message, *hints]), file=sys.stderr, flush=True)
+    leave_torchrun_process(code)
     sys.exit(code)
 
 
@@ -109,7 +110,8 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
 
     Ctrl-C or SIGTERM at any moment (the training loop has its own, gentler handler) ends with
     one line and exit code 130, after `finally` blocks removed their temp files. `parse` replaces
-    parser.parse_args, e.g. config_file.parse_args; a UserError from it is one line too.
+    parser.parse_args, e.g. config_file.parse_args; a UserError from it is one line too. A torchrun
+    process ends without the interpreter's teardown (startup.leave_torchrun_process says why).
     """
     try:
         args = parse(parser, argv) if parse else parser.parse_args(argv)
@@ -121,6 +123,9 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
         pass
     try:
         main(args)
+    except SystemExit as e:  # the training loop's own exits: 130 when stopped, 2 on a NaN loss under torchrun
+        leave_torchrun_process(e.code if isinstance(e.code, int) else int(e.code is not None))
+        raise
     except (UserError, ValueError, OSError) as e:  # OSError: unwritable folders, vanished files
         fail(f"error: {e}", 2)
     except torch.cuda.OutOfMemoryError:
@@ -135,3 +140,4 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
         work_done()
     except ValueError:  # not the main thread
         pass
+    leave_torchrun_process(0)

@@ -1,8 +1,9 @@
-"""What a script does first, before its slow imports: from that moment Ctrl-C or SIGTERM ends it with one line.
+"""How a script's process starts and ends: from its first line Ctrl-C or SIGTERM ends it with one line.
 
 Importing torch takes seconds; without this, Ctrl-C meanwhile prints a traceback and SIGTERM
 kills the process without a word. Scripts call `stop_quietly` under `if __name__ == "__main__":`
-(importing them does nothing), and `imports_done` once they start working.
+(importing them does nothing), and `imports_done` once they start working. A torchrun process
+ends through `leave_torchrun_process`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import atexit
 import os
 import signal
 import sys
+import threading
 
 INTERRUPTED = "interrupted; nothing half-written is left: run the same command again to continue"
 
@@ -69,3 +71,25 @@ def work_done() -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, leave)
+
+
+def leave_torchrun_process(code: int) -> None:
+    """Under torchrun, end the process now with `code`, skipping the interpreter's teardown (else return).
+
+    What exiting does first still happens: other threads are joined, exit handlers run, output is
+    flushed. Gloo's worker threads outlive destroy_process_group and release a collective's tensors
+    a moment after it completes; one doing so while the interpreter tears down aborts the process
+    ("terminate called without an active exception"), and torchrun fails a job whose work was done.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)

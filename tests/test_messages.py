@@ -200,3 +200,37 @@ def test_sigterm_after_the_work_finished_exits_0(moment):
     assert len(lines) <= 1, err
     if moment == "thread":  # Python still runs handlers: it says why it stopped waiting
         assert lines == ["SIGTERM after the work finished: exiting; everything it wrote is complete"], err
+
+
+# ----------------------------------------------------------------------------- how a torchrun process ends
+ENDING = """
+import atexit, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import argparse
+from inat_classifier import cli
+
+class FreedInTeardown:  # like gloo's process group, which outlives destroy_process_group
+    def __del__(self):
+        print("teardown", flush=True)
+
+keep = FreedInTeardown()
+atexit.register(print, "exit handler", flush=True)
+
+def main(args):
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread joined", flush=True))).start()
+    print("work done", flush=True)
+    if sys.argv[2] == "error":
+        raise cli.UserError("bad input")
+
+cli.run_cli(main, argparse.ArgumentParser(), [])
+"""
+
+
+@pytest.mark.parametrize("world_size,ending", [("1", "success"), ("2", "success"), ("2", "error")])
+def test_a_torchrun_process_ends_after_its_exit_handlers_without_the_interpreter_teardown(world_size, ending):
+    proc = subprocess.run([sys.executable, "-c", ENDING, str(REPO), ending], cwd=REPO, capture_output=True,
+                          text=True, env=clean_env(WORLD_SIZE=world_size, RANK="0"), timeout=60)
+    assert proc.returncode == (0 if ending == "success" else 2), proc.stderr
+    assert proc.stderr.strip() == ("" if ending == "success" else "error: bad input")
+    torn_down = ["teardown"] if world_size == "1" else []  # where gloo's late threads would abort the process
+    assert proc.stdout.splitlines() == ["work done", "thread joined", "exit handler", *torn_down], proc.stdout
