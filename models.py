@@ -124,10 +124,18 @@ def convnet_spec(args, image_size: int) -> dict:
 PACKAGED_MODELS = ("efficientnet_lite0",)
 
 
-def model_kwargs(name: str) -> dict:
-    # Auxiliary heads only help ImageNet-scale training from scratch; drop them so the
-    # model returns plain logits in train mode too.
-    return {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+def model_kwargs(name: str, weights_enum=None) -> dict:
+    """Builder arguments: no auxiliary heads, and a ViT at the size its weights were trained at.
+
+    Auxiliary heads only help ImageNet-scale training from scratch; without them the model returns
+    plain logits in train mode too. A ViT's position embeddings fix its input size: vit_h_14's
+    DEFAULT weights are 518 px, vit_b_16's SWAG ones 384 px (torchvision's builders do the same).
+    """
+    if name in ("googlenet", "inception_v3"):
+        return {"aux_logits": False}
+    if name.startswith("vit_") and weights_enum is not None:
+        return {"image_size": int(weights_enum.meta["min_size"][0])}
+    return {}
 
 
 def find_head(model: nn.Module) -> str:
@@ -243,7 +251,8 @@ def build_backbone(name: str, weights: str, num_classes: int) -> Backbone:
         "/" in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.isdir(weights))
     enum = None if weights.lower() == "none" else torchvision_weights(name, "DEFAULT" if local else weights)
     image_size, mean, std = input_spec(enum)
-    model = get_model(name, weights=None, **model_kwargs(name))
+    kwargs = model_kwargs(name, enum)
+    model = get_model(name, weights=None, **kwargs)
     if local:
         load_backbone_state(model, load_local_state(weights), find_head(model), weights)
         source = f"file:{weights}"
@@ -259,7 +268,7 @@ def build_backbone(name: str, weights: str, num_classes: int) -> Backbone:
     else:
         source = "none"
     head = replace_head(model, num_classes)
-    spec = {"kind": "torchvision", "name": name, "kwargs": model_kwargs(name)}
+    spec = {"kind": "torchvision", "name": name, "kwargs": kwargs}
     return Backbone(model, spec, head, image_size, mean, std, source)
 
 

@@ -76,3 +76,18 @@ def test_the_check_leaves_the_weights_and_mode_as_they_were():
     check_input_size(model, "ConvNet", 32, 32)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_vit_is_built_at_the_size_its_weights_were_trained_at(monkeypatch):
+    """vit_b_16's SWAG weights are 384 px (vit_h_14's DEFAULT 518): the model, its input size and the
+    spec a checkpoint rebuilds it from follow the weights, so they load."""
+    from torchvision.models import ViT_B_16_Weights, get_model
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in get_model("vit_b_16", image_size=384).state_dict().items()}
+    trained = {k: torch.zeros(shape) for k, shape in shapes.items()}  # what the download would give
+    trained["encoder.pos_embedding"] = torch.randn(shapes["encoder.pos_embedding"])
+    monkeypatch.setattr(ViT_B_16_Weights, "get_state_dict", lambda self, *a, **k: trained)
+    backbone = build_backbone("vit_b_16", "IMAGENET1K_SWAG_E2E_V1", 3)
+    assert backbone.image_size == 384 and backbone.spec["kwargs"] == {"image_size": 384}
+    assert torch.equal(backbone.model.encoder.pos_embedding, trained["encoder.pos_embedding"])
