@@ -22,6 +22,7 @@ from inat_classifier.dataset import (  # noqa: F401  (the dataset's API, for scr
 )
 from inat_classifier.download import default_url, download_dataset
 from inat_classifier.images import load_image
+from inat_classifier.storage import atomic_write_text
 
 
 def dataset_stats(data_dir: str | Path, check_images: bool = True) -> dict:
@@ -77,7 +78,7 @@ def main(args: argparse.Namespace) -> None:
         stats = dataset_stats(args.data_dir)
         print_stats(stats)
         if args.json:
-            Path(args.json).write_text(json.dumps(stats, indent=1))
+            atomic_write_text(Path(args.json), json.dumps(stats, indent=1))
 
 
 if __name__ == "__main__":

@@ -80,8 +80,11 @@ def test_a_full_out_dir_is_one_line_naming_the_folder_and_sizes(tmp_path):
 WRITERS = """
 import sys
 from pathlib import Path
+import argparse
+import data
 from inat_classifier import figures, metrics, runs, storage, tracking
 folder = Path(sys.argv[1]) / "run"
+photos = argparse.Namespace(command="stats", data_dir=sys.argv[2], json=str(folder / "stats.json"))
 folder.mkdir()
 row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5, "lr": 0.1, "epoch_time": 1.0}
 writers = {
@@ -91,6 +94,7 @@ writers = {
     "confusion_matrix.png": lambda: metrics.plot_confusion([[1, 0], [0, 1]], ["a", "b"], folder / "confusion_matrix.png"),
     "eval.json": lambda: storage.atomic_write_text(folder / "eval.json", "{}"),
     "gradcam.png": lambda: figures.save_figure(figures.pyplot().figure(), folder / "gradcam.png", 50),
+    "stats.json": lambda: data.main(photos),
 }
 for name, write in writers.items():
     try:
@@ -101,13 +105,17 @@ for name, write in writers.items():
 """
 
 
+FULL_DISK_FILES = {"metrics.csv", "curves.png", "result.json", "confusion_matrix.png", "eval.json", "gradcam.png",
+                   "stats.json"}
+
+
 @needs_tmpfs
 def test_every_run_file_on_a_full_disk_is_the_one_line_error(tmp_path):
     out = tmp_path / "full"
-    done = on_full_disk(out, [sys.executable, "-c", WRITERS, out])
-    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
-    assert set(lines) == {"metrics.csv", "curves.png", "result.json", "confusion_matrix.png", "eval.json",
-                          "gradcam.png"}, done
+    photos = make_dataset(tmp_path / "ds", CLASSES[:2], n_train=2, n_val=1)
+    done = on_full_disk(out, [sys.executable, "-c", WRITERS, out, photos])
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.split(" ", 1)[0] in FULL_DISK_FILES)
+    assert set(lines) == FULL_DISK_FILES, done
     for name, said in lines.items():
         assert said.startswith(f"UserError not enough disk space in {out / 'run'} for {name}: needs "), said
         assert "free; free some space" in said, said

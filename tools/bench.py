@@ -41,6 +41,7 @@ from inat_classifier.freezing import apply_freeze, set_train_mode
 from inat_classifier.images import photo_short_side
 from models import ConvNet, build_backbone
 from inat_classifier.optim import build_optimizer
+from inat_classifier.storage import atomic_write_text
 from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from inat_classifier.sampler import EpochSampler
 
@@ -302,7 +303,7 @@ def measure_all(args: argparse.Namespace, ds, samples: list, device: torch.devic
     for key in ("data_loading_ratio", "data_loading_aug_ratio", "parta_train_ratio", "partb_cache_ratio"):
         print(f"  {key:<28} {result[key]:>6.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
         print(f"wrote {args.json}")
     return result
 
