@@ -6,6 +6,7 @@ folder, with the training run as an unprivileged user (setpriv).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -80,3 +81,23 @@ def test_a_cache_parent_the_user_cannot_write_trains_without_the_cache(shared_fo
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_ran_without_cache(proc.stderr, locked / "cache")
     assert (runs / "r" / "best.pt").exists() and not list(locked.iterdir())
+
+
+def test_part_b_features_decoded_with_pil_after_the_fallback_are_keyed_as_without_the_cache(ds, tmp_path,
+                                                                                            monkeypatch):
+    """--cache auto with an unusable folder decodes as --cache off does: a later run with a working cache
+    must not reuse those features as its own."""
+    from inat_classifier.features import feature_cache_key
+    from inat_classifier.presets import Preprocess
+    from models import build_backbone
+
+    backbone = build_backbone("resnet18", "none", 2)
+    samples = [(str(p), 0) for p in sorted((ds / "train").rglob("*.png"))]
+    assert samples
+    key = lambda cache: feature_cache_key(argparse.Namespace(model="resnet18", cache=cache, amp="off"), backbone,
+                                          Preprocess.for_size(32), samples)
+    monkeypatch.setenv("INAT_CACHE_DIR", str(tmp_path / "cache"))
+    working, off = key("auto"), key("off")
+    (tmp_path / "not_a_folder").write_text("a file\n")
+    monkeypatch.setenv("INAT_CACHE_DIR", str(tmp_path / "not_a_folder"))
+    assert key("auto") == off != working
