@@ -94,7 +94,6 @@ def fail(message: str, code: int, interrupted: bool = False) -> None:
     hints = [h for h in (hook(interrupted) for hook in reversed(FAILURE_HOOKS)) if h]
     FAILURE_HOOKS.clear()
     print(" ".join([message, *hints]), file=sys.stderr, flush=True)
-    leave_torchrun_process(code)
     sys.exit(code)
 
 
@@ -114,6 +113,18 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
     process ends without the interpreter's teardown (startup.leave_torchrun_process says why).
     """
     try:
+        parse_and_run(main, parser, argv, parse)
+    except SystemExit as e:  # one-line errors, and the training loop's own exits (130 stopped, 2 NaN loss)
+        leave_torchrun_process(e.code if isinstance(e.code, int) else int(e.code is not None))
+        raise
+    leave_torchrun_process(0)
+
+
+def parse_and_run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
+                  argv: list[str] | None,
+                  parse: Callable[[argparse.ArgumentParser, list[str] | None], argparse.Namespace] | None) -> None:
+    """run_cli's work: every failure it knows is one line through `fail` (SystemExit with its code)."""
+    try:
         args = parse(parser, argv) if parse else parser.parse_args(argv)
     except UserError as e:
         fail(f"error: {e}", 2)
@@ -123,9 +134,6 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
         pass
     try:
         main(args)
-    except SystemExit as e:  # the training loop's own exits: 130 when stopped, 2 on a NaN loss under torchrun
-        leave_torchrun_process(e.code if isinstance(e.code, int) else int(e.code is not None))
-        raise
     except (UserError, ValueError, OSError) as e:  # OSError: unwritable folders, vanished files
         fail(f"error: {e}", 2)
     except torch.cuda.OutOfMemoryError:
@@ -140,4 +148,3 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
         work_done()
     except ValueError:  # not the main thread
         pass
-    leave_torchrun_process(0)

@@ -133,13 +133,14 @@ def create_study(storage, name: str, direction: str, attrs: dict):
     return study
 
 
-def sweep_config(study, wait_s: float = CREATION_WAIT_S) -> dict | None:
+def sweep_config(study) -> dict | None:
     """The config the study's sweep was started with (None: not a sweep of ours).
 
     A runner started alongside the one creating the sweep may open the study between its
-    creation and its config being written: an empty study without a config gets wait_s to gain one.
+    creation and its config being written: an empty study without a config gets CREATION_WAIT_S
+    to gain one.
     """
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + CREATION_WAIT_S
     while True:
         config = study.user_attrs.get("config")
         if isinstance(config, dict) or study.trials or time.monotonic() > deadline:
