@@ -60,21 +60,27 @@ def test_suggest_lr_is_a_tenth_of_the_lr_at_the_loss_minimum():
 
 
 def test_lr_range_test_on_a_quadratic_suggests_a_stable_lr():
-    """Least squares with whitened inputs: gradient descent converges for lr < 1 (optimum 0.5), diverges above.
+    """Least squares on two batches with whitened inputs and noisy targets: each step's Hessian is 2 I, so
+    gradient descent converges for lr < 1 (the optimum lr is 0.5) and diverges above.
 
+    The two batches have different optima, so the iterate can never rest at one (no loss of exactly 0
+    that only rounding error could disturb): past lr 1 the error grows by |1 - 2 lr| a step on any build.
     The sweep must reach divergence and stop early, and its suggestion must lie in the stable range.
     """
-    torch.manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(64, 8))
-    x = q * 8.0  # x.T @ x / 64 = I: the MSE loss has Hessian 2 I
-    y = x @ torch.randn(8, 1)
+    g = torch.Generator().manual_seed(0)
+    w_true = torch.randn(8, 1, generator=g)
+    batches = []
+    for _ in range(2):
+        q, _ = torch.linalg.qr(torch.randn(64, 8, generator=g))
+        x = q * 8.0  # x.T @ x / 64 = I: the MSE loss has Hessian 2 I
+        batches.append((x, x @ w_true + 0.5 * torch.randn(64, 1, generator=g)))
     model = nn.Linear(8, 1, bias=False)
     nn.init.zeros_(model.weight)
     cpu = torch.device("cpu")
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), nn.MSELoss(), cpu, None,
-                        grad_scaler(cpu, None))
-    lrs, losses, lr = lr_range_test(trainer, [(x, y)], start=1e-4, end=10.0, steps=100)
-    assert losses[0] == pytest.approx((y**2).mean().item(), rel=1e-5)  # the first loss: w = 0
+                      grad_scaler(cpu, None))
+    lrs, losses, lr = lr_range_test(trainer, batches, start=1e-4, end=10.0, steps=100)
+    assert losses[0] == pytest.approx((batches[0][1] ** 2).mean().item(), rel=1e-5)  # the first loss: w = 0
     assert len(lrs) < 100 and lrs[-1] > 1.0  # stopped on divergence, past the stability limit
     assert min(losses) < 0.5 * losses[0]  # and it did converge on the way (the smoothing lags)
     assert 0.05 < lr < 1.0, lr  # the suggestion converges (and is not uselessly small)
