@@ -20,7 +20,7 @@ from inat_classifier.checkpoint import TrainState, checkpoint_meta
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.config_file import parse_args
 from inat_classifier.flags import add_training_args, check_common_args
-from inat_classifier.loaders import image_loaders
+from inat_classifier.loaders import image_loaders, stored_preprocess
 from models import ACTIVATIONS, ConvNet, count_complexity, convnet_spec, format_count
 from inat_classifier.optim import param_groups_with_decay
 from inat_classifier.presets import Preprocess
@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> TrainState | None:
     print(f"data: {setup.root} | {len(setup.classes)} classes | train {len(setup.train_samples)} | "
           f"val {len(setup.val_samples)} | device {device} | run {setup.run_dir}")
     model.to(device)
-    preprocess = Preprocess.for_size(args.image_size)
+    preprocess = stored_preprocess(setup, Preprocess.for_size(args.image_size))
     train_loader, val_loader = image_loaders(setup, preprocess, device)
     groups = param_groups_with_decay(model.named_parameters(), args.lr, args.weight_decay, "model")
     meta = checkpoint_meta(convnet_spec(args, args.image_size), setup.classes, preprocess, setup.split, vars(args),

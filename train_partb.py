@@ -25,7 +25,7 @@ from inat_classifier.features import feature_loaders, head_on_features
 from inat_classifier.flags import add_training_args, check_common_args
 from inat_classifier.freezing import apply_freeze, count_trainable, freeze_batchnorm, list_stages
 from inat_classifier.input_sizes import check_input_size
-from inat_classifier.loaders import image_loaders
+from inat_classifier.loaders import image_loaders, stored_preprocess
 from models import Backbone, build_backbone, count_complexity, format_count
 from inat_classifier.optim import param_groups_with_decay
 from inat_classifier.runs import setup_run
@@ -175,7 +175,7 @@ def main(args: argparse.Namespace) -> TrainState | None:
     args = setup.args
     backbone = built.get("backbone") or build_backbone_for(args, len(setup.classes))  # resume: the saved flags
     args.image_size = args.image_size or backbone.image_size
-    preprocess = backbone.preprocess(args.image_size)
+    preprocess = stored_preprocess(setup, backbone.preprocess(args.image_size))
     device = setup.device
     trainable, total = count_trainable(backbone.model)
     _, macs = count_complexity(backbone.model, args.image_size)

@@ -64,11 +64,6 @@ def choose_cache_dir(flag: str) -> tuple[Path | None, str]:
                   f"with PIL every epoch instead, as --cache off (set INAT_CACHE_DIR or pass --cache DIR)")
 
 
-def uses_decoded_cache(flag: str) -> bool:
-    """Whether --cache flag decodes through the cache: not for off, nor for auto when its folder is unusable."""
-    return flag != "off" and choose_cache_dir(flag)[0] is not None
-
-
 def decode_fixed(path: str, size: int) -> np.ndarray:
     """One image as uint8 (3, size, size): short side resized to `size` (as T.Resize), centre-cropped."""
     img = load_image(path, draft_size=size)

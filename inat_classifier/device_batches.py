@@ -1,67 +1,133 @@
-"""The device-side batch pipeline: uint8 rows of the decoded cache become augmented, normalised batches on the device.
+"""The one batch pipeline: uint8 squares of decoded photos become augmented, normalised batches on the device.
 
-Crop, flip, colour jitter and normalisation run on whole batches where the model runs; the host
-only gathers rows. The distributions are those of `Preprocess.train_transform` (the PIL path).
+Every photo is decoded once the same way (decoded_cache.decode_fixed: short side to
+`Preprocess.decode_side`, centre square). Its rows come from the decoded cache (`CachedRows`) or,
+with --cache off, from DataLoader workers that decode the same way (`DecodedRows`); `DeviceLoader`
+copies them to the device on a side stream while the previous batch computes, and `model_inputs`
+turns them into model inputs there: crop box -> antialiased resize -> flip -> colour -> normalise,
+on whole batches. Evaluation is the same call without augmentation parameters.
+
+To add an augmentation: draw its parameters in `augment_params` and apply them in `model_inputs`.
 """
+
 from __future__ import annotations
 
 import math
+import queue
+import threading
+from functools import lru_cache
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inat_classifier.decoded_cache import DecodedCache
+from inat_classifier.decoded_cache import DecodedCache, decode_fixed
+from inat_classifier.images import BAD_IMAGES
 from inat_classifier.presets import ASPECT_RANGE, COLOR_JITTER, Preprocess
 from inat_classifier.sampler import EpochSampler
 
-
-def augment_params(n: int, generator: torch.Generator, scale=(0.25, 1.0), ratio=ASPECT_RANGE,
-                   jitter: float = COLOR_JITTER) -> dict[str, torch.Tensor]:
-    """Random resized crop boxes (fractions of the side), flips and colour factors for a batch.
-
-    The same distributions as RandomResizedCrop(scale, ratio), RandomHorizontalFlip and
-    ColorJitter(jitter, jitter, jitter) in Preprocess.train_transform.
-    """
-    area = torch.empty(n).uniform_(*scale, generator=generator)
-    r = torch.exp(torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
-    return {
-        "w": torch.sqrt(area * r).clamp(max=1.0),
-        "h": torch.sqrt(area / r).clamp(max=1.0),
-        "u": torch.rand(n, generator=generator),  # left edge, as a fraction of the free width
-        "v": torch.rand(n, generator=generator),
-        "flip": torch.rand(n, generator=generator) < 0.5,
-        "color": torch.empty(n, 3).uniform_(1 - jitter, 1 + jitter, generator=generator),
-    }
-
-
-def crop_resize_flip(x: torch.Tensor, out_size: int, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-image crop box resized to out_size, mirrored where flip; uint8 stays uint8 on CPU.
-
-    Always antialiased, on every device, as PIL resizes: the same input gives the same pixels
-    on CPU and GPU (within the CPU path's rounding to uint8).
-    """
-    # Bilinear resize of uint8 is a CPU-only kernel: elsewhere each crop turns float on its own, so
-    # the stored batch never exists as float (0.8 GB at batch 256 and 518 px).
-    to_float = x.dtype == torch.uint8 and x.device.type != "cpu"
-    n, _, height, width = x.shape
-    out = torch.empty((n, x.shape[1], out_size, out_size), dtype=torch.float32 if to_float else x.dtype,
-                      device=x.device)
-    boxes = zip(p["w"].tolist(), p["h"].tolist(), p["u"].tolist(), p["v"].tolist(), p["flip"].tolist())
-    for i, (fw, fh, fu, fv, flip) in enumerate(boxes):
-        w, h = max(1, int(round(fw * width))), max(1, int(round(fh * height)))
-        left, top = int(round(fu * (width - w))), int(round(fv * (height - h)))
-        box = x[i : i + 1, :, top : top + h, left : left + w]
-        crop = F.interpolate(box.float() if to_float else box, size=(out_size, out_size),
-                             mode="bilinear", align_corners=False, antialias=True)
-        out[i] = crop[0].flip(-1) if flip else crop[0]
-    return out
-
+# The columns of a batch's augmentation parameters, one row per image: the crop box in stored
+# pixels, the flip (0/1) and the colour factors.
+TOP, LEFT, HEIGHT, WIDTH, FLIP, BRIGHTNESS, CONTRAST, SATURATION = range(8)
 GRAY = (0.299, 0.587, 0.114)
 
 
-def color_affine(factors: torch.Tensor, channel_means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_params(n: int, side: int, generator: torch.Generator, scale=(0.25, 1.0), ratio=ASPECT_RANGE,
+                   jitter: float = COLOR_JITTER) -> torch.Tensor:
+    """(n, 8) float32 on the host: crop boxes in a `side` px square, flips and colour factors.
+
+    The distributions of RandomResizedCrop(scale, ratio) (without its fallback: a box wider than
+    the square is clipped to it), RandomHorizontalFlip and ColorJitter(jitter, jitter, jitter).
+    The host draws them (the generator's state is the run's augmentation state, saved for
+    resume) and computes the integer boxes in float64; the device gets one small copy.
+    """
+    area = torch.empty(n).uniform_(*scale, generator=generator)
+    r = torch.exp(torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
+    u = torch.rand(n, generator=generator)  # left edge, as a fraction of the free width
+    v = torch.rand(n, generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    color = torch.empty(n, 3).uniform_(1 - jitter, 1 + jitter, generator=generator)
+    fw, fh = torch.sqrt(area * r).clamp(max=1.0).double(), torch.sqrt(area / r).clamp(max=1.0).double()
+    w, h = (fw * side).round().clamp(min=1), (fh * side).round().clamp(min=1)
+    left, top = (u.double() * (side - w)).round(), (v.double() * (side - h)).round()
+    boxes = torch.stack([top, left, h, w, flip.double()], 1).float()
+    return torch.cat([boxes, color], 1)
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, flip: torch.Tensor, in_side: int,
+                   out_size: int) -> torch.Tensor:
+    """Per image and axis, the (out_size, in_side) matrix of an antialiased bilinear resize of the span
+    [start, start + length) of a stored axis to out_size pixels, mirrored where flip.
+
+    start, length, flip: (N, A). The weights are F.interpolate's (antialias=True, as PIL): a triangle
+    filter as wide as the scale when shrinking, normalised over the pixels inside the span. A
+    flip reverses the output rows. A constant number of kernels for any batch.
+    """
+    out_pos, out_rev, in_pos, _ = resize_constants(out_size, in_side, start.device)
+    scale = length / out_size
+    support = scale.clamp(min=1.0)
+    where = out_pos + flip.unsqueeze(-1) * out_rev  # output pixel centres, reversed where flipped
+    centre = start.unsqueeze(-1) + scale.unsqueeze(-1) * where  # (N, A, out) in stored pixels
+    w = (1 - (in_pos - centre.unsqueeze(-1)).abs_() / support[..., None, None]).clamp_(min=0)
+    inside = (in_pos >= start[..., None, None]) & (in_pos < (start + length)[..., None, None])
+    w = w * inside
+    return w / w.sum(-1, keepdim=True)
+
+
+@lru_cache(maxsize=16)
+def resize_constants(out_size: int, in_side: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Output pixel centres, their mirror offsets, input pixel centres and which axis flips (x, not y),
+    made once per device."""
+    i = torch.arange(out_size, dtype=torch.float32, device=device)
+    in_pos = torch.arange(in_side, dtype=torch.float32, device=device) + 0.5
+    return i + 0.5, (out_size - 1) - 2 * i, in_pos, torch.tensor([0.0, 1.0], device=device)
+
+
+def crop_resize_flip(x: torch.Tensor, out_size: int, params: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
+    """Each image's crop box resized to out_size (antialiased, as PIL), mirrored where flipped: float, 0-255.
+
+    batched (default: off the CPU) is two batched matmuls with per-image resize matrices, a
+    constant number of kernels for any batch. The CPU keeps a per-image loop over its uint8 resize
+    kernel, several times faster there; tests pin that both give the same pixels.
+    """
+    if batched is None:
+        batched = x.device.type != "cpu"
+    if not batched:
+        return crop_resize_flip_each(x, out_size, params)
+    width = x.shape[-1]
+    flips_x = resize_constants(out_size, width, x.device)[3]
+    weights = resize_weights(params[:, TOP : LEFT + 1], params[:, HEIGHT : WIDTH + 1],
+                             params[:, FLIP : FLIP + 1] * flips_x, width, out_size)
+    rows = torch.matmul(weights[:, :1], x.float())  # (N, 1, out, S) @ (N, C, S, S): the rows first
+    return torch.matmul(rows, weights[:, 1:].transpose(-1, -2))  # then the columns: (N, C, out, out)
+
+
+def crop_resize_flip_each(x: torch.Tensor, out_size: int, params: torch.Tensor) -> torch.Tensor:
+    """crop_resize_flip image by image, with F.interpolate: the CPU's fast uint8 kernel, the reference."""
+    to_float = x.dtype == torch.uint8 and x.device.type != "cpu"  # uint8 bilinear is a CPU kernel
+    out = torch.empty((x.shape[0], x.shape[1], out_size, out_size), dtype=torch.float32 if to_float else x.dtype,
+                      device=x.device)
+    for i, (top, left, h, w, flip) in enumerate(params[:, :5].int().tolist()):
+        box = x[i : i + 1, :, top : top + h, left : left + w]
+        crop = F.interpolate(box.float() if to_float else box, size=(out_size, out_size), mode="bilinear",
+                             align_corners=False, antialias=True)
+        out[i] = crop[0].flip(-1) if flip else crop[0]
+    return out.float()
+
+
+@lru_cache(maxsize=16)
+def colour_constants(mean: tuple, std: tuple, device: torch.device) -> dict[str, torch.Tensor]:
+    """The grey weights, identity, 1/std and mean/std of a run, made on the device once."""
+    def make(values):
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    return {"grey": make(GRAY), "eye": torch.eye(3, device=device), "inv_std": make([1 / s for s in std]),
+            "shift": make([m / s for m, s in zip(mean, std, strict=True)])}
+
+
+def color_affine(factors: torch.Tensor, channel_means: torch.Tensor, grey: torch.Tensor,
+                 eye: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Brightness, contrast and saturation of each image as one affine colour map x -> A x + t.
 
     All three are linear in the pixel values (contrast pivots on the image's mean grey), so they
@@ -69,161 +135,264 @@ def color_affine(factors: torch.Tensor, channel_means: torch.Tensor) -> tuple[to
     """
     n = factors.shape[0]
     b, c, s = factors[:, 0], factors[:, 1], factors[:, 2]
-    w = torch.tensor(GRAY, dtype=factors.dtype).to(factors.device, non_blocking=True)
-    eye = torch.eye(3, dtype=factors.dtype, device=factors.device).expand(n, 3, 3)
-    sat = s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * w.view(1, 1, 3)  # x + (1-s)(grey - x)
+    sat = s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * grey.view(1, 1, 3)  # x + (1-s)(grey - x)
     A = (c * b).view(n, 1, 1) * sat
-    mean_grey = (channel_means * w).sum(1)
-    t = ((1 - c) * b * mean_grey).view(n, 1).expand(n, 3)  # sat maps grey to itself
+    t = ((1 - c) * b * (channel_means @ grey)).view(n, 1).expand(n, 3)  # sat maps grey to itself
     return A, t
 
 
-def augment_batch(x: torch.Tensor, out_size: int, params: dict[str, torch.Tensor], mean=None, std=None) -> torch.Tensor:
-    """Random resized crop, flip and colour jitter of a uint8 batch (N, 3, S, S), then normalise.
-
-    Returns float32 (N, 3, out_size, out_size): in [0, 1] without mean/std, else normalised
-    (and clipped to what [0, 1] normalises to).
-    """
-    scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
-    x = crop_resize_flip(x, out_size, params).float()  # crop boxes stay on the CPU: no syncs
-    A, t = color_affine(params["color"].float().to(x.device, non_blocking=True), x.mean(dim=(2, 3)) * scale)
-    A = A * scale
-    return affine_normalize(x, A, t, mean, std)
-
-
 def affine_normalize(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, mean, std) -> torch.Tensor:
-    """y = norm(clip01(A x + t)) per image, as one batched matmul plus one clamp."""
+    """y = norm(clip01(A x + t)) per image, as one batched matmul plus one clamp per channel."""
     n, c, h, w = x.shape
-    mean = tuple(mean) if mean is not None else (0.0,) * 3
-    std = tuple(std) if std is not None else (1.0,) * 3
-    inv_std = torch.tensor([1 / s for s in std], dtype=A.dtype).to(x.device, non_blocking=True).view(1, 3, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=A.dtype).to(x.device, non_blocking=True)
-    A = A * inv_std
-    t = t * inv_std.view(1, 3) - shift
+    k = colour_constants(tuple(mean), tuple(std), x.device)
+    A = A * k["inv_std"].view(1, 3, 1)
+    t = t * k["inv_std"] - k["shift"]
     y = torch.baddbmm(t.unsqueeze(2), A, x.reshape(n, c, h * w)).view(n, c, h, w)
-    lo = [-m / s for m, s in zip(mean, std)]
-    hi = [(1 - m) / s for m, s in zip(mean, std)]
-    for ch in range(c):  # in-place scalar clamps: much faster than a tensor-bound clamp on CPU
-        y[:, ch].clamp_(lo[ch], hi[ch])
+    for ch, (m, s) in enumerate(zip(mean, std, strict=True)):  # in-place scalar clamps: fast on the CPU too
+        y[:, ch].clamp_(-m / s, (1 - m) / s)
     return y
 
 
 def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (N, 3, H, W) to normalised float32, without augmentation."""
-    m = torch.tensor([v * 255 for v in mean]).to(x.device, non_blocking=True).view(1, 3, 1, 1)
-    inv = torch.tensor([1 / (v * 255) for v in std]).to(x.device, non_blocking=True).view(1, 3, 1, 1)
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    """(N, 3, H, W) in 0-255 (uint8 or float) to normalised float32, without augmentation."""
+    k = colour_constants(tuple(mean), tuple(std), x.device)
+    scale, shift = (k["inv_std"] / 255).view(1, 3, 1, 1), -k["shift"].view(1, 3, 1, 1)
+    if x.device.type != "cpu":
+        return torch.addcmul(shift, x.float(), scale)
+    out = torch.empty(x.shape, dtype=torch.float32)
     # On a CPU, a few images at a time stay in cache: one trip through memory instead of three.
-    step = 8 if x.device.type == "cpu" else len(x)
-    for i in range(0, len(x), step):
-        out[i : i + step].copy_(x[i : i + step]).sub_(m).mul_(inv)
+    for i in range(0, len(x), 8):
+        out[i : i + 8].copy_(x[i : i + 8]).mul_(scale).add_(shift)
     return out
 
 
-class DeviceLoader:
-    """Batches sliced from a decoded cache, moved to the device, augmented and normalised there.
+def model_inputs(x: torch.Tensor, preprocess: Preprocess, params: torch.Tensor | None = None,
+                 batched: bool | None = None) -> torch.Tensor:
+    """uint8 rows (N, 3, S, S) on the device -> normalised float32 (N, 3, image_size, image_size).
 
-    The CPU only gathers uint8 rows (in a background thread, pinned for CUDA); crop, flip,
-    colour jitter and normalisation run on whole batches on the training device.
+    With params (augment_params, on the device): the random crop, flip and colour jitter. Without:
+    evaluation, the rows being the eval region (Preprocess.eval_region), resized if stored larger.
+    """
+    size = preprocess.image_size
+    if params is None:
+        if x.shape[-1] != size:  # stored with headroom: the eval centre, resized down, the same box for all
+            x = F.interpolate(x if x.device.type == "cpu" else x.float(), size=(size, size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return normalize_batch(x, preprocess.mean, preprocess.std)
+    x = crop_resize_flip(x, size, params, batched)
+    k = colour_constants(tuple(preprocess.mean), tuple(preprocess.std), x.device)
+    means = x.mean(dim=(2, 3)) / 255
+    A, t = color_affine(params[:, BRIGHTNESS:], means, k["grey"], k["eye"])
+    return affine_normalize(x, A / 255, t, preprocess.mean, preprocess.std)
+
+
+# ----------------------------------------------------------------------------- where rows come from
+class CachedRows:
+    """Rows gathered from a decoded cache, in a background thread, into (pinned) host memory."""
+
+    def __init__(self, cache: DecodedCache, indices: Sequence[int]) -> None:
+        self.kept = [k for k, i in enumerate(indices) if cache.valid[i]]  # unreadable photos drop out here
+        self.cache, self.rows = cache, np.asarray([indices[k] for k in self.kept], dtype=np.int64)
+
+    @property
+    def side(self) -> int:
+        return self.cache.images.shape[-1]
+
+    def host_batches(self, batches: Iterator[np.ndarray], region: tuple[int, int] | None,
+                     pin: bool) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        def gather(pos: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+            images = self.cache.images
+            if region is not None:  # copy only the eval centre crop
+                top, size = region
+                images = images[:, :, top : top + size, top : top + size]
+            out = torch.empty((len(pos), *images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+            np.take(images, self.rows[pos], axis=0, out=out.numpy(), mode="clip")  # one copy, into the pinned buffer
+            return out, pos
+
+        return in_background(gather(pos) for pos in batches)
+
+
+class DecodedRows:
+    """Rows decoded from the photo files by DataLoader workers each epoch (--cache off), as the cache decodes."""
+
+    def __init__(self, paths: Sequence[str], side: int, workers: int) -> None:
+        self.paths, self.side, self.workers = list(paths), side, workers
+        self.kept = list(range(len(self.paths)))
+        self.order: list[np.ndarray] = []  # this epoch's batches, read by the loader's batch sampler
+        self.loader: torch.utils.data.DataLoader | None = None
+
+    def __iter__(self) -> Iterator[np.ndarray]:  # the batch sampler of the (persistent) worker loader
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def host_batches(self, batches: Iterator[np.ndarray], region: tuple[int, int] | None,
+                     pin: bool) -> Iterator[tuple[torch.Tensor | None, np.ndarray]]:
+        self.order = list(batches)
+        if self.loader is None:  # the workers live as long as the loader: no start-up every epoch
+            self.loader = torch.utils.data.DataLoader(
+                _DecodeRows(self.paths, self.side, region), batch_sampler=self, num_workers=self.workers,
+                collate_fn=_collate_rows, pin_memory=pin, persistent_workers=self.workers > 0,
+                generator=torch.Generator())  # its own seed: the run's random stream stays the cache's
+        for rows, pos, bad in self.loader:
+            for path, reason in bad:
+                BAD_IMAGES.report(path, reason)
+            yield rows, pos
+
+
+class _DecodeRows(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], side: int, region: tuple[int, int] | None) -> None:
+        self.paths, self.side, self.region = paths, side, region
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            rows = decode_fixed(self.paths[i], self.side)
+        except Exception as e:  # any decode failure: skip the file, never end the run
+            return i, None, (self.paths[i], f"{type(e).__name__}: {e}".splitlines()[0][:200])
+        if self.region is not None:
+            top, size = self.region
+            rows = rows[:, top : top + size, top : top + size]
+        return i, rows, None
+
+
+def _collate_rows(items: list) -> tuple[torch.Tensor | None, np.ndarray, list]:
+    good = [(i, rows) for i, rows, _ in items if rows is not None]
+    bad = [why for _, rows, why in items if rows is None]
+    pos = np.asarray([i for i, _ in good], dtype=np.int64)
+    return (torch.from_numpy(np.stack([r for _, r in good])) if good else None), pos, bad
+
+
+def in_background(items: Iterator, depth: int = 3) -> Iterator:
+    """The items of a generator, produced by a thread `depth` ahead; its errors surface here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(item) -> bool:
+        """Queue item unless the consumer has stopped (then never block: it joins this thread)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(done)
+        except BaseException as e:  # surface errors in the consumer
+            offer(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        # Joined, not abandoned: a daemon thread still inside torch when the process exits (a stop
+        # mid-epoch, then sys.exit) aborts it with "terminate called without an active exception".
+        thread.join(timeout=60)
+
+
+class DeviceLoader:
+    """Batches of rows (CachedRows or DecodedRows), moved to the device and made model inputs there.
+
+    Batches follow the sampler's order (each batch's rows sorted, for sequential reads of the
+    cache). On CUDA the next batch is copied on a side stream from pinned memory while the current
+    one computes; the augmentation parameters are drawn when a batch is consumed, so the
+    generator's state is always that of the batches trained on (exact resume).
     """
 
-    def __init__(self, cache: DecodedCache, indices: Sequence[int], labels: Sequence[int], batch_size: int,
+    def __init__(self, source: CachedRows | DecodedRows, labels: Sequence[int], batch_size: int,
                  preprocess: Preprocess, device: torch.device, augment: bool, crop_scale: float = 0.25,
                  sampler: EpochSampler | None = None, seed: int = 0, drop_last: bool = False,
                  channels_last: bool = False) -> None:
-        keep = [k for k, i in enumerate(indices) if cache.valid[i]]
-        self.cache = cache
-        self.indices = np.asarray([indices[k] for k in keep], dtype=np.int64)
-        self.labels = torch.as_tensor([labels[k] for k in keep], dtype=torch.long)
-        self.skipped = len(indices) - len(keep)
+        self.source = source
+        self.labels = torch.as_tensor([labels[k] for k in source.kept], dtype=torch.long)
+        self.skipped = len(labels) - len(source.kept)
         self.batch_size, self.preprocess, self.device = batch_size, preprocess, device
         self.augment, self.crop_scale = augment, crop_scale
         self.drop_last, self.channels_last = drop_last, channels_last
+        n = len(source.kept)
         if sampler is not None and self.skipped:  # unreadable images drop out: re-shard what is left
-            sampler = EpochSampler(len(self.indices), seed, sampler.shuffle, sampler.rank, sampler.world, sampler.pad)
-        self.sampler = sampler or EpochSampler(len(self.indices), seed, shuffle=False)
+            sampler = EpochSampler(n, seed, sampler.shuffle, sampler.rank, sampler.world, sampler.pad)
+        self.sampler = sampler or EpochSampler(n, seed, shuffle=False)
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
-        self.pin = device.type == "cuda"
+        self.batched_resize: bool | None = None  # crop_resize_flip's choice; True shows the CUDA path on a CPU
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(uint8 rows, labels) of each batch, gathered on the host in sampler order."""
-        order = list(self.sampler)
+    def position_batches(self) -> Iterator[np.ndarray]:
+        """Positions (into source.kept) of each batch, in sampler order, each batch sorted."""
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
         for start in range(0, len(order), self.batch_size):
-            pos = np.asarray(order[start : start + self.batch_size], dtype=np.int64)
+            pos = order[start : start + self.batch_size]
             if self.drop_last and len(pos) < self.batch_size:
                 break
-            rows = self.indices[pos]
-            sort = np.argsort(rows, kind="stable")  # sequential reads from the memory map
-            pos, rows = pos[sort], rows[sort]
-            if self.augment:
-                x = self.cache.images[rows]
-            else:  # copy only the centre crop (the eval transform's, scaled to what is stored)
-                top, size = self.preprocess.eval_region(self.cache.images.shape[-1])
-                x = self.cache.images[rows, :, top : top + size, top : top + size]
-            x = torch.from_numpy(np.ascontiguousarray(x))
-            y = self.labels[torch.from_numpy(pos)]
-            yield (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+            yield np.sort(pos)  # sequential reads from the memory map; the labels follow
 
-    def __iter__(self):
-        import queue
-        import threading
+    def host_batches(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+        """(uint8 rows, labels) of each batch on the host; rows None where none of a batch could be read."""
+        side = self.source.side
+        region = None if self.augment else self.preprocess.eval_region(side)
+        if region == (0, side):
+            region = None
+        pin = self.device.type == "cuda"
+        for rows, pos in self.source.host_batches(self.position_batches(), region, pin):
+            labels = self.labels[torch.from_numpy(pos)]
+            yield rows, (labels.pin_memory() if pin else labels)
 
-        q: queue.Queue = queue.Queue(maxsize=3)
-        stop = threading.Event()
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        if self.device.type != "cuda":
+            for x, y in self.host_batches():
+                yield self.finish_batch(x, y)
+            return
+        copies = torch.cuda.Stream(self.device)
+        ahead = None
+        for x, y in self.host_batches():
+            with torch.cuda.stream(copies):  # overlaps the step of the batch before
+                moved = (None if x is None else x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                ready = torch.cuda.Event()
+                ready.record(copies)
+            if ahead is not None:
+                yield self.finish_copied(*ahead)
+            ahead = (moved, ready)
+        if ahead is not None:
+            yield self.finish_copied(*ahead)
 
-        def offer(item) -> bool:
-            """Queue item unless the consumer has stopped (then never block: it joins this thread)."""
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+    def finish_copied(self, moved: tuple, ready: torch.cuda.Event) -> tuple:
+        """A batch copied on the side stream, made inputs on the compute stream once its copy is done."""
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(ready)
+        for t in moved:
+            if t is not None:
+                t.record_stream(compute)  # its memory is not reused before the step that reads it
+        return self.finish_batch(*moved)
 
-        def produce() -> None:
-            try:
-                for item in self.host_batches():
-                    if not offer(item):
-                        return
-                offer(None)
-            except BaseException as e:  # surface errors in the consumer
-                offer(e)
-
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield self.finish_batch(*item)
-        finally:
-            stop.set()
-            # Joined, not abandoned: a daemon thread still inside torch when the process exits (a stop
-            # mid-epoch, then sys.exit) aborts it with "terminate called without an active exception".
-            thread.join(timeout=60)
-
-    def finish_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move gathered uint8 rows to the device and turn them into model inputs there."""
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        pre = self.preprocess
+    def finish_batch(self, x: torch.Tensor | None, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Rows on (or moved to) the device as model inputs; (None, None) for a batch with no readable image."""
+        if x is None:
+            return None, None
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        params = None
         if self.augment:
-            params = augment_params(x.shape[0], self.generator, scale=(self.crop_scale, 1.0))
-            x = augment_batch(x, pre.image_size, params, pre.mean, pre.std)
-        else:
-            if x.shape[-1] != pre.image_size:  # stored with headroom: the eval centre, resized down
-                x = F.interpolate(x if x.device.type == "cpu" else x.float(), size=(pre.image_size,) * 2,
-                                  mode="bilinear", align_corners=False, antialias=True)
-            x = normalize_batch(x, pre.mean, pre.std)
+            host = augment_params(x.shape[0], x.shape[-1], self.generator, scale=(self.crop_scale, 1.0))
+            params = host.to(self.device, non_blocking=True)
+        x = model_inputs(x, self.preprocess, params, self.batched_resize)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y

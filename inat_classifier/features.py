@@ -14,7 +14,6 @@ from torch import nn
 from inat_classifier.precision import amp_dtype, autocast
 from inat_classifier.checkpoint import atomic_torch_save
 from inat_classifier.cli import UserError
-from inat_classifier.decoded_cache import uses_decoded_cache
 from inat_classifier.images import batch_to_device
 from inat_classifier.loaders import make_image_loader, open_cache
 from inat_classifier.backbone import Backbone
@@ -35,8 +34,7 @@ def feature_cache_key(args: argparse.Namespace, backbone: Backbone, preprocess: 
     if weights.startswith("file:"):
         st = os.stat(weights[5:])
         weights += f":{st.st_size}:{st.st_mtime_ns}"
-    # Images from the decoded cache and from PIL differ slightly (resize paths): the key says which ran.
-    blob = json.dumps([args.model, weights, preprocess.to_dict(), uses_decoded_cache(args.cache), args.amp, files])
+    blob = json.dumps([args.model, weights, preprocess.to_dict(), args.amp, files])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

@@ -17,7 +17,8 @@ from inat_classifier import dataset as data
 from inat_classifier.precision import amp_dtype, autocast
 from inat_classifier.checkpoint import preprocess_of
 from inat_classifier.cli import UserError
-from inat_classifier.images import ImageListDataset, batch_to_device, load_image, make_loader
+from inat_classifier.decoded_cache import decode_fixed
+from inat_classifier.device_batches import DecodedRows, DeviceLoader, model_inputs
 from inat_classifier.metrics import classification_metrics, confusion_matrix
 from inat_classifier.presets import Preprocess
 
@@ -59,17 +60,16 @@ class Predictions:
 def predict(model: nn.Module, samples: list[tuple[str, int]], preprocess: Preprocess, device: torch.device,
             batch_size: int = 64, workers: int = 0) -> Predictions:
     """Run (path, label) samples through the model in eval mode; unreadable files are reported and skipped."""
-    indexed = [(path, i) for i, (path, _) in enumerate(samples)]  # the loader's "labels" are positions
-    loader = make_loader(ImageListDataset(indexed, preprocess.eval_transform()), batch_size,
-                         workers if len(samples) > batch_size else 0, pin_memory=device.type == "cuda")
+    # The training run's validation pipeline (device_batches), whose "labels" here are positions.
+    rows = DecodedRows([path for path, _ in samples], preprocess.decode_side,
+                       workers if len(samples) > batch_size else 0)
+    loader = DeviceLoader(rows, list(range(len(samples))), batch_size, preprocess, device, augment=False)
     dtype = amp_dtype("auto", device)
     model.eval()
     outputs, index = [], []
-    for batch in loader:
-        moved = batch_to_device(batch, device)
-        if moved is None:
+    for x, positions in loader:
+        if x is None:  # no image of the batch could be read
             continue
-        x, positions = moved
         with autocast(device, dtype):
             outputs.append(model(x).float().cpu())
         index.append(positions.cpu())
@@ -83,10 +83,11 @@ def load_input(path: str | Path, preprocess: Preprocess) -> torch.Tensor:
     if not Path(path).exists():
         raise UserError(f"--image: no such file: {path}")
     try:
-        img = load_image(str(path))
+        rows = torch.from_numpy(decode_fixed(str(path), preprocess.decode_side))
     except Exception as e:
         raise UserError(f"--image: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:150]})") from None
-    return preprocess.eval_transform()(img)
+    top, side = preprocess.eval_region(preprocess.decode_side)
+    return model_inputs(rows[None, :, top : top + side, top : top + side], preprocess)[0]
 
 
 def run_data_dir(ckpt: dict, data_dir: str | None) -> str:

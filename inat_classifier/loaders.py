@@ -1,4 +1,4 @@
-"""A run's batches: from the decoded cache (device-side augmentation) or decoded with PIL every epoch."""
+"""A run's batches: rows from the decoded cache or, with --cache off, decoded every epoch; one pipeline for both."""
 from __future__ import annotations
 
 import sys
@@ -9,15 +9,22 @@ import torch
 
 from inat_classifier import dataset as data
 from inat_classifier.decoded_cache import DecodedCache, choose_cache_dir, open_decoded_cache
-from inat_classifier.device_batches import DeviceLoader
+from inat_classifier.device_batches import CachedRows, DecodedRows, DeviceLoader
 from inat_classifier.devices import Dist
-from inat_classifier.images import ImageListDataset, make_loader
 from inat_classifier.presets import Preprocess
 from inat_classifier.runs import RunSetup
 from inat_classifier.sampler import EpochSampler
 
 # The decoded cache of a run and where each (path, label) sample sits in it.
 CachedImages = tuple[DecodedCache, dict]
+
+
+def stored_preprocess(setup: RunSetup, preprocess: Preprocess) -> Preprocess:
+    """preprocess with the side every photo of the run is stored at (recorded in its checkpoints)."""
+    args = setup.args
+    paths = [p for p, _ in setup.train_samples + setup.val_samples]
+    largest = max(setup.photo_sides[p] for p in paths) if args.augment else 0
+    return preprocess.with_stored_side(args.augment, args.crop_scale, largest)
 
 
 def open_cache(setup: RunSetup, preprocess: Preprocess) -> CachedImages | None:
@@ -32,9 +39,7 @@ def open_cache(setup: RunSetup, preprocess: Preprocess) -> CachedImages | None:
         return None
     samples = sorted(set(setup.train_samples) | set(setup.val_samples))
     paths = [p for p, _ in samples]
-    largest = max(setup.photo_sides[p] for p in paths) if args.augment else 0
-    side = preprocess.stored_side(args.augment, args.crop_scale, largest)
-    cache = open_decoded_cache(paths, side, cache_dir, args.workers)
+    cache = open_decoded_cache(paths, preprocess.decode_side, cache_dir, args.workers)
     # Files whose header reads but whose pixels do not (truncated JPEGs) are known only now.
     unreadable = {paths[i] for i in np.flatnonzero(~cache.valid)}
     data.check_trainable(setup.classes, setup.train_samples, unreadable, setup.root / "train")
@@ -43,7 +48,7 @@ def open_cache(setup: RunSetup, preprocess: Preprocess) -> CachedImages | None:
 
 def make_image_loader(setup: RunSetup, samples: list, preprocess: Preprocess, device: torch.device,
                       train: bool, cached: CachedImages | None, shard: bool = True) -> Iterable:
-    """Batches of one split: from the decoded cache (device-side augmentation) or decoded with PIL.
+    """Batches of one split: rows from the decoded cache, or decoded by --workers processes without one.
 
     shard=False gives every process all the samples (e.g. to compute a complete feature cache).
     """
@@ -56,13 +61,12 @@ def make_image_loader(setup: RunSetup, samples: list, preprocess: Preprocess, de
     sampler = EpochSampler(len(samples), args.seed, shuffle=train, rank=dist.rank, world=dist.world, pad=train)
     if cached is not None:
         cache, pos = cached
-        return DeviceLoader(cache, [pos[s] for s in samples], [label for _, label in samples], batch,
-                            preprocess, device, augment=augment, crop_scale=args.crop_scale,
-                            sampler=sampler, seed=args.seed, drop_last=drop_last,
-                            channels_last=getattr(args, "channels_last", False))
-    transform = preprocess.train_transform(args.crop_scale) if augment else preprocess.eval_transform()
-    return make_loader(ImageListDataset(samples, transform), batch, args.workers, sampler=sampler,
-                       pin_memory=device.type == "cuda", drop_last=drop_last, seed=args.seed)
+        source = CachedRows(cache, [pos[s] for s in samples])
+    else:
+        source = DecodedRows([path for path, _ in samples], preprocess.decode_side, args.workers)
+    return DeviceLoader(source, [label for _, label in samples], batch, preprocess, device, augment=augment,
+                        crop_scale=args.crop_scale, sampler=sampler, seed=args.seed, drop_last=drop_last,
+                        channels_last=getattr(args, "channels_last", False))
 
 
 def image_loaders(setup: RunSetup, preprocess: Preprocess, device: torch.device) -> tuple[Iterable, Iterable]:

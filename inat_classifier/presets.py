@@ -1,15 +1,16 @@
 """The one definition of preprocessing: how a photo becomes a model input, for training and evaluation.
 
 Like torchvision's presets and `weights.transforms()`: one `Preprocess` object (input size, resize
-rule, centre crop, mean/std) is built once per run, saved in every checkpoint, and used by the PIL
-path, the decoded cache, the device-side augmentation, evaluate.py, visualize.py and the Part B
-feature cache.
+rule, stored side, centre crop, mean/std) is built once per run, saved in every checkpoint, and
+used by the one batch pipeline (device_batches.py) for training, validation, evaluate.py,
+visualize.py and the Part B feature cache.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import replace
+from typing import Sequence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,16 +24,28 @@ COLOR_JITTER = 0.3
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Eval: short side to `resize_size` (bilinear, antialiased), centre crop `image_size`, normalise.
+    """Every photo: short side resized to `decode_side` (bilinear, after JPEG draft decoding), centre square.
 
-    Training with augmentation: a random resized crop keeping (crop_scale, 1] of the area at an
-    aspect ratio in ASPECT_RANGE, a horizontal flip and colour jitter, then the same normalisation.
+    Eval: the centre `eval_region` of that square (what `resize_size` then a centre `image_size`
+    crop keep), resized to `image_size` (antialiased), normalised. Training with augmentation: a
+    random crop of the square keeping (crop_scale, 1] of its area at an aspect ratio in
+    ASPECT_RANGE, resized to `image_size`, a horizontal flip and colour jitter, then the same
+    normalisation. device_batches.py does both, on whole batches.
     """
 
     image_size: int
     resize_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Side of the square every photo is decoded to before any crop (0: resize_size). A run that
+    # augments keeps more pixels (stored_side_for); its checkpoint records the side, so evaluation
+    # decodes every photo exactly as the run's validation did.
+    stored_side: int = 0
+
+    @property
+    def decode_side(self) -> int:
+        """The side of the square (short side resized, centre crop) each photo is decoded to."""
+        return self.stored_side or self.resize_size
 
     @classmethod
     def for_size(cls, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
@@ -41,38 +54,25 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(int(d["image_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]))
+        return cls(int(d["image_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]),
+                   int(d.get("stored_side", 0)))
 
     def to_dict(self) -> dict:
         """Plain JSON types, so a checkpoint holding it loads with weights_only=True."""
         return {"image_size": self.image_size, "resize_size": self.resize_size,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std), "stored_side": self.stored_side}
 
-    def eval_transform(self) -> Callable:
-        """PIL image -> normalised tensor, never augmented."""
-        from torchvision import transforms as T
+    def with_stored_side(self, augment: bool, crop_scale: float, largest_short_side: int) -> "Preprocess":
+        """This preprocessing with the stored side a run needs (stored_side_for)."""
+        return replace(self, stored_side=self.stored_side_for(augment, crop_scale, largest_short_side))
 
-        return T.Compose([T.Resize(self.resize_size), T.CenterCrop(self.image_size),
-                          T.ToTensor(), T.Normalize(self.mean, self.std)])
-
-    def train_transform(self, crop_scale: float) -> Callable:
-        """PIL image -> augmented, normalised tensor (the PIL twin of device_batches.augment_batch)."""
-        from torchvision import transforms as T
-
-        return T.Compose([
-            T.RandomResizedCrop(self.image_size, scale=(crop_scale, 1.0), ratio=ASPECT_RANGE),
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(COLOR_JITTER, COLOR_JITTER, COLOR_JITTER),
-            T.ToTensor(), T.Normalize(self.mean, self.std),
-        ])
-
-    def stored_side(self, augment: bool, crop_scale: float, largest_short_side: int) -> int:
-        """Side of the square the decoded cache keeps of every photo (its centre, short side resized).
+    def stored_side_for(self, augment: bool, crop_scale: float, largest_short_side: int) -> int:
+        """Side of the square kept of every photo (its centre, short side resized) for a run.
 
         Evaluation needs the eval resize. The smallest random crop keeps crop_scale of the area at
         an aspect ratio of 3/4, so its short side is sqrt(crop_scale * 3/4) of the stored side: it
-        must still span image_size pixels, or it would be upscaled (blurred) where the PIL path
-        crops the full photo. Never more than the photos have, which would add bytes, not detail.
+        must still span image_size pixels, or it would be upscaled (blurred). Never more than the
+        photos have, which would add bytes, not detail.
         """
         if not augment:
             return self.resize_size
