@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from inat_classifier.decoded_cache import DecodedCache, decode_fixed
-from inat_classifier.images import BAD_IMAGES
+from inat_classifier import images
 from inat_classifier.presets import ASPECT_RANGE, COLOR_JITTER, Preprocess
 from inat_classifier.sampler import EpochSampler
 
@@ -176,8 +176,8 @@ def model_inputs(x: torch.Tensor, preprocess: Preprocess, params: torch.Tensor |
     size = preprocess.image_size
     if params is None:
         if x.shape[-1] != size:  # stored with headroom: the eval centre, resized down, the same box for all
-            x = F.interpolate(x if x.device.type == "cpu" else x.float(), size=(size, size), mode="bilinear",
-                              align_corners=False, antialias=True)
+            # in float on every device (not the CPU's uint8 kernel, which rounds): the same inputs everywhere
+            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return normalize_batch(x, preprocess.mean, preprocess.std)
     x = crop_resize_flip(x, size, params, batched)
     k = colour_constants(tuple(preprocess.mean), tuple(preprocess.std), x.device)
@@ -237,7 +237,7 @@ class DecodedRows:
                 generator=torch.Generator())  # its own seed: the run's random stream stays the cache's
         for rows, pos, bad in self.loader:
             for path, reason in bad:
-                BAD_IMAGES.report(path, reason)
+                images.BAD_IMAGES.report(path, reason)
             yield rows, pos
 
 

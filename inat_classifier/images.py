@@ -1,11 +1,10 @@
-"""Reading photos with PIL: robust decoding to RGB, the per-epoch PIL dataset and loader, bad-file reports."""
+"""Reading photos with PIL: robust decoding to RGB, refusing special files, bad-file reports."""
 from __future__ import annotations
 
 import os
 import stat
 import sys
 import warnings
-from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageFile, ImageOps
@@ -106,64 +105,12 @@ class BadImageLog:
 BAD_IMAGES = BadImageLog()
 
 
-class ImageListDataset(torch.utils.data.Dataset):
-    """(path, label) samples decoded with PIL; an unreadable file yields ("__bad__", path, reason),
-    which collate_skip_bad drops and hands to the main process to report."""
-
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        try:
-            img = load_image(path)
-        except Exception as e:  # any decode failure: skip the file, never end the run
-            return ("__bad__", path, f"{type(e).__name__}: {e}".splitlines()[0][:200])
-        return (self.transform(img) if self.transform else img), label
-
-
-def collate_skip_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
-    """Collate the readable samples; returns (x, y, bad) so the main process, not a worker,
-    reports the unreadable files (x and y are None when none of the batch was readable)."""
-    good, bad = [], []
-    for item in batch:
-        if isinstance(item, tuple) and len(item) == 3 and item[0] == "__bad__":
-            bad.append(item[1:])
-        else:
-            good.append(item)
-    if not good:
-        return None, None, bad
-    x, y = torch.utils.data.default_collate(good)
-    return x, y, bad
-
-
-def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, sampler=None,
-                pin_memory: bool = False, drop_last: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader of PIL-decoded samples in sampler order (file order without one); bad files are skipped."""
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler,
-        num_workers=workers, collate_fn=collate_skip_bad, pin_memory=pin_memory,
-        drop_last=drop_last, persistent_workers=workers > 0, generator=generator,
-    )
-
-
 def batch_to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(x, y) of any loader's batch on the device; reports the unreadable files a PIL batch skipped.
+    """(x, y) of any loader's batch on the device (a no-op for device_batches.DeviceLoader's).
 
-    None when every image of the batch was unreadable.
+    None when every image of the batch was unreadable (DeviceLoader yields (None, None) then).
     """
-    if len(batch) == 3:
-        x, y, bad = batch
-        for path, reason in bad:
-            BAD_IMAGES.report(path, reason)
-    else:
-        x, y = batch
+    x, y = batch
     if x is None:
         return None
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -83,7 +83,7 @@ def load_input(path: str | Path, preprocess: Preprocess) -> torch.Tensor:
     if not Path(path).exists():
         raise UserError(f"--image: no such file: {path}")
     try:
-        rows = torch.from_numpy(decode_fixed(str(path), preprocess.decode_side))
+        rows = torch.from_numpy(decode_fixed(str(path), preprocess.decode_side).copy())
     except Exception as e:
         raise UserError(f"--image: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:150]})") from None
     top, side = preprocess.eval_region(preprocess.decode_side)

@@ -12,7 +12,9 @@ from PIL import Image
 
 from conftest import CLASSES, make_dataset
 from inat_classifier.decoded_cache import decode_fixed, open_decoded_cache
-from inat_classifier.device_batches import DeviceLoader, affine_normalize, augment_batch, augment_params, color_affine
+from inat_classifier.device_batches import (FLIP, HEIGHT, WIDTH, CachedRows, DeviceLoader, affine_normalize,
+                                            augment_params, color_affine, colour_constants, crop_resize_flip,
+                                            model_inputs)
 from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
@@ -95,14 +97,15 @@ def batch_u8(n: int = 6, size: int = 40) -> torch.Tensor:
 
 def test_device_augmentation_keeps_shape_dtype_and_range_and_is_seeded():
     x = batch_u8()
-    params = augment_params(6, torch.Generator().manual_seed(1))
-    out = augment_batch(x, 32, params)
+    plain = Preprocess(32, 36, (0.0,) * 3, (1.0,) * 3)  # no normalisation: pixels in [0, 1]
+    params = augment_params(6, 40, torch.Generator().manual_seed(1))
+    out = model_inputs(x, plain, params)
     assert out.shape == (6, 3, 32, 32) and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
-    again = augment_batch(x, 32, augment_params(6, torch.Generator().manual_seed(1)))
-    other = augment_batch(x, 32, augment_params(6, torch.Generator().manual_seed(2)))
+    again = model_inputs(x, plain, augment_params(6, 40, torch.Generator().manual_seed(1)))
+    other = model_inputs(x, plain, augment_params(6, 40, torch.Generator().manual_seed(2)))
     assert torch.equal(out, again) and not torch.equal(out, other)
-    normed = augment_batch(x, 32, params, IMAGENET_MEAN, IMAGENET_STD)
+    normed = model_inputs(x, Preprocess(32, 36), params)
     lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
     hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
     assert normed.min() >= lo - 1e-5 and normed.max() <= hi + 1e-5
@@ -113,8 +116,9 @@ def test_colour_jitter_as_one_affine_map_equals_torchvision():
 
     img = torch.rand(2, 3, 16, 16) * 0.5 + 0.25  # mid-range: no clipping in between
     factors = torch.tensor([[1.2, 0.8, 1.1], [0.8, 1.25, 0.75]])
-    A, t = color_affine(factors, img.mean(dim=(2, 3)))
-    ours = affine_normalize(img, A, t, None, None)
+    k = colour_constants((0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
+    A, t = color_affine(factors, img.mean(dim=(2, 3)), k["grey"], k["eye"])
+    ours = affine_normalize(img, A, t, (0.0,) * 3, (1.0,) * 3)
     for i, (b, c, s) in enumerate(factors.tolist()):
         ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img[i], b), c), s)
         assert torch.allclose(ours[i], ref, atol=1e-5)
@@ -139,8 +143,8 @@ def test_eval_batches_are_never_augmented(folder, tmp_path):
     paths = train_paths(folder)
     cache = open_decoded_cache(paths, 36, tmp_path / "cache")
     pre = Preprocess(32, 36)
-    loader = DeviceLoader(cache, list(range(len(paths))), [0] * len(paths), 4, pre, torch.device("cpu"),
-                          augment=False)
+    loader = DeviceLoader(CachedRows(cache, list(range(len(paths)))), [0] * len(paths), 4, pre,
+                          torch.device("cpu"), augment=False)
     expected = torchvision_eval(paths, pre)
     for epoch in range(2):
         loader.sampler.set_epoch(epoch)
@@ -148,15 +152,12 @@ def test_eval_batches_are_never_augmented(folder, tmp_path):
         assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_crop_scale_bounds_the_crop_area_on_both_pipelines():
+def test_crop_scale_bounds_the_crop_area():
     g = torch.Generator().manual_seed(0)
-    mild = augment_params(2000, g, scale=(0.8, 1.0))
-    strong = augment_params(2000, g, scale=(0.1, 1.0))
+    area = {scale: (lambda p: p[:, HEIGHT] * p[:, WIDTH] / 100**2)(augment_params(2000, 100, g, scale=(scale, 1.0)))
+            for scale in (0.8, 0.1)}
     # w and h are clamped to the full side, so the kept area can only shrink below the drawn one.
-    assert (mild["w"] * mild["h"]).min() > 0.55 and (strong["w"] * strong["h"]).min() < 0.15
-    train_tf = Preprocess.for_size(32).train_transform(crop_scale=0.8)
-    crop = next(t for t in train_tf.transforms if type(t).__name__ == "RandomResizedCrop")
-    assert crop.scale == (0.8, 1.0)
+    assert area[0.8].min() > 0.55 and area[0.1].min() < 0.15 and area[0.1].max() <= 1.0
 
 
 def test_device_loader_draws_crops_at_its_crop_scale(folder, tmp_path):
@@ -164,8 +165,8 @@ def test_device_loader_draws_crops_at_its_crop_scale(folder, tmp_path):
     cache = open_decoded_cache(paths, 36, tmp_path / "cache")
 
     def batch(scale: float) -> torch.Tensor:
-        loader = DeviceLoader(cache, list(range(len(paths))), [0] * len(paths), len(paths), Preprocess(32, 36),
-                              torch.device("cpu"), augment=True, seed=3, crop_scale=scale)
+        loader = DeviceLoader(CachedRows(cache, list(range(len(paths)))), [0] * len(paths), len(paths),
+                              Preprocess(32, 36), torch.device("cpu"), augment=True, seed=3, crop_scale=scale)
         return next(iter(loader))[0]
 
     assert torch.equal(batch(0.5), batch(0.5)) and not torch.equal(batch(0.5), batch(0.3))
@@ -176,11 +177,12 @@ def test_stored_side_fits_the_smallest_crop_but_not_more_than_the_photos_have():
     so the side is ceil(64 / that): 262 at 0.08 (0.2449), 148 at 0.25 (0.4330), 105 at 0.5 (0.6124), 74 at 1.0
     (0.8660), never below the eval resize 73 (= round(64 / 0.875))."""
     pre = Preprocess.for_size(64)
-    assert pre.resize_size == 73 and pre.stored_side(False, 0.5, 10_000) == 73
-    assert [pre.stored_side(True, s, 10_000) for s in (0.08, 0.25, 0.5, 1.0)] == [262, 148, 105, 74]
-    assert pre.stored_side(True, 0.08, 150) == 150  # no bigger than the largest photo
-    assert pre.stored_side(True, 0.08, 50) == 73  # but always enough for the eval resize
-    assert Preprocess.for_size(224).stored_side(True, 0.25, 1200) == 518  # ceil(224 / 0.4330)
+    assert pre.resize_size == 73 and pre.stored_side_for(False, 0.5, 10_000) == 73
+    assert [pre.stored_side_for(True, s, 10_000) for s in (0.08, 0.25, 0.5, 1.0)] == [262, 148, 105, 74]
+    assert pre.stored_side_for(True, 0.08, 150) == 150  # no bigger than the largest photo
+    assert pre.stored_side_for(True, 0.08, 50) == 73  # but always enough for the eval resize
+    assert Preprocess.for_size(224).stored_side_for(True, 0.25, 1200) == 518  # ceil(224 / 0.4330)
+    assert pre.decode_side == 73 and pre.with_stored_side(True, 0.5, 10_000).decode_side == 105
 
 
 # ----------------------------------------------------------------------------- cached crop vs PIL crop
@@ -210,13 +212,15 @@ def pil_crop(path: Path, box: tuple[float, float, float, float], stored: int, ou
     return TF.pil_to_tensor(img.resize((out, out), Image.BILINEAR, box=photo_box)).float() / 255
 
 
-def cached_crop(x: torch.Tensor, box: tuple[float, float, float, float], out: int) -> torch.Tensor:
-    from inat_classifier.device_batches import crop_resize_flip
-
+def box_params(box: tuple[float, float, float, float], stored: int, flip: bool = False) -> torch.Tensor:
+    """augment_params' row for a box given as fractions (width, height, left, top), rounded as it rounds."""
     fw, fh, fu, fv = box
-    p = {"w": torch.tensor([fw]), "h": torch.tensor([fh]), "u": torch.tensor([fu]), "v": torch.tensor([fv]),
-         "flip": torch.tensor([False])}
-    return crop_resize_flip(x, out, p).float() / 255
+    w, h = max(1, round(fw * stored)), max(1, round(fh * stored))
+    return torch.tensor([[round(fv * (stored - h)), round(fu * (stored - w)), h, w, float(flip), 1.0, 1.0, 1.0]])
+
+
+def cached_crop(x: torch.Tensor, box: tuple[float, float, float, float], out: int) -> torch.Tensor:
+    return crop_resize_flip(x, out, box_params(box, x.shape[-1])) / 255
 
 
 # The smallest crops Part B's default (--crop_scale 0.25) draws: a quarter of the area, at both
@@ -228,7 +232,7 @@ SMALL_BOXES = [(math.sqrt(0.25 * r), math.sqrt(0.25 / r), u, v)
 def test_cached_random_crops_have_the_detail_of_pil_crops_of_the_photo(tmp_path):
     photo = camera_photo(tmp_path / "camera.jpg")
     pre = Preprocess.for_size(224)
-    side = pre.stored_side(True, 0.25, 1200)
+    side = pre.stored_side_for(True, 0.25, 1200)
     cache = open_decoded_cache([str(photo)], side, tmp_path / "cache")
     x = torch.from_numpy(np.array(cache.images))
     for box in SMALL_BOXES:
@@ -254,10 +258,10 @@ def test_cached_eval_batches_match_torchvision_on_camera_jpegs(tmp_path, augment
 
     paths = [str(camera_photo(tmp_path / "wide.jpg")), str(camera_photo(tmp_path / "tall.jpg", (1200, 1600)))]
     pre = Preprocess.for_size(224)
-    side = pre.stored_side(augment_side, 0.25, 1200)
+    side = pre.stored_side_for(augment_side, 0.25, 1200)
     assert side == (518 if augment_side else 256)
     cache = open_decoded_cache(paths, side, tmp_path / "cache")
-    loader = DeviceLoader(cache, [0, 1], [0, 1], 2, pre, torch.device("cpu"), augment=False)
+    loader = DeviceLoader(CachedRows(cache, [0, 1]), [0, 1], 2, pre, torch.device("cpu"), augment=False)
     got = next(iter(loader))[0]
     ref = torchvision_eval(paths, pre)
     err = (got - ref).abs().mean().item()
@@ -285,31 +289,52 @@ def test_old_cache_side_upscaled_small_crops(tmp_path):
     assert (cached_crop(x, box, 224) - pil_crop(photo, box, 320, 224)).abs().mean() > 0.015
 
 
-def test_float_batches_as_on_a_gpu_are_resized_like_uint8_batches_on_the_cpu(tmp_path):
-    """CUDA resizes float copies of the rows: they must be antialiased as the CPU's uint8 ones are."""
-    from inat_classifier.device_batches import crop_resize_flip
+def real_photos(tmp_path: Path, n: int = 8) -> list[str]:
+    """Real photos where the shared Imagenette copy is beside the repository, plus a camera-size JPEG."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette224" / "val"
+    found = sorted(shared.glob("*/*.JPEG"))[:: 97][:n] if shared.is_dir() else []
+    return [str(p) for p in found] + [str(camera_photo(tmp_path / "camera.jpg"))]
 
-    photo = camera_photo(tmp_path / "camera.jpg")
-    cache = open_decoded_cache([str(photo)], 517, tmp_path / "cache")
-    x = torch.from_numpy(np.array(cache.images))
-    for box in [(1.0, 1.0, 0.0, 0.0)] + SMALL_BOXES[:3]:  # 517 px -> 224 px: a strong downscale
-        p = {"w": torch.tensor([box[0]]), "h": torch.tensor([box[1]]), "u": torch.tensor([box[2]]),
-             "v": torch.tensor([box[3]]), "flip": torch.tensor([False])}
-        as_uint8 = crop_resize_flip(x, 224, p).float()
-        as_float = crop_resize_flip(x.float(), 224, p)
-        assert (as_uint8 - as_float).abs().mean() < 1.0, box  # uint8 rounding only; 5.8 without antialiasing
+
+@pytest.mark.parametrize("side", [224, 517])
+def test_batched_crop_gives_the_pixels_of_the_per_image_resize(tmp_path, side):
+    """The device path (two batched matmuls with per-image antialiased weights, flips in them) against
+    F.interpolate image by image (the CPU's uint8 kernel): within one level of 255 everywhere."""
+    paths = real_photos(tmp_path)
+    x = torch.from_numpy(np.stack([decode_fixed(p, side) for p in paths]))
+    params = augment_params(len(paths), side, torch.Generator().manual_seed(0), scale=(0.08, 1.0))
+    params[:, FLIP] = torch.arange(len(paths)) % 2  # both ways, whatever the draw
+    whole = torch.tensor([[0, 0, side, side, 1, 1, 1, 1]]).float()  # the whole square, mirrored
+    for p in (params, whole.expand(len(paths), 8)):
+        batched = crop_resize_flip(x, 224, p, batched=True)
+        each = crop_resize_flip(x, 224, p, batched=False)
+        assert (batched - each).abs().max() <= 1.0 + 1e-3  # uint8 rounding of the per-image kernel only
+        assert (batched - crop_resize_flip(x.float(), 224, p, batched=False)).abs().max() < 1e-2  # float: the same
+
+
+def test_the_cpu_and_the_cuda_branch_draw_the_same_inputs(folder, tmp_path):
+    """model_inputs on a CPU, with the per-image resize and with the batched one the GPU takes."""
+    paths = train_paths(folder)
+    cache = open_decoded_cache(paths, 40, tmp_path / "cache")
+    rows = torch.from_numpy(np.array(cache.images))
+    params = augment_params(len(paths), 40, torch.Generator().manual_seed(4), scale=(0.3, 1.0))
+    pre = Preprocess(32, 36)
+    each, batched = (model_inputs(rows, pre, params, batched=b) for b in (False, True))
+    # one level of uint8 rounding, times the colour jitter's gain (at most 1.3 ** 3)
+    assert (each - batched).abs().max() < 2.2 / 255 / min(pre.std)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_device_side_batches_give_the_same_pixels_on_cpu_and_cuda(tmp_path):
     photo = camera_photo(tmp_path / "camera.jpg")
     pre = Preprocess.for_size(224)
-    cache = open_decoded_cache([str(photo)] * 4, pre.stored_side(True, 0.25, 1200), tmp_path / "cache")
+    cache = open_decoded_cache([str(photo)] * 4, pre.stored_side_for(True, 0.25, 1200), tmp_path / "cache")
 
     def batches(device: str) -> list[torch.Tensor]:
         out = []
         for augment in (True, False):
-            loader = DeviceLoader(cache, [0, 1, 2, 3], [0] * 4, 4, pre, torch.device(device), augment=augment, seed=5)
+            loader = DeviceLoader(CachedRows(cache, [0, 1, 2, 3]), [0] * 4, 4, pre, torch.device(device),
+                                  augment=augment, seed=5)
             out.append(next(iter(loader))[0].cpu())
         return out
 

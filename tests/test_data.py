@@ -15,7 +15,9 @@ import data
 from conftest import assert_one_line_error, make_dataset, run_cli
 from inat_classifier.cli import UserError
 from inat_classifier import images
-from inat_classifier.images import BadImageLog, ImageListDataset, batch_to_device, collate_skip_bad, load_image, make_loader
+from inat_classifier.decoded_cache import decode_fixed
+from inat_classifier.device_batches import DecodedRows, DeviceLoader, augment_params, model_inputs
+from inat_classifier.images import BadImageLog, batch_to_device, load_image
 from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
@@ -178,10 +180,10 @@ def test_truncated_jpeg_raises_in_load_image(image_folder):
 def test_unreadable_image_is_reported_once_and_skipped(image_folder, monkeypatch, capsys):
     monkeypatch.setattr(images, "BAD_IMAGES", BadImageLog())  # a fresh per-process log
     good = sorted((image_folder.root / "val" / "red").glob("*"))[:3]
-    samples = [(str(good[0]), 0), (str(image_folder.truncated), 1), (str(good[1]), 0), (str(good[2]), 0)]
-    eval_tf = Preprocess.for_size(32).eval_transform()
-    # Two worker processes: the report must still reach the main process's log and count.
-    loader = make_loader(ImageListDataset(samples, eval_tf), batch_size=2, workers=2)
+    paths = [str(good[0]), str(image_folder.truncated), str(good[1]), str(good[2])]
+    # Two worker processes decode (--cache off): the report must still reach the main process's log and count.
+    loader = DeviceLoader(DecodedRows(paths, 36, workers=2), [0, 1, 0, 0], 2, Preprocess(32, 36),
+                          torch.device("cpu"), augment=False)
     for _ in range(2):  # two epochs
         batches = [batch_to_device(b, torch.device("cpu")) for b in loader]
         assert [b[0].shape[0] for b in batches] == [1, 2]  # the bad one dropped from its batch
@@ -191,29 +193,30 @@ def test_unreadable_image_is_reported_once_and_skipped(image_folder, monkeypatch
     assert err.count("skipping unreadable image") == 1 and str(image_folder.truncated) in err
 
 
-def test_batch_of_only_bad_images_collates_to_none(image_folder, monkeypatch, capsys):
+def test_batch_of_only_bad_images_is_none(image_folder, monkeypatch, capsys):
     monkeypatch.setattr(images, "BAD_IMAGES", BadImageLog())
-    ds = ImageListDataset([(str(image_folder.truncated), 0)], None)
-    batch = collate_skip_bad([ds[0]])
-    assert batch[0] is None and batch_to_device(batch, torch.device("cpu")) is None
+    loader = DeviceLoader(DecodedRows([str(image_folder.truncated)], 36, workers=0), [0], 1, Preprocess(32, 36),
+                          torch.device("cpu"), augment=True)
+    (batch,) = list(loader)
+    assert batch == (None, None) and batch_to_device(batch, torch.device("cpu")) is None
     assert str(image_folder.truncated) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("augment", [False, True])
-def test_transforms_give_normalised_tensors_of_image_size(image_folder, augment):
-    img = load_image(str(image_folder.odd["rgba_png"]))
+def test_model_inputs_are_normalised_tensors_of_image_size(image_folder, augment):
     pre = Preprocess.for_size(32)
-    train_tf = pre.train_transform(crop_scale=0.25) if augment else pre.eval_transform()
-    eval_tf = pre.eval_transform()
-    for tf in (train_tf, eval_tf):
-        x = tf(img)
-        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    rows = torch.from_numpy(decode_fixed(str(image_folder.odd["rgba_png"]), pre.decode_side))[None]
+    top, side = pre.eval_region(pre.decode_side)
+    centre = rows[..., top : top + side, top : top + side]
+    params = augment_params(1, pre.decode_side, torch.Generator().manual_seed(0)) if augment else None
+    x = model_inputs(rows if augment else centre, pre, params)
+    assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
     # eval is deterministic (never augmented)
-    assert torch.equal(eval_tf(img), eval_tf(img))
+    assert torch.equal(model_inputs(centre, pre), model_inputs(centre, pre))
     # normalised with ImageNet statistics: a white pixel maps to (1 - mean) / std
-    white = eval_tf(Image.new("RGB", (40, 40), (255, 255, 255)))
+    white = model_inputs(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8), pre)
     expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    assert torch.allclose(white[:, 0, 0], expected, atol=1e-5)
+    assert torch.allclose(white[0, :, 0, 0], expected, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- stats CLI

@@ -1,5 +1,5 @@
 """The device-specific choices, checked on a CPU: sums without float64 on MPS, the torchrun backend
-from the device, --compile over the DDP module, and augmentation that crops before it converts."""
+from the device, --compile over the DDP module, and augmentation in a constant number of operations."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +11,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from inat_classifier.device_batches import augment_params, crop_resize_flip
+from inat_classifier.device_batches import augment_params, model_inputs
 from inat_classifier.devices import Dist, process_group_backend, select_device, sum_dtype
 from inat_classifier.engine import stepping_module
+from inat_classifier.presets import Preprocess
 
 
 def test_running_sums_are_float32_on_mps_and_float64_elsewhere():
@@ -56,28 +57,28 @@ def test_compile_wraps_the_ddp_module_not_the_other_way_round(one_process_group)
     assert isinstance(plain, DistributedDataParallel) and plain.module is model
 
 
-class FloatCopies(TorchDispatchMode):
-    """Records the element count of every conversion to float."""
+class OpCount(TorchDispatchMode):
+    """Counts the aten operations dispatched (on a GPU, each is a kernel launch or a view)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.sizes: list[int] = []
+        self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.float32:
-            self.sizes.append(args[0].numel())
-        return func(*args, **kwargs)
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
-def test_augmentation_converts_each_crop_not_the_stored_batch():
-    # The meta device stands in for a GPU: shapes and dtypes without memory, and not the CPU's uint8 kernel.
-    n, side, out = 256, 518, 224
-    stored = torch.empty((n, 3, side, side), dtype=torch.uint8, device="meta")
-    params = augment_params(n, torch.Generator().manual_seed(0), scale=(0.25, 0.25))
-    with FloatCopies() as copies:
-        result = crop_resize_flip(stored, out, params)
-    assert result.dtype == torch.float32 and result.shape == (n, 3, out, out)
-    assert len(copies.sizes) == n  # one conversion per crop
-    # a quarter of the area each: the whole stored batch (206 M values, 0.8 GB as float) is never float
-    assert max(copies.sizes) < 3 * side * side * 0.3
+def test_augmentation_takes_as_many_operations_for_any_batch():
+    """The device path: crop, resize, flip, colour and normalisation of 8 or 256 images in the same few
+    operations. The meta device stands in for a GPU: shapes and dtypes without memory."""
+    side, pre = 518, Preprocess.for_size(224)
+    counts = []
+    for n in (8, 8, 256):  # the first call also makes the per-device constants, once
+        stored = torch.empty((n, 3, side, side), dtype=torch.uint8, device="meta")
+        params = augment_params(n, side, torch.Generator().manual_seed(0), scale=(0.25, 1.0)).to("meta")
+        with OpCount() as ops:
+            result = model_inputs(stored, pre, params)
+        assert result.dtype == torch.float32 and result.shape == (n, 3, 224, 224)
+        counts.append(ops.count)
+    assert counts[1] == counts[2] < 100, counts  # most of them views (unsqueeze, slice, expand)

