@@ -28,31 +28,48 @@ from inat_classifier.presets import ASPECT_RANGE, COLOR_JITTER, Preprocess
 from inat_classifier.sampler import EpochSampler
 
 # The columns of a batch's augmentation parameters, one row per image: the crop box in stored
-# pixels, the flip (0/1) and the colour factors.
-TOP, LEFT, HEIGHT, WIDTH, FLIP, BRIGHTNESS, CONTRAST, SATURATION = range(8)
+# pixels, the flip (0/1), the colour jitter's 3x3 matrix (row by row) and its grey offset factor.
+TOP, LEFT, HEIGHT, WIDTH, FLIP, COLOUR, GREY_OFFSET = 0, 1, 2, 3, 4, slice(5, 14), 14
+PARAM_COLUMNS = 15
 GRAY = (0.299, 0.587, 0.114)
 
 
 def augment_params(n: int, side: int, generator: torch.Generator, scale=(0.25, 1.0), ratio=ASPECT_RANGE,
                    jitter: float = COLOR_JITTER) -> torch.Tensor:
-    """(n, 8) float32 on the host: crop boxes in a `side` px square, flips and colour factors.
+    """(n, PARAM_COLUMNS) float32 on the host: crop boxes in a `side` px square, flips and colour maps.
 
     The distributions of RandomResizedCrop(scale, ratio) (without its fallback: a box wider than
     the square is clipped to it), RandomHorizontalFlip and ColorJitter(jitter, jitter, jitter).
     The host draws them (the generator's state is the run's augmentation state, saved for
-    resume) and computes the integer boxes in float64; the device gets one small copy.
+    resume), computes the integer boxes in float64 and the colour maps; the device gets one copy.
     """
     area = torch.empty(n).uniform_(*scale, generator=generator)
     r = torch.exp(torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
     u = torch.rand(n, generator=generator)  # left edge, as a fraction of the free width
     v = torch.rand(n, generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
-    color = torch.empty(n, 3).uniform_(1 - jitter, 1 + jitter, generator=generator)
+    factors = torch.empty(n, 3).uniform_(1 - jitter, 1 + jitter, generator=generator)
     fw, fh = torch.sqrt(area * r).clamp(max=1.0).double(), torch.sqrt(area / r).clamp(max=1.0).double()
     w, h = (fw * side).round().clamp(min=1), (fh * side).round().clamp(min=1)
     left, top = (u.double() * (side - w)).round(), (v.double() * (side - h)).round()
     boxes = torch.stack([top, left, h, w, flip.double()], 1).float()
-    return torch.cat([boxes, color], 1)
+    matrix, offset = colour_maps(factors)
+    return torch.cat([boxes, matrix.reshape(n, 9), offset.unsqueeze(1)], 1)
+
+
+def colour_maps(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brightness, contrast and saturation factors (n, 3) as one affine colour map per image:
+    x -> A x + offset * mean_grey(x), with A (n, 3, 3) and offset (n,).
+
+    All three are linear in the pixel values (contrast pivots on the image's mean grey, which
+    saturation keeps), so they compose into a 3x3 matrix and a grey offset: one pass over the
+    pixels instead of six, the same as torchvision's adjust_brightness, _contrast, _saturation.
+    """
+    n = factors.shape[0]
+    b, c, s = factors[:, 0], factors[:, 1], factors[:, 2]
+    grey = torch.tensor(GRAY)
+    sat = s.view(n, 1, 1) * torch.eye(3) + (1 - s).view(n, 1, 1) * grey.view(1, 1, 3)  # x + (1-s)(grey - x)
+    return (c * b).view(n, 1, 1) * sat, (1 - c) * b
 
 
 def resize_weights(start: torch.Tensor, length: torch.Tensor, flip: torch.Tensor, in_side: int,
@@ -118,37 +135,28 @@ def crop_resize_flip_each(x: torch.Tensor, out_size: int, params: torch.Tensor) 
 
 @lru_cache(maxsize=16)
 def colour_constants(mean: tuple, std: tuple, device: torch.device) -> dict[str, torch.Tensor]:
-    """The grey weights, identity, 1/std and mean/std of a run, made on the device once."""
+    """The grey weights, 1/(255 std), mean/std and the normalised range of a run, made on the device once."""
     def make(values):
         return torch.tensor(values, dtype=torch.float32, device=device)
 
-    return {"grey": make(GRAY), "eye": torch.eye(3, device=device), "inv_std": make([1 / s for s in std]),
-            "shift": make([m / s for m, s in zip(mean, std, strict=True)])}
+    return {"grey": make(GRAY), "inv_std_255": make([1 / (255 * s) for s in std]),
+            "shift": make([m / s for m, s in zip(mean, std, strict=True)]),
+            "low": make([-m / s for m, s in zip(mean, std, strict=True)]).view(1, 3, 1, 1),
+            "high": make([(1 - m) / s for m, s in zip(mean, std, strict=True)]).view(1, 3, 1, 1)}
 
 
-def color_affine(factors: torch.Tensor, channel_means: torch.Tensor, grey: torch.Tensor,
-                 eye: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Brightness, contrast and saturation of each image as one affine colour map x -> A x + t.
-
-    All three are linear in the pixel values (contrast pivots on the image's mean grey), so they
-    compose into a 3x3 matrix and an offset per image: one pass over the pixels instead of six.
-    """
-    n = factors.shape[0]
-    b, c, s = factors[:, 0], factors[:, 1], factors[:, 2]
-    sat = s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * grey.view(1, 1, 3)  # x + (1-s)(grey - x)
-    A = (c * b).view(n, 1, 1) * sat
-    t = ((1 - c) * b * (channel_means @ grey)).view(n, 1).expand(n, 3)  # sat maps grey to itself
-    return A, t
-
-
-def affine_normalize(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, mean, std) -> torch.Tensor:
-    """y = norm(clip01(A x + t)) per image, as one batched matmul plus one clamp per channel."""
+def colour_normalize(x: torch.Tensor, params: torch.Tensor, preprocess: Preprocess,
+                     batched: bool) -> torch.Tensor:
+    """norm(clip01(A x + offset * mean_grey(x))) of 0-255 images, per image: a batched matmul and a clamp."""
     n, c, h, w = x.shape
-    k = colour_constants(tuple(mean), tuple(std), x.device)
-    A = A * k["inv_std"].view(1, 3, 1)
-    t = t * k["inv_std"] - k["shift"]
+    k = colour_constants(tuple(preprocess.mean), tuple(preprocess.std), x.device)
+    A = params[:, COLOUR].view(n, 3, 3) * k["inv_std_255"].view(1, 3, 1)
+    grey = x.mean(dim=(2, 3)) @ k["grey"]  # each image's mean grey, 0-255
+    t = (params[:, GREY_OFFSET] * grey).unsqueeze(1) * k["inv_std_255"] - k["shift"]
     y = torch.baddbmm(t.unsqueeze(2), A, x.reshape(n, c, h * w)).view(n, c, h, w)
-    for ch, (m, s) in enumerate(zip(mean, std, strict=True)):  # in-place scalar clamps: fast on the CPU too
+    if batched:  # one kernel
+        return y.clamp_(k["low"], k["high"])
+    for ch, (m, s) in enumerate(zip(preprocess.mean, preprocess.std, strict=True)):  # scalar clamps: faster on a CPU
         y[:, ch].clamp_(-m / s, (1 - m) / s)
     return y
 
@@ -156,7 +164,7 @@ def affine_normalize(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, mean, st
 def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
     """(N, 3, H, W) in 0-255 (uint8 or float) to normalised float32, without augmentation."""
     k = colour_constants(tuple(mean), tuple(std), x.device)
-    scale, shift = (k["inv_std"] / 255).view(1, 3, 1, 1), -k["shift"].view(1, 3, 1, 1)
+    scale, shift = k["inv_std_255"].view(1, 3, 1, 1), -k["shift"].view(1, 3, 1, 1)
     if x.device.type != "cpu":
         return torch.addcmul(shift, x.float(), scale)
     out = torch.empty(x.shape, dtype=torch.float32)
@@ -172,6 +180,7 @@ def model_inputs(x: torch.Tensor, preprocess: Preprocess, params: torch.Tensor |
 
     With params (augment_params, on the device): the random crop, flip and colour jitter. Without:
     evaluation, the rows being the eval region (Preprocess.eval_region), resized if stored larger.
+    batched (default: off the CPU): the formulation in a constant number of kernels (crop_resize_flip).
     """
     size = preprocess.image_size
     if params is None:
@@ -179,11 +188,9 @@ def model_inputs(x: torch.Tensor, preprocess: Preprocess, params: torch.Tensor |
             # in float on every device (not the CPU's uint8 kernel, which rounds): the same inputs everywhere
             x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return normalize_batch(x, preprocess.mean, preprocess.std)
-    x = crop_resize_flip(x, size, params, batched)
-    k = colour_constants(tuple(preprocess.mean), tuple(preprocess.std), x.device)
-    means = x.mean(dim=(2, 3)) / 255
-    A, t = color_affine(params[:, BRIGHTNESS:], means, k["grey"], k["eye"])
-    return affine_normalize(x, A / 255, t, preprocess.mean, preprocess.std)
+    if batched is None:
+        batched = x.device.type != "cpu"
+    return colour_normalize(crop_resize_flip(x, size, params, batched), params, preprocess, batched)
 
 
 # ----------------------------------------------------------------------------- where rows come from
@@ -387,11 +394,19 @@ class DeviceLoader:
         """Rows on (or moved to) the device as model inputs; (None, None) for a batch with no readable image."""
         if x is None:
             return None, None
+        params = self.draw_params(x.shape[0], x.shape[-1]) if self.augment else None
+        return self.device_inputs(x, y, params)
+
+    def draw_params(self, n: int, side: int) -> torch.Tensor:
+        """The batch's augmentation parameters, drawn on the host from the loader's generator."""
+        return augment_params(n, side, self.generator, scale=(self.crop_scale, 1.0))
+
+    def device_inputs(self, x: torch.Tensor, y: torch.Tensor,
+                      params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What runs on the device for a batch: rows, labels and parameters there, then model_inputs."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        params = None
-        if self.augment:
-            host = augment_params(x.shape[0], x.shape[-1], self.generator, scale=(self.crop_scale, 1.0))
-            params = host.to(self.device, non_blocking=True)
+        if params is not None:
+            params = params.to(self.device, non_blocking=True)
         x = model_inputs(x, self.preprocess, params, self.batched_resize)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

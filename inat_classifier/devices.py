@@ -42,9 +42,19 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 def tune_kernels(device: torch.device) -> None:
-    """Kernel choices for fixed input sizes, as training and bench.py both run: cuDNN benchmarks on CUDA."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    """Kernel choices, as training and bench.py both run: on CUDA, cuDNN benchmarks (the input sizes are
+    fixed) and TF32 tensor cores for float32 convolutions and matmuls (Ampere and later; a 10-bit
+    mantissa, as PyTorch's own default for convolutions)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch 2.9+: the new switches (mixing in the old ones raises)
+        matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 _ALLOCATOR_TUNED = False
@@ -88,8 +98,12 @@ class Dist:
 
 
 def process_group_backend(device: torch.device) -> str:
-    """The torchrun backend for the device this process trains on: NCCL for CUDA, gloo otherwise."""
-    return "nccl" if device.type == "cuda" else "gloo"
+    """The torchrun backend for the device this process trains on: NCCL for CUDA, gloo otherwise, and
+    gloo where a node runs more processes than it has GPUs (NCCL refuses two ranks on one GPU)."""
+    if device.type != "cuda":
+        return "gloo"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return "gloo" if local > 1 and local > torch.cuda.device_count() else "nccl"
 
 
 def launched_rank() -> int:

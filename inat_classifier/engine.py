@@ -88,38 +88,42 @@ def check_finite_weights(model: nn.Module, epoch: int, step: int) -> None:
 
 
 class EpochMeter:
-    """Loss and accuracy of one epoch: summed on the device each step, read by the host at sync points."""
+    """Loss and accuracy of one epoch: kept on the device each step, read by the host at sync points.
+
+    A step writes its loss into a slot of a small device buffer and adds its correct count: four
+    operations (argmax, compare, sum, add) plus a copy. The host reads the buffer at each sync,
+    finds the first non-finite loss there and sums the losses weighted by the batch sizes it knows.
+    """
 
     def __init__(self, device: torch.device, partial: dict) -> None:
         self.device = device
         self.sums = {"loss": 0.0, "correct": 0.0, "seen": 0, **partial}  # host side, as saved mid-epoch
-        self.loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite batch
-        self.pending = 0  # images added since the last sync
+        self.losses = torch.zeros(SYNC_EVERY, device=device)  # each step's mean loss since the last sync
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.sizes: list[int] = []  # each step's batch size since the last sync
         self.t0, self.images = time.perf_counter(), 0
 
     def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor, step: int) -> None:
-        loss = loss.float()
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
-        self.loss += loss * y.shape[0]
+        self.losses[len(self.sizes)] = loss
         self.correct += (out.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
-        self.pending += y.shape[0]
+        self.sizes.append(y.shape[0])
         self.images += y.shape[0]
 
     def sync(self, epoch: int, step: int) -> None:
         """Move the device sums to the host; raise NonFiniteLoss on every process if any saw one."""
-        loss, correct, bad = self.loss.item(), self.correct.item(), int(self.first_bad.item())
-        failed = bad >= 0 or not math.isfinite(loss)
+        losses, correct = self.losses[: len(self.sizes)].tolist(), self.correct.item()
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        failed = bad is not None
         if distributed():  # every process must stop together, or the others wait forever
             failed = all_reduce_sum([float(failed)], self.device)[0] > 0
         if failed:
-            raise NonFiniteLoss(f"loss became {loss} at epoch {epoch}, batch {bad if bad >= 0 else step}")
-        self.sums["loss"] += loss
+            value, at = (losses[bad], step - len(losses) + 1 + bad) if bad is not None else ("nan", step)
+            raise NonFiniteLoss(f"loss became {value} at epoch {epoch}, batch {at}")
+        self.sums["loss"] += sum(v * n for v, n in zip(losses, self.sizes, strict=True))
         self.sums["correct"] += correct
-        self.sums["seen"] += self.pending
-        self.loss.zero_(), self.correct.zero_()
-        self.pending = 0
+        self.sums["seen"] += sum(self.sizes)
+        self.correct.zero_()
+        self.sizes = []
 
     def postfix(self) -> dict:
         seen = max(1, self.sums["seen"])
@@ -131,7 +135,6 @@ class EpochMeter:
         loss, correct, seen = all_reduce_sum([self.sums["loss"], self.sums["correct"], float(self.sums["seen"])],
                                              self.device)
         return {"train_loss": loss / max(1, seen), "train_acc": correct / max(1, seen)}
-
 
 def stop_agreed(stop: StopRequested, step: int, checkpoint_due: bool, device: torch.device) -> bool:
     """Whether to stop after this step; under torchrun all processes decide together, at shared points."""

@@ -107,37 +107,45 @@ def build_ema(model: nn.Module, decay: float) -> nn.Module | None:
 
 
 class DeviceEma(AveragedModel):
-    """torch's AveragedModel (its copy of the module, `n_averaged` and state dict) with an update that
-    never waits for the host.
+    """torch's AveragedModel (its copy of the module, `n_averaged` and state dict) with an update of three
+    operations that never waits for the host.
 
     AveragedModel.update_parameters reads `n_averaged` on the host twice per call and copies it to
-    the device per dtype group; `_foreach_lerp_` turns a tensor weight into `.item()`. Here the
-    counter lives on the device and the weight is a device tensor: one fused pass per step.
+    the device per dtype group. Here the host keeps its own count of updates (read from the device
+    once, when a checkpoint is loaded), so the warm-up weight is a plain number: one fused lerp of
+    the floating-point tensors, one fused copy of the integer buffers, one increment of the count.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         first = next(iter(model.parameters()), None)
         super().__init__(model, device=first.device if first is not None else None, use_buffers=True)
         self.decay = decay
+        self.updates = 0  # == n_averaged, on the host
+
+    def weight(self) -> float:
+        """The share of the model in this update. Warm-up (as timm does): early on the average follows the
+        model closely, so short runs are not validated on weights still dominated by the random
+        initialisation. Weight 1 at the first update: a copy."""
+        n = self.updates
+        return 1.0 if n == 0 else 1 - min((1 + n) / (10 + n), self.decay)
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        n = self.n_averaged
-        # Warm-up (as timm does): early on the average follows the model closely, so short runs are
-        # not validated on weights still dominated by the random initialisation. Weight 1 at n = 0: a copy.
-        weight = torch.where(n == 0, 1.0, 1 - torch.clamp((1 + n) / (10 + n), max=self.decay))
         averaged = [*self.module.parameters(), *self.module.buffers()]
-        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        current = [*model.parameters(), *model.buffers()]  # no detach: no_grad, and a view op each
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        counts = [(a, c) for a, c in zip(averaged, current, strict=True) if not a.is_floating_point()]
         if floats:
-            avg, cur = [a for a, _ in floats], [c for _, c in floats]
-            step = torch._foreach_sub(cur, avg)
-            torch._foreach_mul_(step, weight.to(avg[0].dtype))
-            torch._foreach_add_(avg, step)
-        for a, c in zip(averaged, current):
-            if not a.is_floating_point():  # integer buffers (batch-norm step counts) follow the model
-                a.copy_(c)
-        n += 1
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], self.weight())
+        if counts:  # integer buffers (batch-norm step counts) follow the model
+            torch._foreach_copy_([a for a, _ in counts], [c for _, c in counts])
+        self.n_averaged.add_(1)
+        self.updates += 1
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        result = super().load_state_dict(state_dict, *args, **kwargs)
+        self.updates = int(self.n_averaged.item())  # once, at resume
+        return result
 
 
 class EmaWeights:

@@ -7,9 +7,12 @@ from inat_classifier.cli import UserError
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full precision."""
-    if mode == "auto":
-        return torch.float16 if device.type == "cuda" else None
+    """The autocast dtype, or None for full precision. auto: bf16 on CUDA GPUs that have it (Ampere and
+    later, compute capability 8), fp16 with a GradScaler on older ones, full precision elsewhere."""
+    if mode == "auto":  # bf16 needs no loss scaling: fewer kernels a step, no skipped steps
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if mode == "fp16":
         if device.type == "cpu":
             raise UserError("--amp fp16 needs a GPU; use --amp bf16 or off on CPU")

@@ -4,7 +4,13 @@ from __future__ import annotations
 import json
 import math
 
+import sys
+from pathlib import Path
+
 from conftest import CLASSES, make_dataset, run_cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench  # noqa: E402
 
 RATIOS = {  # ratio: (numerator, denominator) as the JSON names them
     "data_loading_ratio": ("ours_loading", "reference_loading"),
@@ -31,3 +37,11 @@ def test_bench_json_holds_every_ratio_consistent_with_its_rates(tmp_path):
     assert pb["uncached_s"] > 0 and pb["cached_s"] > 0
     assert result["partb_cache_ratio"] == pb["uncached_s"] / pb["cached_s"]
     assert result["train_images"] == 16 and result["image_size"] == 32
+
+
+def test_a_training_step_takes_as_many_operations_at_any_batch_size():
+    """The CUDA code path (batched crop, bf16 autocast, fused optimizer), counted on the CPU: the batch's
+    inputs, the step and the bookkeeping take the same operations at 8 and 32 images, at most 250."""
+    small, large = bench.step_operations(8), bench.step_operations(32)
+    assert small == large and large["total"] <= 250, (small, large)
+    assert bench.step_operations(8, ema=0.999)["step"] - small["step"] <= 3  # the EMA update: at most 3

@@ -12,9 +12,8 @@ from PIL import Image
 
 from conftest import CLASSES, make_dataset
 from inat_classifier.decoded_cache import decode_fixed, open_decoded_cache
-from inat_classifier.device_batches import (FLIP, HEIGHT, WIDTH, CachedRows, DeviceLoader, affine_normalize,
-                                            augment_params, color_affine, colour_constants, crop_resize_flip,
-                                            model_inputs)
+from inat_classifier.device_batches import (FLIP, HEIGHT, PARAM_COLUMNS, WIDTH, CachedRows, DeviceLoader,
+                                            augment_params, colour_maps, crop_resize_flip, model_inputs)
 from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
@@ -116,12 +115,15 @@ def test_colour_jitter_as_one_affine_map_equals_torchvision():
 
     img = torch.rand(2, 3, 16, 16) * 0.5 + 0.25  # mid-range: no clipping in between
     factors = torch.tensor([[1.2, 0.8, 1.1], [0.8, 1.25, 0.75]])
-    k = colour_constants((0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
-    A, t = color_affine(factors, img.mean(dim=(2, 3)), k["grey"], k["eye"])
-    ours = affine_normalize(img, A, t, (0.0,) * 3, (1.0,) * 3)
-    for i, (b, c, s) in enumerate(factors.tolist()):
-        ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img[i], b), c), s)
-        assert torch.allclose(ours[i], ref, atol=1e-5)
+    matrix, offset = colour_maps(factors)
+    params = torch.cat([torch.tensor([[0.0, 0.0, 16, 16, 0]] * 2), matrix.reshape(2, 9), offset[:, None]], 1)
+    assert params.shape[1] == PARAM_COLUMNS
+    plain = Preprocess(16, 16, (0.0,) * 3, (1.0,) * 3)
+    for batched in (False, True):  # the whole square at its own size: the resize is the identity
+        ours = model_inputs(img * 255, plain, params, batched=batched)
+        for i, (b, c, s) in enumerate(factors.tolist()):
+            ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img[i], b), c), s)
+            assert torch.allclose(ours[i], ref, atol=1e-5)
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -216,7 +218,8 @@ def box_params(box: tuple[float, float, float, float], stored: int, flip: bool =
     """augment_params' row for a box given as fractions (width, height, left, top), rounded as it rounds."""
     fw, fh, fu, fv = box
     w, h = max(1, round(fw * stored)), max(1, round(fh * stored))
-    return torch.tensor([[round(fv * (stored - h)), round(fu * (stored - w)), h, w, float(flip), 1.0, 1.0, 1.0]])
+    identity = [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0, 0]  # no colour change
+    return torch.tensor([[round(fv * (stored - h)), round(fu * (stored - w)), h, w, float(flip), *identity]])
 
 
 def cached_crop(x: torch.Tensor, box: tuple[float, float, float, float], out: int) -> torch.Tensor:
@@ -304,8 +307,8 @@ def test_batched_crop_gives_the_pixels_of_the_per_image_resize(tmp_path, side):
     x = torch.from_numpy(np.stack([decode_fixed(p, side) for p in paths]))
     params = augment_params(len(paths), side, torch.Generator().manual_seed(0), scale=(0.08, 1.0))
     params[:, FLIP] = torch.arange(len(paths)) % 2  # both ways, whatever the draw
-    whole = torch.tensor([[0, 0, side, side, 1, 1, 1, 1]]).float()  # the whole square, mirrored
-    for p in (params, whole.expand(len(paths), 8)):
+    whole = box_params((1.0, 1.0, 0.0, 0.0), side, flip=True)  # the whole square, mirrored
+    for p in (params, whole.expand(len(paths), PARAM_COLUMNS)):
         batched = crop_resize_flip(x, 224, p, batched=True)
         each = crop_resize_flip(x, 224, p, batched=False)
         assert (batched - each).abs().max() <= 1.0 + 1e-3  # uint8 rounding of the per-image kernel only

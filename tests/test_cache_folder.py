@@ -83,10 +83,9 @@ def test_a_cache_parent_the_user_cannot_write_trains_without_the_cache(shared_fo
     assert (runs / "r" / "best.pt").exists() and not list(locked.iterdir())
 
 
-def test_part_b_features_decoded_with_pil_after_the_fallback_are_keyed_as_without_the_cache(ds, tmp_path,
-                                                                                            monkeypatch):
-    """--cache auto with an unusable folder decodes as --cache off does: a later run with a working cache
-    must not reuse those features as its own."""
+def test_part_b_features_are_keyed_alike_with_and_without_the_decoded_cache(ds, tmp_path, monkeypatch):
+    """The cache, --cache off and the fallback of an unusable cache folder decode every photo the same way
+    (one batch pipeline): their features are the same, so one key serves all three."""
     from inat_classifier.features import feature_cache_key
     from inat_classifier.presets import Preprocess
     from models import build_backbone
@@ -94,10 +93,11 @@ def test_part_b_features_decoded_with_pil_after_the_fallback_are_keyed_as_withou
     backbone = build_backbone("resnet18", "none", 2)
     samples = [(str(p), 0) for p in sorted((ds / "train").rglob("*.png"))]
     assert samples
-    key = lambda cache: feature_cache_key(argparse.Namespace(model="resnet18", cache=cache, amp="off"), backbone,
-                                          Preprocess.for_size(32), samples)
+    key = lambda cache, pre=Preprocess.for_size(32): feature_cache_key(  # noqa: E731
+        argparse.Namespace(model="resnet18", cache=cache, amp="off"), backbone, pre, samples)
     monkeypatch.setenv("INAT_CACHE_DIR", str(tmp_path / "cache"))
     working, off = key("auto"), key("off")
     (tmp_path / "not_a_folder").write_text("a file\n")
     monkeypatch.setenv("INAT_CACHE_DIR", str(tmp_path / "not_a_folder"))
-    assert key("auto") == off != working
+    assert key("auto") == off == working
+    assert key("off", Preprocess.for_size(32).with_stored_side(True, 0.5, 100)) != off  # other pixels, other key

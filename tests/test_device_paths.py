@@ -28,6 +28,11 @@ def test_backend_follows_the_device_not_the_machine(monkeypatch):
     assert process_group_backend(torch.device("cpu")) == "gloo"
     assert process_group_backend(torch.device("cuda", 1)) == "nccl"
     assert process_group_backend(torch.device("mps")) == "gloo"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks share the one GPU: NCCL would refuse
+    assert process_group_backend(torch.device("cuda", 0)) == "gloo"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert process_group_backend(torch.device("cuda", 0)) == "nccl"
 
 
 def test_cuda_without_an_index_is_this_process_gpu_under_torchrun(monkeypatch):

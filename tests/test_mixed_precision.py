@@ -55,15 +55,18 @@ def sgd_training(model, dtype, scaler, device=CPU, lr=0.1, grad_clip=0.0) -> Tra
 
 
 # ----------------------------------------------------------------------------- dtype and scaler choice
-def test_amp_modes_choose_the_documented_dtype_and_scaler():
-    """auto = full precision on CPU, fp16 refused on CPU, bf16 honoured; the scaler is on for fp16 only."""
+def test_amp_modes_choose_the_documented_dtype_and_scaler(monkeypatch):
+    """auto = full precision on CPU, bf16 on GPUs that have it, else fp16; fp16 refused on CPU, bf16
+    honoured; the scaler is on for fp16 only."""
     assert amp_dtype("auto", CPU) is None and amp_dtype("off", CPU) is None
     assert amp_dtype("bf16", CPU) is torch.bfloat16
     with pytest.raises(UserError, match="fp16"):
         amp_dtype("fp16", CPU)
     assert grad_scaler(CPU, torch.float16).is_enabled()  # fp16 always scales (CPU fp16 only in tests)
     assert not grad_scaler(CPU, torch.bfloat16).is_enabled() and not grad_scaler(CPU, None).is_enabled()
-    assert amp_dtype("auto", torch.device("cuda")) is torch.float16
+    for capability, auto in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert amp_dtype("auto", torch.device("cuda")) is auto, capability  # Turing: fp16; Ampere on: bf16
     assert amp_dtype("bf16", torch.device("cuda")) is torch.bfloat16
 
 
@@ -233,8 +236,8 @@ CUDA = torch.device("cuda")
 
 @needs_cuda
 def test_cuda_fp16_scaler_is_enabled_and_skips_an_inf_step():
-    """On CUDA, --amp auto gives fp16 with an enabled scaler, and it skips a step with inf gradients."""
-    dtype = amp_dtype("auto", CUDA)
+    """On CUDA, --amp fp16 gives an enabled scaler, and it skips a step with inf gradients."""
+    dtype = amp_dtype("fp16", CUDA)
     scaler = grad_scaler(CUDA, dtype)
     assert dtype is torch.float16 and scaler.is_enabled()
     x, y = batch(CUDA)

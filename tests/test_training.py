@@ -76,9 +76,10 @@ def test_checkpoint_holds_everything_needed_to_use_it(trained_run):
     for key in ("class_names", "preprocess", "split", "config", "epoch", "metrics", "spec", "model_state"):
         assert key in ck, key
     assert ck["class_names"] == trained_run.data.classes
-    # the whole preprocessing travels with the weights: 32 px crops of the short side resized to 37
+    # the whole preprocessing travels with the weights: 32 px crops of the short side resized to 37, every
+    # photo stored at 40 px (augmentation would keep 53, the 40 px photos have no more)
     assert ck["preprocess"] == {"image_size": 32, "resize_size": 37, "mean": list(IMAGENET_MEAN),
-                                "std": list(IMAGENET_STD)}
+                                "std": list(IMAGENET_STD), "stored_side": 40}
     assert ck["split"] == json.loads((trained_run.run_dir / "split.json").read_text())
     assert ck["config"]["epochs"] == TRAINED_EPOCHS and ck["config"]["data_dir"] == str(trained_run.data.root)
     assert ck["epoch"] == trained_run.state.best_epoch == ck["best_epoch"]

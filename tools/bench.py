@@ -26,16 +26,18 @@ import platform
 import tempfile
 import time
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
-from inat_classifier.precision import amp_dtype, grad_scaler
+from inat_classifier.precision import amp_dtype, grad_scaler, precision_name
 from inat_classifier.training_step import Trainer, train_step
 from inat_classifier.decoded_cache import DecodedCache, open_decoded_cache
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
-from inat_classifier.device_batches import DeviceLoader
-from inat_classifier.devices import select_device, tune_kernels
+from inat_classifier.device_batches import CachedRows, DeviceLoader
+from inat_classifier.devices import Dist, select_device, tune_kernels
 from inat_classifier.features import extract_features, head_on_features
 from inat_classifier.freezing import apply_freeze, set_train_mode
 from inat_classifier.images import photo_short_side
@@ -66,7 +68,7 @@ def reference_loader(root: Path, image_size: int, augment: bool, batch_size: int
 
 def our_loader(cache: DecodedCache, samples: list, preprocess: Preprocess, augment: bool, batch_size: int,
                device: torch.device, crop_scale: float, channels_last: bool = False) -> DeviceLoader:
-    return DeviceLoader(cache, list(range(len(samples))), [label for _, label in samples], batch_size,
+    return DeviceLoader(CachedRows(cache, list(range(len(samples)))), [label for _, label in samples], batch_size,
                         preprocess, device, augment=augment, crop_scale=crop_scale,
                         sampler=EpochSampler(len(samples), seed=0), drop_last=True, channels_last=channels_last)
 
@@ -177,6 +179,171 @@ def partb_times(backbone, loader, device: torch.device, epochs: int, batches: in
     return {"images": n, "epochs": epochs, "uncached_s": uncached, "cached_s": cached}
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations the main thread dispatches: on a GPU, each is a kernel launch (or a view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.views = 0  # of them, views (no kernel on a GPU either)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        self.views += func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def step_operations(batch: int, image_size: int = 64, ema: float = 0.0) -> dict[str, int]:
+    """Aten operations of one Part A training step (train_parta.py's defaults, with augmentation) on the
+    CUDA code path, counted on the CPU, by part: the batch's inputs (DeviceLoader.finish_batch), the
+    step (training_step.train_step) and the loop's bookkeeping (engine.EpochMeter.add). The host's
+    draw of the augmentation parameters is counted apart (host_params): on CUDA, no kernels.
+
+    The CUDA path, shown on the CPU: the batched crop (DeviceLoader.batched_resize), bf16 autocast
+    without a loss scaler (--amp auto on a GPU with bf16), the fused optimizer. Counted after two
+    warm-up steps (optimizer state, per-device constants). The host's copies to the device are not
+    counted (on the CPU there are none: three a step on CUDA, the rows, labels and parameters).
+    """
+    import train_parta
+    from inat_classifier.decoded_cache import DecodedCache
+    from inat_classifier.devices import Dist
+    from inat_classifier.engine import EpochMeter
+    from inat_classifier.optim import param_groups_with_decay
+    from inat_classifier.trainer import build_trainer, complete_trainer
+
+    args = train_parta.get_args_parser().parse_args(
+        ["--image_size", str(image_size), "--batch_size", str(batch), "--ema", str(ema)])
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = train_parta.build_model(args, 10)
+    pre = Preprocess.for_size(image_size).with_stored_side(True, args.crop_scale, 10_000)
+    side = pre.decode_side
+    rows = np.random.default_rng(0).integers(0, 256, (batch, 3, side, side), dtype=np.uint8)
+    loader = DeviceLoader(CachedRows(DecodedCache(rows, np.ones(batch, dtype=bool), Path("rows")), range(batch)),
+                          [i % 10 for i in range(batch)], batch, pre, cpu, augment=True, crop_scale=args.crop_scale,
+                          channels_last=args.channels_last)
+    loader.batched_resize = True
+    plain = build_trainer(args, model, param_groups_with_decay(model.named_parameters(), args.lr,
+                                                               args.weight_decay, "model"), cpu)
+    plain.dtype = torch.bfloat16  # --amp auto on CUDA (bf16 GPUs): autocast, no scaler
+    trainer = complete_trainer(plain, args, 100, 10, Dist())
+    meter = EpochMeter(cpu, {})
+    x_host, y_host = next(loader.host_batches())
+    views = 0
+    for step in range(3):
+        parts, views = {}, 0
+        with OpCounter() as ops:
+            params = loader.draw_params(batch, side)
+        host = ops.count  # on the host even on CUDA: not kernels
+        with OpCounter() as ops:
+            x, y = loader.device_inputs(x_host, y_host, params)
+        parts["inputs"], views = ops.count, views + ops.views
+        with OpCounter() as ops:
+            loss, out = train_step(trainer, x, y)
+        parts["step"], views = ops.count, views + ops.views
+        with OpCounter() as ops:
+            meter.add(loss, out, y, step + 1)
+        parts["bookkeeping"], views = ops.count, views + ops.views
+    return {**parts, "total": sum(parts.values()), "views": views, "host_params": host}
+
+
+def print_step_operations(image_size: int) -> dict:
+    """tools/bench.py --kernels: the operations per step at batch 32, 128 and 256 (and with --ema)."""
+    print(f"aten operations per Part A training step (train_parta.py defaults, {image_size} px, augmentation), "
+          f"CUDA code path counted on the CPU:")
+    result = {}
+    for batch, ema in ((32, 0.0), (128, 0.0), (256, 0.0), (256, 0.999)):
+        counts = step_operations(batch, image_size, ema)
+        result[f"batch{batch}" + ("_ema" if ema else "")] = counts
+        print(f"  batch {batch:>3}{' --ema 0.999' if ema else '':<12}  inputs {counts['inputs']:>3}  "
+              f"step {counts['step']:>3}  bookkeeping {counts['bookkeeping']:>2}  total {counts['total']:>3}, "
+              f"{counts['views']} of them views  (+{counts['host_params']} on the host)")
+    return result
+
+
+def speed_model(which: str, image_size: int, num_classes: int, device: torch.device):
+    """(model, training flags) of a SPEED measurement: Part A's ConvNet, or a Part B backbone training whole."""
+    import train_parta
+    import train_partb
+
+    if which == "parta":
+        args = train_parta.get_args_parser().parse_args(["--image_size", str(image_size)])
+        torch.manual_seed(0)
+        return train_parta.build_model(args, num_classes).to(device), args
+    name = default_partb_model()
+    weights = "packaged" if name == "efficientnet_lite0" else "none"
+    args = train_partb.get_args_parser().parse_args(["--model", name, "--weights", weights, "--image_size",
+                                                      str(image_size), "--freeze", "none", "--augment"])
+    return build_backbone(name, weights, num_classes).model.to(device), args
+
+
+def profile_steps(step, batches, device: torch.device, steps: int = 20) -> tuple[float | None, float | None]:
+    """(busy fraction, kernels per step) of the GPU over `steps` steps, from torch.profiler; (None, None) off CUDA."""
+    if device.type != "cuda":
+        return None, None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(*next(batches))
+        sync(device)
+    wall_us = (time.perf_counter() - t0) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / wall_us
+    return busy, len(kernels) / steps
+
+
+def training_speed(args: argparse.Namespace, which: str, image_size: int, samples: list, num_classes: int,
+                   device: torch.device, cache_dir: Path) -> dict:
+    """Training images/s of one script's steps: its model and Trainer (train_one_epoch's step), augmented
+    batches from the decoded cache through DeviceLoader; no validation, timed after --speed_warmup steps
+    (cuDNN's autotuning), over --speed_steps steps, then 20 steps under the profiler."""
+    from inat_classifier.optim import param_groups_with_decay
+    from inat_classifier.trainer import build_trainer, complete_trainer
+
+    model, flags = speed_model(which, image_size, num_classes, device)
+    pre = Preprocess.for_size(image_size).with_stored_side(True, flags.crop_scale, max(map(photo_short_side,
+                                                                                           [p for p, _ in samples])))
+    cache = open_decoded_cache([p for p, _ in samples], pre.decode_side, cache_dir, args.workers)
+    loader = DeviceLoader(CachedRows(cache, list(range(len(samples)))), [label for _, label in samples],
+                          args.batch_size, pre, device, augment=True, crop_scale=flags.crop_scale,
+                          sampler=EpochSampler(len(samples), seed=0), drop_last=True,
+                          channels_last=flags.channels_last)
+    groups = param_groups_with_decay(model.named_parameters(), flags.lr, flags.weight_decay, "model")
+    trainer = complete_trainer(build_trainer(flags, model, groups, device), flags, len(loader), num_classes,
+                               Dist())
+    model.train()
+
+    def forever():
+        while True:
+            yield from loader
+
+    batches = forever()
+
+    def step(x, y):
+        train_step(trainer, x, y)
+
+    for _ in range(args.speed_warmup):
+        step(*next(batches))
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.speed_steps):
+        step(*next(batches))
+    sync(device)
+    seconds = time.perf_counter() - t0
+    busy, kernels = profile_steps(step, batches, device)
+    result = {"images_s": args.speed_steps * args.batch_size / seconds, "steps": args.speed_steps,
+              "batch_size": args.batch_size, "image_size": image_size, "busy": busy, "kernels_per_step": kernels,
+              "model": flags.model if which == "partb" else "ConvNet", "precision": precision_name(trainer.dtype)}
+    gpu = (f"GPU busy {busy:.0%} of the time, {kernels:.0f} kernels a step" if busy is not None
+           else "GPU busy fraction: n/a off CUDA")
+    print(f"SPEED {which}_{image_size}px {result['images_s']:.0f} images/s ({result['model']}, batch "
+          f"{args.batch_size}, {args.speed_steps} steps, {result['precision']}; {gpu})", flush=True)
+    return result
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Images/s of a plain torchvision pipeline vs ours (decoded cache, "
                                                  "device-side augmentation, feature cache).")
@@ -202,6 +369,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(parser, "parta_filter_org", type=float, default=1.0,
              help="Part A CNN's filter factor per block (default: %(default)s; train_parta.py's default is 1.5)")
     add_flag(parser, "json", default=None, help="write all figures to this JSON file")
+    add_flag(parser, "speed", default=None,
+             help="only print SPEED lines: training images/s of Part A and B steps, e.g. 'parta:64,parta:128,"
+                  "partb:224' (script:pixels, comma-separated); uses --data_dir, --batch_size, --workers")
+    add_flag(parser, "speed_steps", type=int, default=200, help="timed steps per SPEED line (default: %(default)s)")
+    add_flag(parser, "speed_warmup", type=int, default=20,
+             help="untimed steps before them (cuDNN autotuning; default: %(default)s)")
+    add_bool(parser, "kernels", False, "only print the aten operations (kernel launches on a GPU) per Part A "
+             "training step at 64 px on the CUDA code path at batch 32, 128 and 256, counted on the CPU; "
+             "no data needed")
     return parser
 
 
@@ -213,6 +389,11 @@ def default_partb_model() -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.kernels:
+        result = {"kernels": print_step_operations(64), "image_size": 64}
+        if args.json:
+            atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+        return result
     for name in ("batches", "batch_size", "partb_batches", "partb_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
@@ -221,10 +402,27 @@ def main(args: argparse.Namespace) -> dict:
     device = select_device(args.device)  # on a CPU this also tunes the allocator, for both pipelines
     ds = data.discover(args.data_dir)
     samples = sorted(ds.train)
+    if args.speed:
+        return measure_speeds(args, samples, len(ds.classes), device)
     if args.batch_size * 4 > len(samples):
         raise UserError(f"--batch_size {args.batch_size} is too large for {len(samples)} training images")
     with tempfile.TemporaryDirectory() as tmp:  # removed even when a measurement fails
         return measure_all(args, ds, samples, device, Path(args.cache or tmp))
+
+
+def measure_speeds(args: argparse.Namespace, samples: list, num_classes: int, device: torch.device) -> dict:
+    """The SPEED lines of --speed, one per script:pixels."""
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in args.speed.split(","):
+            which, _, size = item.partition(":")
+            if which not in ("parta", "partb") or not size.isdigit():
+                raise UserError(f"--speed: '{item}' is not script:pixels (e.g. parta:64 or partb:224)")
+            result[item] = training_speed(args, which, int(size), samples, num_classes, device,
+                                          Path(args.cache or tmp))
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+    return result
 
 
 def open_caches(args: argparse.Namespace, paths: list[str], preprocess: Preprocess, cache_dir: Path,
@@ -236,7 +434,7 @@ def open_caches(args: argparse.Namespace, paths: list[str], preprocess: Preproce
     print(f"decoded cache ready in {result['cache_build_s']:.1f}s ({cache.images.nbytes / 2**20:.0f} MiB)")
     # Augmented training stores what the smallest crop needs (Preprocess.stored_side): crops keep full detail.
     t0 = time.perf_counter()
-    side = preprocess.stored_side(True, args.crop_scale, max(map(photo_short_side, paths)))
+    side = preprocess.stored_side_for(True, args.crop_scale, max(map(photo_short_side, paths)))
     aug_cache = open_decoded_cache(paths, side, cache_dir, args.workers)
     result["aug_cache_build_s"] = time.perf_counter() - t0
     print(f"decoded cache for augmented training ready in {result['aug_cache_build_s']:.1f}s "
