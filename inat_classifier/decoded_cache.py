@@ -61,7 +61,7 @@ def choose_cache_dir(flag: str) -> tuple[Path | None, str]:
         raise UserError(f"--cache {flag} cannot hold the decoded-image cache ({why}); "
                         f"pass another folder, or --cache off")
     return None, (f"warning: the decoded-image cache folder {folder} cannot be used ({why}); decoding "
-                  f"with PIL every epoch instead, as --cache off (set INAT_CACHE_DIR or pass --cache DIR)")
+                  f"every epoch instead, as --cache off (set INAT_CACHE_DIR or pass --cache DIR)")
 
 
 def decode_fixed(path: str, size: int) -> np.ndarray:

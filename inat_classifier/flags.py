@@ -43,9 +43,9 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any],
     add_flag(g, "workers", type=int, default=min(8, os.cpu_count() or 1),
              help="data loading processes (default: %(default)s, the number of cores up to 8)")
     add_flag(g, "cache", default="auto", metavar="auto|off|DIR",
-             help="decode every image once to a memory-mapped uint8 array and augment batches on the device; "
-                  "auto keeps it in $INAT_CACHE_DIR or ~/.cache/inat-classifier, off decodes JPEGs every "
-                  "epoch with PIL (default: %(default)s)")
+             help="decode every image once to a memory-mapped uint8 array; auto keeps it in $INAT_CACHE_DIR or "
+                  "~/.cache/inat-classifier, off decodes the same rows every epoch in --workers processes "
+                  "(the same training either way; batches are augmented on the device) (default: %(default)s)")
 
     g = parser.add_argument_group("optimisation")
     add_flag(g, "epochs", type=int, default=d.get("epochs", 10), help="training epochs (default: %(default)s)")
@@ -79,7 +79,8 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any],
              help="stop after this many epochs without a better val_acc; 0 = never (default: %(default)s)")
     add_flag(g, "seed", type=int, default=42, help="random seed for the split, init and batches (default: %(default)s)")
     add_flag(g, "amp", default="auto", choices=("auto", "fp16", "bf16", "off"),
-             help="mixed precision: auto = fp16 autocast + GradScaler on CUDA, off elsewhere (default: %(default)s)")
+             help="mixed precision: auto = bf16 autocast on CUDA GPUs that have it (compute capability 8+), fp16 "
+                  "autocast + GradScaler on older ones, off elsewhere (default: %(default)s)")
     add_flag(g, "device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)")
     add_bool(g, "channels_last", True, "channels-last memory format (faster convolutions on recent GPUs and "
              "on x86 CPUs)")

@@ -822,7 +822,7 @@ def test_concurrent_agents_get_their_own_run_folders_and_share_one_cache(two_age
     assert temp_files(cache) == [] and not [p for p in cache.iterdir() if p.name.startswith(".")]
     # Part A augments by default (--crop_scale 0.5): the array keeps what its smallest crops need
     photos = [p for p, _ in data.discover(image_folder.root).train]
-    side = Preprocess.for_size(32).stored_side(True, 0.5, max(map(photo_short_side, photos)))
+    side = Preprocess.for_size(32).stored_side_for(True, 0.5, max(map(photo_short_side, photos)))
     assert side > Preprocess.for_size(32).resize_size
     assert np.load(npys[0], mmap_mode="r").shape[1:] == (3, side, side)
 
