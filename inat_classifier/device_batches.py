@@ -208,13 +208,14 @@ class CachedRows:
     def host_batches(self, batches: Iterator[np.ndarray], region: tuple[int, int] | None,
                      pin: bool) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         def gather(pos: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-            images = self.cache.images
-            if region is not None:  # copy only the eval centre crop
-                top, size = region
-                images = images[:, :, top : top + size, top : top + size]
-            out = torch.empty((len(pos), *images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-            np.take(images, self.rows[pos], axis=0, out=out.numpy(), mode="clip")  # one copy, into the pinned buffer
-            return out, pos
+            images, rows = self.cache.images, self.rows[pos]
+            if region is None:
+                out = torch.empty((len(pos), *images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+                np.take(images, rows, axis=0, out=out.numpy(), mode="clip")  # one copy (unbuffered: not "raise")
+                return out, pos
+            top, size = region  # only the eval centre crop (np.take would copy the whole strided view first)
+            centre = torch.from_numpy(images[rows, :, top : top + size, top : top + size])
+            return (centre.pin_memory() if pin else centre), pos
 
         return in_background(gather(pos) for pos in batches)
 

@@ -343,3 +343,31 @@ def test_device_side_batches_give_the_same_pixels_on_cpu_and_cuda(tmp_path):
 
     for cpu, cuda in zip(batches("cpu"), batches("cuda")):
         assert (cpu - cuda).abs().max() < 0.05  # uint8 rounding on the CPU; same kernels, same antialiasing
+
+
+# ----------------------------------------------------------------------------- one data path
+def test_cache_off_trains_as_the_cache_does_and_evaluate_gives_the_logged_accuracy(tmp_path):
+    """The same seed and flags with --cache off (rows decoded by two worker processes every epoch) and
+    through the decoded cache: the same epochs, to float tolerance. Then evaluate.py --split val on the
+    run's best.pt gives the validation accuracy it logged for its best epoch (the same pixels)."""
+    import evaluate
+    import train_parta
+    from conftest import read_rows, train_args
+
+    root = make_dataset(tmp_path / "ds", CLASSES[:3], n_train=8, n_val=3, size=56)
+    runs = {}
+    for cache in ("cached", "off"):
+        flags = train_args(root, tmp_path / "runs", cache, 2, "--seed", "3", "--batch_size", "4")
+        if cache == "off":
+            flags += ["--cache", "off", "--workers", "2"]
+        train_parta.main(train_parta.get_args_parser().parse_args(flags))
+        runs[cache] = read_rows(tmp_path / "runs" / cache / "metrics.csv")
+    assert len(runs["cached"]) == len(runs["off"]) == 2
+    for a, b in zip(runs["cached"], runs["off"], strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7), (a["epoch"], key)
+    best = max(runs["off"], key=lambda r: float(r["val_acc"]))
+    result = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--ckpt", str(tmp_path / "runs" / "off" / "best.pt"), "--split", "val", "--workers", "0",
+         "--device", "cpu", "--out", str(tmp_path / "eval")]))
+    assert result["accuracy"] == pytest.approx(float(best["val_acc"]), abs=1e-9)

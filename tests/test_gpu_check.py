@@ -42,3 +42,15 @@ def test_rehearsal_prints_a_line_per_check_and_exits_with_the_failure_count(tmp_
     assert calls and all(c.startswith("python3 ") for c in calls)  # python3, never python
     assert any("--device cpu" in c and "train_parta.py" in c for c in calls)  # the rehearsal trains on the CPU
     assert any("--nproc_per_node 2" in c for c in calls)
+
+
+def test_a_check_past_the_whole_check_budget_fails_unrun(tmp_path):
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    stand_in(bin_dir / "python3", log, fail_on="never")
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "GPU_CHECK_BUDGET": "0"}
+    env.pop("PYTHON", None)
+    proc = subprocess.run(["bash", "tools/gpu_check.sh", "--rehearse", "", str(tmp_path / "out")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert "FAIL env not run: the check's time is spent" in proc.stdout
+    assert proc.returncode == 1  # no GPU check can follow a failed env check
