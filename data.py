@@ -4,6 +4,7 @@ Importable module plus a small CLI:
     python data.py download [--dest data] [--url URL]
     python data.py stats --data_dir data/inaturalist_12K
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
@@ -16,9 +17,25 @@ import json
 from pathlib import Path
 
 from inat_classifier.dataset import (  # noqa: F401  (the dataset's API, for scripts and notebooks)
-    DEFAULT_DATA_DIR, DatasetFiles, HELDOUT_NAMES, IMG_EXTENSIONS, check_trainable, class_photos, discover,
-    ensure_data, find_heldout_dir, is_image_file, list_class_dirs, photo_id, resolve_data_dir, scan_split,
-    split_from_json, split_to_json, stratified_split, unreadable_folder, warn,
+    DEFAULT_DATA_DIR,
+    HELDOUT_NAMES,
+    IMG_EXTENSIONS,
+    DatasetFiles,
+    check_trainable,
+    class_photos,
+    discover,
+    ensure_data,
+    find_heldout_dir,
+    is_image_file,
+    list_class_dirs,
+    photo_id,
+    resolve_data_dir,
+    scan_split,
+    split_from_json,
+    split_to_json,
+    stratified_split,
+    unreadable_folder,
+    warn,
 )
 from inat_classifier.download import default_url, download_dataset
 from inat_classifier.images import load_image
@@ -62,11 +79,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     dl = sub.add_parser("download", help="download and extract nature_12K.zip (resumable)")
     dl.add_argument("--dest", default="data", help="folder to download and extract into (default: data)")
-    dl.add_argument("--url", default=None,
-                    help="archive URL (default: $INAT12K_URL when set, else the public nature_12K.zip)")
+    dl.add_argument(
+        "--url", default=None, help="archive URL (default: $INAT12K_URL when set, else the public nature_12K.zip)"
+    )
     st = sub.add_parser("stats", help="images per class per split, and unreadable files")
-    st.add_argument("--data_dir", "--data-dir", default=DEFAULT_DATA_DIR,
-                    help=f"dataset root holding train/ and val/ or test/ (default: {DEFAULT_DATA_DIR})")
+    st.add_argument(
+        "--data_dir",
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help=f"dataset root holding train/ and val/ or test/ (default: {DEFAULT_DATA_DIR})",
+    )
     st.add_argument("--json", help="also write the statistics to this JSON file")
     return parser
 

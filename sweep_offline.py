@@ -16,6 +16,7 @@ the ranking to SWEEP_DIR/leaderboard.csv. Any number of runners may share one sw
 This file is the command line and the run loop; sweep_space.py maps the yaml to Optuna,
 sweep_storage.py keeps the study, sweep_process.py runs one training process.
 """
+
 from __future__ import annotations
 
 INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"
@@ -29,18 +30,31 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from inat_classifier.cli import UserError, str2bool
 from inat_classifier.startup import imports_done, raise_interrupt
-from inat_classifier.sweep_engine import (check_metric, check_swept_not_passed, check_train_args, plain, print_leaderboard,
-                          resolve_program)
+from inat_classifier.sweep_engine import (
+    check_metric,
+    check_swept_not_passed,
+    check_train_args,
+    plain,
+    print_leaderboard,
+    resolve_program,
+)
 from inat_classifier.sweep_runs import Sweep, best_run, run_loop, sweep_runs, write_best_config
 from inat_classifier.sweep_space import check_config, load_config, metric_of, parse_parameters
-from inat_classifier.sweep_storage import (GRACE_PERIOD_S, HEARTBEATS_PER_GRACE, create_study, journal_path, load_study,
-                           open_storage, sweep_config)
+from inat_classifier.sweep_storage import (
+    GRACE_PERIOD_S,
+    HEARTBEATS_PER_GRACE,
+    create_study,
+    journal_path,
+    load_study,
+    open_storage,
+    sweep_config,
+)
 
 DEFAULT_CONFIG = "sweep.yaml"
 
@@ -48,55 +62,101 @@ DEFAULT_CONFIG = "sweep.yaml"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Run the sweep of a W&B sweep.yaml offline on Optuna: sample runs (grid, random, bayes), "
-                    "train them one after another, rank them by the metric. Several runners (one per GPU or "
-                    "machine) may work on the same sweep at once.",
+        "train them one after another, rank them by the metric. Several runners (one per GPU or "
+        "machine) may work on the same sweep at once.",
         usage="%(prog)s [options] [-- TRAIN_FLAGS ...]",
         epilog="Flags after -- go to every run unchanged, after the sweep's own, e.g. "
-               "-- --data_dir data/inaturalist_12K --workers 4 (a searched parameter there is refused). Rerun "
-               "with the same --sweep_dir to continue; without -- flags a continued sweep reuses the last ones.",
+        "-- --data_dir data/inaturalist_12K --workers 4 (a searched parameter there is refused). Rerun "
+        "with the same --sweep_dir to continue; without -- flags a continued sweep reuses the last ones.",
     )
-    parser.add_argument("--config", default=None,
-                        help=f"sweep yaml, as for 'wandb sweep' (default: {DEFAULT_CONFIG} for a new sweep, "
-                             "the sweep's own copy when continuing one)")
-    parser.add_argument("--sweep_dir", "--sweep-dir", default=None,
-                        help="folder of the sweep's runs, logs, leaderboard and (by default) its journal; an "
-                             "existing one is continued (default: sweeps/<name in the yaml, else its file name>)")
-    parser.add_argument("--storage", default=None,
-                        help="where the study is kept: a database URL (sqlite:///sweep.db, "
-                             "postgresql://user:pw@host/db, mysql://...) or a journal file on a shared "
-                             "filesystem (default: SWEEP_DIR/optuna.journal)")
-    parser.add_argument("--study", default=None,
-                        help="the study's name in --storage (default: the sweep folder's name; a journal "
-                             "holding one study needs none)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"sweep yaml, as for 'wandb sweep' (default: {DEFAULT_CONFIG} for a new sweep, "
+        "the sweep's own copy when continuing one)",
+    )
+    parser.add_argument(
+        "--sweep_dir",
+        "--sweep-dir",
+        default=None,
+        help="folder of the sweep's runs, logs, leaderboard and (by default) its journal; an "
+        "existing one is continued (default: sweeps/<name in the yaml, else its file name>)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="where the study is kept: a database URL (sqlite:///sweep.db, "
+        "postgresql://user:pw@host/db, mysql://...) or a journal file on a shared "
+        "filesystem (default: SWEEP_DIR/optuna.journal)",
+    )
+    parser.add_argument(
+        "--study",
+        default=None,
+        help="the study's name in --storage (default: the sweep folder's name; a journal holding one study needs none)",
+    )
     parser.add_argument("--count", type=int, default=10, help="number of runs to train now (default: %(default)s)")
-    parser.add_argument("--wandb", default="disabled", choices=("disabled", "offline"),
-                        help="W&B logging of every run: disabled, or offline into the run folder for a "
-                             "later 'wandb sync' (default: %(default)s)")
-    parser.add_argument("--early_terminate", "--early-terminate", type=str2bool, default=True,
-                        metavar="BOOL", help="apply the yaml's early_terminate (Optuna's HyperbandPruner, fed "
-                                             "each epoch's metric) while runs train (default: %(default)s)")
-    parser.add_argument("--poll_s", type=float, default=5.0,
-                        help="seconds between looks at a running run's metrics.csv (default: %(default)s)")
-    parser.add_argument("--stale_s", "--stale-s", type=int, default=GRACE_PERIOD_S,
-                        help="seconds without a heartbeat after which a running run counts as dead (its runner "
-                             "killed, its node lost) and the next runner continues it from last.pt; runners "
-                             f"beat {HEARTBEATS_PER_GRACE} times as often (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the sampler, for a reproducible sweep (default: none, random)")
-    parser.add_argument("--max_failures", type=int, default=5,
-                        help="stop after this many failed runs in a row, like wandb agent; 0 = never "
-                             "(default: %(default)s)")
-    parser.add_argument("--interpreter", default=sys.executable,
-                        help="python that runs the program, the ${interpreter} of the command "
-                             "(default: this one, %(default)s)")
-    parser.add_argument("--dry_run", "--dry-run", action="store_true",
-                        help="print the commands of the next --count proposals and train nothing")
-    parser.add_argument("--show", action="store_true",
-                        help="print the leaderboard and the best run's command, write best.yaml, and exit")
-    parser.add_argument("--top", type=int, default=0,
-                        help="rows of the printed leaderboard; 0 = all (default: %(default)s)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="do not echo the runs' output (it is always in SWEEP_DIR/logs/run-NNN.log)")
+    parser.add_argument(
+        "--wandb",
+        default="disabled",
+        choices=("disabled", "offline"),
+        help="W&B logging of every run: disabled, or offline into the run folder for a "
+        "later 'wandb sync' (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--early_terminate",
+        "--early-terminate",
+        type=str2bool,
+        default=True,
+        metavar="BOOL",
+        help="apply the yaml's early_terminate (Optuna's HyperbandPruner, fed "
+        "each epoch's metric) while runs train (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--poll_s",
+        type=float,
+        default=5.0,
+        help="seconds between looks at a running run's metrics.csv (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--stale_s",
+        "--stale-s",
+        type=int,
+        default=GRACE_PERIOD_S,
+        help="seconds without a heartbeat after which a running run counts as dead (its runner "
+        "killed, its node lost) and the next runner continues it from last.pt; runners "
+        f"beat {HEARTBEATS_PER_GRACE} times as often (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the sampler, for a reproducible sweep (default: none, random)"
+    )
+    parser.add_argument(
+        "--max_failures",
+        type=int,
+        default=5,
+        help="stop after this many failed runs in a row, like wandb agent; 0 = never (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--interpreter",
+        default=sys.executable,
+        help="python that runs the program, the ${interpreter} of the command (default: this one, %(default)s)",
+    )
+    parser.add_argument(
+        "--dry_run",
+        "--dry-run",
+        action="store_true",
+        help="print the commands of the next --count proposals and train nothing",
+    )
+    parser.add_argument(
+        "--show",
+        action="store_true",
+        help="print the leaderboard and the best run's command, write best.yaml, and exit",
+    )
+    parser.add_argument(
+        "--top", type=int, default=0, help="rows of the printed leaderboard; 0 = all (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="do not echo the runs' output (it is always in SWEEP_DIR/logs/run-NNN.log)"
+    )
     return parser
 
 
@@ -106,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+        argv, extra = argv[:i], argv[i + 1 :]
     args = get_args_parser().parse_args(argv)
     args.train_args = extra
     return args
@@ -153,10 +213,15 @@ def open_sweep(args: argparse.Namespace, writable: bool) -> Sweep:
             raise UserError(f"{where}: is not a sweep of sweep_offline.py (it has no sweep config)")
         check_config(stored, where)
         if config is not None and plain(config) != stored:
-            raise UserError(f"{config_path} differs from the config the sweep in {sweep_dir} was started with "
-                            f"({sweep_dir / 'sweep.yaml'}); continue it without --config, or start a new "
-                            f"sweep with another --sweep_dir")
-        config, config_path = stored, Path(study.user_attrs["config_file"]) if study.user_attrs.get("config_file") else None
+            raise UserError(
+                f"{config_path} differs from the config the sweep in {sweep_dir} was started with "
+                f"({sweep_dir / 'sweep.yaml'}); continue it without --config, or start a new "
+                f"sweep with another --sweep_dir"
+            )
+        config, config_path = (
+            stored,
+            Path(study.user_attrs["config_file"]) if study.user_attrs.get("config_file") else None,
+        )
     elif args.show:
         raise UserError(f"no sweep in {sweep_dir} (no {journal_path(sweep_dir, args.storage) or 'study there'})")
     else:
@@ -173,9 +238,16 @@ def new_study(args: argparse.Namespace, sweep: Sweep):
     except OSError as e:
         raise UserError(f"{sweep.dir}: cannot create the sweep folder ({e.strerror})") from None
     metric, goal = metric_of(sweep.config)
-    attrs = {"config": sweep.config, "config_file": str(sweep.config_path.resolve()), "metric": metric, "goal": goal,
-             "program": sweep.config["program"]}
-    return create_study(open_storage(sweep.dir, args.storage, grace_s=args.stale_s), args.study or sweep.dir.name, goal, attrs)
+    attrs = {
+        "config": sweep.config,
+        "config_file": str(sweep.config_path.resolve()),
+        "metric": metric,
+        "goal": goal,
+        "program": sweep.config["program"],
+    }
+    return create_study(
+        open_storage(sweep.dir, args.storage, grace_s=args.stale_s), args.study or sweep.dir.name, goal, attrs
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -187,8 +259,10 @@ def main(args: argparse.Namespace) -> int:
     if not 0 < args.poll_s < float("inf"):  # NaN included
         raise UserError(f"--poll_s must be a number > 0, got {args.poll_s}")
     if args.stale_s < 2 * args.poll_s:
-        raise UserError(f"--stale_s {args.stale_s} must be at least twice --poll_s ({args.poll_s}): a live "
-                        f"runner beats between polls")
+        raise UserError(
+            f"--stale_s {args.stale_s} must be at least twice --poll_s ({args.poll_s}): a live "
+            f"runner beats between polls"
+        )
     sweep = open_sweep(args, writable=not (args.show or args.dry_run))
     if args.show:
         return show(sweep, args.top)

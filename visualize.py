@@ -14,6 +14,7 @@ Every command writes one PNG (default: into the checkpoint's folder) and prints 
 --wandb it is also logged to W&B, if the run itself used W&B. Images are shown un-normalised, in
 their true colours, as the model saw them (resized and centre-cropped).
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM meanwhile is one line (startup.py)
@@ -26,25 +27,39 @@ import json
 import os
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from inat_classifier.attribution import (auto_cam_layer, capture_outputs, conv_layer, conv_stages, grad_cam, guided_backprop,
-                         parse_neurons)
+from inat_classifier import sweep_report
+from inat_classifier.attribution import (
+    auto_cam_layer,
+    capture_outputs,
+    conv_layer,
+    conv_stages,
+    grad_cam,
+    guided_backprop,
+    parse_neurons,
+)
 from inat_classifier.checkpoint import json_safe, preprocess_of
-from models import restore_model
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.devices import select_device
-from inat_classifier.figures import (gradient_image, plot_feature_maps, plot_filters, plot_gradcam, plot_guided_backprop,
-                     plot_prediction_grid, unnormalize)
+from inat_classifier.figures import (
+    gradient_image,
+    plot_feature_maps,
+    plot_filters,
+    plot_gradcam,
+    plot_guided_backprop,
+    plot_prediction_grid,
+    unnormalize,
+)
 from inat_classifier.inference import evaluate_samples, heldout_samples, load_input, predict
 from inat_classifier.metrics import plot_confusion
 from inat_classifier.runs import read_metrics_csv
-from inat_classifier import sweep_report
 from inat_classifier.tracking import WandbLogger, plot_curves
+from models import restore_model
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -62,8 +77,9 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 
 # ----------------------------------------------------------------------------- samples
-def choose_samples(samples: Sequence[tuple[str, int]], n: int, seed: int,
-                   per_class: int = 0, num_classes: int = 0) -> list[tuple[str, int]]:
+def choose_samples(
+    samples: Sequence[tuple[str, int]], n: int, seed: int, per_class: int = 0, num_classes: int = 0
+) -> list[tuple[str, int]]:
     """`n` random samples, or `per_class` of every class (classes in order); `seed` fixes the draw."""
     rng = random.Random(seed)
     if per_class:
@@ -91,8 +107,9 @@ def images_for(args: argparse.Namespace, ckpt: dict) -> tuple[torch.Tensor, list
 
 
 # ----------------------------------------------------------------------------- predictions
-def prediction_samples(model: nn.Module, ckpt: dict, samples: Sequence[tuple[str, int]],
-                       device: torch.device, batch_size: int = 64) -> list[dict]:
+def prediction_samples(
+    model: nn.Module, ckpt: dict, samples: Sequence[tuple[str, int]], device: torch.device, batch_size: int = 64
+) -> list[dict]:
     """The model on `samples` via inference.predict: per readable sample path, image (normalised),
     true, pred, confidence, correct; unreadable files are reported and skipped."""
     samples = list(samples)
@@ -104,8 +121,16 @@ def prediction_samples(model: nn.Module, ckpt: dict, samples: Sequence[tuple[str
     conf, pred = p.probs.max(1)
     for j, i in enumerate(p.index.tolist()):
         path, label = samples[i]
-        records.append({"path": path, "true": int(label), "image": load_input(path, preprocess),
-                        "pred": int(pred[j]), "confidence": float(conf[j]), "correct": int(pred[j]) == int(label)})
+        records.append(
+            {
+                "path": path,
+                "true": int(label),
+                "image": load_input(path, preprocess),
+                "pred": int(pred[j]),
+                "confidence": float(conf[j]),
+                "correct": int(pred[j]) == int(label),
+            }
+        )
     return records
 
 
@@ -113,14 +138,26 @@ def cmd_predictions(args: argparse.Namespace, model: nn.Module, ckpt: dict, devi
     if args.rows < 1 or args.cols < 1:
         raise UserError(f"--rows and --cols must be >= 1, got {args.rows} and {args.cols}")
     samples, split_name = heldout_samples(ckpt, args.data_dir, args.split)
-    chosen = choose_samples(samples, args.rows * args.cols, args.seed,
-                            per_class=args.cols if args.per_class else 0, num_classes=len(ckpt["class_names"]))
+    chosen = choose_samples(
+        samples,
+        args.rows * args.cols,
+        args.seed,
+        per_class=args.cols if args.per_class else 0,
+        num_classes=len(ckpt["class_names"]),
+    )
     records = prediction_samples(model, ckpt, chosen, device)
     if not records:
         raise UserError("no readable held-out images to show")
     out = output_dir(args) / ("predictions_per_class.png" if args.per_class else "predictions.png")
-    plot_prediction_grid(records, ckpt["class_names"], preprocess_of(ckpt), out, args.cols,
-                         f"Predictions on {split_name} images (seed {args.seed})", args.dpi)
+    plot_prediction_grid(
+        records,
+        ckpt["class_names"],
+        preprocess_of(ckpt),
+        out,
+        args.cols,
+        f"Predictions on {split_name} images (seed {args.seed})",
+        args.dpi,
+    )
     return out
 
 
@@ -128,11 +165,16 @@ def cmd_predictions(args: argparse.Namespace, model: nn.Module, ckpt: dict, devi
 def cmd_filters(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
     name, conv = conv_layer(model, args.layer)
     w = conv.weight
-    kind = ("RGB, each filter min-max normalised" if w.shape[1] == 3 else
-            f"mean over {w.shape[1]} input channels, red +, blue -, each filter normalised")
+    kind = (
+        "RGB, each filter min-max normalised"
+        if w.shape[1] == 3
+        else f"mean over {w.shape[1]} input channels, red +, blue -, each filter normalised"
+    )
     shown = w.shape[0] if args.max_filters <= 0 else min(w.shape[0], args.max_filters)
-    title = (f"{name}: {shown}{'' if shown == w.shape[0] else f' of {w.shape[0]}'} filters of "
-             f"{w.shape[2]}x{w.shape[3]}x{w.shape[1]} ({kind})")
+    title = (
+        f"{name}: {shown}{'' if shown == w.shape[0] else f' of {w.shape[0]}'} filters of "
+        f"{w.shape[2]}x{w.shape[3]}x{w.shape[1]} ({kind})"
+    )
     out = output_dir(args) / f"filters_{name.replace('.', '_')}.png"
     plot_filters(w, out, title, args.max_filters, args.dpi)
     return out
@@ -161,8 +203,10 @@ def cmd_feature_maps(args: argparse.Namespace, model: nn.Module, ckpt: dict, dev
     maps = {n: maps[n] for n in names if n in maps}
     p = logits.softmax(1)[0]
     pred = int(p.argmax())
-    title = (f"Feature maps of {Path(path).name} (predicted {ckpt['class_names'][pred]}, {p[pred]:.0%}): "
-             f"the {args.channels} most active channels per layer")
+    title = (
+        f"Feature maps of {Path(path).name} (predicted {ckpt['class_names'][pred]}, {p[pred]:.0%}): "
+        f"the {args.channels} most active channels per layer"
+    )
     out = output_dir(args) / f"feature_maps_{Path(path).stem}.png"
     plot_feature_maps(x, maps, preprocess, out, title, args.channels, args.dpi)
     return out
@@ -177,7 +221,7 @@ def neuron_maps(args, model, x: torch.Tensor) -> list[tuple[tuple[str, int], tor
     grads = [guided_backprop(model, x, neuron=n, reduce=args.reduce)[0] for n in neurons]  # checks each neuron
     outs, _ = capture_outputs(model, x, sorted({layer for layer, _ in neurons}))
     maps = []
-    for (layer, index), g in zip(neurons, grads):
+    for (layer, index), g in zip(neurons, grads, strict=True):
         ch = outs[layer][:, index].flatten(1)
         maps.append(((layer, index), g, ch.amax(1) if args.reduce == "max" else ch.sum(1)))
     return maps
@@ -194,12 +238,17 @@ def cmd_guided_backprop(args: argparse.Namespace, model: nn.Module, ckpt: dict, 
     for r, path in enumerate(paths):
         pred = int(probs[r].argmax())
         true = f"true: {names[labels[r]]}\n" if labels[r] is not None else f"{Path(path).name[:28]}\n"
-        panels = [(unnormalize(x[r].cpu(), preprocess.mean, preprocess.std),
-                   f"{true}pred: {names[pred]} ({probs[r, pred]:.0%})"),
-                  (gradient_image(grads[r], preprocess.std), f"guided backprop\nfor '{names[pred]}'")]
+        panels = [
+            (
+                unnormalize(x[r].cpu(), preprocess.mean, preprocess.std),
+                f"{true}pred: {names[pred]} ({probs[r, pred]:.0%})",
+            ),
+            (gradient_image(grads[r], preprocess.std), f"guided backprop\nfor '{names[pred]}'"),
+        ]
         for (layer, index), g, act in neurons:
-            panels.append((gradient_image(g[r], preprocess.std),
-                           f"neuron {layer}[{index}]\n{args.reduce} act {act[r]:.2f}"))
+            panels.append(
+                (gradient_image(g[r], preprocess.std), f"neuron {layer}[{index}]\n{args.reduce} act {act[r]:.2f}")
+            )
         rows.append(panels)
     out = output_dir(args) / "guided_backprop.png"
     plot_guided_backprop(rows, out, args.dpi)
@@ -215,8 +264,14 @@ def cmd_gradcam(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: 
     for i, path in enumerate(paths):
         pred = int(probs[i].argmax())
         true = f"true: {names[labels[i]]}" if labels[i] is not None else Path(path).name[:28]
-        pairs.append((unnormalize(x[i], preprocess.mean, preprocess.std), cams[i], true,
-                      f"Grad-CAM for '{names[pred]}' ({probs[i, pred]:.0%})"))
+        pairs.append(
+            (
+                unnormalize(x[i], preprocess.mean, preprocess.std),
+                cams[i],
+                true,
+                f"Grad-CAM for '{names[pred]}' ({probs[i, pred]:.0%})",
+            )
+        )
     out = output_dir(args) / "gradcam.png"
     plot_gradcam(pairs, layer, out, args.dpi)
     return out
@@ -228,8 +283,12 @@ def cmd_confusion(args: argparse.Namespace, model: nn.Module, ckpt: dict, device
     metrics = evaluate_samples(model, ckpt, samples, device, args.batch_size, args.workers)
     out = output_dir(args) / f"confusion_{args.split}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_confusion(metrics["confusion_matrix"], ckpt["class_names"], out,
-                   title=f"Confusion matrix, {split_name}, {metrics['n']} images, accuracy {metrics['accuracy']:.3f}")
+    plot_confusion(
+        metrics["confusion_matrix"],
+        ckpt["class_names"],
+        out,
+        title=f"Confusion matrix, {split_name}, {metrics['n']} images, accuracy {metrics['accuracy']:.3f}",
+    )
     return out
 
 
@@ -268,7 +327,7 @@ def cmd_curves(args: argparse.Namespace) -> Path:
             raise UserError(f"{csv_path}: no epochs with train/val loss and accuracy")
         dirs.append(csv_path.parent)
     labels = short_labels([d.name for d in dirs])
-    for label, d in zip(labels, dirs):
+    for label, d in zip(labels, dirs, strict=True):
         histories[label] = read_metrics_csv(d / "metrics.csv")
     if args.out:
         out = Path(args.out) / ("curves.png" if len(dirs) == 1 else "curves_compare.png")
@@ -300,9 +359,11 @@ def log_to_wandb(key: str, path: Path, config: dict, out_dir: Path) -> bool:
     if mode == "disabled":
         print("W&B: the run was trained with --wandb disabled; not logging the figure")
         return False
-    ns = argparse.Namespace(wandb="offline" if mode == "offline" else "auto",
-                            wandb_project=config.get("wandb_project") or "inat12k",
-                            wandb_entity=config.get("wandb_entity"))
+    ns = argparse.Namespace(
+        wandb="offline" if mode == "offline" else "auto",
+        wandb_project=config.get("wandb_project") or "inat12k",
+        wandb_entity=config.get("wandb_entity"),
+    )
     name = f"viz-{Path(str(config.get('run_name') or out_dir.name)).name}"
     logger = WandbLogger(ns, out_dir, name, {"figure": key, **json_safe(config)})
     logged = logger.run is not None
@@ -321,20 +382,27 @@ COMMANDS = ("predictions", "filters", "feature_maps", "guided_backprop", "gradca
 
 def add_image_flags(p: argparse.ArgumentParser, n_default: int) -> None:
     """--image files, or --n held-out images: the inputs of guided_backprop and gradcam."""
-    p.add_argument("--image", nargs="+", metavar="PATH",
-                   help="image file(s) to explain (default: --n held-out images)")
-    add_flag(p, "n", type=int, default=n_default,
-             help="without --image: this many held-out images, drawn by --seed (default: %(default)s)")
+    p.add_argument("--image", nargs="+", metavar="PATH", help="image file(s) to explain (default: --n held-out images)")
+    add_flag(
+        p,
+        "n",
+        type=int,
+        default=n_default,
+        help="without --image: this many held-out images, drawn by --seed (default: %(default)s)",
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Figures from a trained checkpoint (one PNG per command).",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Run 'python visualize.py COMMAND -h' for the flags of one command.")
+    parser = argparse.ArgumentParser(
+        description="Figures from a trained checkpoint (one PNG per command).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'python visualize.py COMMAND -h' for the flags of one command.",
+    )
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common")
-    add_flag(g, "out", default=None,
-             help="folder for the PNG (default: the checkpoint's folder; sweep: SWEEP_DIR/report)")
+    add_flag(
+        g, "out", default=None, help="folder for the PNG (default: the checkpoint's folder; sweep: SWEEP_DIR/report)"
+    )
     add_flag(g, "dpi", type=int, default=110, help="resolution of the PNG (default: %(default)s)")
     add_bool(g, "wandb", False, "also log the figure to W&B, if the run used W&B (offline without an API key)")
 
@@ -342,65 +410,128 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = model_common.add_argument_group("checkpoint and data")
     add_flag(g, "ckpt", required=True, help="checkpoint file (best.pt or last.pt) or its run folder")
     add_flag(g, "data_dir", default=None, help="dataset root (default: the one the run trained on)")
-    add_flag(g, "split", default="test", choices=("test", "val"),
-             help="held-out images: test = the val/ or test/ folder; val = the run's validation split "
-                  "(default: %(default)s)")
+    add_flag(
+        g,
+        "split",
+        default="test",
+        choices=("test", "val"),
+        help="held-out images: test = the val/ or test/ folder; val = the run's validation split "
+        "(default: %(default)s)",
+    )
     add_flag(g, "seed", type=int, default=0, help="which held-out images are drawn (default: %(default)s)")
     add_flag(g, "device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
 
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("predictions", parents=[model_common, common], help="grid of held-out predictions",
-                       description="Held-out images titled with true and predicted class and confidence; "
-                                   "wrong predictions framed red, right ones green.")
+    p = sub.add_parser(
+        "predictions",
+        parents=[model_common, common],
+        help="grid of held-out predictions",
+        description="Held-out images titled with true and predicted class and confidence; "
+        "wrong predictions framed red, right ones green.",
+    )
     add_flag(p, "rows", type=int, default=10, help="grid rows (default: %(default)s)")
     add_flag(p, "cols", type=int, default=3, help="grid columns (default: %(default)s)")
     add_bool(p, "per_class", False, "one row per class with --cols images of it, so every class shows")
 
-    p = sub.add_parser("filters", parents=[model_common, common], help="conv filters as a grid",
-                       description="The first conv layer's filters in colour, or another conv layer's "
-                                   "(input channels averaged).")
-    add_flag(p, "layer", default=None,
-             help="module name of a conv layer (or a block: its first conv), from model.named_modules() "
-                  "(default: the first Conv2d)")
-    add_flag(p, "max_filters", type=int, default=64,
-             help="show at most this many filters; 0 = all (default: %(default)s)")
+    p = sub.add_parser(
+        "filters",
+        parents=[model_common, common],
+        help="conv filters as a grid",
+        description="The first conv layer's filters in colour, or another conv layer's (input channels averaged).",
+    )
+    add_flag(
+        p,
+        "layer",
+        default=None,
+        help="module name of a conv layer (or a block: its first conv), from model.named_modules() "
+        "(default: the first Conv2d)",
+    )
+    add_flag(
+        p, "max_filters", type=int, default=64, help="show at most this many filters; 0 = all (default: %(default)s)"
+    )
 
-    p = sub.add_parser("feature_maps", parents=[model_common, common],
-                       help="activations of each conv stage for one image",
-                       description="The most active channels of every conv stage's output for one image.")
+    p = sub.add_parser(
+        "feature_maps",
+        parents=[model_common, common],
+        help="activations of each conv stage for one image",
+        description="The most active channels of every conv stage's output for one image.",
+    )
     add_flag(p, "image", default=None, help="image file (default: one held-out image drawn by --seed)")
-    p.add_argument("--layers", nargs="+", metavar="NAME",
-                   help="module names to show (default: the conv stages, e.g. features.0 .. features.4)")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="NAME",
+        help="module names to show (default: the conv stages, e.g. features.0 .. features.4)",
+    )
     add_flag(p, "channels", type=int, default=8, help="channels shown per layer (default: %(default)s)")
 
-    p = sub.add_parser("guided_backprop", parents=[model_common, common], help="guided backpropagation maps",
-                       description="Guided backpropagation for the predicted class and for chosen neurons.")
+    p = sub.add_parser(
+        "guided_backprop",
+        parents=[model_common, common],
+        help="guided backpropagation maps",
+        description="Guided backpropagation for the predicted class and for chosen neurons.",
+    )
     add_image_flags(p, 4)
-    p.add_argument("--neuron", nargs="+", metavar="LAYER:INDEX",
-                   help="also excite these neurons: LAYER:INDEX, LAYER:FIRST-LAST, or INDEX of the last conv "
-                        "stage (e.g. features.4:0-9)")
-    add_flag(p, "reduce", default="max", choices=("max", "sum"),
-             help="a neuron's score: its strongest unit (max) or its whole map (sum) (default: %(default)s)")
+    p.add_argument(
+        "--neuron",
+        nargs="+",
+        metavar="LAYER:INDEX",
+        help="also excite these neurons: LAYER:INDEX, LAYER:FIRST-LAST, or INDEX of the last conv "
+        "stage (e.g. features.4:0-9)",
+    )
+    add_flag(
+        p,
+        "reduce",
+        default="max",
+        choices=("max", "sum"),
+        help="a neuron's score: its strongest unit (max) or its whole map (sum) (default: %(default)s)",
+    )
 
-    p = sub.add_parser("gradcam", parents=[model_common, common], help="Grad-CAM heat maps",
-                       description="Grad-CAM heat maps for the predicted class over the image.")
+    p = sub.add_parser(
+        "gradcam",
+        parents=[model_common, common],
+        help="Grad-CAM heat maps",
+        description="Grad-CAM heat maps for the predicted class over the image.",
+    )
     add_image_flags(p, 6)
     add_flag(p, "layer", default=None, help="module name whose 4-D output is used (default: the last conv stage)")
 
-    p = sub.add_parser("confusion", parents=[model_common, common], help="confusion matrix on the held-out split",
-                       description="Confusion matrix normalised per true class over the held-out split.")
+    p = sub.add_parser(
+        "confusion",
+        parents=[model_common, common],
+        help="confusion matrix on the held-out split",
+        description="Confusion matrix normalised per true class over the held-out split.",
+    )
     add_flag(p, "batch_size", type=int, default=128, help="batch size (default: %(default)s)")
-    add_flag(p, "workers", type=int, default=min(4, os.cpu_count() or 1),
-             help="data loading processes (default: %(default)s)")
+    add_flag(
+        p,
+        "workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="data loading processes (default: %(default)s)",
+    )
 
-    p = sub.add_parser("curves", parents=[common], help="loss and accuracy curves of one or more runs",
-                       description="Loss and accuracy per epoch from metrics.csv; several runs overlaid.")
-    p.add_argument("--run", nargs="+", required=True, metavar="RUN_DIR",
-                   help="run folders (or their metrics.csv); default output: the run folder, or the first "
-                        "run's parent folder for several runs")
+    p = sub.add_parser(
+        "curves",
+        parents=[common],
+        help="loss and accuracy curves of one or more runs",
+        description="Loss and accuracy per epoch from metrics.csv; several runs overlaid.",
+    )
+    p.add_argument(
+        "--run",
+        nargs="+",
+        required=True,
+        metavar="RUN_DIR",
+        help="run folders (or their metrics.csv); default output: the run folder, or the first "
+        "run's parent folder for several runs",
+    )
 
-    p = sub.add_parser("sweep", parents=[common], help="report of a hyperparameter sweep (its Optuna study)",
-                       description=sweep_report.DESCRIPTION)
+    p = sub.add_parser(
+        "sweep",
+        parents=[common],
+        help="report of a hyperparameter sweep (its Optuna study)",
+        description=sweep_report.DESCRIPTION,
+    )
     sweep_report.add_flags(p)
     return parser
 
@@ -416,9 +547,14 @@ def main(args: argparse.Namespace) -> Path | dict:
     else:
         device = select_device(args.device)
         model, ckpt = restore_model(args.ckpt, device)
-        out = {"predictions": cmd_predictions, "filters": cmd_filters, "feature_maps": cmd_feature_maps,
-               "guided_backprop": cmd_guided_backprop, "gradcam": cmd_gradcam,
-               "confusion": cmd_confusion}[args.command](args, model, ckpt, device)
+        out = {
+            "predictions": cmd_predictions,
+            "filters": cmd_filters,
+            "feature_maps": cmd_feature_maps,
+            "guided_backprop": cmd_guided_backprop,
+            "gradcam": cmd_gradcam,
+            "confusion": cmd_confusion,
+        }[args.command](args, model, ckpt, device)
     print(f"wrote {out}")
     if args.wandb:
         log_to_wandb(args.command, out, run_config(args, ckpt), out.parent)

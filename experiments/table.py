@@ -1,7 +1,8 @@
 """Print a Markdown results table from finished run folders (metrics.csv, eval.json, flags.txt, wall_s.txt).
 
-    python experiments/table.py runs/exp/parta-*        # one row per run folder, in the given order
+python experiments/table.py runs/exp/parta-*        # one row per run folder, in the given order
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,16 +33,25 @@ def row_of(run: Path) -> list[str]:
 
     def pct(d: dict | None) -> str:
         return f"{100 * d['accuracy']:.1f}" if d else "-"
-    return [run.name, f"`{flags}`" if flags else "(defaults)", f"{100 * max(float(r['val_acc']) for r in rows):.1f}",
-            pct(plain), pct(tta), f"{statistics.median(times):.1f}", train_time]
+
+    return [
+        run.name,
+        f"`{flags}`" if flags else "(defaults)",
+        f"{100 * max(float(r['val_acc']) for r in rows):.1f}",
+        pct(plain),
+        pct(tta),
+        f"{statistics.median(times):.1f}",
+        train_time,
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Markdown table of finished runs.")
-    parser.add_argument("runs", nargs="+", help="run folders (with metrics.csv; eval.json and tta/eval.json if evaluated)")
+    parser.add_argument(
+        "runs", nargs="+", help="run folders (with metrics.csv; eval.json and tta/eval.json if evaluated)"
+    )
     args = parser.parse_args(argv)
-    header = ["run", "flags", "best val acc %", "test acc %", "test acc % (flip TTA)", "s/epoch (median)",
-              "train time"]
+    header = ["run", "flags", "best val acc %", "test acc %", "test acc % (flip TTA)", "s/epoch (median)", "train time"]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(" --- " for _ in header) + "|")
     for run in map(Path, args.runs):

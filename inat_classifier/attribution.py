@@ -3,10 +3,11 @@
 Tensors in, tensors out: nothing here draws or reads files. Hooks are always removed and no
 .grad is written; guided backprop works on a deep copy of the model.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -14,8 +15,19 @@ from torch import nn
 from inat_classifier.cli import UserError
 
 # Activation modules the guided rule is applied to (each is ~identity for x > 0 and "off" for x < 0).
-GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
-                      nn.SiLU, nn.Mish, nn.Hardswish)
+GUIDED_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+)
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -61,8 +73,9 @@ def conv_stages(model: nn.Module) -> list[str]:
         names = []
         for n, m in kids:
             body = n in ("features", "blocks") and isinstance(m, nn.Sequential)
-            names.extend([f"{prefix}{n}.{c}" for c, cm in m.named_children() if contains_conv(cm)]
-                         if body else [prefix + n])
+            names.extend(
+                [f"{prefix}{n}.{c}" for c, cm in m.named_children() if contains_conv(cm)] if body else [prefix + n]
+            )
         return names
 
 
@@ -72,8 +85,10 @@ def capture_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> 
     outputs, hooks = {}, []
     try:
         for name in names:
+
             def hook(m, inp, out, name=name):
                 outputs[name] = out.detach().float().cpu().clone() if torch.is_tensor(out) else None
+
             hooks.append(resolve_module(model, name).register_forward_hook(hook))
         model.eval()
         logits = model(x).float().cpu()
@@ -120,9 +135,11 @@ def auto_cam_layer(model: nn.Module, x: torch.Tensor) -> str:
     events, hooks = [], []
     for name, m in model.named_modules():
         if name:
+
             def hook(mod, inp, out, name=name):
                 if torch.is_tensor(out) and out.ndim == 4 and out.shape[2] * out.shape[3] > 1:
                     events.append((name, mod, out))
+
             hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -141,7 +158,7 @@ def auto_cam_layer(model: nn.Module, x: torch.Tensor) -> str:
     if len(kids) > 1 and isinstance(kids[-1][1], POOLS):
         # A block ending in pooling: use the feature map before it (twice the resolution).
         return f"{name}.{kids[-2][0]}"
-    for n, m, o in events[last_i + 1:]:  # e.g. timm's bn2 (batch norm + activation) after conv_head
+    for n, m, o in events[last_i + 1 :]:  # e.g. timm's bn2 (batch norm + activation) after conv_head
         if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d)):
             continue
         if not (isinstance(m, NORMS + GUIDED_ACTIVATIONS) and o.shape == last.shape):
@@ -169,9 +186,14 @@ def parse_neurons(specs: Sequence[str] | None) -> list[tuple[str | None, int]]:
     return out
 
 
-def guided_backprop(model: nn.Module, x: torch.Tensor, target: torch.Tensor | Sequence[int] | None = None,
-                    neuron: tuple[str, int] | None = None, reduce: str = "max",
-                    guided: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def guided_backprop(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor | Sequence[int] | None = None,
+    neuron: tuple[str, int] | None = None,
+    reduce: str = "max",
+    guided: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Guided-backpropagation maps d score / d input, same shape as x, and the logits.
 
     score: the logit of `target` (default: the predicted class) per image, or with
@@ -229,6 +251,7 @@ def _guided_hooks(work: nn.Module, guided: bool, layer: str | None, captured: di
             if guided and isinstance(m, GUIDED_ACTIVATIONS):
                 hooks.append(m.register_forward_hook(_guided_hook))
         if layer is not None:
+
             def capture(m, inp, out):
                 if torch.is_tensor(out):
                     captured["act"] = out
@@ -253,8 +276,9 @@ def _neuron_score(act: torch.Tensor | None, layer: str, index: int, reduce: str)
 
 
 # ----------------------------------------------------------------------------- Grad-CAM
-def grad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | Sequence[int] | None = None,
-             layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor | Sequence[int] | None = None, layer: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Grad-CAM (Selvaraju et al. 2017): (N, H, W) heat maps in [0, 1], the logits, and the layer used.
 
     cam = relu(sum_k mean_ij(d score / d A_kij) * A_k) of the layer's output A, upsampled to the

@@ -1,4 +1,5 @@
 """A built pretrained backbone: the model with its new head, and the input its weights expect."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

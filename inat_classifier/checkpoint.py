@@ -3,6 +3,7 @@
 A checkpoint describes itself: model spec, class names, preprocessing, split and flags travel with
 the weights, so evaluate.py and visualize.py need nothing but the file.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -51,18 +52,32 @@ def json_safe(config: dict) -> dict:
     return out
 
 
-def checkpoint_meta(spec: dict, class_names: list[str], preprocess: Preprocess, split: dict, config: dict,
-                    **extra: Any) -> dict:
+def checkpoint_meta(
+    spec: dict, class_names: list[str], preprocess: Preprocess, split: dict, config: dict, **extra: Any
+) -> dict:
     """What every checkpoint of a run says about itself, besides weights and training state."""
-    return {"spec": spec, "class_names": list(class_names), "preprocess": preprocess.to_dict(),
-            "split": split, "config": json_safe(config), **extra}
+    return {
+        "spec": spec,
+        "class_names": list(class_names),
+        "preprocess": preprocess.to_dict(),
+        "split": split,
+        "config": json_safe(config),
+        **extra,
+    }
 
 
 def checkpoint_payload(meta: dict, model: nn.Module, state: TrainState) -> dict:
     """meta plus a snapshot of the model's weights and the run's progress: a complete best.pt."""
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # a snapshot, not live tensors
-    return {**meta, "format": CHECKPOINT_FORMAT, "model_state": weights, "epoch": state.epoch,
-            "metrics": state.history, "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch}
+    return {
+        **meta,
+        "format": CHECKPOINT_FORMAT,
+        "model_state": weights,
+        "epoch": state.epoch,
+        "metrics": state.history,
+        "best_val_acc": state.best_val_acc,
+        "best_epoch": state.best_epoch,
+    }
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -98,11 +113,15 @@ def load_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unsupported content"
-        raise UserError(f"{path}: refused to load: it holds objects beyond weights and plain data "
-                        f"(not one of our checkpoints, or unsafe): {reason[:150]}") from None
+        raise UserError(
+            f"{path}: refused to load: it holds objects beyond weights and plain data "
+            f"(not one of our checkpoints, or unsafe): {reason[:150]}"
+        ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt): "
-                        f"{str(e).splitlines()[0][:150] if str(e) else type(e).__name__}") from None
+        raise UserError(
+            f"{path}: not a readable checkpoint (truncated or corrupt): "
+            f"{str(e).splitlines()[0][:150] if str(e) else type(e).__name__}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         raise UserError(f"{path}: not a checkpoint written by this tool (no '{CHECKPOINT_FORMAT}' format tag)")
     if "preprocess" not in ckpt and all(k in ckpt for k in ("image_size", "mean", "std")):
@@ -125,7 +144,9 @@ def load_weights(model: nn.Module, state: dict, path: str | Path) -> None:
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
-        raise UserError(f"{path}: weights do not fit the model (other architecture or class set): {detail[:200]}") from None
+        raise UserError(
+            f"{path}: weights do not fit the model (other architecture or class set): {detail[:200]}"
+        ) from None
 
 
 def preprocess_of(ckpt: dict) -> Preprocess:

@@ -1,9 +1,11 @@
 """Command-line plumbing shared by every script: the one UserError, flag helpers, the one-line-error runner."""
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -72,11 +74,23 @@ def add_bool(group, name: str, default: bool | None, help: str, default_text: st
     default_text describes a default that is decided later (default None), e.g. by a recipe.
     """
     shown = default_text if default_text is not None else default
-    group.add_argument(*spellings(name), dest=name, action=StoreTyped, type=str2bool, nargs="?", const=True,
-                       default=default, metavar="BOOL",
-                       help=f"{help} (default: {shown}; --no-{name} turns it off)")
-    group.add_argument(*dict.fromkeys([f"--no-{name}", f"--no-{name.replace('_', '-')}", f"--no_{name}"]),
-                       dest=name, action=StoreFalseTyped, help=argparse.SUPPRESS)
+    group.add_argument(
+        *spellings(name),
+        dest=name,
+        action=StoreTyped,
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=default,
+        metavar="BOOL",
+        help=f"{help} (default: {shown}; --no-{name} turns it off)",
+    )
+    group.add_argument(
+        *dict.fromkeys([f"--no-{name}", f"--no-{name.replace('_', '-')}", f"--no_{name}"]),
+        dest=name,
+        action=StoreFalseTyped,
+        help=argparse.SUPPRESS,
+    )
 
 
 FAILURE_HOOKS: list[Callable[[bool], str | None]] = []  # see on_failure
@@ -102,9 +116,12 @@ def is_out_of_host_memory(error: RuntimeError) -> bool:
     return "can't allocate memory" in text or "not enough memory" in text
 
 
-def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
-            argv: list[str] | None = None,
-            parse: Callable[[argparse.ArgumentParser, list[str] | None], argparse.Namespace] | None = None) -> None:
+def run_cli(
+    main: Callable[[argparse.Namespace], Any],
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None = None,
+    parse: Callable[[argparse.ArgumentParser, list[str] | None], argparse.Namespace] | None = None,
+) -> None:
     """Parse and run; bad input becomes one 'error:' line and exit code 2, never a traceback.
 
     Ctrl-C or SIGTERM at any moment (the training loop has its own, gentler handler) ends with
@@ -120,9 +137,12 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
     leave_torchrun_process(0)
 
 
-def parse_and_run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
-                  argv: list[str] | None,
-                  parse: Callable[[argparse.ArgumentParser, list[str] | None], argparse.Namespace] | None) -> None:
+def parse_and_run(
+    main: Callable[[argparse.Namespace], Any],
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    parse: Callable[[argparse.ArgumentParser, list[str] | None], argparse.Namespace] | None,
+) -> None:
     """run_cli's work: every failure it knows is one line through `fail` (SystemExit with its code)."""
     try:
         args = parse(parser, argv) if parse else parser.parse_args(argv)

@@ -1,8 +1,9 @@
 """What a model costs: parameters and multiply-accumulates counted by tracing one image (PyTorch's FlopCounterMode)."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

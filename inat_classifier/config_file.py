@@ -4,6 +4,7 @@ Parsing runs twice, as in timm's train.py: the first pass finds --config, its va
 parser's defaults (each through its flag's own argparse type and choices), the second pass lets every
 typed flag win. Values from the file are defaults, not typed flags: `cli.typed_flags` does not list them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,13 @@ IGNORED_KEYS = ("config", "run_name", "resume")
 # Written into args.json by the scripts, though no flag: worked out again from the flags on every start.
 DERIVED_KEYS = ("use_cache",)  # train_partb.resolve_recipe
 
-CONFIG_HELP = ("a YAML file of flag: value lines, or a finished run's args.json, whose values become the "
-               "defaults; flags typed on the command line win. Keys take _ or - spellings. run_name and "
-               "resume are never read from it, so a new run folder is made under its out_dir; data_dir, "
-               "out_dir and every other flag come from the file unless typed "
-               "(e.g. --config runs/<run>/args.json --epochs 30 retrains a run longer)")
+CONFIG_HELP = (
+    "a YAML file of flag: value lines, or a finished run's args.json, whose values become the "
+    "defaults; flags typed on the command line win. Keys take _ or - spellings. run_name and "
+    "resume are never read from it, so a new run folder is made under its out_dir; data_dir, "
+    "out_dir and every other flag come from the file unless typed "
+    "(e.g. --config runs/<run>/args.json --epochs 30 retrains a run longer)"
+)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

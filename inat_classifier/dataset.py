@@ -1,12 +1,13 @@
 """The dataset on disk: finding classes and photos, and the stratified train/val split (data.py is its CLI)."""
+
 from __future__ import annotations
 
 import os
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from inat_classifier.cli import UserError
 from inat_classifier.download import DownloadFailed, default_url, download_dataset
@@ -48,8 +49,9 @@ def list_class_dirs(split_dir: Path) -> list[str]:
 
 def unreadable_folder(error: OSError) -> None:
     """os.walk's onerror: a folder it cannot list (no permission) is an error, not an empty class."""
-    raise UserError(f"folder {error.filename} cannot be read ({error.strerror}); fix its permissions "
-                    f"(chmod) or remove it")
+    raise UserError(
+        f"folder {error.filename} cannot be read ({error.strerror}); fix its permissions (chmod) or remove it"
+    )
 
 
 def photo_id(path: str) -> tuple[int, int] | None:
@@ -62,8 +64,10 @@ def photo_id(path: str) -> tuple[int, int] | None:
         st = os.stat(path)
     except OSError as e:
         broken = os.path.islink(path) and not os.path.exists(path)
-        warn(f"skipping {path}: " + (f"a link to {os.readlink(path)}, which does not exist" if broken
-                                     else f"{e.strerror or e}"))
+        warn(
+            f"skipping {path}: "
+            + (f"a link to {os.readlink(path)}, which does not exist" if broken else f"{e.strerror or e}")
+        )
         return None
     kind = special_kind(st.st_mode)
     if kind:
@@ -88,8 +92,10 @@ def class_photos(class_dir: Path) -> dict[tuple[int, int], str]:
         for d in sorted(n for n in dirnames if not n.startswith(".")):
             target = os.path.realpath(os.path.join(dirpath, d))
             if target in visited or top == target or top.startswith(target + os.sep):
-                warn(f"skipping {os.path.join(dirpath, d)}: a link to {target}, which is "
-                     f"already included (a loop or a second way to the same photos)")
+                warn(
+                    f"skipping {os.path.join(dirpath, d)}: a link to {target}, which is "
+                    f"already included (a loop or a second way to the same photos)"
+                )
                 continue
             visited.add(target)
             keep.append(d)
@@ -133,8 +139,10 @@ def scan_split(split_dir: Path, classes: Sequence[str], owners: dict[tuple[int, 
         for key, f in photos.items():
             first = owners.setdefault(key, f)
             if first != f:
-                raise UserError(f"the same photo is in two places, {first} and {f} (a link or a copy by "
-                                f"link); every photo must belong to one class of one split")
+                raise UserError(
+                    f"the same photo is in two places, {first} and {f} (a link or a copy by "
+                    f"link); every photo must belong to one class of one split"
+                )
         samples.extend((f, label) for f in photos.values())
     return samples
 
@@ -167,28 +175,33 @@ def discover(data_dir: str | Path, need_heldout: bool = False) -> DatasetFiles:
     return DatasetFiles(root, classes, train, heldout_samples, heldout_name)
 
 
-def check_trainable(classes: Sequence[str], samples: Sequence[tuple[str, int]], unreadable: set[str],
-                    where: Path | str) -> None:
+def check_trainable(
+    classes: Sequence[str], samples: Sequence[tuple[str, int]], unreadable: set[str], where: Path | str
+) -> None:
     """Refuse a dataset a classifier cannot learn from: under 2 classes, or a class without a readable image."""
     if len(classes) < 2:
-        raise UserError(f"{where} has {len(classes)} class folder{'s' * (len(classes) != 1)} "
-                        f"({', '.join(classes) or 'none'}); a classifier needs at least 2")
+        raise UserError(
+            f"{where} has {len(classes)} class folder{'s' * (len(classes) != 1)} "
+            f"({', '.join(classes) or 'none'}); a classifier needs at least 2"
+        )
     readable = [0] * len(classes)
     for path, label in samples:
         readable[label] += path not in unreadable
     if not any(readable):
-        raise UserError(f"none of the {len(samples)} images in {where} can be read (not images, or damaged); "
-                        f"'python data.py stats --data_dir DIR' lists them")
-    empty = [c for c, n in zip(classes, readable) if n == 0]
+        raise UserError(
+            f"none of the {len(samples)} images in {where} can be read (not images, or damaged); "
+            f"'python data.py stats --data_dir DIR' lists them"
+        )
+    empty = [c for c, n in zip(classes, readable, strict=True) if n == 0]
     if empty:
-        raise UserError(f"class{'es' * (len(empty) > 1)} {', '.join(empty)} in {where} "
-                        f"ha{'ve' if len(empty) > 1 else 's'} no readable image; fix or remove "
-                        f"{'them' if len(empty) > 1 else 'it'} ('python data.py stats' lists unreadable files)")
+        raise UserError(
+            f"class{'es' * (len(empty) > 1)} {', '.join(empty)} in {where} "
+            f"ha{'ve' if len(empty) > 1 else 's'} no readable image; fix or remove "
+            f"{'them' if len(empty) > 1 else 'it'} ('python data.py stats' lists unreadable files)"
+        )
 
 
-def stratified_split(
-    samples: Sequence[tuple[str, int]], val_fraction: float, seed: int
-) -> tuple[list[int], list[int]]:
+def stratified_split(samples: Sequence[tuple[str, int]], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices of train and val: `val_fraction` of every class, the same for the same seed."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
@@ -231,9 +244,11 @@ def split_from_json(root: Path, split: dict, classes: Sequence[str]) -> tuple[li
     train, val = load(split["train"]), load(split["val"])
     missing = [path for path, _ in train + val if not os.path.isfile(path)]
     if missing:
-        raise UserError(f"{len(missing)} of the run's {len(train) + len(val)} photos are no longer in {root} "
-                        f"(first: {os.path.relpath(missing[0], root)}); the data folder changed since the run: "
-                        f"restore them, or pass --data_dir with the original dataset")
+        raise UserError(
+            f"{len(missing)} of the run's {len(train) + len(val)} photos are no longer in {root} "
+            f"(first: {os.path.relpath(missing[0], root)}); the data folder changed since the run: "
+            f"restore them, or pass --data_dir with the original dataset"
+        )
     return train, val
 
 
@@ -255,6 +270,8 @@ def ensure_data(data_dir: str | Path, download: str = "auto", url: str | None = 
     try:
         download_dataset(dest, url)
     except DownloadFailed as e:  # offline: the hand-placed archive; other errors (full disk, a clash) say their own fix
-        raise UserError(f"{e}. Without internet, put the archive at {dest / Path(url.split('?')[0]).name} "
-                        f"(it is extracted on the next run), or pass --data_dir") from None
+        raise UserError(
+            f"{e}. Without internet, put the archive at {dest / Path(url.split('?')[0]).name} "
+            f"(it is extracted on the next run), or pass --data_dir"
+        ) from None
     return resolve_data_dir(data_dir)

@@ -1,4 +1,5 @@
 """The decoded-image cache: every photo decoded once into one memory-mapped uint8 array, reused across runs."""
+
 from __future__ import annotations
 
 import errno
@@ -7,9 +8,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,8 +18,16 @@ from PIL import Image
 
 from inat_classifier.cli import UserError
 from inat_classifier.images import BAD_IMAGES, load_image
-from inat_classifier.storage import (atomic_write, check_free_space, format_bytes, full_disk_is_one_line, move_into_place,
-                     remove_stale_temps, signals_held, temp_name)
+from inat_classifier.storage import (
+    atomic_write,
+    check_free_space,
+    format_bytes,
+    full_disk_is_one_line,
+    move_into_place,
+    remove_stale_temps,
+    signals_held,
+    temp_name,
+)
 
 CACHE_VERSION = 1
 
@@ -58,10 +67,13 @@ def choose_cache_dir(flag: str) -> tuple[Path | None, str]:
     if why is None:
         return folder, ""
     if flag != "auto":
-        raise UserError(f"--cache {flag} cannot hold the decoded-image cache ({why}); "
-                        f"pass another folder, or --cache off")
-    return None, (f"warning: the decoded-image cache folder {folder} cannot be used ({why}); decoding "
-                  f"every epoch instead, as --cache off (set INAT_CACHE_DIR or pass --cache DIR)")
+        raise UserError(
+            f"--cache {flag} cannot hold the decoded-image cache ({why}); pass another folder, or --cache off"
+        )
+    return None, (
+        f"warning: the decoded-image cache folder {folder} cannot be used ({why}); decoding "
+        f"every epoch instead, as --cache off (set INAT_CACHE_DIR or pass --cache DIR)"
+    )
 
 
 def decode_fixed(path: str, size: int) -> np.ndarray:
@@ -129,8 +141,9 @@ def preallocate(target: Path, shape: tuple[int, ...]) -> np.memmap:
 def _build_cache_array(paths: Sequence[str], size: int, target: Path, workers: int) -> list[int]:
     """Decode everything in parallel into target (written in place, renamed by the caller)."""
     arr = preallocate(target, (len(paths), 3, size, size))
-    loader = torch.utils.data.DataLoader(_DecodeDataset(paths, size), batch_size=32, num_workers=workers,
-                                         collate_fn=list)
+    loader = torch.utils.data.DataLoader(
+        _DecodeDataset(paths, size), batch_size=32, num_workers=workers, collate_fn=list
+    )
     bad = []
     from tqdm import tqdm
 
@@ -159,8 +172,12 @@ def read_index(meta_path: Path, array_path: Path, n: int, size: int) -> tuple[np
     if not isinstance(meta, dict):
         raise ValueError("its index is not a mapping")
     bad = meta.get("bad")
-    if (images.shape != (n, 3, size, size) or meta.get("n") != n or not isinstance(bad, list)
-            or not all(isinstance(i, int) and 0 <= i < n for i in bad)):
+    if (
+        images.shape != (n, 3, size, size)
+        or meta.get("n") != n
+        or not isinstance(bad, list)
+        or not all(isinstance(i, int) and 0 <= i < n for i in bad)
+    ):
         raise ValueError("its index does not match its array")
     return images, bad
 
@@ -168,8 +185,10 @@ def read_index(meta_path: Path, array_path: Path, n: int, size: int) -> tuple[np
 def build(paths: Sequence[str], size: int, cache_dir: Path, key: str, workers: int) -> None:
     """Decode the files into KEY.npy and write KEY.json last; temp files go whatever happens."""
     need = len(paths) * 3 * size * size
-    print(f"decoded cache: decoding {len(paths)} images to {size}x{size} px ({format_bytes(need)}) "
-          f"in {cache_dir}", flush=True)
+    print(
+        f"decoded cache: decoding {len(paths)} images to {size}x{size} px ({format_bytes(need)}) in {cache_dir}",
+        flush=True,
+    )
     what = "the decoded-image cache (or pass --cache off, or --cache DIR)"
     check_free_space(cache_dir, need, what)
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"

@@ -15,15 +15,15 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inat_classifier.decoded_cache import DecodedCache, decode_fixed
 from inat_classifier import images
+from inat_classifier.decoded_cache import DecodedCache, decode_fixed
 from inat_classifier.presets import ASPECT_RANGE, COLOR_JITTER, Preprocess
 from inat_classifier.sampler import EpochSampler
 
@@ -34,8 +34,9 @@ PARAM_COLUMNS = 15
 GRAY = (0.299, 0.587, 0.114)
 
 
-def augment_params(n: int, side: int, generator: torch.Generator, scale=(0.25, 1.0), ratio=ASPECT_RANGE,
-                   jitter: float = COLOR_JITTER) -> torch.Tensor:
+def augment_params(
+    n: int, side: int, generator: torch.Generator, scale=(0.25, 1.0), ratio=ASPECT_RANGE, jitter: float = COLOR_JITTER
+) -> torch.Tensor:
     """(n, PARAM_COLUMNS) float32 on the host: crop boxes in a `side` px square, flips and colour maps.
 
     The distributions of RandomResizedCrop(scale, ratio) (without its fallback: a box wider than
@@ -72,8 +73,9 @@ def colour_maps(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (c * b).view(n, 1, 1) * sat, (1 - c) * b
 
 
-def resize_weights(start: torch.Tensor, length: torch.Tensor, flip: torch.Tensor, in_side: int,
-                   out_size: int) -> torch.Tensor:
+def resize_weights(
+    start: torch.Tensor, length: torch.Tensor, flip: torch.Tensor, in_side: int, out_size: int
+) -> torch.Tensor:
     """Per image and axis, the (out_size, in_side) matrix of an antialiased bilinear resize of the span
     [start, start + length) of a stored axis to out_size pixels, mirrored where flip.
 
@@ -114,8 +116,9 @@ def crop_resize_flip(x: torch.Tensor, out_size: int, params: torch.Tensor, batch
         return crop_resize_flip_each(x, out_size, params)
     width = x.shape[-1]
     flips_x = resize_constants(out_size, width, x.device)[3]
-    weights = resize_weights(params[:, TOP : LEFT + 1], params[:, HEIGHT : WIDTH + 1],
-                             params[:, FLIP : FLIP + 1] * flips_x, width, out_size)
+    weights = resize_weights(
+        params[:, TOP : LEFT + 1], params[:, HEIGHT : WIDTH + 1], params[:, FLIP : FLIP + 1] * flips_x, width, out_size
+    )
     rows = torch.matmul(weights[:, :1], x.float())  # (N, 1, out, S) @ (N, C, S, S): the rows first
     return torch.matmul(rows, weights[:, 1:].transpose(-1, -2))  # then the columns: (N, C, out, out)
 
@@ -123,12 +126,18 @@ def crop_resize_flip(x: torch.Tensor, out_size: int, params: torch.Tensor, batch
 def crop_resize_flip_each(x: torch.Tensor, out_size: int, params: torch.Tensor) -> torch.Tensor:
     """crop_resize_flip image by image, with F.interpolate: the CPU's fast uint8 kernel, the reference."""
     to_float = x.dtype == torch.uint8 and x.device.type != "cpu"  # uint8 bilinear is a CPU kernel
-    out = torch.empty((x.shape[0], x.shape[1], out_size, out_size), dtype=torch.float32 if to_float else x.dtype,
-                      device=x.device)
+    out = torch.empty(
+        (x.shape[0], x.shape[1], out_size, out_size), dtype=torch.float32 if to_float else x.dtype, device=x.device
+    )
     for i, (top, left, h, w, flip) in enumerate(params[:, :5].int().tolist()):
         box = x[i : i + 1, :, top : top + h, left : left + w]
-        crop = F.interpolate(box.float() if to_float else box, size=(out_size, out_size), mode="bilinear",
-                             align_corners=False, antialias=True)
+        crop = F.interpolate(
+            box.float() if to_float else box,
+            size=(out_size, out_size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
         out[i] = crop[0].flip(-1) if flip else crop[0]
     return out.float()
 
@@ -136,17 +145,20 @@ def crop_resize_flip_each(x: torch.Tensor, out_size: int, params: torch.Tensor) 
 @lru_cache(maxsize=16)
 def colour_constants(mean: tuple, std: tuple, device: torch.device) -> dict[str, torch.Tensor]:
     """The grey weights, 1/(255 std), mean/std and the normalised range of a run, made on the device once."""
+
     def make(values):
         return torch.tensor(values, dtype=torch.float32, device=device)
 
-    return {"grey": make(GRAY), "inv_std_255": make([1 / (255 * s) for s in std]),
-            "shift": make([m / s for m, s in zip(mean, std, strict=True)]),
-            "low": make([-m / s for m, s in zip(mean, std, strict=True)]).view(1, 3, 1, 1),
-            "high": make([(1 - m) / s for m, s in zip(mean, std, strict=True)]).view(1, 3, 1, 1)}
+    return {
+        "grey": make(GRAY),
+        "inv_std_255": make([1 / (255 * s) for s in std]),
+        "shift": make([m / s for m, s in zip(mean, std, strict=True)]),
+        "low": make([-m / s for m, s in zip(mean, std, strict=True)]).view(1, 3, 1, 1),
+        "high": make([(1 - m) / s for m, s in zip(mean, std, strict=True)]).view(1, 3, 1, 1),
+    }
 
 
-def colour_normalize(x: torch.Tensor, params: torch.Tensor, preprocess: Preprocess,
-                     batched: bool) -> torch.Tensor:
+def colour_normalize(x: torch.Tensor, params: torch.Tensor, preprocess: Preprocess, batched: bool) -> torch.Tensor:
     """norm(clip01(A x + offset * mean_grey(x))) of 0-255 images, per image: a batched matmul and a clamp."""
     n, c, h, w = x.shape
     k = colour_constants(tuple(preprocess.mean), tuple(preprocess.std), x.device)
@@ -174,8 +186,9 @@ def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
     return out
 
 
-def model_inputs(x: torch.Tensor, preprocess: Preprocess, params: torch.Tensor | None = None,
-                 batched: bool | None = None) -> torch.Tensor:
+def model_inputs(
+    x: torch.Tensor, preprocess: Preprocess, params: torch.Tensor | None = None, batched: bool | None = None
+) -> torch.Tensor:
     """uint8 rows (N, 3, S, S) on the device -> normalised float32 (N, 3, image_size, image_size).
 
     With params (augment_params, on the device): the random crop, flip and colour jitter. Without:
@@ -205,8 +218,9 @@ class CachedRows:
     def side(self) -> int:
         return self.cache.images.shape[-1]
 
-    def host_batches(self, batches: Iterator[np.ndarray], region: tuple[int, int] | None,
-                     pin: bool) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    def host_batches(
+        self, batches: Iterator[np.ndarray], region: tuple[int, int] | None, pin: bool
+    ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         def gather(pos: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
             images, rows = self.cache.images, self.rows[pos]
             if region is None:
@@ -235,14 +249,20 @@ class DecodedRows:
     def __len__(self) -> int:
         return len(self.order)
 
-    def host_batches(self, batches: Iterator[np.ndarray], region: tuple[int, int] | None,
-                     pin: bool) -> Iterator[tuple[torch.Tensor | None, np.ndarray]]:
+    def host_batches(
+        self, batches: Iterator[np.ndarray], region: tuple[int, int] | None, pin: bool
+    ) -> Iterator[tuple[torch.Tensor | None, np.ndarray]]:
         self.order = list(batches)
         if self.loader is None:  # the workers live as long as the loader: no start-up every epoch
             self.loader = torch.utils.data.DataLoader(
-                _DecodeRows(self.paths, self.side, region), batch_sampler=self, num_workers=self.workers,
-                collate_fn=_collate_rows, pin_memory=pin, persistent_workers=self.workers > 0,
-                generator=torch.Generator())  # its own seed: the run's random stream stays the cache's
+                _DecodeRows(self.paths, self.side, region),
+                batch_sampler=self,
+                num_workers=self.workers,
+                collate_fn=_collate_rows,
+                pin_memory=pin,
+                persistent_workers=self.workers > 0,
+                generator=torch.Generator(),
+            )  # its own seed: the run's random stream stays the cache's
         for rows, pos, bad in self.loader:
             for path, reason in bad:
                 images.BAD_IMAGES.report(path, reason)
@@ -322,10 +342,20 @@ class DeviceLoader:
     generator's state is always that of the batches trained on (exact resume).
     """
 
-    def __init__(self, source: CachedRows | DecodedRows, labels: Sequence[int], batch_size: int,
-                 preprocess: Preprocess, device: torch.device, augment: bool, crop_scale: float = 0.25,
-                 sampler: EpochSampler | None = None, seed: int = 0, drop_last: bool = False,
-                 channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        source: CachedRows | DecodedRows,
+        labels: Sequence[int],
+        batch_size: int,
+        preprocess: Preprocess,
+        device: torch.device,
+        augment: bool,
+        crop_scale: float = 0.25,
+        sampler: EpochSampler | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+        channels_last: bool = False,
+    ) -> None:
         self.source = source
         self.labels = torch.as_tensor([labels[k] for k in source.kept], dtype=torch.long)
         self.skipped = len(labels) - len(source.kept)
@@ -373,7 +403,10 @@ class DeviceLoader:
         ahead = None
         for x, y in self.host_batches():
             with torch.cuda.stream(copies):  # overlaps the step of the batch before
-                moved = (None if x is None else x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                moved = (
+                    None if x is None else x.to(self.device, non_blocking=True),
+                    y.to(self.device, non_blocking=True),
+                )
                 ready = torch.cuda.Event()
                 ready.record(copies)
             if ahead is not None:
@@ -402,8 +435,9 @@ class DeviceLoader:
         """The batch's augmentation parameters, drawn on the host from the loader's generator."""
         return augment_params(n, side, self.generator, scale=(self.crop_scale, 1.0))
 
-    def device_inputs(self, x: torch.Tensor, y: torch.Tensor,
-                      params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def device_inputs(
+        self, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """What runs on the device for a batch: rows, labels and parameters there, then model_inputs."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if params is not None:

@@ -1,4 +1,5 @@
 """Where a run computes: device choice, the CPU allocator tuning, and the torchrun process group."""
+
 from __future__ import annotations
 
 import os
@@ -40,6 +41,7 @@ def _resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps asked for, but MPS is not available on this machine")
     return device
+
 
 def tune_kernels(device: torch.device) -> None:
     """Kernel choices, as training and bench.py both run: on CUDA, cuDNN benchmarks (the input sizes are

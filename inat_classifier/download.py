@@ -1,4 +1,5 @@
-"""Downloading the dataset archive (resumable) and extracting it safely: no zip-slip, never half, never over a user's file."""
+"""The dataset download: resumable, extracted safely (no zip-slip, never half, never over a user's file)."""
+
 from __future__ import annotations
 
 import filecmp
@@ -13,8 +14,15 @@ import zlib
 from pathlib import Path
 
 from inat_classifier.cli import UserError
-from inat_classifier.storage import HOST, check_free_space, disk_full_error, format_bytes, full_disk_is_one_line, is_disk_full, \
-    process_alive
+from inat_classifier.storage import (
+    HOST,
+    check_free_space,
+    disk_full_error,
+    format_bytes,
+    full_disk_is_one_line,
+    is_disk_full,
+    process_alive,
+)
 
 DATASET_URL = "https://storage.googleapis.com/wandb_datasets/nature_12K.zip"
 URL_ENV = "INAT12K_URL"  # a mirror of the archive, used instead of DATASET_URL when set
@@ -64,9 +72,10 @@ def receive(resp: http.client.HTTPResponse, part: Path, have: int, total: int | 
     """Append the body to part as it arrives; read1 hands over what came, so a stall loses no received byte."""
     from tqdm import tqdm
 
-    with open(part, "ab" if have else "wb") as f, tqdm(
-        total=total, initial=have, unit="B", unit_scale=True, desc=part.name.removesuffix(".part")
-    ) as bar:
+    with (
+        open(part, "ab" if have else "wb") as f,
+        tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name.removesuffix(".part")) as bar,
+    ):
         while block := resp.read1(chunk):
             f.write(block)
             bar.update(len(block))
@@ -111,9 +120,7 @@ def check_zip_members(zf: zipfile.ZipFile, dest: Path) -> None:
     for info in zf.infolist():
         name = info.filename
         target = (base / name).resolve()
-        if name.startswith(("/", "\\")) or ":" in name.split("/")[0] or not (
-            target == base or base in target.parents
-        ):
+        if name.startswith(("/", "\\")) or ":" in name.split("/")[0] or not (target == base or base in target.parents):
             raise UserError(f"refusing archive entry outside the destination: {name!r}")
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
             raise UserError(f"refusing symbolic link in archive: {name!r}")
@@ -154,8 +161,10 @@ def plan_merge(tmp: Path, dest: Path) -> list[tuple[Path, Path]]:
                 todo.append((src, target))
             elif src.is_dir() or not target.is_file() or not filecmp.cmp(src, target, shallow=False):
                 kind = "folder" if src.is_dir() else "different file"
-                raise UserError(f"{target} is in the way: the archive has a {kind} there; "
-                                f"move it away and run the same command again")
+                raise UserError(
+                    f"{target} is in the way: the archive has a {kind} there; "
+                    f"move it away and run the same command again"
+                )
     return moves
 
 
@@ -163,8 +172,14 @@ def remove_stale_extractions(dest: Path) -> None:
     """Delete the temp folders that extractions on this machine, killed or cut by Ctrl-C, left in dest."""
     for entry in dest.iterdir():
         match = EXTRACT_DIR.match(entry.name)
-        if (match and match[1] in (None, HOST) and int(match[2]) != os.getpid() and not process_alive(int(match[2]))
-                and entry.is_dir() and not entry.is_symlink()):
+        if (
+            match
+            and match[1] in (None, HOST)
+            and int(match[2]) != os.getpid()
+            and not process_alive(int(match[2]))
+            and entry.is_dir()
+            and not entry.is_symlink()
+        ):
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -4,6 +4,7 @@ Scripts build their model and loaders, then call `fit`; every optimisation step 
 `training_step.train_step`. No step waits for the host: loss and accuracy are summed on the device and
 read every SYNC_EVERY steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,29 +12,34 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from inat_classifier.precision import autocast, precision_name
-
-from inat_classifier.training_step import Trainer, train_step
-from inat_classifier.checkpoint import (TrainState, atomic_torch_save, checkpoint_payload, load_weights, rng_state,
-                        set_rng_state)
+from inat_classifier.checkpoint import (
+    TrainState,
+    atomic_torch_save,
+    checkpoint_payload,
+    load_weights,
+    rng_state,
+    set_rng_state,
+)
 from inat_classifier.cli import RESULT_FILE, UserError
 from inat_classifier.dataset import check_trainable
 from inat_classifier.devices import all_reduce_sum, distributed, finish_distributed, sum_dtype
+from inat_classifier.folder_lock import release_folder
 from inat_classifier.freezing import set_train_mode
 from inat_classifier.images import BAD_IMAGES, batch_to_device
-from inat_classifier.optim import (EmaWeights, load_schedule_progress, run_lr_finder)
-from inat_classifier.folder_lock import release_folder
+from inat_classifier.optim import EmaWeights, load_schedule_progress, run_lr_finder
+from inat_classifier.precision import autocast, precision_name
 from inat_classifier.runs import RunSetup, write_metrics_csv, write_result
 from inat_classifier.sampler import EpochSampler
 from inat_classifier.storage import remove_stale_temps
 from inat_classifier.tracking import WandbLogger, plot_curves, progress, say
 from inat_classifier.trainer import build_trainer, complete_trainer, stepping_module
+from inat_classifier.training_step import Trainer, train_step
 
 SYNC_EVERY = 20  # steps between host reads of the running loss (and agreement on stopping under torchrun)
 
@@ -127,14 +133,19 @@ class EpochMeter:
 
     def postfix(self) -> dict:
         seen = max(1, self.sums["seen"])
-        return {"loss": f"{self.sums['loss'] / seen:.3f}", "acc": f"{self.sums['correct'] / seen:.3f}",
-                "img_s": f"{self.images / (time.perf_counter() - self.t0):.0f}"}
+        return {
+            "loss": f"{self.sums['loss'] / seen:.3f}",
+            "acc": f"{self.sums['correct'] / seen:.3f}",
+            "img_s": f"{self.images / (time.perf_counter() - self.t0):.0f}",
+        }
 
     def totals(self) -> dict:
         """train_loss and train_acc over all processes."""
-        loss, correct, seen = all_reduce_sum([self.sums["loss"], self.sums["correct"], float(self.sums["seen"])],
-                                             self.device)
+        loss, correct, seen = all_reduce_sum(
+            [self.sums["loss"], self.sums["correct"], float(self.sums["seen"])], self.device
+        )
         return {"train_loss": loss / max(1, seen), "train_acc": correct / max(1, seen)}
+
 
 def stop_agreed(stop: StopRequested, step: int, checkpoint_due: bool, device: torch.device) -> bool:
     """Whether to stop after this step; under torchrun all processes decide together, at shared points."""
@@ -178,8 +189,15 @@ def micro_batch_place(step: int, accum_steps: int, total: int) -> tuple[int, boo
     return micro, step + 1 - first == micro
 
 
-def train_one_epoch(trainer: Trainer, loader: Iterable, epoch: int, args: argparse.Namespace, state: TrainState,
-                    stop: StopRequested, save_mid_epoch: Callable[[int, dict], None]) -> dict:
+def train_one_epoch(
+    trainer: Trainer,
+    loader: Iterable,
+    epoch: int,
+    args: argparse.Namespace,
+    state: TrainState,
+    stop: StopRequested,
+    save_mid_epoch: Callable[[int, dict], None],
+) -> dict:
     """One pass over the training data; returns train_loss and train_acc ({} when stopped mid-epoch)."""
     set_train_mode(trainer.model)
     meter = EpochMeter(trainer.device, state.partial)
@@ -213,8 +231,13 @@ def train_one_epoch(trainer: Trainer, loader: Iterable, epoch: int, args: argpar
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,
-             criterion: nn.Module | None = None) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    criterion: nn.Module | None = None,
+) -> dict:
     """Loss and accuracy over a loader, each sample counted once over all processes."""
     model.eval()
     criterion = criterion or nn.CrossEntropyLoss()
@@ -239,8 +262,16 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
 class Checkpointer:
     """Writes a run's best.pt and last.pt (rank 0 only); the EMA's weights when there is one."""
 
-    def __init__(self, run_dir: Path, meta: dict, model: nn.Module, save_model: nn.Module, trainer: Trainer,
-                 train_loader: Iterable, enabled: bool) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        meta: dict,
+        model: nn.Module,
+        save_model: nn.Module,
+        trainer: Trainer,
+        train_loader: Iterable,
+        enabled: bool,
+    ) -> None:
         self.run_dir, self.meta, self.enabled = run_dir, meta, enabled
         self.model, self.save_model = model, save_model  # what trains; what the files hold (contains it)
         self.trainer, self.train_loader = trainer, train_loader
@@ -256,10 +287,15 @@ class Checkpointer:
         trainer = self.trainer
         with EmaWeights(self.model, trainer.ema):
             payload = checkpoint_payload(self.meta, self.save_model, state)
-        payload.update(optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
-                       scaler=trainer.scaler.state_dict(), precision=precision_name(trainer.dtype), rng=rng_state(trainer.device),
-                       batches_done=batches_done,
-                       partial=partial or {})
+        payload.update(
+            optimizer=trainer.optimizer.state_dict(),
+            scheduler=trainer.scheduler.state_dict(),
+            scaler=trainer.scaler.state_dict(),
+            precision=precision_name(trainer.dtype),
+            rng=rng_state(trainer.device),
+            batches_done=batches_done,
+            partial=partial or {},
+        )
         if getattr(self.train_loader, "generator", None) is not None:
             payload["loader_rng"] = self.train_loader.generator.get_state()
         if trainer.ema is not None:
@@ -278,10 +314,18 @@ def resume_training(ckpt: dict, trainer: Trainer, save_model: nn.Module, run_dir
     set_rng_state(ckpt["rng"], trainer.device)
     if trainer.ema is not None and "ema" in ckpt:
         trainer.ema.load_state_dict(ckpt["ema"])
-    state = TrainState(ckpt["epoch"], ckpt["metrics"], ckpt["best_val_acc"], ckpt["best_epoch"],
-                       ckpt.get("batches_done", 0), ckpt.get("partial", {}))
-    print(f"resuming {run_dir} after epoch {state.epoch}"
-          + (f", batch {state.batches_done}" if state.batches_done else ""))
+    state = TrainState(
+        ckpt["epoch"],
+        ckpt["metrics"],
+        ckpt["best_val_acc"],
+        ckpt["best_epoch"],
+        ckpt.get("batches_done", 0),
+        ckpt.get("partial", {}),
+    )
+    print(
+        f"resuming {run_dir} after epoch {state.epoch}"
+        + (f", batch {state.batches_done}" if state.batches_done else "")
+    )
     return state
 
 
@@ -324,27 +368,40 @@ def record_epoch(setup: RunSetup, state: TrainState, row: dict, saver: Checkpoin
     write_metrics_csv(setup.run_dir, state.history)
     plot_curves({setup.run_dir.name: state.history}, setup.run_dir / "curves.png")
     logger.log({**row, "skipped_images": bad}, step=row["epoch"])
-    say(f"epoch {row['epoch']:>3}/{setup.args.epochs}  train_loss {row['train_loss']:.4f}  "
+    say(
+        f"epoch {row['epoch']:>3}/{setup.args.epochs}  train_loss {row['train_loss']:.4f}  "
         f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f}  "
         f"val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  {row['epoch_time']:.1f}s"
-        + (f"  ({bad} unreadable images skipped)" if bad else "") + ("  *" if improved else ""))
+        + (f"  ({bad} unreadable images skipped)" if bad else "")
+        + ("  *" if improved else "")
+    )
 
 
-def run_epochs(setup: RunSetup, trainer: Trainer, train_loader: Iterable, val_loader: Iterable, state: TrainState,
-               saver: Checkpointer, logger: WandbLogger, on_epoch_start: Callable[[int], bool] | None) -> None:
+def run_epochs(
+    setup: RunSetup,
+    trainer: Trainer,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    state: TrainState,
+    saver: Checkpointer,
+    logger: WandbLogger,
+    on_epoch_start: Callable[[int], bool] | None,
+) -> None:
     """Train and validate epoch by epoch until --epochs, --patience or a stop signal (KeyboardInterrupt)."""
     args = setup.args
     first = state.epoch + 1
     with StopRequested() as stop:
-        for epoch in progress(range(state.epoch + 1, args.epochs + 1), desc="epochs", initial=state.epoch,
-                              total=args.epochs):
+        for epoch in progress(
+            range(state.epoch + 1, args.epochs + 1), desc="epochs", initial=state.epoch, total=args.epochs
+        ):
             if on_epoch_start is not None and on_epoch_start(epoch) and setup.dist.world > 1:
                 # DDP only syncs what was trainable when it wrapped: wrap (and compile) the new set
                 trainer.model = stepping_module(saver.model, args, setup.dist, trainer.device)
             seed_epoch(setup, train_loader, epoch, state)
             t0 = time.perf_counter()
-            train = train_one_epoch(trainer, train_loader, epoch, args, state, stop,
-                                    lambda step, sums: saver.save_last(state, step, sums))
+            train = train_one_epoch(
+                trainer, train_loader, epoch, args, state, stop, lambda step, sums: saver.save_last(state, step, sums)
+            )
             if stop:
                 raise KeyboardInterrupt
             if epoch == first and not distributed():  # truncated files pass the header check; now all were read
@@ -352,17 +409,36 @@ def run_epochs(setup: RunSetup, trainer: Trainer, train_loader: Iterable, val_lo
             state.batches_done, state.partial = 0, {}
             with EmaWeights(saver.model, trainer.ema):
                 val = evaluate(trainer.model, val_loader, trainer.device, trainer.dtype, trainer.criterion)
-            record_epoch(setup, state, {"epoch": epoch, **train, "val_loss": val["loss"], "val_acc": val["acc"],
-                                        "lr": trainer.optimizer.param_groups[0]["lr"],
-                                        "epoch_time": time.perf_counter() - t0}, saver, logger)
+            record_epoch(
+                setup,
+                state,
+                {
+                    "epoch": epoch,
+                    **train,
+                    "val_loss": val["loss"],
+                    "val_acc": val["acc"],
+                    "lr": trainer.optimizer.param_groups[0]["lr"],
+                    "epoch_time": time.perf_counter() - t0,
+                },
+                saver,
+                logger,
+            )
             if args.patience and epoch - state.best_epoch >= args.patience:
                 print(f"early stop: no better val_acc for {args.patience} epochs")
                 break
 
 
-def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: Iterable, param_groups: list[dict],
-        meta: dict, device: torch.device, save_model: nn.Module | None = None,
-        on_epoch_start: Callable[[int], bool] | None = None) -> TrainState:
+def fit(
+    setup: RunSetup,
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    param_groups: list[dict],
+    meta: dict,
+    device: torch.device,
+    save_model: nn.Module | None = None,
+    on_epoch_start: Callable[[int], bool] | None = None,
+) -> TrainState:
     """Train with AMP, validate, checkpoint and log every epoch; resumable and interruptible.
 
     `model` is what runs on each batch; `save_model` (default `model`) is what the checkpoints
@@ -380,8 +456,9 @@ def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: I
     trainer = complete_trainer(plain, args, len(train_loader), len(meta["class_names"]), setup.dist)
     state = resume_training(setup.resume, trainer, save_model, run_dir) if setup.resume else TrainState()
     if state.epoch >= args.epochs:
-        print(f"nothing to train: {run_dir} has trained all its {state.epoch} epochs; "
-              f"add --epochs N to train it further")
+        print(
+            f"nothing to train: {run_dir} has trained all its {state.epoch} epochs; add --epochs N to train it further"
+        )
         finish_distributed()
         return state
     if main:
@@ -401,8 +478,10 @@ def fit(setup: RunSetup, model: nn.Module, train_loader: Iterable, val_loader: I
     except NonFiniteLoss as e:
         logger.finish()
         last_good = run_dir / "last.pt"
-        message = (f"{e}; stopped instead of training on garbage. Last good checkpoint: "
-                   f"{last_good if last_good.exists() else 'none yet'} (try a lower --lr or --grad_clip)")
+        message = (
+            f"{e}; stopped instead of training on garbage. Last good checkpoint: "
+            f"{last_good if last_good.exists() else 'none yet'} (try a lower --lr or --grad_clip)"
+        )
         if distributed():  # every process stopped at the same batch; rank 0 says why, in one line
             if main:
                 print(f"error: {message}", file=sys.stderr, flush=True)

@@ -1,22 +1,23 @@
 """Part B's feature cache: a frozen backbone's pooled features, computed once per split and reused."""
+
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from inat_classifier.precision import amp_dtype, autocast
+from inat_classifier.backbone import Backbone
 from inat_classifier.checkpoint import atomic_torch_save
 from inat_classifier.cli import UserError
 from inat_classifier.images import batch_to_device
 from inat_classifier.loaders import make_image_loader, open_cache
-from inat_classifier.backbone import Backbone
+from inat_classifier.precision import amp_dtype, autocast
 from inat_classifier.presets import Preprocess
 from inat_classifier.runs import RunSetup
 from inat_classifier.sampler import EpochSampler
@@ -82,8 +83,14 @@ def load_features(path: Path, n_samples: int, head: nn.Module) -> tuple[torch.Te
         feats, labels = blob["features"], blob["labels"]
     except Exception as e:  # truncated, not a zip, a pickle payload, missing keys: all just damage here
         raise ValueError(f"unreadable ({type(e).__name__})") from None
-    if not (isinstance(feats, torch.Tensor) and isinstance(labels, torch.Tensor) and feats.ndim == 2
-            and feats.is_floating_point() and labels.shape == (feats.shape[0],) and 0 < len(labels) <= n_samples):
+    if not (
+        isinstance(feats, torch.Tensor)
+        and isinstance(labels, torch.Tensor)
+        and feats.ndim == 2
+        and feats.is_floating_point()
+        and labels.shape == (feats.shape[0],)
+        and 0 < len(labels) <= n_samples
+    ):
         raise ValueError(f"features of shape {tuple(getattr(feats, 'shape', ()))} for {n_samples} images")
     width = getattr(head, "in_features", feats.shape[1])
     if feats.shape[1] != width:
@@ -91,9 +98,16 @@ def load_features(path: Path, n_samples: int, head: nn.Module) -> tuple[torch.Te
     return feats, labels
 
 
-def cached_features(args: argparse.Namespace, backbone: Backbone, preprocess: Preprocess, samples: list,
-                    open_images: Callable, device: torch.device, cache_dir: Path,
-                    split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_features(
+    args: argparse.Namespace,
+    backbone: Backbone,
+    preprocess: Preprocess,
+    samples: list,
+    open_images: Callable,
+    device: torch.device,
+    cache_dir: Path,
+    split: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of one split from the cache; on a miss, images are loaded (open_images()) and run once.
 
     A damaged or mismatched file is recomputed, with one line saying so.
@@ -126,8 +140,9 @@ def head_on_features(backbone: Backbone) -> nn.Module:
     return nn.Sequential(nn.Dropout(drop.p), head) if drop is not None else nn.Sequential(head)
 
 
-def feature_loaders(setup: RunSetup, backbone: Backbone, preprocess: Preprocess,
-                    device: torch.device) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+def feature_loaders(
+    setup: RunSetup, backbone: Backbone, preprocess: Preprocess, device: torch.device
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """Loaders of cached backbone features for both splits (computed once, then reused)."""
     args = setup.args
     cache_dir = Path(args.feature_cache_dir or Path(args.out_dir) / "feature_cache")
@@ -135,24 +150,32 @@ def feature_loaders(setup: RunSetup, backbone: Backbone, preprocess: Preprocess,
 
     def images(samples: list):
         """Decoded images are only needed on a feature-cache miss: open their cache lazily."""
+
         def make():
             if "cache" not in decoded:
                 decoded["cache"] = open_cache(setup, preprocess)
             # Every process computes the whole split (the cache file must be complete), then
             # trains on its shard of it.
             return make_image_loader(setup, samples, preprocess, device, False, decoded["cache"], shard=False)
+
         return make
 
     splits = {}
     for split, samples in (("train", setup.train_samples), ("val", setup.val_samples)):
         splits[split] = torch.utils.data.TensorDataset(
-            *cached_features(args, backbone, preprocess, samples, images(samples), device, cache_dir, split))
+            *cached_features(args, backbone, preprocess, samples, images(samples), device, cache_dir, split)
+        )
     train_ds, val_ds = splits["train"], splits["val"]
     dist, batch = setup.dist, setup.rank_batch_size
     train = torch.utils.data.DataLoader(
-        train_ds, batch_size=batch, drop_last=len(train_ds) > args.batch_size,
-        sampler=EpochSampler(len(train_ds), args.seed, rank=dist.rank, world=dist.world))
+        train_ds,
+        batch_size=batch,
+        drop_last=len(train_ds) > args.batch_size,
+        sampler=EpochSampler(len(train_ds), args.seed, rank=dist.rank, world=dist.world),
+    )
     val = torch.utils.data.DataLoader(
-        val_ds, batch_size=batch,
-        sampler=EpochSampler(len(val_ds), args.seed, shuffle=False, rank=dist.rank, world=dist.world, pad=False))
+        val_ds,
+        batch_size=batch,
+        sampler=EpochSampler(len(val_ds), args.seed, shuffle=False, rank=dist.rank, world=dist.world, pad=False),
+    )
     return train, val

@@ -3,12 +3,13 @@
 Everything here takes tensors that are already computed (by the model or attribution.py) and only
 draws; matplotlib is imported when the first figure is drawn, with the file-only Agg backend.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
 
 import torch
 
@@ -58,8 +59,15 @@ def grid_shape(n: int, max_cols: int = 8) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- predictions
-def plot_prediction_grid(records: list[dict], class_names: Sequence[str], preprocess: Preprocess, out: Path,
-                         cols: int, title: str, dpi: int = 100) -> list[str]:
+def plot_prediction_grid(
+    records: list[dict],
+    class_names: Sequence[str],
+    preprocess: Preprocess,
+    out: Path,
+    cols: int,
+    title: str,
+    dpi: int = 100,
+) -> list[str]:
     """Images titled with true and predicted class; wrong ones framed red, right ones green.
 
     `records` hold image (normalised), true, pred, confidence and correct per panel. Returns the
@@ -67,12 +75,11 @@ def plot_prediction_grid(records: list[dict], class_names: Sequence[str], prepro
     """
     plt = pyplot()
     rows = max(1, math.ceil(len(records) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.35 * rows + 0.6),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.35 * rows + 0.6), squeeze=False, layout="constrained")
     colours = []
     for ax in axes.flat:
         ax.axis("off")
-    for ax, r in zip(axes.flat, records):
+    for ax, r in zip(axes.flat, records, strict=False):  # the grid may have more axes than records
         colour = RIGHT if r["correct"] else WRONG
         colours.append(colour)
         ax.axis("on")
@@ -81,11 +88,16 @@ def plot_prediction_grid(records: list[dict], class_names: Sequence[str], prepro
         for spine in ax.spines.values():
             spine.set_edgecolor(colour)
             spine.set_linewidth(5)
-        ax.set_title(f"true: {class_names[r['true']]}\npred: {class_names[r['pred']]} ({r['confidence']:.0%})",
-                     fontsize=9, color=colour)
+        ax.set_title(
+            f"true: {class_names[r['true']]}\npred: {class_names[r['pred']]} ({r['confidence']:.0%})",
+            fontsize=9,
+            color=colour,
+        )
     n_right = sum(r["correct"] for r in records)
-    fig.suptitle(f"{title}\n{n_right}/{len(records)} right (green frame), "
-                 f"{len(records) - n_right} wrong (red frame)", fontsize=11)
+    fig.suptitle(
+        f"{title}\n{n_right}/{len(records)} right (green frame), {len(records) - n_right} wrong (red frame)",
+        fontsize=11,
+    )
     save_figure(fig, out, dpi)
     return colours
 
@@ -104,8 +116,9 @@ def plot_filters(weight: torch.Tensor, out: Path, title: str, max_filters: int =
     colour = w.shape[1] == 3
     rows, cols = grid_shape(n, 8 if n <= 64 else 16)
     panel = 1.1 if cols <= 8 else 0.8
-    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols, panel * rows + 0.7),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(panel * cols, panel * rows + 0.7), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[:n]):
@@ -122,14 +135,22 @@ def plot_filters(weight: torch.Tensor, out: Path, title: str, max_filters: int =
     save_figure(fig, out, dpi)
 
 
-def plot_feature_maps(image: torch.Tensor, maps: dict[str, torch.Tensor], preprocess: Preprocess, out: Path,
-                      title: str, channels: int = 8, dpi: int = 100) -> None:
+def plot_feature_maps(
+    image: torch.Tensor,
+    maps: dict[str, torch.Tensor],
+    preprocess: Preprocess,
+    out: Path,
+    title: str,
+    channels: int = 8,
+    dpi: int = 100,
+) -> None:
     """One row per layer: the input, then its `channels` most active channels (each normalised)."""
     plt = pyplot()
     rows = len(maps)
     cols = channels + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 0.8, 1.75 * rows + 0.6),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(1.6 * cols + 0.8, 1.75 * rows + 0.6), squeeze=False, layout="constrained"
+    )
     rgb = unnormalize(image, preprocess.mean, preprocess.std).numpy()
     for r, (name, fmap) in enumerate(maps.items()):
         fmap = fmap[0]
@@ -153,10 +174,11 @@ def plot_guided_backprop(rows: list[list[tuple[torch.Tensor, str]]], out: Path, 
     """One row per image of (H, W, 3) RGB panels with titles: the image, then its guided-backprop maps."""
     plt = pyplot()
     cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols, 2.85 * len(rows) + 0.6),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        len(rows), cols, figsize=(2.6 * cols, 2.85 * len(rows) + 0.6), squeeze=False, layout="constrained"
+    )
     for r, panels in enumerate(rows):
-        for ax, (img, title) in zip(axes[r], panels):
+        for ax, (img, title) in zip(axes[r], panels, strict=False):  # rows may be shorter than the grid
             ax.imshow(img.numpy())
             ax.set_title(title, fontsize=8)
             ax.axis("off")
@@ -164,15 +186,15 @@ def plot_guided_backprop(rows: list[list[tuple[torch.Tensor, str]]], out: Path, 
     save_figure(fig, out, dpi)
 
 
-def plot_gradcam(pairs: list[tuple[torch.Tensor, torch.Tensor, str, str]], layer: str, out: Path,
-                 dpi: int) -> None:
+def plot_gradcam(pairs: list[tuple[torch.Tensor, torch.Tensor, str, str]], layer: str, out: Path, dpi: int) -> None:
     """Per image (rgb, cam, image title, heat-map title): the image, then the cam over it; two pairs a row."""
     plt = pyplot()
     n = len(pairs)
     per_row = 2 if n > 1 else 1  # image pairs (image, heat map) per row
     rows = math.ceil(n / per_row)
-    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(5.4 * per_row, 2.9 * rows + 0.6),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows, 2 * per_row, figsize=(5.4 * per_row, 2.9 * rows + 0.6), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat:
         ax.axis("off")
     for i, (rgb, cam, image_title, cam_title) in enumerate(pairs):

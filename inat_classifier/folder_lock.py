@@ -3,6 +3,7 @@
 The kernel drops an flock when its process dies (kill -9 included), so a lock never outlives its
 holder and never needs clearing by hand.
 """
+
 from __future__ import annotations
 
 import fcntl

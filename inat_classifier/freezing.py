@@ -1,4 +1,5 @@
-"""Freezing: which parts of a model train (stages, freeze strategies, frozen batch norm) and train mode that respects it."""
+"""Which parts of a model train: stages, freeze strategies, frozen batch norm, the train mode that respects it."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -8,7 +9,13 @@ def has_params(m: nn.Module) -> bool:
     """Whether the module holds any parameter (its own or its children's)."""
     return any(True for _ in m.parameters())
 
-BODY_CONTAINERS = ("features", "blocks", "stages", "layers")  # one Sequential holding the whole body (torchvision, timm)
+
+BODY_CONTAINERS = (
+    "features",
+    "blocks",
+    "stages",
+    "layers",
+)  # one Sequential holding the whole body (torchvision, timm)
 
 
 def list_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -33,38 +40,42 @@ def list_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def apply_freeze(model: nn.Module, strategy: str, head_name: str) -> None:
     """Set requires_grad for all, none, upto:NAME or last:K; the new head always trains."""
     stages = list_stages(model)
-    names = [n for n, _ in stages]
-    head = model.get_submodule(head_name)
     head_stage = next(i for i, (n, _) in enumerate(stages) if head_name == n or head_name.startswith(n + "."))
-    if strategy == "none":
-        trainable = set(names)
-    elif strategy == "all":
-        trainable = set()
-    elif strategy.startswith("upto:"):
-        stop = strategy[5:]
-        if stop not in names:
-            raise ValueError(f"--freeze upto:{stop}: no such stage; stages are {', '.join(names)}")
-        trainable = set(names[names.index(stop) + 1 :])
-    elif strategy.startswith("last:"):
-        try:
-            k = int(strategy[5:])
-        except ValueError:
-            raise ValueError(f"--freeze {strategy}: K must be an integer") from None
-        body = names[:head_stage]
-        if not 0 <= k <= len(body):
-            raise ValueError(f"--freeze {strategy}: K must be in 0..{len(body)}, the stages before the head "
-                             f"({', '.join(body)}); --freeze none trains everything")
-        trainable = set(body[len(body) - k :] if k else []) | set(names[head_stage:])
-    else:
-        raise ValueError(f"unknown --freeze '{strategy}'; use all, none, upto:STAGE or last:K")
+    trainable = trainable_stages([n for n, _ in stages], strategy, head_stage)
     for p in model.parameters():
         p.requires_grad = strategy == "none"
     for name, m in stages:
         if name in trainable:
             for p in m.parameters():
                 p.requires_grad = True
-    for p in head.parameters():
+    for p in model.get_submodule(head_name).parameters():
         p.requires_grad = True
+
+
+def trainable_stages(names: list[str], strategy: str, head_stage: int) -> set[str]:
+    """The stages a --freeze strategy leaves trainable (head_stage: the index of the head's stage)."""
+    if strategy == "none":
+        return set(names)
+    if strategy == "all":
+        return set()
+    if strategy.startswith("upto:"):
+        stop = strategy[5:]
+        if stop not in names:
+            raise ValueError(f"--freeze upto:{stop}: no such stage; stages are {', '.join(names)}")
+        return set(names[names.index(stop) + 1 :])
+    if strategy.startswith("last:"):
+        try:
+            k = int(strategy[5:])
+        except ValueError:
+            raise ValueError(f"--freeze {strategy}: K must be an integer") from None
+        body = names[:head_stage]
+        if not 0 <= k <= len(body):
+            raise ValueError(
+                f"--freeze {strategy}: K must be in 0..{len(body)}, the stages before the head "
+                f"({', '.join(body)}); --freeze none trains everything"
+            )
+        return set(body[len(body) - k :] if k else []) | set(names[head_stage:])
+    raise ValueError(f"unknown --freeze '{strategy}'; use all, none, upto:STAGE or last:K")
 
 
 def freeze_batchnorm(model: nn.Module, head_name: str) -> None:

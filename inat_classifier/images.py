@@ -1,4 +1,5 @@
 """Reading photos with PIL: robust decoding to RGB, refusing special files, bad-file reports."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
 
 
 def special_kind(mode: int) -> str | None:
@@ -57,12 +63,15 @@ def open_image(path: str) -> Image.Image:
             img = Image.open(path)
         except Image.DecompressionBombError:
             raise Image.DecompressionBombError(
-                f"over twice the {limit / 1e6:.0f}-megapixel limit (PIL's Image.MAX_IMAGE_PIXELS)") from None
+                f"over twice the {limit / 1e6:.0f}-megapixel limit (PIL's Image.MAX_IMAGE_PIXELS)"
+            ) from None
     w, h = img.size
     if limit and w * h > limit:
         img.close()
-        raise Image.DecompressionBombError(f"{w}x{h} is {w * h / 1e6:.0f} megapixels, over the "
-                                           f"{limit / 1e6:.0f}-megapixel limit (PIL's Image.MAX_IMAGE_PIXELS)")
+        raise Image.DecompressionBombError(
+            f"{w}x{h} is {w * h / 1e6:.0f} megapixels, over the "
+            f"{limit / 1e6:.0f}-megapixel limit (PIL's Image.MAX_IMAGE_PIXELS)"
+        )
     return img
 
 
@@ -101,6 +110,7 @@ class BadImageLog:
     def take_epoch_count(self) -> int:
         n, self.epoch_count = self.epoch_count, 0
         return n
+
 
 BAD_IMAGES = BadImageLog()
 

@@ -3,6 +3,7 @@
 evaluate.py, `evaluate.py --predict` and visualize.py all run their images through `predict`,
 with the checkpoint's own preprocessing.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from inat_classifier import dataset as data
-from inat_classifier.precision import amp_dtype, autocast
 from inat_classifier.checkpoint import preprocess_of
 from inat_classifier.cli import UserError
 from inat_classifier.decoded_cache import decode_fixed
 from inat_classifier.device_batches import DecodedRows, DeviceLoader, model_inputs
 from inat_classifier.metrics import classification_metrics, confusion_matrix
+from inat_classifier.precision import amp_dtype, autocast
 from inat_classifier.presets import Preprocess
 
 
@@ -57,12 +58,19 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, samples: list[tuple[str, int]], preprocess: Preprocess, device: torch.device,
-            batch_size: int = 64, workers: int = 0) -> Predictions:
+def predict(
+    model: nn.Module,
+    samples: list[tuple[str, int]],
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> Predictions:
     """Run (path, label) samples through the model in eval mode; unreadable files are reported and skipped."""
     # The training run's validation pipeline (device_batches), whose "labels" here are positions.
-    rows = DecodedRows([path for path, _ in samples], preprocess.decode_side,
-                       workers if len(samples) > batch_size else 0)
+    rows = DecodedRows(
+        [path for path, _ in samples], preprocess.decode_side, workers if len(samples) > batch_size else 0
+    )
     loader = DeviceLoader(rows, list(range(len(samples))), batch_size, preprocess, device, augment=False)
     dtype = amp_dtype("auto", device)
     model.eval()
@@ -102,8 +110,10 @@ def heldout_samples(ckpt: dict, data_dir: str | None, split: str) -> tuple[list,
     """
     ds = data.discover(run_data_dir(ckpt, data_dir), need_heldout=split == "test")
     if ds.classes != ckpt["class_names"]:
-        raise UserError(f"classes in {ds.root} ({', '.join(ds.classes)}) differ from the checkpoint's "
-                        f"({', '.join(ckpt['class_names'])})")
+        raise UserError(
+            f"classes in {ds.root} ({', '.join(ds.classes)}) differ from the checkpoint's "
+            f"({', '.join(ckpt['class_names'])})"
+        )
     if split == "val":
         if "split" not in ckpt:
             raise UserError("--split val needs the run's saved split, and this checkpoint has none")
@@ -111,8 +121,9 @@ def heldout_samples(ckpt: dict, data_dir: str | None, split: str) -> tuple[list,
     return ds.heldout, f"{ds.heldout_name} (held-out)"
 
 
-def evaluate_samples(model: nn.Module, ckpt: dict, samples: list, device: torch.device, batch_size: int,
-                     workers: int) -> dict:
+def evaluate_samples(
+    model: nn.Module, ckpt: dict, samples: list, device: torch.device, batch_size: int, workers: int
+) -> dict:
     """Accuracy, macro F1, per-class metrics, confusion matrix and loss of the model on samples."""
     p = predict(model, samples, preprocess_of(ckpt), device, batch_size, workers)
     if len(p.targets) == 0:
@@ -140,8 +151,15 @@ def collect_images(paths: list[str]) -> list[str]:
     return files
 
 
-def top_classes(model: nn.Module, ckpt: dict, files: list[str], device: torch.device, k: int = 3,
-                batch_size: int = 64, workers: int = 0) -> list[dict]:
+def top_classes(
+    model: nn.Module,
+    ckpt: dict,
+    files: list[str],
+    device: torch.device,
+    k: int = 3,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> list[dict]:
     """Top-k classes with probabilities per readable image file."""
     names = ckpt["class_names"]
     p = predict(model, [(f, -1) for f in files], preprocess_of(ckpt), device, batch_size, workers)
@@ -149,6 +167,6 @@ def top_classes(model: nn.Module, ckpt: dict, files: list[str], device: torch.de
         return []
     top = p.probs.topk(min(k, len(names)))
     rows = []
-    for i, probs, classes in zip(p.index.tolist(), top.values.tolist(), top.indices.tolist()):
-        rows.append({"path": files[i], "top": [(names[c], v) for v, c in zip(probs, classes)]})
+    for i, probs, classes in zip(p.index.tolist(), top.values.tolist(), top.indices.tolist(), strict=True):
+        rows.append({"path": files[i], "top": [(names[c], v) for v, c in zip(probs, classes, strict=True)]})
     return rows

@@ -4,6 +4,7 @@ A model that cannot take --image_size (a ViT built for 224 px, Inception v3 belo
 otherwise fail with a traceback in the first forward pass; this finds out before a run folder
 exists, without computing anything or touching the weights.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ def size_error(model: nn.Module, image_size: int, in_channels: int = 3) -> str |
     The model runs with meta tensors in place of its weights (functional_call), so the check costs
     no arithmetic and no memory, and the model's own weights are untouched.
     """
-    tensors = {name: torch.empty_like(t, device="meta")
-               for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    tensors = {
+        name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(), *model.named_buffers()]
+    }
     image = torch.empty(1, in_channels, image_size, image_size, device="meta")
     try:
         with plain_inference(model):

@@ -1,8 +1,9 @@
 """A run's batches: rows from the decoded cache or, with --cache off, decoded every epoch; one pipeline for both."""
+
 from __future__ import annotations
 
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -46,8 +47,15 @@ def open_cache(setup: RunSetup, preprocess: Preprocess) -> CachedImages | None:
     return cache, {s: i for i, s in enumerate(samples)}
 
 
-def make_image_loader(setup: RunSetup, samples: list, preprocess: Preprocess, device: torch.device,
-                      train: bool, cached: CachedImages | None, shard: bool = True) -> Iterable:
+def make_image_loader(
+    setup: RunSetup,
+    samples: list,
+    preprocess: Preprocess,
+    device: torch.device,
+    train: bool,
+    cached: CachedImages | None,
+    shard: bool = True,
+) -> Iterable:
     """Batches of one split: rows from the decoded cache, or decoded by --workers processes without one.
 
     shard=False gives every process all the samples (e.g. to compute a complete feature cache).
@@ -64,13 +72,25 @@ def make_image_loader(setup: RunSetup, samples: list, preprocess: Preprocess, de
         source = CachedRows(cache, [pos[s] for s in samples])
     else:
         source = DecodedRows([path for path, _ in samples], preprocess.decode_side, args.workers)
-    return DeviceLoader(source, [label for _, label in samples], batch, preprocess, device, augment=augment,
-                        crop_scale=args.crop_scale, sampler=sampler, seed=args.seed, drop_last=drop_last,
-                        channels_last=getattr(args, "channels_last", False))
+    return DeviceLoader(
+        source,
+        [label for _, label in samples],
+        batch,
+        preprocess,
+        device,
+        augment=augment,
+        crop_scale=args.crop_scale,
+        sampler=sampler,
+        seed=args.seed,
+        drop_last=drop_last,
+        channels_last=getattr(args, "channels_last", False),
+    )
 
 
 def image_loaders(setup: RunSetup, preprocess: Preprocess, device: torch.device) -> tuple[Iterable, Iterable]:
     """Train and val loaders (train shuffled, and augmented with --augment)."""
     cached = open_cache(setup, preprocess)
-    return (make_image_loader(setup, setup.train_samples, preprocess, device, True, cached),
-            make_image_loader(setup, setup.val_samples, preprocess, device, False, cached))
+    return (
+        make_image_loader(setup, setup.train_samples, preprocess, device, True, cached),
+        make_image_loader(setup, setup.val_samples, preprocess, device, False, cached),
+    )

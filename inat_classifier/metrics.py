@@ -1,4 +1,5 @@
-"""Classification metrics from predictions: confusion matrix, per-class accuracy/precision/F1, their report and heat map."""
+"""Classification metrics: confusion matrix, per-class accuracy/precision/F1, their report and heat map."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,15 +26,27 @@ def classification_metrics(cm: torch.Tensor, class_names: list[str]) -> dict:
     support, predicted = cm.sum(1), cm.sum(0)
     recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
     precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
-                     torch.zeros_like(tp))
-    per_class = {name: {"accuracy": recall[i].item(), "precision": precision[i].item(), "f1": f1[i].item(),
-                        "support": int(support[i].item())} for i, name in enumerate(class_names)}
+    f1 = torch.where(
+        precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp)
+    )
+    per_class = {
+        name: {
+            "accuracy": recall[i].item(),
+            "precision": precision[i].item(),
+            "f1": f1[i].item(),
+            "support": int(support[i].item()),
+        }
+        for i, name in enumerate(class_names)
+    }
     present = support > 0
     macro_f1 = f1[present].mean().item() if present.any() else 0.0
-    return {"accuracy": (tp.sum() / cm.sum().clamp(min=1)).item(), "macro_f1": macro_f1,
-            "macro_f1_excluded": [name for i, name in enumerate(class_names) if not present[i]],
-            "per_class": per_class, "confusion_matrix": cm.long().tolist()}
+    return {
+        "accuracy": (tp.sum() / cm.sum().clamp(min=1)).item(),
+        "macro_f1": macro_f1,
+        "macro_f1_excluded": [name for i, name in enumerate(class_names) if not present[i]],
+        "per_class": per_class,
+        "confusion_matrix": cm.long().tolist(),
+    }
 
 
 def print_report(metrics: dict, title: str) -> None:
@@ -43,17 +56,21 @@ def print_report(metrics: dict, title: str) -> None:
     print(f"{'class':<{width}} {'accuracy':>9} {'precision':>9} {'f1':>7} {'support':>8}")
     for name, m in metrics["per_class"].items():
         print(f"{name:<{width}} {m['accuracy']:>9.4f} {m['precision']:>9.4f} {m['f1']:>7.4f} {m['support']:>8}")
-    print(f"{'overall':<{width}} {metrics['accuracy']:>9.4f} {'':>9} {metrics['macro_f1']:>7.4f} "
-          f"{sum(m['support'] for m in metrics['per_class'].values()):>8}")
+    print(
+        f"{'overall':<{width}} {metrics['accuracy']:>9.4f} {'':>9} {metrics['macro_f1']:>7.4f} "
+        f"{sum(m['support'] for m in metrics['per_class'].values()):>8}"
+    )
     print(f"test accuracy: {metrics['accuracy']:.4f}   macro F1: {metrics['macro_f1']:.4f}")
     excluded = metrics.get("macro_f1_excluded") or []
     if excluded:
-        print(f"macro F1 over {len(names) - len(excluded)} of {len(names)} classes: {', '.join(excluded)} "
-              f"{'have' if len(excluded) > 1 else 'has'} no readable test photo (support 0), so no F1")
+        print(
+            f"macro F1 over {len(names) - len(excluded)} of {len(names)} classes: {', '.join(excluded)} "
+            f"{'have' if len(excluded) > 1 else 'has'} no readable test photo (support 0), so no F1"
+        )
     print("confusion matrix (rows true, columns predicted):")
     short = [n[:6] for n in names]
     print(" " * width + " " + " ".join(f"{s:>6}" for s in short))
-    for name, row in zip(names, metrics["confusion_matrix"]):
+    for name, row in zip(names, metrics["confusion_matrix"], strict=True):
         print(f"{name:<{width}} " + " ".join(f"{v:>6}" for v in row))
 
 
@@ -75,8 +92,15 @@ def plot_confusion(cm, class_names: list[str], out: Path, normalize: bool = True
         for i in range(n):
             for j in range(n):
                 v = shown[i, j].item()
-                ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center", fontsize=7,
-                        color="white" if v > 0.5 * (1 if normalize else (shown.max().item() or 1)) else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}" if normalize else f"{int(v)}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v > 0.5 * (1 if normalize else (shown.max().item() or 1)) else "black",
+                )
     fig.tight_layout()
     try:
         save_png(fig, out)

@@ -1,26 +1,28 @@
 """Optimisation recipe: parameter groups, optimizer, LR schedule, MixUp/CutMix, weight EMA, and the LR finder."""
+
 from __future__ import annotations
 
 import argparse
 import copy
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from inat_classifier.training_step import Trainer, train_step
 from inat_classifier.cli import UserError
 from inat_classifier.figures import pyplot
 from inat_classifier.freezing import set_train_mode
 from inat_classifier.images import batch_to_device
 from inat_classifier.storage import save_png
+from inat_classifier.training_step import Trainer, train_step
 
 
-def param_groups_with_decay(named_params: Iterable[tuple[str, nn.Parameter]], lr: float,
-                            weight_decay: float, name: str) -> list[dict]:
+def param_groups_with_decay(
+    named_params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, name: str
+) -> list[dict]:
     """Split parameters so biases and norm weights (1-d) get no weight decay."""
     decay, no_decay = [], []
     for _, p in named_params:
@@ -61,18 +63,21 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """--scheduler with --warmup_epochs, stepped after every batch."""
     total = max(1, args.epochs * steps_per_epoch)
     if args.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total,
             pct_start=max(0.05, min(0.5, args.warmup_epochs / max(1, args.epochs))),
-            cycle_momentum=args.optimizer == "sgd")
+            cycle_momentum=args.optimizer == "sgd",
+        )
     warmup = int(args.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, args.scheduler))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, args.scheduler))
 
 
 def load_schedule_progress(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
@@ -92,8 +97,9 @@ def build_mix(args: argparse.Namespace, num_classes: int) -> Callable | None:
         return None
     from torchvision.transforms import v2
 
-    mixes = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
-            ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    mixes = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + (
+        [v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else []
+    )
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
@@ -157,13 +163,13 @@ class EmaWeights:
     def __enter__(self):
         if self.ema is not None:
             self.backup = [t.detach().clone() for t in self.tensors(self.model)]
-            for dst, src in zip(self.tensors(self.model), self.tensors(self.ema.module)):
+            for dst, src in zip(self.tensors(self.model), self.tensors(self.ema.module), strict=True):
                 dst.data.copy_(src.data)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.backup is not None:
-            for dst, src in zip(self.tensors(self.model), self.backup):
+            for dst, src in zip(self.tensors(self.model), self.backup, strict=True):
                 dst.data.copy_(src)
 
     @staticmethod
@@ -171,8 +177,9 @@ class EmaWeights:
         return list(m.parameters()) + [b for b in m.buffers() if b.dtype.is_floating_point]
 
 
-def lr_range_test(trainer: Trainer, loader: Iterable, start: float = 1e-7, end: float = 10.0,
-                  steps: int = 200) -> tuple[list, list, float]:
+def lr_range_test(
+    trainer: Trainer, loader: Iterable, start: float = 1e-7, end: float = 10.0, steps: int = 200
+) -> tuple[list, list, float]:
     """Exponentially increase the LR step by step, recording the smoothed loss; restores everything.
 
     Each step is the training step itself (AMP, loss scaling, clipping), without schedule or EMA.
@@ -200,7 +207,7 @@ def lr_range_test(trainer: Trainer, loader: Iterable, start: float = 1e-7, end: 
             if moved is None:
                 continue
             lr = start * gamma**i
-            for g, b in zip(optimizer.param_groups, base):
+            for g, b in zip(optimizer.param_groups, base, strict=True):
                 g["lr"] = lr * b / base[0]
             loss, _ = train_step(probe, *moved)
             smooth = 0.98 * (smooth or 0.0) + 0.02 * loss.item()

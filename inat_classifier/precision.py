@@ -1,4 +1,5 @@
 """Mixed precision: the autocast dtype a run uses, its GradScaler, and the precision a resumed run keeps."""
+
 from __future__ import annotations
 
 import torch
@@ -65,5 +66,6 @@ def resumed_amp(saved: str, typed: str | None, device: torch.device) -> tuple[st
     now = precision_name(amp_dtype(mode, device))
     if now == saved:
         return mode, None
-    return mode, f"note: this run trained in {saved}; it continues in {now} on {device.type}" + \
-        (f" ({reason})" if reason else "")
+    return mode, f"note: this run trained in {saved}; it continues in {now} on {device.type}" + (
+        f" ({reason})" if reason else ""
+    )

@@ -5,12 +5,12 @@ rule, stored side, centre crop, mean/std) is built once per run, saved in every 
 used by the one batch pipeline (device_batches.py) for training, validation, evaluate.py,
 visualize.py and the Part B feature cache.
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from dataclasses import replace
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,21 +48,28 @@ class Preprocess:
         return self.stored_side or self.resize_size
 
     @classmethod
-    def for_size(cls, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> "Preprocess":
+    def for_size(
+        cls, image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> Preprocess:
         return cls(image_size, int(round(image_size / CROP_RATIO)), tuple(mean), tuple(std))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(int(d["image_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]),
-                   int(d.get("stored_side", 0)))
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(
+            int(d["image_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]), int(d.get("stored_side", 0))
+        )
 
     def to_dict(self) -> dict:
         """Plain JSON types, so a checkpoint holding it loads with weights_only=True."""
-        return {"image_size": self.image_size, "resize_size": self.resize_size,
-                "mean": list(self.mean), "std": list(self.std), "stored_side": self.stored_side}
+        return {
+            "image_size": self.image_size,
+            "resize_size": self.resize_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "stored_side": self.stored_side,
+        }
 
-    def with_stored_side(self, augment: bool, crop_scale: float, largest_short_side: int) -> "Preprocess":
+    def with_stored_side(self, augment: bool, crop_scale: float, largest_short_side: int) -> Preprocess:
         """This preprocessing with the stored side a run needs (stored_side_for)."""
         return replace(self, stored_side=self.stored_side_for(augment, crop_scale, largest_short_side))
 

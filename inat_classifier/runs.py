@@ -1,4 +1,5 @@
 """Run folders: data, split and folder of a new or resumed run, args.json, split.json and metrics.csv."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,22 +7,23 @@ import csv
 import io
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from inat_classifier import dataset as data
-from inat_classifier.precision import amp_dtype, resumed_amp, saved_precision
 from inat_classifier.checkpoint import json_safe, load_checkpoint
-from inat_classifier.cli import METRIC_FIELDS, RESULT_FILE, UserError, typed_flags, on_failure
+from inat_classifier.cli import METRIC_FIELDS, RESULT_FILE, UserError, on_failure, typed_flags
 from inat_classifier.config_file import check_saved_flags
 from inat_classifier.devices import Dist, broadcast, init_distributed, launched_rank, select_device
 from inat_classifier.flags import check_common_args
 from inat_classifier.folder_lock import LOCK_FILE, hold_folder, release_folder
 from inat_classifier.images import photo_short_side
+from inat_classifier.precision import amp_dtype, resumed_amp, saved_precision
 from inat_classifier.storage import atomic_write_text
 
 
@@ -103,8 +105,10 @@ def saved_state(run_dir: Path) -> str:
 
 def lost_state_error(run_dir: Path) -> UserError:
     """A folder whose recorded epochs have no last.pt: retraining in a new folder is what is left."""
-    return UserError(f"{run_dir} has trained epochs (metrics.csv) but no last.pt to resume from: retrain its "
-                     f"flags in a new folder with --config {run_dir / 'args.json'}, or choose another --run_name")
+    return UserError(
+        f"{run_dir} has trained epochs (metrics.csv) but no last.pt to resume from: retrain its "
+        f"flags in a new folder with --config {run_dir / 'args.json'}, or choose another --run_name"
+    )
 
 
 SAME_RUN_EXEMPT = {*MACHINE_FLAGS, *EXTENDABLE_FLAGS, "config"}  # may differ between args.json and last.pt
@@ -113,15 +117,21 @@ SAME_RUN_EXEMPT = {*MACHINE_FLAGS, *EXTENDABLE_FLAGS, "config"}  # may differ be
 def check_same_run(last: Path, ckpt: dict, config: dict | None, split: dict | None) -> None:
     """last.pt must be this folder's: its flags and split those of the run's args.json and split.json."""
     if config is not None:
-        differ = [f"{key} {ckpt['config'][key]!r} (args.json: {config[key]!r})"
-                  for key in sorted(config.keys() & ckpt["config"].keys() - SAME_RUN_EXEMPT)
-                  if config[key] is not None and config[key] != ckpt["config"][key]]  # None: worked out later
+        differ = [
+            f"{key} {ckpt['config'][key]!r} (args.json: {config[key]!r})"
+            for key in sorted(config.keys() & ckpt["config"].keys() - SAME_RUN_EXEMPT)
+            if config[key] is not None and config[key] != ckpt["config"][key]
+        ]  # None: worked out later
         if differ:
-            raise UserError(f"{last}: its flags are not those of {last.parent / 'args.json'}: {', '.join(differ)}; "
-                            f"it is another run's checkpoint: move it out of the folder")
+            raise UserError(
+                f"{last}: its flags are not those of {last.parent / 'args.json'}: {', '.join(differ)}; "
+                f"it is another run's checkpoint: move it out of the folder"
+            )
     if split is not None and split != ckpt["split"]:
-        raise UserError(f"{last}: its split is not the one in {last.parent / 'split.json'}: it is another run's "
-                        f"checkpoint; move it out of the folder")
+        raise UserError(
+            f"{last}: its split is not the one in {last.parent / 'split.json'}: it is another run's "
+            f"checkpoint; move it out of the folder"
+        )
 
 
 def checked_resume(args: argparse.Namespace, config: dict, where: Path) -> argparse.Namespace:
@@ -134,8 +144,9 @@ def checked_resume(args: argparse.Namespace, config: dict, where: Path) -> argpa
     return merged
 
 
-def open_resumed(args: argparse.Namespace, parser: argparse.ArgumentParser
-                 ) -> tuple[argparse.Namespace, dict | None, dict, Path]:
+def open_resumed(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[argparse.Namespace, dict | None, dict, Path]:
     """--resume RUN: (its flags, last.pt, its split, the folder), held by this process; a run without
     training state on disk (stopped or failed before its first last.pt) has no last.pt (None) and starts over.
 
@@ -157,8 +168,10 @@ def open_resumed(args: argparse.Namespace, parser: argparse.ArgumentParser
         if config is None:
             raise UserError(f"--resume {run_dir}: neither last.pt nor args.json is there to resume or start it over")
         split = read_run_json(run_dir / "split.json", required=True)
-        print(f"{run_dir} has no last.pt yet (it stopped before one was saved): starting it over from epoch 1"
-              + (" (its best.pt is replaced)" if (run_dir / "best.pt").exists() else ""))
+        print(
+            f"{run_dir} has no last.pt yet (it stopped before one was saved): starting it over from epoch 1"
+            + (" (its best.pt is replaced)" if (run_dir / "best.pt").exists() else "")
+        )
         return checked_resume(args, config, run_dir / "args.json"), None, split, run_dir
     ckpt = load_checkpoint(last)
     if "optimizer" not in ckpt:
@@ -175,8 +188,9 @@ def open_resumed(args: argparse.Namespace, parser: argparse.ArgumentParser
     return args, ckpt, ckpt["split"], run_dir
 
 
-def setup_run(args: argparse.Namespace, name: str, parser: argparse.ArgumentParser,
-              validate: Callable[[int], Any] | None = None) -> RunSetup:
+def setup_run(
+    args: argparse.Namespace, name: str, parser: argparse.ArgumentParser, validate: Callable[[int], Any] | None = None
+) -> RunSetup:
     """Resolve data, split, device and run folder for a new run, or reload them for --resume.
 
     The script has checked the shared flags first (flags.check_common_args); every other check
@@ -190,8 +204,9 @@ def setup_run(args: argparse.Namespace, name: str, parser: argparse.ArgumentPars
     device = select_device(args.device)
     dist = init_distributed(device)  # the backend follows the device
     if dist.world > 1 and args.batch_size % dist.world:
-        raise UserError(f"--batch_size {args.batch_size} (the global batch) must be divisible by the "
-                        f"{dist.world} processes")
+        raise UserError(
+            f"--batch_size {args.batch_size} (the global batch) must be divisible by the {dist.world} processes"
+        )
     if ckpt is not None:  # the run's own precision, not --amp auto worked out again on this machine
         args.amp, note = resumed_amp(saved_precision(ckpt), args.amp if "amp" in typed_flags(args) else None, device)
         if note and dist.main:
@@ -249,9 +264,14 @@ def new_run_dir(args: argparse.Namespace, name: str, split: dict) -> Path:
         state = saved_state(run_dir)
         if state != "none":
             release_folder(run_dir)
-            raise lost_state_error(run_dir) if state == "lost" else UserError(
-                f"run folder {run_dir} already exists; pass --resume {run_dir} to continue it, or choose "
-                f"another --run_name")
+            raise (
+                lost_state_error(run_dir)
+                if state == "lost"
+                else UserError(
+                    f"run folder {run_dir} already exists; pass --resume {run_dir} to continue it, or choose "
+                    f"another --run_name"
+                )
+            )
         if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             print(f"{run_dir} has no last.pt (an earlier start stopped before one was saved): starting it again")
     else:
@@ -270,8 +290,10 @@ def forget_unstarted(run_dir: Path, interrupted: bool) -> str | None:
     if saved_state(run_dir) != "none":
         return None
     if any(run_dir.glob("*.pt")):
-        return (f"({run_dir} has no last.pt to resume from: once that is fixed, the same command or --resume "
-                f"{run_dir} starts it over from epoch 1)")
+        return (
+            f"({run_dir} has no last.pt to resume from: once that is fixed, the same command or --resume "
+            f"{run_dir} starts it over from epoch 1)"
+        )
     if interrupted:
         return f"({run_dir} has no checkpoint yet: the same command, or --resume {run_dir}, starts it over)"
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= RUN_START_FILES:
@@ -281,8 +303,14 @@ def forget_unstarted(run_dir: Path, interrupted: bool) -> str | None:
 
 def write_result(run_dir: Path, state_epoch: int, best_val_acc: float, best_epoch: int) -> None:
     """Mark the run complete: result.json, written atomically, read by sweep runners."""
-    result = json.dumps({"epochs": state_epoch, "best_val_acc": best_val_acc, "best_epoch": best_epoch,
-                         "ended": datetime.now().isoformat(timespec="seconds")})
+    result = json.dumps(
+        {
+            "epochs": state_epoch,
+            "best_val_acc": best_val_acc,
+            "best_epoch": best_epoch,
+            "ended": datetime.now().isoformat(timespec="seconds"),
+        }
+    )
     atomic_write_text(run_dir / RESULT_FILE, result)
 
 

@@ -1,4 +1,5 @@
 """The epoch sampler: a shuffled order fixed by (seed, epoch), sharded for torchrun, skippable for resume."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ class EpochSampler(torch.utils.data.Sampler):
     order for DistributedDataParallel.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1,
-                 pad: bool = True) -> None:
+    def __init__(
+        self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1, pad: bool = True
+    ) -> None:
         self.n, self.seed, self.shuffle, self.rank, self.world, self.pad = n, seed, shuffle, rank, world, pad
         self.epoch, self.skip = 0, 0
 

@@ -5,6 +5,7 @@ kills the process without a word. Scripts call `stop_quietly` under `if __name__
 (importing them does nothing), and `imports_done` once they start working. A torchrun process
 ends through `leave_torchrun_process`.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -26,6 +27,7 @@ def stop_quietly(message: str = INTERRUPTED) -> None:
     Nothing is written yet that would need cleaning up, and an exception raised inside a C
     extension's import can surface as an ImportError instead of KeyboardInterrupt.
     """
+
     def leave(signum: int, frame: object) -> None:
         os.write(2, (message + "\n").encode())
         os._exit(130)
@@ -63,10 +65,14 @@ def ignore_signals() -> None:
 def work_done() -> None:
     """The script's work is finished and saved: Ctrl-C or SIGTERM during the exit (threads joining,
     W&B's last upload) prints one line and exits 0 at once, as the work succeeded."""
+
     def leave(signum: int, frame: object) -> None:
         sys.stdout.flush()
-        os.write(2, f"{signal.Signals(signum).name} after the work finished: exiting; "
-                    f"everything it wrote is complete\n".encode())
+        os.write(
+            2,
+            f"{signal.Signals(signum).name} after the work finished: exiting; "
+            f"everything it wrote is complete\n".encode(),
+        )
         os._exit(0)
 
     for sig in (signal.SIGINT, signal.SIGTERM):

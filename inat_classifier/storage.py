@@ -1,9 +1,11 @@
 """Writing files that must never end half-written: free-space checks, atomic replace with signals held, stale temps.
 
 Every file a run or an evaluation writes (checkpoints, the decoded cache, feature caches, args.json,
-split.json, metrics.csv, result.json, eval.json, figures) goes through here, so a full disk is one line naming the folder and the space needed, a Ctrl-C or SIGTERM during
-a write waits for the write to finish, and temp files of killed processes are cleaned up.
+split.json, metrics.csv, result.json, eval.json, figures) goes through here, so a full disk is one line
+naming the folder and the space needed, a Ctrl-C or SIGTERM during a write waits for the write to
+finish, and temp files of killed processes are cleaned up.
 """
+
 from __future__ import annotations
 
 import errno
@@ -13,9 +15,9 @@ import shutil
 import signal
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from inat_classifier.cli import UserError
 
@@ -43,8 +45,10 @@ def free_bytes(folder: Path) -> int:
 def disk_full_error(folder: Path, need: int | None, what: str) -> UserError:
     """The one line for a full disk; need None: a size nobody knows (a download the server gave none)."""
     needs = f"needs {format_bytes(need)}, " if need is not None else "needs more than the "
-    return UserError(f"not enough disk space in {folder} for {what}: {needs}"
-                     f"{format_bytes(free_bytes(folder))} free; free some space or point it elsewhere")
+    return UserError(
+        f"not enough disk space in {folder} for {what}: {needs}"
+        f"{format_bytes(free_bytes(folder))} free; free some space or point it elsewhere"
+    )
 
 
 def check_free_space(folder: Path, need: int, what: str) -> None:
@@ -72,8 +76,9 @@ def signals_held() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -133,8 +138,9 @@ FIGURE_BYTES = 512 * 1024  # a generous PNG of one of our figures, for the free-
 
 def save_png(fig, path: Path, what: str | None = None, **savefig_kwargs) -> None:
     """fig.savefig as a PNG through atomic_write (the temp name has no .png suffix: the format is given)."""
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs), FIGURE_BYTES,
-                 what or Path(path).name)
+    atomic_write(
+        Path(path), lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs), FIGURE_BYTES, what or Path(path).name
+    )
 
 
 def process_alive(pid: int) -> bool:

@@ -1,4 +1,5 @@
 """A model as a table: each layer's type, output shape, parameters, MACs and trainability, from one traced image."""
+
 from __future__ import annotations
 
 import torch
@@ -26,6 +27,7 @@ def layer_table(model: nn.Module, image_size: int) -> tuple[list[dict], int]:
     def record(name: str):
         def hook(module: nn.Module, inputs, output) -> None:  # returns None: the output stays as it is
             shapes.setdefault(name, shape_of(output))
+
         return hook
 
     hooks = [m.register_forward_hook(record(name)) for name, m in leaves.items()]
@@ -34,14 +36,23 @@ def layer_table(model: nn.Module, image_size: int) -> tuple[list[dict], int]:
     finally:
         for h in hooks:
             h.remove()
-    flops = {name.split(".", 1)[1] if "." in name else "": sum(ops.values())
-             for name, ops in counter.get_flop_counts().items()}
+    flops = {
+        name.split(".", 1)[1] if "." in name else "": sum(ops.values())
+        for name, ops in counter.get_flop_counts().items()
+    }
     rows = []
     for name in shapes:  # call order
         params = list(leaves[name].parameters(recurse=False))
-        rows.append({"layer": name, "type": type(leaves[name]).__name__, "output": shapes[name],
-                     "params": sum(p.numel() for p in params), "macs": flops.get(name, 0) // 2,
-                     "trainable": any(p.requires_grad for p in params) if params else None})
+        rows.append(
+            {
+                "layer": name,
+                "type": type(leaves[name]).__name__,
+                "output": shapes[name],
+                "params": sum(p.numel() for p in params),
+                "macs": flops.get(name, 0) // 2,
+                "trainable": any(p.requires_grad for p in params) if params else None,
+            }
+        )
     return rows, counter.get_total_flops() // 2
 
 
@@ -53,12 +64,16 @@ def print_table(model: nn.Module, image_size: int) -> list[dict]:
     print(f"{'layer':<{width}}  {'type':<{type_width}}  {'output':>18}  {'params':>11}  {'MACs':>9}  trains")
     for r in rows:
         trains = "" if r["trainable"] is None else ("yes" if r["trainable"] else "frozen")
-        print(f"{r['layer']:<{width}}  {r['type']:<{type_width}}  {r['output']:>18}  {r['params']:>11,}  "
-              f"{format_count(r['macs']):>9}  {trains}")
+        print(
+            f"{r['layer']:<{width}}  {r['type']:<{type_width}}  {r['output']:>18}  {r['params']:>11,}  "
+            f"{format_count(r['macs']):>9}  {trains}"
+        )
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"total: {total:,} parameters ({trainable:,} trainable), {format_count(macs)} "
-          f"multiply-accumulates per {image_size}x{image_size} image")
+    print(
+        f"total: {total:,} parameters ({trainable:,} trainable), {format_count(macs)} "
+        f"multiply-accumulates per {image_size}x{image_size} image"
+    )
     return rows
 
 

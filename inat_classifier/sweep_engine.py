@@ -4,6 +4,7 @@ Everything here is plain functions over the sweep config, the run folders and th
 nothing starts a process. The run commands come from wandb's own helpers, so a run gets exactly
 the argv `wandb agent` would pass it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,8 +41,9 @@ def sweep_command_args(run_config: dict) -> dict:
     return create_sweep_command_args({"args": run_config})
 
 
-def build_command(config: dict, run_config: dict, interpreter: str, program: str | None = None,
-                  args_json_file: str | None = None) -> list[str]:
+def build_command(
+    config: dict, run_config: dict, interpreter: str, program: str | None = None, args_json_file: str | None = None
+) -> list[str]:
     """The command `wandb agent` runs for this config (wandb_agent.Agent._command_run), except that
     ${interpreter} is `interpreter` (the agent uses whatever 'python' is on PATH)."""
     from wandb.sdk.launch.sweeps.utils import create_sweep_command
@@ -62,8 +64,17 @@ def build_command(config: dict, run_config: dict, interpreter: str, program: str
     return out
 
 
-def run_command(config: dict, proposal: dict, program: str, runs_dir: Path, name: str, interpreter: str,
-                wandb: str, train_args: list[str], args_json_file: str | None = None) -> list[str]:
+def run_command(
+    config: dict,
+    proposal: dict,
+    program: str,
+    runs_dir: Path,
+    name: str,
+    interpreter: str,
+    wandb: str,
+    train_args: list[str],
+    args_json_file: str | None = None,
+) -> list[str]:
     """The agent's command, then the runner's bookkeeping flags, then the -- flags (last, so they win)."""
     command = build_command(config, proposal, interpreter, program, args_json_file)
     return command + ["--out_dir", str(runs_dir), "--run_name", name, "--wandb", wandb, *train_args]
@@ -76,16 +87,19 @@ def resolve_program(program: str, config_path: Path | None) -> str:
     for base in filter(None, (config_path.parent if config_path else None, HERE)):
         if (base / program).is_file():
             return str((base / program).resolve())
-    raise UserError(f"program '{program}' of the sweep config not found in {Path.cwd()}; run from the "
-                    f"folder that holds it")
+    raise UserError(
+        f"program '{program}' of the sweep config not found in {Path.cwd()}; run from the folder that holds it"
+    )
 
 
 def check_metric(config: dict, program: str) -> None:
     """Refuse a metric that our own training scripts never log (a typo would rank nothing)."""
     metric, _ = metric_of(config)
     if Path(program).name in OWN_PROGRAMS and metric not in METRIC_FIELDS:
-        raise UserError(f"metric '{metric}' is not logged by {Path(program).name}: its metrics.csv has "
-                        f"{', '.join(METRIC_FIELDS)}; fix metric.name in the yaml")
+        raise UserError(
+            f"metric '{metric}' is not logged by {Path(program).name}: its metrics.csv has "
+            f"{', '.join(METRIC_FIELDS)}; fix metric.name in the yaml"
+        )
 
 
 def check_swept_not_passed(config: dict, extra: list[str]) -> None:
@@ -94,8 +108,10 @@ def check_swept_not_passed(config: dict, extra: list[str]) -> None:
     for arg in extra:
         name = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
         if arg.startswith("--") and name in searched:
-            raise UserError(f"'{arg}' after -- sets '{name}', which the sweep searches; remove it, or make it "
-                            f"a fixed 'value:' in the sweep yaml")
+            raise UserError(
+                f"'{arg}' after -- sets '{name}', which the sweep searches; remove it, or make it "
+                f"a fixed 'value:' in the sweep yaml"
+            )
 
 
 def check_train_args(extra: list[str]) -> None:
@@ -103,8 +119,9 @@ def check_train_args(extra: list[str]) -> None:
     for arg in extra:
         name = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
         if arg.startswith("--") and name in MANAGED_FLAGS:
-            raise UserError(f"'{arg}' after -- is set by the sweep runner itself (use --sweep_dir / --wandb "
-                            f"of sweep_offline.py)")
+            raise UserError(
+                f"'{arg}' after -- is set by the sweep runner itself (use --sweep_dir / --wandb of sweep_offline.py)"
+            )
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -165,8 +182,11 @@ class Run:
 
 def summarize(history: list[dict], metric: str, goal: str) -> tuple[float | None, int | None]:
     """Best metric over epochs, and its epoch (None, None when no epoch logged it)."""
-    values = [(h[metric], h.get("epoch", i + 1)) for i, h in enumerate(history)
-              if isinstance(h.get(metric), (int, float)) and math.isfinite(h[metric])]
+    values = [
+        (h[metric], h.get("epoch", i + 1))
+        for i, h in enumerate(history)
+        if isinstance(h.get(metric), (int, float)) and math.isfinite(h[metric])
+    ]
     if not values:
         return None, None
     return (max if goal == "maximize" else min)(values, key=lambda t: t[0])
@@ -174,8 +194,7 @@ def summarize(history: list[dict], metric: str, goal: str) -> tuple[float | None
 
 def ranked(runs: list[Run], goal: str) -> list[Run]:
     """Best metric first; runs without a metric (failed, no epoch yet) last, in run order."""
-    with_metric = sorted((r for r in runs if r.metric is not None), key=lambda r: r.metric,
-                         reverse=goal == "maximize")
+    with_metric = sorted((r for r in runs if r.metric is not None), key=lambda r: r.metric, reverse=goal == "maximize")
     return with_metric + sorted((r for r in runs if r.metric is None), key=lambda r: r.number)
 
 
@@ -218,8 +237,15 @@ def write_leaderboard(sweep_dir: Path, config: dict, runs: list[Run]) -> list[di
     params = param_columns(config)
     rows = []
     for rank, run in enumerate(ranked(runs, goal), 1):
-        row = {"rank": rank, "run": run.name, "state": run.state, metric: run.metric, "best_epoch": run.best_epoch,
-               "epochs": run.epochs, "minutes": round(run.minutes, 2)}
+        row = {
+            "rank": rank,
+            "run": run.name,
+            "state": run.state,
+            metric: run.metric,
+            "best_epoch": run.best_epoch,
+            "epochs": run.epochs,
+            "minutes": round(run.minutes, 2),
+        }
         row.update({col: run.config.get(p) for p, col in params.items()})
         row.update({"run_dir": run.run_dir, "note": run.note})
         rows.append(row)
@@ -241,20 +267,35 @@ def print_leaderboard(sweep_dir: Path, config: dict, runs: list[Run], top: int =
     params = param_columns(config)
     if write:
         write_leaderboard(sweep_dir, config, runs)
-    cols = ["rank", "run", "state", metric, "best_epoch", "minutes", *(params[p] for p in searched_params(config)),
-            "note"]
+    cols = [
+        "rank",
+        "run",
+        "state",
+        metric,
+        "best_epoch",
+        "minutes",
+        *(params[p] for p in searched_params(config)),
+        "note",
+    ]
     shown = ranked(runs, goal)[:top] if top else ranked(runs, goal)
     table = []
     for rank, run in enumerate(shown, 1):
-        values = {"rank": rank, "run": run.name, "state": run.state, metric: run.metric, "best_epoch": run.best_epoch,
-                  "minutes": round(run.minutes, 2), "note": run.note,
-                  **{params[p]: run.config.get(p) for p in searched_params(config)}}
+        values = {
+            "rank": rank,
+            "run": run.name,
+            "state": run.state,
+            metric: run.metric,
+            "best_epoch": run.best_epoch,
+            "minutes": round(run.minutes, 2),
+            "note": run.note,
+            **{params[p]: run.config.get(p) for p in searched_params(config)},
+        }
         table.append([fmt(values.get(c)) for c in cols])
     widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(cols)]
     print(f"\nleaderboard of {sweep_dir} ({config['method']}, {metric} {goal}, {len(runs)} runs):")
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
     for t in table:
-        print("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip())
     if top and len(runs) > top:
         print(f"... {len(runs) - top} more")
     if write:

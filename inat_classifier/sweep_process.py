@@ -1,4 +1,5 @@
 """One sweep run as a child process: its log, hyperband's stop while it trains, a clean stop on interrupt."""
+
 from __future__ import annotations
 
 import os
@@ -8,10 +9,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
-
 
 
 class Interrupted(Exception):
@@ -49,9 +49,15 @@ def follow_log(log_path: Path, offset: int, tail: deque, echo: bool, ended: thre
             print(partial_line, flush=True)
 
 
-def execute(command: list[str], record: dict, log_path: Path,
-            check_stop: Callable[[], bool] | None, poll_s: float, echo: bool,
-            append: bool = False) -> tuple[int, bool, list[str]]:
+def execute(
+    command: list[str],
+    record: dict,
+    log_path: Path,
+    check_stop: Callable[[], bool] | None,
+    poll_s: float,
+    echo: bool,
+    append: bool = False,
+) -> tuple[int, bool, list[str]]:
     """Run one training process; returns (exit code, stopped by hyperband, last output lines).
 
     The child gets its own session, so a Ctrl-C reaches only the runner, which then sends the child
@@ -65,8 +71,15 @@ def execute(command: list[str], record: dict, log_path: Path,
     offset = log_path.stat().st_size
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "a") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True, preexec_fn=partial(die_with_parent, libc_prctl(), os.getpid()))
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=partial(die_with_parent, libc_prctl(), os.getpid()),
+        )
     record["pid"] = proc.pid
     tail: deque = deque(maxlen=40)
     ended = threading.Event()
@@ -157,5 +170,5 @@ def failure_note(tail: list[str], code: int) -> str:
 def run_dir_from_output(tail: list[str], default: Path) -> Path:
     for line in reversed(tail):
         if line.startswith("run folder: "):
-            return Path(line[len("run folder: "):].strip())
+            return Path(line[len("run folder: ") :].strip())
     return default

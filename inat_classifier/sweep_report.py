@@ -9,15 +9,17 @@ the importances, and per categorical parameter its values' best and mean metric 
 Words: a run is one trial (a continued trial replaces the failed one it continues); "complete" runs
 trained all their epochs, "finished" ones are complete, pruned or failed (not running).
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,14 +32,20 @@ from inat_classifier.tracking import WandbLogger
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 # How each state is drawn in the metric-vs-created and parallel-coordinates panels.
-MARKERS = {"complete": ("o", "C0"), "pruned": ("v", "C1"), "failed": ("X", "C3"), "running": ("s", "C7"),
-           "waiting": ("s", "C7")}
+MARKERS = {
+    "complete": ("o", "C0"),
+    "pruned": ("v", "C1"),
+    "failed": ("X", "C3"),
+    "running": ("s", "C7"),
+    "waiting": ("s", "C7"),
+}
 LINESTYLES = {"complete": "-", "pruned": "--", "failed": ":"}
 
 
 @dataclass
 class Run:
     """One run of the sweep: its newest trial, its state, and its metric (best epoch per goal)."""
+
     trial: Any  # optuna.trial.FrozenTrial
     name: str
     state: str
@@ -95,18 +103,30 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
     table = [[fmt(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(t[i]) for t in table]) for i, h in enumerate(header)]
     print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     for t in table:
-        print("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip())
 
 
 def print_runs(runs: Sequence[Run], params: dict, metric: str, goal: str) -> None:
     """Every run, best first, with its state (pruned, failed, running runs marked as such)."""
-    rows = [[i, r.name, r.state, r.metric, r.trial.user_attrs.get("epochs", len(r.trial.intermediate_values)),
-             *(r.trial.params.get(p) for p in params)] for i, r in enumerate(ranked(runs, goal), 1)]
+    rows = [
+        [
+            i,
+            r.name,
+            r.state,
+            r.metric,
+            r.trial.user_attrs.get("epochs", len(r.trial.intermediate_values)),
+            *(r.trial.params.get(p) for p in params),
+        ]
+        for i, r in enumerate(ranked(runs, goal), 1)
+    ]
     counts = {s: sum(r.state == s for r in runs) for s in dict.fromkeys(r.state for r in runs)}
-    print_table(f"runs ({len(runs)}: {', '.join(f'{n} {s}' for s, n in counts.items())}; {metric} {goal}):",
-                ["rank", "run", "state", metric, "epochs", *params], rows)
+    print_table(
+        f"runs ({len(runs)}: {', '.join(f'{n} {s}' for s, n in counts.items())}; {metric} {goal}):",
+        ["rank", "run", "state", metric, "epochs", *params],
+        rows,
+    )
 
 
 # ----------------------------------------------------------------------------- metric vs created
@@ -116,15 +136,25 @@ def plot_metric_vs_created(runs: Sequence[Run], metric: str, goal: str, out: Pat
     fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
     xs = np.arange(1, len(runs) + 1)
     for state, (marker, colour) in MARKERS.items():
-        have = [(x, r.metric) for x, r in zip(xs, runs) if r.state == state and r.metric is not None]
-        lack = [x for x, r in zip(xs, runs) if r.state == state and r.metric is None]
+        have = [(x, r.metric) for x, r in zip(xs, runs, strict=True) if r.state == state and r.metric is not None]
+        lack = [x for x, r in zip(xs, runs, strict=True) if r.state == state and r.metric is None]
         if have:
-            ax.scatter(*zip(*have), marker=marker, color=colour, s=36, zorder=3, label=state)
+            ax.scatter(*zip(*have, strict=True), marker=marker, color=colour, s=36, zorder=3, label=state)
         if lack:  # drawn on the x-axis (axes coordinates), so that no made-up metric stretches the scale
-            ax.scatter(lack, [0.0] * len(lack), marker=marker, edgecolors=colour, facecolors="none", s=36,
-                       zorder=3, clip_on=False, transform=ax.get_xaxis_transform(), label=f"{state}, no {metric}")
+            ax.scatter(
+                lack,
+                [0.0] * len(lack),
+                marker=marker,
+                edgecolors=colour,
+                facecolors="none",
+                s=36,
+                zorder=3,
+                clip_on=False,
+                transform=ax.get_xaxis_transform(),
+                label=f"{state}, no {metric}",
+            )
     best, line = None, []
-    for x, r in zip(xs, runs):  # like W&B, every run's metric counts: a pruned run's best epoch was reached
+    for r in runs:  # like W&B, every run's metric counts: a pruned run's best epoch was reached
         if r.metric is not None and (best is None or (r.metric > best if goal == "maximize" else r.metric < best)):
             best = r.metric
         line.append(np.nan if best is None else best)
@@ -171,14 +201,28 @@ def parallel_coordinates_figure(runs: Sequence[Run], params: dict, metric: str):
     fig, ax = plt.subplots(figsize=(1.6 * len(params) + 3.5, 4.8), layout="constrained")
     for r in shown:
         ys = [axis_position(r.trial.params[p], d) for p, d in params.items()] + [norm(r.metric)]
-        ax.plot(range(len(ys)), ys, color=cmap(norm(r.metric)), ls=LINESTYLES[r.state], lw=1.4, alpha=0.85,
-                gid=f"run:{r.name}")
+        ax.plot(
+            range(len(ys)),
+            ys,
+            color=cmap(norm(r.metric)),
+            ls=LINESTYLES[r.state],
+            lw=1.4,
+            alpha=0.85,
+            gid=f"run:{r.name}",
+        )
     metric_ticks = [(norm(v), fmt(float(v))) for v in np.linspace(lo, hi, 5)]
     for i, ticks in enumerate([*(axis_ticks(d) for d in params.values()), metric_ticks]):
         ax.axvline(i, color="k", lw=0.8)
         for y, label in ticks:
-            ax.text(i - 0.03, y, label, ha="right", va="center", fontsize=7,
-                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.7, pad=0.5))
+            ax.text(
+                i - 0.03,
+                y,
+                label,
+                ha="right",
+                va="center",
+                fontsize=7,
+                bbox=dict(facecolor="white", edgecolor="none", alpha=0.7, pad=0.5),
+            )
     ax.set_xticks(range(len(params) + 1), [*params, metric])
     ax.set_yticks([])
     ax.set_xlim(-0.4, len(params) + 0.1)
@@ -186,8 +230,15 @@ def parallel_coordinates_figure(runs: Sequence[Run], params: dict, metric: str):
     for spine in ax.spines.values():
         spine.set_visible(False)
     states = sorted({r.state for r in shown}, key=list(LINESTYLES).index)
-    ax.legend([Line2D([], [], color="k", ls=LINESTYLES[s]) for s in states], states, fontsize=8, ncol=3,
-              loc="upper center", bbox_to_anchor=(0.5, -0.07), frameon=False)
+    ax.legend(
+        [Line2D([], [], color="k", ls=LINESTYLES[s]) for s in states],
+        states,
+        fontsize=8,
+        ncol=3,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.07),
+        frameon=False,
+    )
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric, pad=0.02)
     ax.set_title(f"{len(shown)} finished runs (log-searched parameters on log axes)")
     return fig, len(shown)
@@ -217,8 +268,9 @@ def correlation_ratio(labels: Sequence[Any], y: Sequence[float]) -> float:
     total = ((y - y.mean()) ** 2).sum()
     if total == 0:
         return math.nan
-    between = sum(len(g) * (g.mean() - y.mean()) ** 2
-                  for g in (y[[lab == v for lab in labels]] for v in dict.fromkeys(labels)))
+    between = sum(
+        len(g) * (g.mean() - y.mean()) ** 2 for g in (y[[lab == v for lab in labels]] for v in dict.fromkeys(labels))
+    )
     return float(math.sqrt(between / total))
 
 
@@ -245,7 +297,8 @@ def importance_table(study, runs: Sequence[Run], params: dict, metric: str) -> l
 
     try:  # fANOVA is Optuna's, and reads the study's COMPLETE trials (a continued run's newest trial)
         imp = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+        )
     except ImportError as e:
         return f"no importance: fANOVA needs scikit-learn (pip install scikit-learn; {e.name or e})"
     except (ValueError, RuntimeError) as e:  # e.g. parameters that only some runs have
@@ -267,14 +320,15 @@ def plot_importance(rows: Sequence[Sequence], metric: str, out: Path, dpi: int) 
     a.set(xlabel="fANOVA importance (sums to 1)", title=f"importance for {metric}", xlim=(0, 1))
     corr = [0.0 if math.isnan(r[2]) else r[2] for r in rows][::-1]
     kinds = [r[3] for r in rows][::-1]
-    colours = ["0.6" if k == "eta" else ("C2" if c >= 0 else "C3") for c, k in zip(corr, kinds)]
+    colours = ["0.6" if k == "eta" else ("C2" if c >= 0 else "C3") for c, k in zip(corr, kinds, strict=True)]
     bars = b.barh(names, corr, color=colours)
-    for bar, k in zip(bars, kinds):
+    for bar, k in zip(bars, kinds, strict=True):
         if k == "eta":
             bar.set_hatch("//")
     b.axvline(0, color="k", lw=0.8)
-    b.set(xlabel="Spearman's rho (grey, hatched: eta of a categorical)", title=f"correlation with {metric}",
-          xlim=(-1, 1))
+    b.set(
+        xlabel="Spearman's rho (grey, hatched: eta of a categorical)", title=f"correlation with {metric}", xlim=(-1, 1)
+    )
     for ax in (a, b):
         ax.grid(axis="x", alpha=0.3)
     return save_figure(fig, out, dpi)
@@ -288,8 +342,14 @@ def categorical_rows(runs: Sequence[Run], param: str, dist, goal: str) -> list[l
     for value in dist.choices:
         mine = [r for r in runs if param in r.trial.params and r.trial.params[param] == value]
         done = [r.metric for r in mine if r.state == "complete" and r.metric is not None]
-        rows.append([value, pick(done) if done else None, sum(done) / len(done) if done else None,
-                     *(sum(r.state == s for r in mine) for s in ("complete", "pruned", "failed", "running"))])
+        rows.append(
+            [
+                value,
+                pick(done) if done else None,
+                sum(done) / len(done) if done else None,
+                *(sum(r.state == s for r in mine) for s in ("complete", "pruned", "failed", "running")),
+            ]
+        )
     return rows
 
 
@@ -326,7 +386,7 @@ def plot_top_curves(runs: Sequence[Run], metric: str, goal: str, top: int, out: 
             print(f"note: {r.name}: no {metric} per epoch in {where}; its curve is skipped")
             continue
         state = "" if r.state == "complete" else f", {r.state}"
-        ax.plot(*zip(*points), "-o", ms=3, label=f"{r.name} ({metric} {fmt(r.metric)}{state})")
+        ax.plot(*zip(*points, strict=True), "-o", ms=3, label=f"{r.name} ({metric} {fmt(r.metric)}{state})")
         drawn += 1
     from matplotlib.ticker import MaxNLocator
 
@@ -344,8 +404,9 @@ def plot_top_curves(runs: Sequence[Run], metric: str, goal: str, top: int, out: 
 def wandb_project(study, runs: Sequence[Run]) -> tuple[str, str | None]:
     """(project, entity) of the sweep's runs: as their config says, else the program's default project
     (train_parta.py logs to inat12k-parta, train_partb.py to inat12k-partb)."""
-    config = next((r.trial.user_attrs.get("run_config") or {} for r in reversed(runs)
-                   if r.trial.user_attrs.get("run_config")), {})
+    config = next(
+        (r.trial.user_attrs.get("run_config") or {} for r in reversed(runs) if r.trial.user_attrs.get("run_config")), {}
+    )
     program = Path(str(study.user_attrs.get("program") or "")).stem
     default = f"inat12k-{program.removeprefix('train_')}" if program.startswith("train_") else "inat12k"
     return (study.user_attrs.get("project") or config.get("wandb_project") or default), config.get("wandb_entity")
@@ -356,8 +417,9 @@ def log_report(images: dict[str, Path], study, runs: Sequence[Run], out_dir: Pat
     project, entity = wandb_project(study, runs)
     ns = argparse.Namespace(wandb="auto", wandb_project=project, wandb_entity=entity)
     try:
-        logger = WandbLogger(ns, out_dir, f"sweep-report-{study.study_name}",
-                             {"study": study.study_name, **dict(study.user_attrs)})
+        logger = WandbLogger(
+            ns, out_dir, f"sweep-report-{study.study_name}", {"study": study.study_name, **dict(study.user_attrs)}
+        )
     except UserError as e:  # the PNGs are written already: W&B trouble costs only the upload
         print(f"W&B: not logging the report ({e})")
         return False
@@ -367,15 +429,20 @@ def log_report(images: dict[str, Path], study, runs: Sequence[Run], out_dir: Pat
             logger.log_image(f"sweep/{key}", path)
     finally:
         logger.finish()
-    print(f"W&B: logged {len(images)} figures to project {project} ({out_dir / 'wandb'})" if logged
-          else "W&B: not logging the report")
+    print(
+        f"W&B: logged {len(images)} figures to project {project} ({out_dir / 'wandb'})"
+        if logged
+        else "W&B: not logging the report"
+    )
     return logged
 
 
 # ----------------------------------------------------------------------------- command
-DESCRIPTION = ("Report of a hyperparameter sweep from its Optuna study: metric vs created, parallel coordinates, "
-               "parameter importance and correlation, top-N validation curves (PNGs, default SWEEP_DIR/report), "
-               "and tables of the runs and of each categorical parameter's values (also as CSV).")
+DESCRIPTION = (
+    "Report of a hyperparameter sweep from its Optuna study: metric vs created, parallel coordinates, "
+    "parameter importance and correlation, top-N validation curves (PNGs, default SWEEP_DIR/report), "
+    "and tables of the runs and of each categorical parameter's values (also as CSV)."
+)
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -414,25 +481,34 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out) if args.out else base / "report"
     params = searched_params(runs)
     print_runs(runs, params, metric, goal)
-    images = {"metric_vs_created": plot_metric_vs_created(runs, metric, goal, out_dir / "metric_vs_created.png",
-                                                          args.dpi)}
+    images = {
+        "metric_vs_created": plot_metric_vs_created(runs, metric, goal, out_dir / "metric_vs_created.png", args.dpi)
+    }
     fig, lines = parallel_coordinates_figure(runs, params, metric)
     images["parallel_coordinates"] = save_figure(fig, out_dir / "parallel_coordinates.png", args.dpi)
     rows = importance_table(study, runs, params, metric)
     if isinstance(rows, str):
         print(f"\n{rows}")
     else:
-        print_table(f"parameter importance for {metric} (fANOVA, seed 0) and correlation (spearman: Spearman's "
-                    "rho; eta: correlation ratio of a categorical, unsigned), over complete runs:",
-                    ["parameter", "importance", "correlation", "kind"], rows)
+        print_table(
+            f"parameter importance for {metric} (fANOVA, seed 0) and correlation (spearman: Spearman's "
+            "rho; eta: correlation ratio of a categorical, unsigned), over complete runs:",
+            ["parameter", "importance", "correlation", "kind"],
+            rows,
+        )
         images["importance"] = plot_importance(rows, metric, out_dir / "importance.png", args.dpi)
     csvs = categorical_tables(runs, params, metric, goal, out_dir)
-    images["top_curves"], curves = plot_top_curves(runs, metric, goal, args.top, out_dir / "top_curves.png",
-                                                   args.dpi)
+    images["top_curves"], curves = plot_top_curves(runs, metric, goal, args.top, out_dir / "top_curves.png", args.dpi)
     print()
     for path in [*images.values(), *csvs]:
         print(f"wrote {path}")
     if args.wandb:
         log_report(images, study, runs, out_dir)
-    return {"runs": len(runs), "images": images, "csvs": csvs, "parallel_lines": lines, "curves": curves,
-            "importance": rows}
+    return {
+        "runs": len(runs),
+        "images": images,
+        "csvs": csvs,
+        "parallel_lines": lines,
+        "curves": curves,
+        "importance": rows,
+    }

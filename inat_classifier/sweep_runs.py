@@ -6,6 +6,7 @@ whose runner stopped (Ctrl-C, SIGTERM) or died (kill -9, a lost node: a stale he
 marked FAIL and queued again with its attributes; the next claim continues its folder from
 last.pt with --resume.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,28 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from inat_classifier.sweep_engine import (Run, metrics_columns, plain, print_leaderboard, ranked, read_history, run_command,
-                          run_result, summarize)
+from inat_classifier.sweep_engine import (
+    Run,
+    metrics_columns,
+    plain,
+    print_leaderboard,
+    ranked,
+    read_history,
+    run_command,
+    run_result,
+    summarize,
+)
 from inat_classifier.sweep_process import Interrupted, error_line, execute, failure_note, run_dir_from_output
 from inat_classifier.sweep_space import Parameter, build_pruner, build_sampler, grid_values, metric_of, suggest
 from inat_classifier.sweep_storage import Heartbeat, fail_stale_runs, requeue
 
 INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"
-STATES = {TrialState.COMPLETE: "finished", TrialState.PRUNED: "pruned", TrialState.RUNNING: "running",
-          TrialState.WAITING: "queued"}
+STATES = {
+    TrialState.COMPLETE: "finished",
+    TrialState.PRUNED: "pruned",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "queued",
+}
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the runner prints its own lines
 
 
@@ -91,10 +105,18 @@ def run_of(sweep: Sweep, t: optuna.trial.FrozenTrial) -> Run:
     if t.state == TrialState.COMPLETE:
         best, best_epoch = t.value, a.get("best_epoch", best_epoch)
     elapsed = time.time() - t.datetime_start.timestamp() if t.state == TrialState.RUNNING and t.datetime_start else 0
-    return Run(name=Path(a["run_dir"]).name, number=a.get("run", t.number + 1), state=state, run_dir=a["run_dir"],
-               config={k: v.get("value") for k, v in (a.get("run_config") or {}).items()}, metric=best,
-               best_epoch=best_epoch, epochs=len(history), minutes=(a.get("duration_s", 0.0) + elapsed) / 60,
-               note=a.get("note", ""))
+    return Run(
+        name=Path(a["run_dir"]).name,
+        number=a.get("run", t.number + 1),
+        state=state,
+        run_dir=a["run_dir"],
+        config={k: v.get("value") for k, v in (a.get("run_config") or {}).items()},
+        metric=best,
+        best_epoch=best_epoch,
+        epochs=len(history),
+        minutes=(a.get("duration_s", 0.0) + elapsed) / 60,
+        note=a.get("note", ""),
+    )
 
 
 def sweep_runs(sweep: Sweep) -> list[Run]:
@@ -125,11 +147,15 @@ def write_best_config(sweep: Sweep, best: Run, writable: bool) -> None:
     program = Path(sweep.config["program"]).name
     target = sweep.dir / "best.yaml"
     if writable:
-        target.write_text(f"# {best.name} of {sweep.dir}: {sweep.metric[0]} {best.metric:.4f}\n"
-                          + yaml.safe_dump(flags, sort_keys=False))
+        target.write_text(
+            f"# {best.name} of {sweep.dir}: {sweep.metric[0]} {best.metric:.4f}\n"
+            + yaml.safe_dump(flags, sort_keys=False)
+        )
     print(f"\nbest run: {best.name} ({sweep.metric[0]} {best.metric:.4f}, epoch {best.best_epoch})")
-    print(f"train it again, longer:  python {program} --config {target} --epochs 30"
-          + ("" if writable else f"   ({sweep.dir} is read-only: no best.yaml written)"))
+    print(
+        f"train it again, longer:  python {program} --config {target} --epochs 30"
+        + ("" if writable else f"   ({sweep.dir} is read-only: no best.yaml written)")
+    )
     print(f"test it:                 python evaluate.py --ckpt {run_dir / 'best.pt'}")
 
 
@@ -146,8 +172,11 @@ def done_reason(sweep: Sweep) -> str | None:
         return f"[sweep] run_cap reached: {len(runs)} runs"
     if sweep.config["method"] == "grid":
         total = math.prod(len(grid_values(p)) for p in sweep.params if p.searched)
-        taken = {t.system_attrs.get("grid_id") for t in sweep.study.get_trials(deepcopy=False)
-                 if t.user_attrs.get("status") != "duplicate"} - {None}
+        taken = {
+            t.system_attrs.get("grid_id")
+            for t in sweep.study.get_trials(deepcopy=False)
+            if t.user_attrs.get("status") != "duplicate"
+        } - {None}
         if len(taken) >= total and not any(t.state == TrialState.WAITING for t in runs.values()):
             return "[sweep] grid search complete: every configuration has run or is running"
     return None
@@ -182,16 +211,27 @@ def claim_run(sweep: Sweep, stale_s: float) -> Claim | None:
         if "run_dir" in attrs:  # a run queued to continue: its folder, from its last.pt
             epochs = len(read_history(sweep.dir / attrs["run_dir"]))
             trial.set_user_attr("note", f"resumed after epoch {epochs}")
-            return Claim(trial, Path(attrs["run_dir"]).name, attrs["run_dir"], attrs["run_config"], epochs,
-                         attrs.get("duration_s", 0.0), resume=(sweep.dir / attrs["run_dir"]).is_dir())
+            return Claim(
+                trial,
+                Path(attrs["run_dir"]).name,
+                attrs["run_dir"],
+                attrs["run_config"],
+                epochs,
+                attrs.get("duration_s", 0.0),
+                resume=(sweep.dir / attrs["run_dir"]).is_dir(),
+            )
         if duplicate_grid_point(study, trial):
             trial.set_user_attr("status", "duplicate")
             study.tell(trial, state=TrialState.FAIL)
             continue
         run_config = plain(suggest(trial, sweep.params))
         name = f"run-{trial.number + 1:03d}"  # trial numbers are unique across runners: no coordination needed
-        for key, value in {"run": trial.number + 1, "run_dir": f"runs/{name}", "run_config": run_config,
-                           "log": f"logs/{name}.log"}.items():
+        for key, value in {
+            "run": trial.number + 1,
+            "run_dir": f"runs/{name}",
+            "run_config": run_config,
+            "log": f"logs/{name}.log",
+        }.items():
             trial.set_user_attr(key, value)
         return Claim(trial, name, f"runs/{name}", run_config)
 
@@ -199,8 +239,16 @@ def claim_run(sweep: Sweep, stale_s: float) -> Claim | None:
 # ----------------------------------------------------------------------------- training
 def command_of(args: argparse.Namespace, sweep: Sweep, claim: Claim) -> list[str]:
     """The agent's command for the run; a continued run resumes its folder (--resume wins over the rest)."""
-    command = run_command(sweep.config, claim.run_config, sweep.program, sweep.dir / "runs", claim.name,
-                          args.interpreter, args.wandb, sweep.train_args)
+    command = run_command(
+        sweep.config,
+        claim.run_config,
+        sweep.program,
+        sweep.dir / "runs",
+        claim.name,
+        args.interpreter,
+        args.wandb,
+        sweep.train_args,
+    )
     return command + (["--resume", str(sweep.dir / claim.run_dir)] if claim.resume else [])
 
 
@@ -227,10 +275,14 @@ def train_claimed(args: argparse.Namespace, sweep: Sweep, claim: Claim) -> str |
     run_dir, log = sweep.dir / claim.run_dir, sweep.dir / "logs" / f"{claim.name}.log"
     if run_result(run_dir) is not None:  # it completed, but its runner died before recording that
         return record_end(sweep, claim, 0, False, [], 0.0, "completed; its runner stopped before it recorded that")
-    values = " ".join(f"{k}={v['value']}" for k, v in claim.run_config.items()
-                      if k in {p.name for p in sweep.params if p.searched})
-    print(f"\n[sweep] {claim.name}: {values}" + (f" (resuming it after epoch {claim.resumed_after})"
-                                               if claim.resume else ""), flush=True)
+    values = " ".join(
+        f"{k}={v['value']}" for k, v in claim.run_config.items() if k in {p.name for p in sweep.params if p.searched}
+    )
+    print(
+        f"\n[sweep] {claim.name}: {values}"
+        + (f" (resuming it after epoch {claim.resumed_after})" if claim.resume else ""),
+        flush=True,
+    )
     command = command_of(args, sweep, claim)
     print("[sweep] $ " + " ".join(command), flush=True)
     heartbeat = Heartbeat(sweep.study, claim.trial, args.stale_s)
@@ -239,8 +291,9 @@ def train_claimed(args: argparse.Namespace, sweep: Sweep, claim: Claim) -> str |
     check = pruning_check(sweep, claim, heartbeat, run_dir, hyperband)
     t0 = time.time()
     try:
-        code, stopped, tail = execute(command, {"name": claim.name}, log, check, args.poll_s,
-                                      not args.quiet, append=claim.resume)
+        code, stopped, tail = execute(
+            command, {"name": claim.name}, log, check, args.poll_s, not args.quiet, append=claim.resume
+        )
     except Interrupted as stop:
         if stop.code == 0 or run_result(run_dir) is not None:  # it completed before it could stop
             record_end(sweep, claim, 0, False, stop.tail, time.time() - t0)
@@ -262,16 +315,21 @@ def record_interrupted(sweep: Sweep, claim: Claim, seconds: float) -> None:
     requeue(sweep.study, trial._trial_id)
 
 
-def record_end(sweep: Sweep, claim: Claim, code: int, stopped: bool, tail: list[str], seconds: float,
-               note: str = "") -> str:
+def record_end(
+    sweep: Sweep, claim: Claim, code: int, stopped: bool, tail: list[str], seconds: float, note: str = ""
+) -> str:
     """Tell the study how the run ended (finished, pruned by hyperband, failed) and print one line; its state."""
     metric, goal = sweep.metric
     run_dir = run_dir_from_output(tail, sweep.dir / claim.run_dir)
     history = read_history(run_dir)
     best, best_epoch = summarize(history, metric, goal)
     trial = claim.trial
-    attrs = {"duration_s": round(claim.earlier_s + seconds, 1), "returncode": code, "best_epoch": best_epoch,
-             "epochs": len(history)}
+    attrs = {
+        "duration_s": round(claim.earlier_s + seconds, 1),
+        "returncode": code,
+        "best_epoch": best_epoch,
+        "epochs": len(history),
+    }
     if code == 0 or run_result(run_dir) is not None:  # complete, also when it ended before a SIGTERM landed
         state, status = (TrialState.COMPLETE if best is not None else TrialState.FAIL), "finished"
         note = note or ("" if best is not None else f"no {metric} in {run_dir / 'metrics.csv'}")
@@ -283,13 +341,18 @@ def record_end(sweep: Sweep, claim: Claim, code: int, stopped: bool, tail: list[
         trial.set_user_attr(key, value)
     sweep.study.tell(trial, best if state == TrialState.COMPLETE else None, state=state)
     result = f"{metric} {best:.4f} (epoch {best_epoch})" if best is not None else "-"
-    print(f"[sweep] {claim.name} {status}: {result} in {attrs['duration_s']:.0f}s" + (f" ({note})" if note else ""),
-          flush=True)
+    print(
+        f"[sweep] {claim.name} {status}: {result} in {attrs['duration_s']:.0f}s" + (f" ({note})" if note else ""),
+        flush=True,
+    )
     if status == "finished" and best is None:
         columns = metrics_columns(run_dir)
-        print(f"[sweep] warning: no run logs '{metric}': {claim.name}'s metrics.csv has "
-              + (", ".join(columns) if columns else "no columns (or is missing)") + "; fix metric.name in the yaml",
-              flush=True)
+        print(
+            f"[sweep] warning: no run logs '{metric}': {claim.name}'s metrics.csv has "
+            + (", ".join(columns) if columns else "no columns (or is missing)")
+            + "; fix metric.name in the yaml",
+            flush=True,
+        )
     if status == "failed" and code == 2 and len(history) <= claim.resumed_after:
         trial_note = error_line(tail)
         if trial_note:  # bad input fails every run the same way: say why now, not after --count failures
@@ -302,8 +365,11 @@ def run_loop(args: argparse.Namespace, sweep: Sweep) -> int:
     an interrupt; the exit code: 0, 1 (runs failed), 2 (a run's flags were rejected), 130."""
     with_sampler(sweep, args)
     metric, goal = sweep.metric
-    print(f"[sweep] {sweep.dir}: {sweep.config['method']} search, {metric} ({goal}), "
-          f"{len(newest_trials(sweep.study))} runs so far; training {args.count} more", flush=True)
+    print(
+        f"[sweep] {sweep.dir}: {sweep.config['method']} search, {metric} ({goal}), "
+        f"{len(newest_trials(sweep.study))} runs so far; training {args.count} more",
+        flush=True,
+    )
     failures_in_a_row, trained, failed = 0, 0, 0
     try:
         for _ in range(args.count):
@@ -314,14 +380,19 @@ def run_loop(args: argparse.Namespace, sweep: Sweep) -> int:
             if status is None:
                 return 130
             if status.startswith("rejected:"):
-                print(f"error: {claim.name} was rejected: {status[9:]} (see {sweep.dir / 'logs' / claim.name}.log); "
-                      f"fix the sweep's parameters or the flags after --", file=sys.stderr)
+                print(
+                    f"error: {claim.name} was rejected: {status[9:]} (see {sweep.dir / 'logs' / claim.name}.log); "
+                    f"fix the sweep's parameters or the flags after --",
+                    file=sys.stderr,
+                )
                 return 2
             trained, failed = trained + 1, failed + (status == "failed")
             failures_in_a_row = failures_in_a_row + 1 if status == "failed" else 0
             if args.max_failures and failures_in_a_row >= args.max_failures:
-                print(f"[sweep] stopping: {failures_in_a_row} runs in a row failed; see {sweep.dir / 'logs'}",
-                      file=sys.stderr)
+                print(
+                    f"[sweep] stopping: {failures_in_a_row} runs in a row failed; see {sweep.dir / 'logs'}",
+                    file=sys.stderr,
+                )
                 show_leaderboard(sweep, args.top)
                 return 1
     except KeyboardInterrupt:  # between runs
@@ -337,14 +408,19 @@ def run_loop(args: argparse.Namespace, sweep: Sweep) -> int:
 
 def dry_run(args: argparse.Namespace, sweep: Sweep) -> int:
     """Print the commands of the next --count samples, from a copy of the study in memory; nothing is saved."""
-    memory = optuna.create_study(direction=sweep.metric[1], sampler=build_sampler(sweep.config, sweep.params, args.seed))
+    memory = optuna.create_study(
+        direction=sweep.metric[1], sampler=build_sampler(sweep.config, sweep.params, args.seed)
+    )
     if sweep.study is not None:
         memory.add_trials([t for t in sweep.study.get_trials() if t.state.is_finished()])
     copy = Sweep(sweep.dir, sweep.config, sweep.params, memory, sweep.config_path, sweep.program, sweep.train_args)
     for _ in range(args.count):
         if done_reason(copy):
-            print("grid search complete: no more configurations" if sweep.config["method"] == "grid"
-                  else done_reason(copy))
+            print(
+                "grid search complete: no more configurations"
+                if sweep.config["method"] == "grid"
+                else done_reason(copy)
+            )
             break
         trial = memory.ask()
         run_config = plain(suggest(trial, sweep.params))

@@ -1,10 +1,11 @@
-"""A W&B sweep.yaml as an Optuna search: its parameters as trial suggestions, its method as a sampler, its hyperband as a pruner.
+"""A W&B sweep.yaml as an Optuna search: parameters as trial suggestions, method as sampler, hyperband as pruner.
 
 Every W&B parameter form maps to one Optuna distribution, or is refused in one line naming its key
 before anything starts. Forms Optuna has no distribution for are sampled through one it has:
 the normal family through a uniform quantile (recorded as `<name>.quantile`), `q` steps by
 rounding the sampled value, `probabilities` by a sampler that draws that categorical by its weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,19 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from inat_classifier.cli import UserError
 
 METHODS = ("grid", "random", "bayes")
-TOP_KEYS = {"program", "method", "metric", "parameters", "command", "run_cap", "early_terminate", "name",
-            "description", "project", "entity"}
+TOP_KEYS = {
+    "program",
+    "method",
+    "metric",
+    "parameters",
+    "command",
+    "run_cap",
+    "early_terminate",
+    "name",
+    "description",
+    "project",
+    "entity",
+}
 FLOAT_FORMS = {  # distribution -> (Optuna bounds from min/max, log scale)
     "uniform": (lambda lo, hi: (lo, hi), False),
     "q_uniform": (lambda lo, hi: (lo, hi), False),
@@ -57,8 +69,9 @@ class Parameter:
 
     def choices(self) -> list:
         """The categorical's values as Optuna can store them (lists and mappings as JSON text)."""
-        return [v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v)
-                for v in self.spec["values"]]
+        return [
+            v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v) for v in self.spec["values"]
+        ]
 
     def distribution(self):
         """The Optuna distribution this parameter is sampled from (None for a constant)."""
@@ -122,8 +135,9 @@ def parameter_form(name: str, spec: Any) -> str:
 def check_parameter(name: str, form: str, spec: dict) -> None:
     """Bounds and keys a distribution needs, each missing or wrong one a line naming it."""
     where = f"parameters.{name}"
-    needs = {"constant": ("value",), "categorical": ("values",)}.get(form, ("min", "max") if form not in NORMAL_FORMS
-                                                                      else ())
+    needs = {"constant": ("value",), "categorical": ("values",)}.get(
+        form, ("min", "max") if form not in NORMAL_FORMS else ()
+    )
     for key in needs:
         if key not in spec:
             raise UserError(f"{where}: distribution {form} needs '{key}'")
@@ -131,8 +145,13 @@ def check_parameter(name: str, form: str, spec: dict) -> None:
         raise UserError(f"{where}.values: expected a non-empty list")
     if "probabilities" in spec:
         p = spec["probabilities"]
-        if form != "categorical" or not isinstance(p, list) or len(p) != len(spec.get("values", [])) \
-                or any(not isinstance(v, (int, float)) or v < 0 for v in p) or not math.isclose(sum(p), 1.0, abs_tol=1e-6):
+        if (
+            form != "categorical"
+            or not isinstance(p, list)
+            or len(p) != len(spec.get("values", []))
+            or any(not isinstance(v, (int, float)) or v < 0 for v in p)
+            or not math.isclose(sum(p), 1.0, abs_tol=1e-6)
+        ):
             raise UserError(f"{where}.probabilities: expected one weight >= 0 per value, summing to 1")
     if "min" in needs:
         lo, hi = spec["min"], spec["max"]
@@ -158,8 +177,9 @@ def parse_parameters(config: dict, where: str) -> list[Parameter]:
         form = parameter_form(str(name), spec)
         check_parameter(str(name), form, spec)
         if config.get("method") == "grid" and form not in GRID_FORMS:
-            raise UserError(f"{where}: parameters.{name}: method grid needs value or values "
-                            f"(or int_uniform, q_uniform), not {form}")
+            raise UserError(
+                f"{where}: parameters.{name}: method grid needs value or values (or int_uniform, q_uniform), not {form}"
+            )
         out.append(Parameter(str(name), form, spec))
     return out
 
@@ -195,15 +215,20 @@ def check_config(config: Any, where: str) -> None:
         raise UserError(f"{where}: expected a mapping with program, method, metric and parameters")
     for key in config:
         if key not in TOP_KEYS:
-            raise UserError(f"{where}: '{key}' cannot be mapped to an offline sweep (known: {', '.join(sorted(TOP_KEYS))})")
+            raise UserError(
+                f"{where}: '{key}' cannot be mapped to an offline sweep (known: {', '.join(sorted(TOP_KEYS))})"
+            )
     for key in ("program", "method", "parameters"):
         if key not in config:
             raise UserError(f"{where}: needs '{key}'")
     if config["method"] not in METHODS:
         raise UserError(f"{where}: method '{config['method']}' cannot be mapped; use grid, random or bayes")
     metric = config.get("metric")
-    if metric is not None and (not isinstance(metric, dict) or not isinstance(metric.get("name"), str)
-                               or metric.get("goal", "maximize") not in ("maximize", "minimize")):
+    if metric is not None and (
+        not isinstance(metric, dict)
+        or not isinstance(metric.get("name"), str)
+        or metric.get("goal", "maximize") not in ("maximize", "minimize")
+    ):
         raise UserError(f"{where}: metric: expected {{name: ..., goal: maximize|minimize}}")
     if (config["method"] == "bayes" or config.get("early_terminate")) and metric is None:
         raise UserError(f"{where}: method {config['method']} and early_terminate need metric: {{name, goal}}")

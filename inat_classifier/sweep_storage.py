@@ -4,6 +4,7 @@ The journal file needs no server and no `flock` (Optuna locks it with a symlink,
 NFS, Lustre and GPFS), so runners on many nodes of a shared filesystem can share it. A database
 URL (`sqlite:///`, `postgresql://`, `mysql://`) suits many nodes without a shared filesystem.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -40,11 +41,10 @@ def journal_path(sweep_dir: Path | None, storage: str | None) -> Path | None:
         return Path(sweep_dir) / JOURNAL_NAME
     if is_database_url(storage):
         return None
-    return Path(storage[len("file://"):] if storage.startswith("file://") else storage)
+    return Path(storage[len("file://") :] if storage.startswith("file://") else storage)
 
 
-def open_storage(sweep_dir: Path | None, storage: str | None, read_only: bool = False,
-                 grace_s: int = GRACE_PERIOD_S):
+def open_storage(sweep_dir: Path | None, storage: str | None, read_only: bool = False, grace_s: int = GRACE_PERIOD_S):
     """The Optuna storage of a sweep; read_only reads a copy of the journal (a read-only folder, --show)."""
     import optuna
     from optuna.storages import journal
@@ -79,19 +79,27 @@ def _database(url: str, grace_s: int):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
-            return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, grace_s // HEARTBEATS_PER_GRACE),
-                                              grace_period=grace_s, heartbeat_stale_trial_callback=retry)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=max(1, grace_s // HEARTBEATS_PER_GRACE),
+                grace_period=grace_s,
+                heartbeat_stale_trial_callback=retry,
+            )
         except ImportError as e:
-            raise UserError(f"--storage {url.split('://')[0]}://...: needs its database driver "
-                            f"({e.name or e})") from None
+            raise UserError(
+                f"--storage {url.split('://')[0]}://...: needs its database driver ({e.name or e})"
+            ) from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             if attempt == 2:  # runners starting together race to create the tables: the loser tries again
-                raise UserError(f"--storage {url.split('@')[-1]}: cannot create the study tables "
-                                f"({type(e).__name__})") from None
+                raise UserError(
+                    f"--storage {url.split('@')[-1]}: cannot create the study tables ({type(e).__name__})"
+                ) from None
             time.sleep(1.0 + attempt)
         except Exception as e:  # sqlalchemy's errors: a refused connection, a wrong password, not a study schema
-            raise UserError(f"--storage {url.split('@')[-1]}: cannot open the database ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from None
+            raise UserError(
+                f"--storage {url.split('@')[-1]}: cannot open the database ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]})"
+            ) from None
 
 
 def load_study(storage, name: str | None, where: str):
@@ -109,7 +117,9 @@ def load_study(storage, name: str | None, where: str):
         time.sleep(0.1)  # an empty journal: a runner started alongside is creating the study in it
     if name is None:
         if len(names) != 1:
-            raise UserError(f"{where}: holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study")
+            raise UserError(
+                f"{where}: holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study"
+            )
         name = names[0]
     if name not in names:
         raise UserError(f"{where}: has no study '{name}' (it has: {', '.join(names) or 'none'})")

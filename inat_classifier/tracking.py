@@ -1,12 +1,14 @@
 """What a run reports: progress bars and lines, training curves, and W&B logging that needs no account."""
+
 from __future__ import annotations
 
 import argparse
 import netrc
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from inat_classifier.cli import UserError
 from inat_classifier.figures import pyplot
@@ -83,8 +85,9 @@ def init_timeout() -> float:
     try:
         return float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
     except ValueError:
-        raise UserError(f"WANDB_INIT_TIMEOUT must be a number of seconds, got "
-                        f"'{os.environ['WANDB_INIT_TIMEOUT']}'") from None
+        raise UserError(
+            f"WANDB_INIT_TIMEOUT must be a number of seconds, got '{os.environ['WANDB_INIT_TIMEOUT']}'"
+        ) from None
 
 
 def wandb_server() -> str:
@@ -105,7 +108,7 @@ class WandbLogger:
     """W&B that never prompts and needs no account: auto picks online only when a key exists."""
 
     @classmethod
-    def off(cls) -> "WandbLogger":
+    def off(cls) -> WandbLogger:
         logger = cls.__new__(cls)
         logger.run = None
         return logger
@@ -121,7 +124,9 @@ class WandbLogger:
             if mode == "auto":
                 print("W&B: wandb is not installed; logging only to metrics.csv")
                 return
-            raise UserError(f"--wandb {mode} needs the wandb package (pip install wandb), or use --wandb disabled")
+            raise UserError(
+                f"--wandb {mode} needs the wandb package (pip install wandb), or use --wandb disabled"
+            ) from None
         if mode == "auto":
             env_mode = os.environ.get("WANDB_MODE")
             if env_mode in ("online", "offline", "disabled", "dryrun", "run"):
@@ -130,20 +135,23 @@ class WandbLogger:
                 mode = "online"
             else:
                 mode = "offline"
-                print(f"W&B: no API key configured, logging offline to {run_dir / 'wandb'} "
-                      f"(upload later with 'wandb sync {run_dir / 'wandb'}/offline-run-*')")
+                print(
+                    f"W&B: no API key configured, logging offline to {run_dir / 'wandb'} "
+                    f"(upload later with 'wandb sync {run_dir / 'wandb'}/offline-run-*')"
+                )
         if mode == "disabled":
             return
         self.wandb = wandb
-        kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=name,
-                      config=config, dir=str(run_dir))
+        kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=name, config=config, dir=str(run_dir))
         try:
             self.run = wandb.init(mode=mode, **kwargs, **online_settings(wandb, mode))
         except Exception as e:  # no key, no network: never lose the run over logging
             if mode != "online":
                 raise UserError(f"W&B could not start in {mode} mode: {str(e).splitlines()[0][:200]}") from None
-            print(f"W&B: {wandb_server()} did not start the run ({str(e).splitlines()[0][:80]}; waited at "
-                  f"most {init_timeout():g} s); logging offline to {run_dir / 'wandb'} instead")
+            print(
+                f"W&B: {wandb_server()} did not start the run ({str(e).splitlines()[0][:80]}; waited at "
+                f"most {init_timeout():g} s); logging offline to {run_dir / 'wandb'} instead"
+            )
             self.run = wandb.init(mode="offline", **kwargs)
 
     def log(self, metrics: dict, step: int | None = None) -> None:

@@ -4,11 +4,12 @@ Training, the LR finder and tools/bench.py all step through `train_step`, in the
 NativeScaler: fp16 with a GradScaler (it rescues small gradients from underflow), bf16 and full
 precision with a disabled one (a plain step).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -34,8 +35,9 @@ class Trainer:
     pending: int = 0  # micro-batches whose gradients are summed but not yet applied
 
 
-def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1,
-               update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    trainer: Trainer, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1, update: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of (x, y), one of `micro_batches` whose gradients add up (the loss is scaled
     by 1/micro_batches); with `update`, then the optimizer step. Returns the loss and the logits,
     detached (no host sync)."""

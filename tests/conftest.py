@@ -2,6 +2,7 @@
 
 Everything is real files in tmp folders; nothing of our own code is mocked.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -67,8 +68,12 @@ def make_dataset(root: Path, classes=None, n_train: int = 6, n_val: int = 3, siz
             colour = COLOURS.get(name, ((ci * 70) % 256, (ci * 130) % 256, (ci * 190) % 256))
             for i in range(n):
                 ext = ".jpg" if i % 2 else ".png"
-                write_image(root / split / name / f"{name}_{i:03d}{ext}", colour, seed=(split == "val") * 100_000 + ci * 1000 + i,
-                            size=size)
+                write_image(
+                    root / split / name / f"{name}_{i:03d}{ext}",
+                    colour,
+                    seed=(split == "val") * 100_000 + ci * 1000 + i,
+                    size=size,
+                )
     return root
 
 
@@ -101,7 +106,8 @@ def build_fixture(root: Path) -> Fixture:
     rgba.save(odd["rgba_png"], "PNG")
     odd["palette_png"] = train / "blue" / "odd_palette.png"
     Image.fromarray(noisy_colour(COLOURS["blue"], seed=104)).convert("P", palette=Image.ADAPTIVE).save(
-        odd["palette_png"], "PNG")
+        odd["palette_png"], "PNG"
+    )
     odd["png16"] = train / "yellow" / "odd_16bit.png"
     Image.fromarray(np.full((IMG_SIZE, IMG_SIZE), 32768, np.uint16)).save(odd["png16"], "PNG")
     # A truncated JPEG: a valid file cut in half.
@@ -180,7 +186,9 @@ def assert_one_line_error(proc, *fragments: str) -> str:
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert "Traceback" not in out, out
-    last = [ln for ln in proc.stderr.splitlines() if ln.strip()] or [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    last = [ln for ln in proc.stderr.splitlines() if ln.strip()] or [
+        ln for ln in proc.stdout.splitlines() if ln.strip()
+    ]
     assert last and last[-1].startswith("error:"), out
     for frag in fragments:
         assert frag in last[-1], (frag, last[-1])
@@ -192,11 +200,39 @@ def train_args(data_dir: Path, out_dir: Path, run_name: str, epochs: int = 3, *e
 
     The decoded-image cache goes to out_dir/_cache: per test, never the user's ~/.cache.
     """
-    return ["--data_dir", str(data_dir), "--out_dir", str(out_dir), "--run_name", run_name,
-            "--cache", str(Path(out_dir) / "_cache"),
-            "--image_size", "32", "--conv_layers", "2", "--filters", "8", "--dense_neurons", "32",
-            "--batch_size", "16", "--epochs", str(epochs), "--lr", "0.005", "--warmup_epochs", "0",
-            "--workers", "0", "--wandb", "disabled", "--device", "cpu", *map(str, extra)]
+    return [
+        "--data_dir",
+        str(data_dir),
+        "--out_dir",
+        str(out_dir),
+        "--run_name",
+        run_name,
+        "--cache",
+        str(Path(out_dir) / "_cache"),
+        "--image_size",
+        "32",
+        "--conv_layers",
+        "2",
+        "--filters",
+        "8",
+        "--dense_neurons",
+        "32",
+        "--batch_size",
+        "16",
+        "--epochs",
+        str(epochs),
+        "--lr",
+        "0.005",
+        "--warmup_epochs",
+        "0",
+        "--workers",
+        "0",
+        "--wandb",
+        "disabled",
+        "--device",
+        "cpu",
+        *map(str, extra),
+    ]
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -328,7 +364,8 @@ def trained_run(image_folder, tmp_path_factory) -> TrainedRun:
 
     out = tmp_path_factory.mktemp("runs")
     args = train_parta.get_args_parser().parse_args(
-        train_args(image_folder.root, out, "trained", TRAINED_EPOCHS, "--seed", "0"))
+        train_args(image_folder.root, out, "trained", TRAINED_EPOCHS, "--seed", "0")
+    )
     state = train_parta.main(args)
     return TrainedRun(out / "trained", state, args, image_folder)
 

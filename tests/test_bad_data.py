@@ -3,6 +3,7 @@
 Real files throughout: symlinks made with os.symlink, unreadable images written as bytes, runs
 trained by the scripts themselves. Signals, full disks and damaged caches: tests/test_signals.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,8 @@ import data
 import evaluate
 import train_parta
 import train_partb
-from inat_classifier.cli import UserError
 from conftest import CLASSES, assert_one_line_error, make_dataset, read_rows, run_cli, train_args, write_image
+from inat_classifier.cli import UserError
 
 
 def parta(args: list[str]):
@@ -136,8 +137,17 @@ def test_one_class_alone_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- flags
-@pytest.mark.parametrize("flag,value", [("--mixup", "nan"), ("--grad_clip", "nan"), ("--warmup_epochs", "nan"),
-                                        ("--lr", "inf"), ("--weight_decay", "-inf"), ("--ema", "nan")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--mixup", "nan"),
+        ("--grad_clip", "nan"),
+        ("--warmup_epochs", "nan"),
+        ("--lr", "inf"),
+        ("--weight_decay", "-inf"),
+        ("--ema", "nan"),
+    ],
+)
 def test_nan_and_inf_are_refused_naming_the_flag_before_anything_is_created(two_classes, tmp_path, flag, value):
     with pytest.raises(UserError, match=f"{flag} must be a finite number"):
         parta(train_args(two_classes, tmp_path / "runs", "r", 1, f"{flag}={value}"))
@@ -156,12 +166,15 @@ def test_nan_poll_interval_of_the_sweep_runner_is_refused(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--device", f"cuda:{torch.cuda.device_count()}"], "--device"),  # one past the last visible GPU
-    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a GPU"),
-    (["--image_size", "100000"], "--image_size must be <= 2048"),
-    (["--ema", "1.5"], "--ema must be in \(0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--device", f"cuda:{torch.cuda.device_count()}"], "--device"),  # one past the last visible GPU
+        (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a GPU"),
+        (["--image_size", "100000"], "--image_size must be <= 2048"),
+        (["--ema", "1.5"], r"--ema must be in \(0, 1\)"),
+    ],
+)
 def test_bad_flags_found_late_leave_no_orphan_run_folder(two_classes, tmp_path, flags, message):
     args = train_args(two_classes, tmp_path / "runs", "r", 1)
     with pytest.raises((UserError, ValueError), match=message):
@@ -178,9 +191,27 @@ def test_run_name_stays_inside_out_dir(two_classes, tmp_path, name):
 
 
 def test_freeze_last_k_beyond_the_stages_is_refused_naming_them(two_classes, tmp_path):
-    proc = run_cli("train_partb.py", "--data_dir", two_classes, "--out_dir", tmp_path / "runs", "--model",
-                   "resnet18", "--weights", "none", "--freeze", "last:999", "--image_size", "32", "--workers", "0",
-                   "--wandb", "disabled", "--device", "cpu")
+    proc = run_cli(
+        "train_partb.py",
+        "--data_dir",
+        two_classes,
+        "--out_dir",
+        tmp_path / "runs",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--freeze",
+        "last:999",
+        "--image_size",
+        "32",
+        "--workers",
+        "0",
+        "--wandb",
+        "disabled",
+        "--device",
+        "cpu",
+    )
     assert_one_line_error(proc, "--freeze last:999", "0..6", "conv1, bn1, layer1, layer2, layer3, layer4")
     assert not (tmp_path / "runs").exists()
 
@@ -191,8 +222,9 @@ def test_resume_with_more_epochs_trains_them_and_a_finished_run_says_so(two_clas
     parta(train_args(two_classes, out, "r", 1))
     run = out / "r"
     assert json.loads((run / "result.json").read_text())["epochs"] == 1
-    resumed = train_parta.get_args_parser().parse_args(["--resume", str(run), "--epochs", "3", "--workers", "0",
-                                                        "--device", "cpu", "--wandb", "disabled"])
+    resumed = train_parta.get_args_parser().parse_args(
+        ["--resume", str(run), "--epochs", "3", "--workers", "0", "--device", "cpu", "--wandb", "disabled"]
+    )
     state = train_parta.main(resumed)
     assert state.epoch == 3 and [int(r["epoch"]) for r in read_rows(run / "metrics.csv")] == [1, 2, 3]
     assert json.loads((run / "result.json").read_text())["epochs"] == 3
@@ -210,8 +242,11 @@ def test_resume_with_more_epochs_stretches_the_schedule_to_the_new_total(two_cla
     """2 epochs, then --epochs 4: epochs 3-4 run at the LRs of a 4-epoch schedule from the start."""
     out, flags = tmp_path / "runs", ("--scheduler", scheduler, "--warmup_epochs", "1", "--batch_size", "4")
     parta(train_args(two_classes, out, "short", 2, *flags))
-    train_parta.main(train_parta.get_args_parser().parse_args(
-        ["--resume", str(out / "short"), "--epochs", "4", "--workers", "0", "--device", "cpu"]))
+    train_parta.main(
+        train_parta.get_args_parser().parse_args(
+            ["--resume", str(out / "short"), "--epochs", "4", "--workers", "0", "--device", "cpu"]
+        )
+    )
     parta(train_args(two_classes, out, "long", 4, *flags))
     lrs = lambda name: [float(r["lr"]) for r in read_rows(out / name / "metrics.csv")]  # noqa: E731
     assert len(lrs("short")) == 4 and lrs("short")[2:] == pytest.approx(lrs("long")[2:], rel=1e-9)
@@ -237,8 +272,11 @@ def test_a_run_folder_without_a_checkpoint_is_started_again_by_either_command(tw
     for f in (out / "r").iterdir():
         if f.name not in ("split.json", "args.json"):
             f.unlink()
-    state = train_parta.main(train_parta.get_args_parser().parse_args(
-        ["--resume", str(out / "r"), "--workers", "0", "--device", "cpu", "--wandb", "disabled"]))
+    state = train_parta.main(
+        train_parta.get_args_parser().parse_args(
+            ["--resume", str(out / "r"), "--workers", "0", "--device", "cpu", "--wandb", "disabled"]
+        )
+    )
     assert state.epoch == 1 and (out / "r" / "last.pt").is_file()
     for f in (out / "r").iterdir():
         if f.name not in ("split.json", "args.json"):
@@ -251,22 +289,33 @@ def test_predict_with_nothing_readable_is_an_error_and_keeps_the_csv(trained_run
     garbage(tmp_path / "photos", 3)
     csv = tmp_path / "predictions.csv"
     csv.write_text("path,class_1\nold.jpg,Aves\n")
-    proc = run_cli("evaluate.py", "--ckpt", trained_run.run_dir / "best.pt", "--predict", tmp_path / "photos",
-                   "--csv", csv, "--workers", "0")
+    proc = run_cli(
+        "evaluate.py",
+        "--ckpt",
+        trained_run.run_dir / "best.pt",
+        "--predict",
+        tmp_path / "photos",
+        "--csv",
+        csv,
+        "--workers",
+        "0",
+    )
     assert_one_line_error(proc, "none of the 3 image files could be read")
     assert proc.returncode == 2 and csv.read_text() == "path,class_1\nold.jpg,Aves\n"
 
 
 def test_csv_without_predict_is_refused(trained_run, tmp_path):
-    args = evaluate.get_args_parser().parse_args(["--ckpt", str(trained_run.run_dir / "best.pt"),
-                                                  "--csv", str(tmp_path / "p.csv")])
+    args = evaluate.get_args_parser().parse_args(
+        ["--ckpt", str(trained_run.run_dir / "best.pt"), "--csv", str(tmp_path / "p.csv")]
+    )
     with pytest.raises(UserError, match="--csv writes the predictions of --predict"):
         evaluate.main(args)
     assert not (tmp_path / "p.csv").exists()
 
 
 def test_partb_checks_its_own_flags_before_building_anything(two_classes, tmp_path):
-    args = train_partb.get_args_parser().parse_args(["--data_dir", str(two_classes), "--out_dir", str(tmp_path / "o"),
-                                                     "--backbone_lr", "inf", "--weights", "none"])
+    args = train_partb.get_args_parser().parse_args(
+        ["--data_dir", str(two_classes), "--out_dir", str(tmp_path / "o"), "--backbone_lr", "inf", "--weights", "none"]
+    )
     with pytest.raises(UserError, match="--backbone_lr must be a finite number"):
         train_partb.main(args)

@@ -1,9 +1,9 @@
 """tools/bench.py end to end on a tiny folder: every ratio is a positive number equal to ours / reference."""
+
 from __future__ import annotations
 
 import json
 import math
-
 import sys
 from pathlib import Path
 
@@ -23,10 +23,35 @@ def test_bench_json_holds_every_ratio_consistent_with_its_rates(tmp_path):
     """Tiny settings (32 px, 2 batches of 8, resnet18 untrained): the JSON's rates and ratios agree."""
     root = make_dataset(tmp_path / "ds", CLASSES[:2], n_train=8, n_val=1, size=48)
     out = tmp_path / "bench.json"
-    run_cli("tools/bench.py", "--data_dir", root, "--image_size", "32", "--batches", "2", "--batch_size", "4",
-            "--partb_batches", "1", "--partb_epochs", "1", "--workers", "0", "--device", "cpu",
-            "--partb_model", "resnet18", "--parta_filters", "4", "--cache", tmp_path / "cache", "--json", out,
-            check=True, timeout=120)
+    run_cli(
+        "tools/bench.py",
+        "--data_dir",
+        root,
+        "--image_size",
+        "32",
+        "--batches",
+        "2",
+        "--batch_size",
+        "4",
+        "--partb_batches",
+        "1",
+        "--partb_epochs",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--partb_model",
+        "resnet18",
+        "--parta_filters",
+        "4",
+        "--cache",
+        tmp_path / "cache",
+        "--json",
+        out,
+        check=True,
+        timeout=120,
+    )
     result = json.loads(out.read_text())
     for ratio, (ours, ref) in RATIOS.items():
         for key in (ratio, ours, ref):

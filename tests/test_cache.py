@@ -1,4 +1,5 @@
 """The decoded-image cache and device-side batches: same pixels, rebuilt on change, safe after a crash."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,18 @@ from PIL import Image
 
 from conftest import CLASSES, make_dataset
 from inat_classifier.decoded_cache import decode_fixed, open_decoded_cache
-from inat_classifier.device_batches import (FLIP, HEIGHT, PARAM_COLUMNS, WIDTH, CachedRows, DeviceLoader,
-                                            augment_params, colour_maps, crop_resize_flip, model_inputs)
+from inat_classifier.device_batches import (
+    FLIP,
+    HEIGHT,
+    PARAM_COLUMNS,
+    WIDTH,
+    CachedRows,
+    DeviceLoader,
+    augment_params,
+    colour_maps,
+    crop_resize_flip,
+    model_inputs,
+)
 from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
@@ -105,8 +116,8 @@ def test_device_augmentation_keeps_shape_dtype_and_range_and_is_seeded():
     other = model_inputs(x, plain, augment_params(6, 40, torch.Generator().manual_seed(2)))
     assert torch.equal(out, again) and not torch.equal(out, other)
     normed = model_inputs(x, Preprocess(32, 36), params)
-    lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
-    hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
+    hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
     assert normed.min() >= lo - 1e-5 and normed.max() <= hi + 1e-5
 
 
@@ -135,8 +146,9 @@ def torchvision_eval(paths, pre: Preprocess) -> torch.Tensor:
     """The reference eval inputs: torchvision's own transforms on the full-resolution PIL images."""
     from torchvision import transforms as T
 
-    tf = T.Compose([T.Resize(pre.resize_size), T.CenterCrop(pre.image_size), T.ToTensor(),
-                    T.Normalize(pre.mean, pre.std)])
+    tf = T.Compose(
+        [T.Resize(pre.resize_size), T.CenterCrop(pre.image_size), T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    )
     return torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
 
 
@@ -145,8 +157,9 @@ def test_eval_batches_are_never_augmented(folder, tmp_path):
     paths = train_paths(folder)
     cache = open_decoded_cache(paths, 36, tmp_path / "cache")
     pre = Preprocess(32, 36)
-    loader = DeviceLoader(CachedRows(cache, list(range(len(paths)))), [0] * len(paths), 4, pre,
-                          torch.device("cpu"), augment=False)
+    loader = DeviceLoader(
+        CachedRows(cache, list(range(len(paths)))), [0] * len(paths), 4, pre, torch.device("cpu"), augment=False
+    )
     expected = torchvision_eval(paths, pre)
     for epoch in range(2):
         loader.sampler.set_epoch(epoch)
@@ -156,8 +169,10 @@ def test_eval_batches_are_never_augmented(folder, tmp_path):
 
 def test_crop_scale_bounds_the_crop_area():
     g = torch.Generator().manual_seed(0)
-    area = {scale: (lambda p: p[:, HEIGHT] * p[:, WIDTH] / 100**2)(augment_params(2000, 100, g, scale=(scale, 1.0)))
-            for scale in (0.8, 0.1)}
+    area = {
+        scale: (lambda p: p[:, HEIGHT] * p[:, WIDTH] / 100**2)(augment_params(2000, 100, g, scale=(scale, 1.0)))
+        for scale in (0.8, 0.1)
+    }
     # w and h are clamped to the full side, so the kept area can only shrink below the drawn one.
     assert area[0.8].min() > 0.55 and area[0.1].min() < 0.15 and area[0.1].max() <= 1.0
 
@@ -167,8 +182,16 @@ def test_device_loader_draws_crops_at_its_crop_scale(folder, tmp_path):
     cache = open_decoded_cache(paths, 36, tmp_path / "cache")
 
     def batch(scale: float) -> torch.Tensor:
-        loader = DeviceLoader(CachedRows(cache, list(range(len(paths)))), [0] * len(paths), len(paths),
-                              Preprocess(32, 36), torch.device("cpu"), augment=True, seed=3, crop_scale=scale)
+        loader = DeviceLoader(
+            CachedRows(cache, list(range(len(paths)))),
+            [0] * len(paths),
+            len(paths),
+            Preprocess(32, 36),
+            torch.device("cpu"),
+            augment=True,
+            seed=3,
+            crop_scale=scale,
+        )
         return next(iter(loader))[0]
 
     assert torch.equal(batch(0.5), batch(0.5)) and not torch.equal(batch(0.5), batch(0.3))
@@ -228,8 +251,11 @@ def cached_crop(x: torch.Tensor, box: tuple[float, float, float, float], out: in
 
 # The smallest crops Part B's default (--crop_scale 0.25) draws: a quarter of the area, at both
 # extreme aspect ratios, in the corners and the middle.
-SMALL_BOXES = [(math.sqrt(0.25 * r), math.sqrt(0.25 / r), u, v)
-               for r in (3 / 4, 1.0, 4 / 3) for u, v in ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0))]
+SMALL_BOXES = [
+    (math.sqrt(0.25 * r), math.sqrt(0.25 / r), u, v)
+    for r in (3 / 4, 1.0, 4 / 3)
+    for u, v in ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0))
+]
 
 
 def test_cached_random_crops_have_the_detail_of_pil_crops_of_the_photo(tmp_path):
@@ -278,7 +304,7 @@ def test_cached_eval_batches_match_torchvision_on_camera_jpegs(tmp_path, augment
         for p in paths:
             full = tf(Image.open(p).convert("RGB"))
             top, left = (full.shape[1] - 224) // 2 + 1, (full.shape[2] - 224) // 2
-            shifted.append(full[:, top:top + 224, left:left + 224])
+            shifted.append(full[:, top : top + 224, left : left + 224])
         one_px = (torch.stack(shifted) - ref).abs().mean().item()
         assert err < 0.5 * one_px, (err, one_px)  # measured 0.072 vs 0.5 * 0.179; 0.122 without antialiasing
 
@@ -295,7 +321,7 @@ def test_old_cache_side_upscaled_small_crops(tmp_path):
 def real_photos(tmp_path: Path, n: int = 8) -> list[str]:
     """Real photos where the shared Imagenette copy is beside the repository, plus a camera-size JPEG."""
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette224" / "val"
-    found = sorted(shared.glob("*/*.JPEG"))[:: 97][:n] if shared.is_dir() else []
+    found = sorted(shared.glob("*/*.JPEG"))[::97][:n] if shared.is_dir() else []
     return [str(p) for p in found] + [str(camera_photo(tmp_path / "camera.jpg"))]
 
 
@@ -336,12 +362,13 @@ def test_device_side_batches_give_the_same_pixels_on_cpu_and_cuda(tmp_path):
     def batches(device: str) -> list[torch.Tensor]:
         out = []
         for augment in (True, False):
-            loader = DeviceLoader(CachedRows(cache, [0, 1, 2, 3]), [0] * 4, 4, pre, torch.device(device),
-                                  augment=augment, seed=5)
+            loader = DeviceLoader(
+                CachedRows(cache, [0, 1, 2, 3]), [0] * 4, 4, pre, torch.device(device), augment=augment, seed=5
+            )
             out.append(next(iter(loader))[0].cpu())
         return out
 
-    for cpu, cuda in zip(batches("cpu"), batches("cuda")):
+    for cpu, cuda in zip(batches("cpu"), batches("cuda"), strict=True):
         assert (cpu - cuda).abs().max() < 0.05  # uint8 rounding on the CPU; same kernels, same antialiasing
 
 
@@ -367,7 +394,20 @@ def test_cache_off_trains_as_the_cache_does_and_evaluate_gives_the_logged_accura
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7), (a["epoch"], key)
     best = max(runs["off"], key=lambda r: float(r["val_acc"]))
-    result = evaluate.main(evaluate.get_args_parser().parse_args(
-        ["--ckpt", str(tmp_path / "runs" / "off" / "best.pt"), "--split", "val", "--workers", "0",
-         "--device", "cpu", "--out", str(tmp_path / "eval")]))
+    result = evaluate.main(
+        evaluate.get_args_parser().parse_args(
+            [
+                "--ckpt",
+                str(tmp_path / "runs" / "off" / "best.pt"),
+                "--split",
+                "val",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+    )
     assert result["accuracy"] == pytest.approx(float(best["val_acc"]), abs=1e-9)

@@ -4,6 +4,7 @@
 be used is a one-line error. Real files in tmp_path; the unwritable parent is a real root-owned
 folder, with the training run as an unprivileged user (setpriv).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import train_parta
-from inat_classifier.cli import UserError
 from conftest import CLASSES, REPO, clean_env, make_dataset, train_args
+from inat_classifier.cli import UserError
 
 
 def parta(args: list[str]):
@@ -75,9 +76,14 @@ def test_a_cache_parent_the_user_cannot_write_trains_without_the_cache(shared_fo
     os.chown(runs, 65534, 65534)
     env = clean_env(INAT_CACHE_DIR=locked / "cache", HOME=shared_folder, MPLCONFIGDIR=runs / ".mpl")
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    proc = subprocess.run([*nobody, sys.executable, str(REPO / "train_parta.py"),
-                           *train_args(root, runs, "r", 1, "--cache", "auto")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [*nobody, sys.executable, str(REPO / "train_parta.py"), *train_args(root, runs, "r", 1, "--cache", "auto")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_ran_without_cache(proc.stderr, locked / "cache")
     assert (runs / "r" / "best.pt").exists() and not list(locked.iterdir())
@@ -93,8 +99,11 @@ def test_part_b_features_are_keyed_alike_with_and_without_the_decoded_cache(ds, 
     backbone = build_backbone("resnet18", "none", 2)
     samples = [(str(p), 0) for p in sorted((ds / "train").rglob("*.png"))]
     assert samples
-    key = lambda cache, pre=Preprocess.for_size(32): feature_cache_key(  # noqa: E731
-        argparse.Namespace(model="resnet18", cache=cache, amp="off"), backbone, pre, samples)
+
+    def key(cache: str, pre: Preprocess | None = None) -> str:
+        args = argparse.Namespace(model="resnet18", cache=cache, amp="off")
+        return feature_cache_key(args, backbone, pre or Preprocess.for_size(32), samples)
+
     monkeypatch.setenv("INAT_CACHE_DIR", str(tmp_path / "cache"))
     working, off = key("auto"), key("off")
     (tmp_path / "not_a_folder").write_text("a file\n")

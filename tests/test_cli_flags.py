@@ -1,4 +1,5 @@
 """Flag parsing (booleans as wandb agent passes them, hyphen spellings, help) and one-line CLI errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,31 +18,42 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- booleans
-@pytest.mark.parametrize("argv, expected", [
-    ([], True),  # the default
-    (["--batch_norm=False"], False),
-    (["--batch_norm=false"], False),
-    (["--batch_norm=0"], False),
-    (["--batch_norm=no"], False),
-    (["--batch_norm", "False"], False),
-    (["--no-batch_norm"], False),
-    (["--no-batch-norm"], False),
-    (["--no_batch_norm"], False),
-    (["--batch-norm=False"], False),
-    (["--batch_norm"], True),
-    (["--batch_norm=True"], True),
-    (["--batch_norm=1"], True),
-    (["--batch-norm"], True),
-    (["--no-batch_norm", "--batch_norm"], True),  # the last one wins
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], True),  # the default
+        (["--batch_norm=False"], False),
+        (["--batch_norm=false"], False),
+        (["--batch_norm=0"], False),
+        (["--batch_norm=no"], False),
+        (["--batch_norm", "False"], False),
+        (["--no-batch_norm"], False),
+        (["--no-batch-norm"], False),
+        (["--no_batch_norm"], False),
+        (["--batch-norm=False"], False),
+        (["--batch_norm"], True),
+        (["--batch_norm=True"], True),
+        (["--batch_norm=1"], True),
+        (["--batch-norm"], True),
+        (["--no-batch_norm", "--batch_norm"], True),  # the last one wins
+    ],
+)
 def test_batch_norm_flag_spellings(argv, expected):
     assert parse(*argv).batch_norm is expected
 
 
-@pytest.mark.parametrize("argv, expected", [
-    ([], True), (["--augment=False"], False), (["--augment=false"], False), (["--augment=0"], False),
-    (["--no-augment"], False), (["--augment"], True), (["--augment=True"], True),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], True),
+        (["--augment=False"], False),
+        (["--augment=false"], False),
+        (["--augment=0"], False),
+        (["--no-augment"], False),
+        (["--augment"], True),
+        (["--augment=True"], True),
+    ],
+)
 def test_augment_flag_spellings(argv, expected):
     assert parse(*argv).augment is expected
 
@@ -66,20 +78,23 @@ def test_garbage_bool_on_the_command_line_exits_2_without_traceback():
 
 
 # ----------------------------------------------------------------------------- spellings, types
-@pytest.mark.parametrize("argv, dest, expected", [
-    (["--batch-size", "8"], "batch_size", 8),
-    (["--batch_size", "8"], "batch_size", 8),
-    (["--dense-neurons", "64"], "dense_neurons", 64),
-    (["--filter-org", "0.5"], "filter_org", 0.5),
-    (["--conv-layers", "3"], "conv_layers", 3),
-    (["--data-dir", "/x"], "data_dir", "/x"),
-    (["--image-size", "48"], "image_size", 48),
-    (["--val-fraction", "0.3"], "val_fraction", 0.3),
-    (["--weight-decay", "0"], "weight_decay", 0.0),
-    (["--kernel-size", "7,5,3"], "kernel_size", [7, 5, 3]),
-    (["--kernel_size", "5"], "kernel_size", 5),
-    (["--kernel_size", "[7, 5,3]"], "kernel_size", [7, 5, 3]),
-])
+@pytest.mark.parametrize(
+    "argv, dest, expected",
+    [
+        (["--batch-size", "8"], "batch_size", 8),
+        (["--batch_size", "8"], "batch_size", 8),
+        (["--dense-neurons", "64"], "dense_neurons", 64),
+        (["--filter-org", "0.5"], "filter_org", 0.5),
+        (["--conv-layers", "3"], "conv_layers", 3),
+        (["--data-dir", "/x"], "data_dir", "/x"),
+        (["--image-size", "48"], "image_size", 48),
+        (["--val-fraction", "0.3"], "val_fraction", 0.3),
+        (["--weight-decay", "0"], "weight_decay", 0.0),
+        (["--kernel-size", "7,5,3"], "kernel_size", [7, 5, 3]),
+        (["--kernel_size", "5"], "kernel_size", 5),
+        (["--kernel_size", "[7, 5,3]"], "kernel_size", [7, 5, 3]),
+    ],
+)
 def test_hyphen_spellings_and_types(argv, dest, expected):
     value = getattr(parse(*argv), dest)
     assert value == expected and type(value) is type(expected)
@@ -111,8 +126,11 @@ def visible_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return out
 
 
-@pytest.mark.parametrize("make_parser", [train_parta.get_args_parser, evaluate.get_args_parser,
-                                         data.get_args_parser], ids=["train_parta", "evaluate", "data"])
+@pytest.mark.parametrize(
+    "make_parser",
+    [train_parta.get_args_parser, evaluate.get_args_parser, data.get_args_parser],
+    ids=["train_parta", "evaluate", "data"],
+)
 def test_every_flag_has_help(make_parser):
     parser = make_parser()
     actions = visible_actions(parser)
@@ -166,8 +184,15 @@ def test_evaluate_on_a_missing_checkpoint(tmp_path):
 
 
 def test_predict_on_a_missing_path(trained_run, tmp_path):
-    proc = run_cli("evaluate.py", "--ckpt", trained_run.run_dir / "best.pt", "--predict", tmp_path / "nothing.jpg",
-                   "--device", "cpu")
+    proc = run_cli(
+        "evaluate.py",
+        "--ckpt",
+        trained_run.run_dir / "best.pt",
+        "--predict",
+        tmp_path / "nothing.jpg",
+        "--device",
+        "cpu",
+    )
     assert_one_line_error(proc, "--predict: no such file or folder", str(tmp_path / "nothing.jpg"))
 
 

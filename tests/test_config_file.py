@@ -1,4 +1,5 @@
 """--config FILE: a YAML file or a run's args.json sets the defaults of both training scripts, typed flags win."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,10 +10,10 @@ import pytest
 
 import train_parta
 import train_partb
+from conftest import assert_one_line_error, make_dataset, run_cli, train_args
 from inat_classifier.checkpoint import json_safe
 from inat_classifier.cli import UserError, typed_flags
 from inat_classifier.config_file import parse_args
-from conftest import assert_one_line_error, make_dataset, run_cli, train_args
 
 
 def write(path: Path, text: str) -> Path:
@@ -29,8 +30,11 @@ def partb(*argv: str) -> argparse.Namespace:
 
 
 def test_yaml_sets_defaults_through_each_flags_type(tmp_path):
-    cfg = write(tmp_path / "a.yaml", "filters: 16\nfilter_org: 2\nkernel_size: [7, 5, 3]\nactivation: relu\n"
-                                     "lr: 3e-4\noptimizer: sgd\ndownload: no\n")
+    cfg = write(
+        tmp_path / "a.yaml",
+        "filters: 16\nfilter_org: 2\nkernel_size: [7, 5, 3]\nactivation: relu\n"
+        "lr: 3e-4\noptimizer: sgd\ndownload: no\n",
+    )
     args = parta("--config", str(cfg))
     assert (args.filters, args.filter_org, args.kernel_size) == (16, 2.0, [7, 5, 3])
     assert (args.activation, args.optimizer) == ("relu", "sgd")
@@ -72,16 +76,19 @@ def test_unknown_key_names_key_and_file(tmp_path):
         parta("--config", str(write(tmp_path / "b.yaml", "freeze: all\n")))
 
 
-@pytest.mark.parametrize("text, key", [
-    ("filters: sixteen\n", "filters"),
-    ("filters: 16.5\n", "filters"),
-    ("dropout: true\n", "dropout"),
-    ("batch_norm: maybe\n", "batch_norm"),
-    ("optimizer: adamx\n", "optimizer"),
-    ("kernel_size: [3, x]\n", "kernel_size"),
-    ("filters: null\n", "filters"),
-    ("epochs: {a: 1}\n", "epochs"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("filters: sixteen\n", "filters"),
+        ("filters: 16.5\n", "filters"),
+        ("dropout: true\n", "dropout"),
+        ("batch_norm: maybe\n", "batch_norm"),
+        ("optimizer: adamx\n", "optimizer"),
+        ("kernel_size: [3, x]\n", "kernel_size"),
+        ("filters: null\n", "filters"),
+        ("epochs: {a: 1}\n", "epochs"),
+    ],
+)
 def test_wrong_type_names_file_and_key(tmp_path, text, key):
     cfg = write(tmp_path / "a.yaml", text)
     with pytest.raises(UserError) as e:
@@ -89,12 +96,15 @@ def test_wrong_type_names_file_and_key(tmp_path, text, key):
     assert f"--config {cfg}: {key}:" in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("name, text", [
-    ("missing.yaml", None),
-    ("broken.yaml", "filters: [16, 32\n"),
-    ("broken.json", '{"filters": 16,'),
-    ("list.yaml", "- filters\n- 16\n"),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("missing.yaml", None),
+        ("broken.yaml", "filters: [16, 32\n"),
+        ("broken.json", '{"filters": 16,'),
+        ("list.yaml", "- filters\n- 16\n"),
+    ],
+)
 def test_missing_or_unparsable_file_is_one_line(tmp_path, name, text):
     path = tmp_path / name
     if text is not None:
@@ -105,11 +115,19 @@ def test_missing_or_unparsable_file_is_one_line(tmp_path, name, text):
 
 
 def test_partb_yaml_and_its_args_json_round_trip(tmp_path):
-    cfg = write(tmp_path / "b.yaml", "model: resnet18\nweights: none\nfreeze: upto:layer3\nlr-mult: 0.5\n"
-                                     "freeze_bn: false\nunfreeze_at: null\nepochs: 3\n")
+    cfg = write(
+        tmp_path / "b.yaml",
+        "model: resnet18\nweights: none\nfreeze: upto:layer3\nlr-mult: 0.5\n"
+        "freeze_bn: false\nunfreeze_at: null\nepochs: 3\n",
+    )
     args = partb("--config", str(cfg), "--lr", "0.01")
-    assert (args.model, args.weights, args.freeze, args.lr_mult, args.freeze_bn) == \
-        ("resnet18", "none", "upto:layer3", 0.5, False)
+    assert (args.model, args.weights, args.freeze, args.lr_mult, args.freeze_bn) == (
+        "resnet18",
+        "none",
+        "upto:layer3",
+        0.5,
+        False,
+    )
     assert args.lr == 0.01 and args.unfreeze_at is None and typed_flags(args) == {"config", "lr"}
     # What runs.new_run_dir writes after resolve_recipe: resolved recipe flags plus use_cache, no flag.
     train_partb.resolve_recipe(args)

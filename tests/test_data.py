@@ -1,4 +1,5 @@
 """data.py: discovery, the stratified split, robust image loading, bad-image skipping, stats CLI."""
+
 from __future__ import annotations
 
 import random
@@ -13,8 +14,8 @@ from PIL import Image
 
 import data
 from conftest import assert_one_line_error, make_dataset, run_cli
-from inat_classifier.cli import UserError
 from inat_classifier import images
+from inat_classifier.cli import UserError
 from inat_classifier.decoded_cache import decode_fixed
 from inat_classifier.device_batches import DecodedRows, DeviceLoader, augment_params, model_inputs
 from inat_classifier.images import BadImageLog, batch_to_device, load_image
@@ -79,13 +80,16 @@ def synthetic_samples(per_class: dict[int, int]) -> list[tuple[str, int]]:
     return [(f"/d/train/c{label}/img_{i:04d}.jpg", label) for label, n in per_class.items() for i in range(n)]
 
 
-@pytest.mark.parametrize("fraction, expected", [
-    # class sizes 10, 7, 3, 2, 1: round(fraction * n), at least 1 and at most n - 1 when n > 1
-    (0.2, {0: 2, 1: 1, 2: 1, 3: 1, 4: 0}),
-    (0.5, {0: 5, 1: 4, 2: 2, 3: 1, 4: 0}),
-    (0.9, {0: 9, 1: 6, 2: 2, 3: 1, 4: 0}),
-    (0.0, {0: 0, 1: 0, 2: 0, 3: 0, 4: 0}),
-])
+@pytest.mark.parametrize(
+    "fraction, expected",
+    [
+        # class sizes 10, 7, 3, 2, 1: round(fraction * n), at least 1 and at most n - 1 when n > 1
+        (0.2, {0: 2, 1: 1, 2: 1, 3: 1, 4: 0}),
+        (0.5, {0: 5, 1: 4, 2: 2, 3: 1, 4: 0}),
+        (0.9, {0: 9, 1: 6, 2: 2, 3: 1, 4: 0}),
+        (0.0, {0: 0, 1: 0, 2: 0, 3: 0, 4: 0}),
+    ],
+)
 def test_stratified_split_keeps_each_class_fraction(fraction, expected):
     sizes = {0: 10, 1: 7, 2: 3, 3: 2, 4: 1}
     samples = synthetic_samples(sizes)
@@ -182,8 +186,9 @@ def test_unreadable_image_is_reported_once_and_skipped(image_folder, monkeypatch
     good = sorted((image_folder.root / "val" / "red").glob("*"))[:3]
     paths = [str(good[0]), str(image_folder.truncated), str(good[1]), str(good[2])]
     # Two worker processes decode (--cache off): the report must still reach the main process's log and count.
-    loader = DeviceLoader(DecodedRows(paths, 36, workers=2), [0, 1, 0, 0], 2, Preprocess(32, 36),
-                          torch.device("cpu"), augment=False)
+    loader = DeviceLoader(
+        DecodedRows(paths, 36, workers=2), [0, 1, 0, 0], 2, Preprocess(32, 36), torch.device("cpu"), augment=False
+    )
     for _ in range(2):  # two epochs
         batches = [batch_to_device(b, torch.device("cpu")) for b in loader]
         assert [b[0].shape[0] for b in batches] == [1, 2]  # the bad one dropped from its batch
@@ -195,8 +200,14 @@ def test_unreadable_image_is_reported_once_and_skipped(image_folder, monkeypatch
 
 def test_batch_of_only_bad_images_is_none(image_folder, monkeypatch, capsys):
     monkeypatch.setattr(images, "BAD_IMAGES", BadImageLog())
-    loader = DeviceLoader(DecodedRows([str(image_folder.truncated)], 36, workers=0), [0], 1, Preprocess(32, 36),
-                          torch.device("cpu"), augment=True)
+    loader = DeviceLoader(
+        DecodedRows([str(image_folder.truncated)], 36, workers=0),
+        [0],
+        1,
+        Preprocess(32, 36),
+        torch.device("cpu"),
+        augment=True,
+    )
     (batch,) = list(loader)
     assert batch == (None, None) and batch_to_device(batch, torch.device("cpu")) is None
     assert str(image_folder.truncated) in capsys.readouterr().err
@@ -233,6 +244,7 @@ def test_stats_cli_prints_counts_and_unreadable_files(image_folder, tmp_path):
     assert "unreadable files: 1" in lines
     assert any(str(image_folder.truncated) in ln for ln in lines)
     import json
+
     stats = json.loads(out_json.read_text())
     assert [p for p, _ in stats["unreadable"]] == [str(image_folder.truncated)]
 

@@ -1,5 +1,6 @@
 """The device-specific choices, checked on a CPU: sums without float64 on MPS, the torchrun backend
 from the device, --compile over the DDP module, and augmentation in a constant number of operations."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """download_dataset against a loopback HTTP server: extract, no-op, resume, corrupt, zip slip."""
+
 from __future__ import annotations
 
 import io
@@ -135,8 +136,9 @@ def bad_deflate_stream_zip() -> bytes:
     return bytes(raw)
 
 
-@pytest.mark.parametrize("kind", ["not_a_zip", "truncated_zip", "bad_crc_stored", "bad_data_deflated",
-                                  "bad_deflate_stream"])
+@pytest.mark.parametrize(
+    "kind", ["not_a_zip", "truncated_zip", "bad_crc_stored", "bad_data_deflated", "bad_deflate_stream"]
+)
 def test_corrupt_archive_is_a_user_error_and_extracts_nothing(source, http_server, tmp_path, kind):
     good = zip_folder(source)
     body = {
@@ -172,7 +174,7 @@ def test_symlink_entry_is_refused(http_server, tmp_path):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         info = zipfile.ZipInfo("inaturalist_12K/link")
-        info.external_attr = (0o120777 << 16)
+        info.external_attr = 0o120777 << 16
         zf.writestr(info, "/etc/passwd")
     http_server.files[URL_PATH] = buf.getvalue()
     dest = tmp_path / "data"

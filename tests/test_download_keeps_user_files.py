@@ -3,6 +3,7 @@
 A loopback HTTP server stands in for the host (responses without a size, stalls, redirect loops);
 full disks are real tmpfs mounts in a private mount namespace, as in tests/test_signals.py.
 """
+
 from __future__ import annotations
 
 import random
@@ -11,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_signals import needs_tmpfs, on_small_disk
 
-from inat_classifier.cli import UserError
 from conftest import REPO, assert_one_line_error, make_dataset, run_cli, tree_bytes, write_image, zip_folder
+from inat_classifier.cli import UserError
 from inat_classifier.download import download_dataset
 from inat_classifier.storage import HOST
-from test_signals import needs_tmpfs, on_small_disk
 
 URL_PATH = "/datasets/nature_12K.zip"
 
@@ -114,7 +115,8 @@ def test_a_cut_download_without_a_size_is_kept_and_resumed(source, served, http_
 
 
 def test_a_page_without_a_size_that_is_no_zip_is_called_corrupt_on_the_next_run_not_resumed_forever(
-        http_server, tmp_path):
+    http_server, tmp_path
+):
     http_server.files[URL_PATH] = b"<html>please log in to the network</html>"
     http_server.no_length.add(URL_PATH)
     http_server.ignore_range = True  # as a captive portal answers
@@ -160,8 +162,9 @@ def test_a_full_disk_names_the_folder_and_the_space(http_server, tmp_path, kind)
     if kind == "size_unknown":
         http_server.no_length.add(URL_PATH)
     dest = tmp_path / "small"
-    done = on_small_disk(dest, 2, [sys.executable, REPO / "data.py", "download", "--dest", dest,
-                                   "--url", http_server.url(URL_PATH)])
+    done = on_small_disk(
+        dest, 2, [sys.executable, REPO / "data.py", "download", "--dest", dest, "--url", http_server.url(URL_PATH)]
+    )
     what = "for extracting nature_12K.zip" if kind == "extracting" else "for nature_12K.zip"
     line = assert_one_line_error(done, f"not enough disk space in {dest} {what}", "MiB", "free")
     assert "resume" not in line and done.returncode == 2

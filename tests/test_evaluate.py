@@ -1,4 +1,5 @@
 """evaluate.py: metrics from a checkpoint alone, the CLI's files, and top-3 predictions."""
+
 from __future__ import annotations
 
 import csv
@@ -14,11 +15,11 @@ from torch import nn
 import evaluate
 from conftest import run_cli
 from inat_classifier.checkpoint import load_checkpoint
-from models import restore_model
 from inat_classifier.cli import UserError
 from inat_classifier.images import load_image
 from inat_classifier.inference import FlipTTA
 from inat_classifier.metrics import classification_metrics, confusion_matrix
+from models import restore_model
 
 EVAL_KEYS = {"accuracy", "macro_f1", "per_class", "confusion_matrix"}
 
@@ -76,8 +77,16 @@ def torchvision_inputs(ckpt: dict, samples: list) -> tuple[torch.Tensor, torch.T
     pre = ckpt["preprocess"]
     stored = pre["stored_side"] or pre["resize_size"]
     eval_side = max(pre["image_size"], round(pre["image_size"] * stored / pre["resize_size"]))
-    tf = T.Compose([T.Resize(stored), T.CenterCrop(stored), T.CenterCrop(eval_side), T.ToTensor(),
-                    T.Resize(pre["image_size"], antialias=True), T.Normalize(pre["mean"], pre["std"])])
+    tf = T.Compose(
+        [
+            T.Resize(stored),
+            T.CenterCrop(stored),
+            T.CenterCrop(eval_side),
+            T.ToTensor(),
+            T.Resize(pre["image_size"], antialias=True),
+            T.Normalize(pre["mean"], pre["std"]),
+        ]
+    )
     xs, ys = [], []
     for path, label in samples:
         try:
@@ -92,8 +101,19 @@ def torchvision_inputs(ckpt: dict, samples: list) -> tuple[torch.Tensor, torch.T
 def test_split_val_reproduces_the_runs_best_val_acc(trained_run):
     """The run's validation split: accuracy as in training, loss as torchvision's pipeline gives (4 decimals)."""
     args = evaluate.get_args_parser().parse_args(
-        ["--ckpt", str(trained_run.run_dir / "best.pt"), "--split", "val", "--workers", "0", "--device", "cpu",
-         "--out", str(trained_run.run_dir / "eval_val")])
+        [
+            "--ckpt",
+            str(trained_run.run_dir / "best.pt"),
+            "--split",
+            "val",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(trained_run.run_dir / "eval_val"),
+        ]
+    )
     metrics = evaluate.main(args)
     assert metrics["accuracy"] == pytest.approx(trained_run.state.best_val_acc, abs=1e-9)
     val = json.loads((trained_run.run_dir / "split.json").read_text())["val"]
@@ -118,8 +138,14 @@ def test_tta_loss_is_the_mean_of_image_and_mirror_probabilities(trained_run, tmp
     assert tta["tta"] is True and plain["tta"] is False
     assert tta["n"] == plain["n"] == sum(trained_run.data.val_counts.values())
     model, ckpt = restore_model(ckpt_path, torch.device("cpu"))
-    x, y = torchvision_inputs(ckpt, [(str(p), i) for i, c in enumerate(ckpt["class_names"])
-                                     for p in sorted((trained_run.data.root / "val" / c).iterdir())])
+    x, y = torchvision_inputs(
+        ckpt,
+        [
+            (str(p), i)
+            for i, c in enumerate(ckpt["class_names"])
+            for p in sorted((trained_run.data.root / "val" / c).iterdir())
+        ],
+    )
     with torch.no_grad():
         logits, mirrored = model.eval()(x), model(torch.flip(x, dims=[3]))
     expected_tta = nn.functional.nll_loss(torch.log((logits.softmax(1) + mirrored.softmax(1)) / 2), y).item()
@@ -228,14 +254,18 @@ def test_checkpoints_of_the_previous_format_still_evaluate(trained_run, tmp_path
     """Format /1 kept image_size, mean and std apart: read as the same Preprocess, same predictions."""
     ck = torch.load(trained_run.run_dir / "best.pt", map_location="cpu", weights_only=True)
     pre = {**ck.pop("preprocess"), "stored_side": 0}  # format /1 decoded every photo at the eval resize
-    old = {**ck, "format": "inat-classifier/1", "image_size": pre["image_size"], "mean": pre["mean"],
-           "std": pre["std"]}
+    old = {**ck, "format": "inat-classifier/1", "image_size": pre["image_size"], "mean": pre["mean"], "std": pre["std"]}
     torch.save(old, tmp_path / "best.pt")
     (tmp_path / "now").mkdir()
     torch.save({**ck, "preprocess": pre}, tmp_path / "now" / "best.pt")
     assert load_checkpoint(tmp_path / "best.pt")["preprocess"] == pre
     for ckpt, out in ((tmp_path / "now" / "best.pt", "new"), (tmp_path / "best.pt", "old")):
-        evaluate.main(evaluate.get_args_parser().parse_args(["--ckpt", str(ckpt), "--out", str(tmp_path / out),
-                                                          "--workers", "0", "--device", "cpu"]))
-    assert json.loads((tmp_path / "old" / "eval.json").read_text())["confusion_matrix"] == \
-        json.loads((tmp_path / "new" / "eval.json").read_text())["confusion_matrix"]
+        evaluate.main(
+            evaluate.get_args_parser().parse_args(
+                ["--ckpt", str(ckpt), "--out", str(tmp_path / out), "--workers", "0", "--device", "cpu"]
+            )
+        )
+    assert (
+        json.loads((tmp_path / "old" / "eval.json").read_text())["confusion_matrix"]
+        == json.loads((tmp_path / "new" / "eval.json").read_text())["confusion_matrix"]
+    )

@@ -1,4 +1,5 @@
 """experiments/table.py: the README's results tables come from run folders, not hand-typed numbers."""
+
 from __future__ import annotations
 
 import csv

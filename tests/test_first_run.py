@@ -1,5 +1,6 @@
 """The first command a new user types on a fresh machine: the dataset arrives by itself (a loopback server stands in
 for the download host), but only into the default folder, and offline it fails in one line."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,8 +12,24 @@ import pytest
 from conftest import REPO, assert_one_line_error, clean_env, make_dataset, zip_folder
 
 URL_PATH = "/mirror/nature_12K.zip"
-FAST = ["--epochs", "1", "--image_size", "32", "--conv_layers", "2", "--dense_neurons", "16", "--batch_size", "8",
-        "--workers", "0", "--wandb", "disabled", "--device", "cpu"]
+FAST = [
+    "--epochs",
+    "1",
+    "--image_size",
+    "32",
+    "--conv_layers",
+    "2",
+    "--dense_neurons",
+    "16",
+    "--batch_size",
+    "8",
+    "--workers",
+    "0",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ train_partb.build_backbone_for and param_groups, engine.build_trainer and comple
 fixed batch, without a data folder. A flag that cannot change a first step is in EXEMPT with the
 test that covers what it does. A new flag in neither list fails here.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,23 +15,57 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inat_classifier import engine
 import train_parta
 import train_partb
-from inat_classifier.training_step import train_step
+from conftest import CLASSES, clean_env, make_dataset
+from inat_classifier import engine
 from inat_classifier.checkpoint import json_safe, load_checkpoint
 from inat_classifier.devices import Dist
 from inat_classifier.freezing import set_train_mode
-from conftest import CLASSES, clean_env, make_dataset
+from inat_classifier.training_step import train_step
 
 SCRIPTS = {"parta": train_parta, "partb": train_partb}
 N_CLASSES = 3
 R18 = "<r18_file>"  # replaced by the r18_file fixture's path
 BASE = {  # small and quick; each case's flags come after these and win
-    "parta": ["--image_size", "16", "--conv_layers", "2", "--filters", "4", "--dense_neurons", "8", "--epochs", "2",
-              "--batch_size", "4", "--warmup_epochs", "0", "--dropout", "0", "--device", "cpu"],
-    "partb": ["--model", "mobilenet_v3_small", "--weights", "none", "--freeze", "none", "--image_size", "32", "--epochs", "2",
-              "--batch_size", "4", "--warmup_epochs", "0", "--device", "cpu"],
+    "parta": [
+        "--image_size",
+        "16",
+        "--conv_layers",
+        "2",
+        "--filters",
+        "4",
+        "--dense_neurons",
+        "8",
+        "--epochs",
+        "2",
+        "--batch_size",
+        "4",
+        "--warmup_epochs",
+        "0",
+        "--dropout",
+        "0",
+        "--device",
+        "cpu",
+    ],
+    "partb": [
+        "--model",
+        "mobilenet_v3_small",
+        "--weights",
+        "none",
+        "--freeze",
+        "none",
+        "--image_size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch_size",
+        "4",
+        "--warmup_epochs",
+        "0",
+        "--device",
+        "cpu",
+    ],
 }
 
 # flag -> (value 1, value 2, flags both need): the two values must give different first steps.
@@ -55,18 +90,29 @@ COMMON = {
     "channels_last": ("True", "False", []),  # the weights' memory format
 }
 STEP_FLAGS = {
-    "parta": {**COMMON,
-              "filters": ("4", "6", []), "filter_org": ("1", "2", []), "conv_layers": ("2", "3", []),
-              "kernel_size": ("3", "5", []), "activation": ("relu", "gelu", []), "batch_norm": ("True", "False", []),
-              "dropout": ("0", "0.5", []), "dense_neurons": ("8", "12", []), "pool": ("avg", "flatten", [])},
-    "partb": {**COMMON, "image_size": ("32", "40", []),
-              "model": ("mobilenet_v3_small", "shufflenet_v2_x0_5", []),
-              "weights": ("none", R18, ["--model", "resnet18"]),
-              "freeze": ("none", "all", []),
-              "backbone_lr": ("0.0001", "0.01", []),
-              "lr_mult": ("0.1", "0.5", []),
-              "unfreeze_at": ("1", "3", ["--freeze", "all"]),  # epoch 1 starts by unfreezing the body
-              "freeze_bn": ("True", "False", [])},  # the body's batch-norm statistics after the step
+    "parta": {
+        **COMMON,
+        "filters": ("4", "6", []),
+        "filter_org": ("1", "2", []),
+        "conv_layers": ("2", "3", []),
+        "kernel_size": ("3", "5", []),
+        "activation": ("relu", "gelu", []),
+        "batch_norm": ("True", "False", []),
+        "dropout": ("0", "0.5", []),
+        "dense_neurons": ("8", "12", []),
+        "pool": ("avg", "flatten", []),
+    },
+    "partb": {
+        **COMMON,
+        "image_size": ("32", "40", []),
+        "model": ("mobilenet_v3_small", "shufflenet_v2_x0_5", []),
+        "weights": ("none", R18, ["--model", "resnet18"]),
+        "freeze": ("none", "all", []),
+        "backbone_lr": ("0.0001", "0.01", []),
+        "lr_mult": ("0.1", "0.5", []),
+        "unfreeze_at": ("1", "3", ["--freeze", "all"]),  # epoch 1 starts by unfreezing the body
+        "freeze_bn": ("True", "False", []),
+    },  # the body's batch-norm statistics after the step
 }
 
 # Flags that cannot change a first step, with the test of what each does.
@@ -93,14 +139,18 @@ EXEMPT_COMMON = {
     "wandb_entity": "tests/test_training.py::test_wandb_offline_needs_no_account",  # needs an account
 }
 EXEMPT = {
-    "parta": {**EXEMPT_COMMON,
-              "summary": "tests/test_models.py::test_summary_flag_prints_every_layer_from_a_traced_pass_without_a_dataset"},
-    "partb": {**EXEMPT_COMMON,
-              "summary": "tests/test_models.py::test_partb_summary_marks_frozen_layers",
-              "list_stages": "tests/test_partb.py::test_list_stages_expands_a_single_features_body",
-              "cache_features": "tests/test_partb.py::test_feature_cache_matches_the_uncached_path_and_is_reused",
-              "feature_cache_dir": "tests/test_signals.py::"
-                                   "test_a_feature_cache_of_the_wrong_shape_is_recomputed_with_one_line"},
+    "parta": {
+        **EXEMPT_COMMON,
+        "summary": "tests/test_models.py::test_summary_flag_prints_every_layer_from_a_traced_pass_without_a_dataset",
+    },
+    "partb": {
+        **EXEMPT_COMMON,
+        "summary": "tests/test_models.py::test_partb_summary_marks_frozen_layers",
+        "list_stages": "tests/test_partb.py::test_list_stages_expands_a_single_features_body",
+        "cache_features": "tests/test_partb.py::test_feature_cache_matches_the_uncached_path_and_is_reused",
+        "feature_cache_dir": "tests/test_signals.py::"
+        "test_a_feature_cache_of_the_wrong_shape_is_recomputed_with_one_line",
+    },
 }
 
 
@@ -149,8 +199,11 @@ def first_step(part: str, flags: list[str], r18: Path) -> torch.Tensor:
         x, y = trainer.mix(x, y)
     loss, _ = train_step(trainer, x, y, min(args.accum_steps, 4), update=args.accum_steps == 1)
     conv = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    parts = [loss.float().reshape(1), torch.tensor([g["lr"] for g in trainer.optimizer.param_groups]),
-             torch.tensor([float(conv.is_contiguous(memory_format=torch.channels_last))])]
+    parts = [
+        loss.float().reshape(1),
+        torch.tensor([g["lr"] for g in trainer.optimizer.param_groups]),
+        torch.tensor([float(conv.is_contiguous(memory_format=torch.channels_last))]),
+    ]
     parts += [t.detach().float().flatten() for t in model.state_dict().values() if t.is_floating_point()]
     if trainer.ema is not None:
         parts += [p.detach().float().flatten() for p in trainer.ema.parameters()]
@@ -177,18 +230,110 @@ def test_the_same_flags_take_the_same_first_step(part, r18_file):
 
 # ----------------------------------------------------------------------------- recorded where it belongs
 RECORDED = {  # second values that work together in one real run
-    "parta": ["--filters", "6", "--filter_org", "2", "--conv_layers", "3", "--kernel_size", "5", "--activation", "relu",
-              "--no-batch_norm", "--dropout", "0.5", "--dense_neurons", "12", "--pool", "flatten",
-              "--image_size", "24", "--batch_size", "6", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.01",
-              "--weight_decay", "0.5", "--momentum", "0.8", "--scheduler", "none", "--warmup_epochs", "1",
-              "--label_smoothing", "0.3", "--accum_steps", "2", "--grad_clip", "0.001", "--mixup", "1.0",
-              "--cutmix", "1.0", "--ema", "0.5", "--seed", "2", "--amp", "bf16", "--no-channels_last"],
-    "partb": ["--model", "resnet18", "--weights", R18, "--freeze", "all", "--unfreeze_at", "1", "--no-freeze_bn",
-              "--backbone_lr", "0.01", "--lr_mult", "0.5", "--image_size", "40", "--batch_size", "6", "--epochs", "1",
-              "--optimizer", "adam", "--lr", "0.01", "--weight_decay", "0.5", "--momentum", "0.8",
-              "--scheduler", "none", "--warmup_epochs", "1", "--label_smoothing", "0.3", "--accum_steps", "2",
-              "--grad_clip", "0.001", "--mixup", "1.0", "--cutmix", "1.0", "--ema", "0.5", "--seed", "2",
-              "--amp", "bf16", "--no-channels_last"],
+    "parta": [
+        "--filters",
+        "6",
+        "--filter_org",
+        "2",
+        "--conv_layers",
+        "3",
+        "--kernel_size",
+        "5",
+        "--activation",
+        "relu",
+        "--no-batch_norm",
+        "--dropout",
+        "0.5",
+        "--dense_neurons",
+        "12",
+        "--pool",
+        "flatten",
+        "--image_size",
+        "24",
+        "--batch_size",
+        "6",
+        "--epochs",
+        "1",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+        "--weight_decay",
+        "0.5",
+        "--momentum",
+        "0.8",
+        "--scheduler",
+        "none",
+        "--warmup_epochs",
+        "1",
+        "--label_smoothing",
+        "0.3",
+        "--accum_steps",
+        "2",
+        "--grad_clip",
+        "0.001",
+        "--mixup",
+        "1.0",
+        "--cutmix",
+        "1.0",
+        "--ema",
+        "0.5",
+        "--seed",
+        "2",
+        "--amp",
+        "bf16",
+        "--no-channels_last",
+    ],
+    "partb": [
+        "--model",
+        "resnet18",
+        "--weights",
+        R18,
+        "--freeze",
+        "all",
+        "--unfreeze_at",
+        "1",
+        "--no-freeze_bn",
+        "--backbone_lr",
+        "0.01",
+        "--lr_mult",
+        "0.5",
+        "--image_size",
+        "40",
+        "--batch_size",
+        "6",
+        "--epochs",
+        "1",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.01",
+        "--weight_decay",
+        "0.5",
+        "--momentum",
+        "0.8",
+        "--scheduler",
+        "none",
+        "--warmup_epochs",
+        "1",
+        "--label_smoothing",
+        "0.3",
+        "--accum_steps",
+        "2",
+        "--grad_clip",
+        "0.001",
+        "--mixup",
+        "1.0",
+        "--cutmix",
+        "1.0",
+        "--ema",
+        "0.5",
+        "--seed",
+        "2",
+        "--amp",
+        "bf16",
+        "--no-channels_last",
+    ],
 }
 
 
@@ -202,6 +347,7 @@ def record_wandb_config(monkeypatch) -> list[dict]:
         run = real_init(*args, **kwargs)
         seen.append(dict(run.config))
         return run
+
     monkeypatch.setattr(wandb, "init", init)
     return seen
 
@@ -212,15 +358,33 @@ def test_a_real_run_records_every_step_flag(part, r18_file, tmp_path, monkeypatc
     for key, value in clean_env(HOME=tmp_path, WANDB_DIR=tmp_path / "wandb", WANDB_MODE="offline").items():
         monkeypatch.setenv(key, value)
     data = make_dataset(tmp_path / "ds", CLASSES[:N_CLASSES], n_train=4, n_val=1, size=40)
-    flags = [*RECORDED[part], "--data_dir", str(data), "--out_dir", str(tmp_path / "runs"), "--run_name", "r",
-             "--cache", "off", "--workers", "0", "--wandb", "offline", "--wandb_project", "flags-recorded"]
+    flags = [
+        *RECORDED[part],
+        "--data_dir",
+        str(data),
+        "--out_dir",
+        str(tmp_path / "runs"),
+        "--run_name",
+        "r",
+        "--cache",
+        "off",
+        "--workers",
+        "0",
+        "--wandb",
+        "offline",
+        "--wandb_project",
+        "flags-recorded",
+    ]
     args = parse(part, flags, r18_file)
     expected = json_safe(vars(args))
     wandb_configs = record_wandb_config(monkeypatch)
     SCRIPTS[part].main(args)
     run_dir = tmp_path / "runs" / "r"
-    saved = {"args.json": json.loads((run_dir / "args.json").read_text()),
-             "checkpoint": load_checkpoint(run_dir / "last.pt")["config"], "W&B": wandb_configs[0]}
+    saved = {
+        "args.json": json.loads((run_dir / "args.json").read_text()),
+        "checkpoint": load_checkpoint(run_dir / "last.pt")["config"],
+        "W&B": wandb_configs[0],
+    }
     typed = {f.lstrip("-").removeprefix("no-") for f in RECORDED[part] if f.startswith("--")}
     assert typed >= set(STEP_FLAGS[part]), set(STEP_FLAGS[part]) - typed  # every step flag has a value here
     for where, config in saved.items():

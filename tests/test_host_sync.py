@@ -6,6 +6,7 @@ copy off the device. On CPU the same step runs with the same settings (fp16 with
 scaler included), so an `.item()` that comes back fails here on every machine; on CUDA the step
 also runs under `torch.cuda.set_sync_debug_mode("error")`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,14 +18,17 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_parta
+from inat_classifier.devices import Dist
+from inat_classifier.engine import build_trainer, complete_trainer
 from inat_classifier.precision import grad_scaler
 from inat_classifier.training_step import train_step
-from inat_classifier.devices import Dist
-from inat_classifier.engine import complete_trainer, build_trainer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-SCALAR_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-                torch.ops.aten.masked_select.default}
+SCALAR_READS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+}
 
 
 class HostReads(TorchDispatchMode):
@@ -38,14 +42,22 @@ class HostReads(TorchDispatchMode):
         kwargs = kwargs or {}
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         on_device = any(t.device.type == self.device.type for t in tensors)
-        copy_off = (func is torch.ops.aten._to_copy.default and tensors and tensors[0].device != torch.device("cpu")
-                    and kwargs.get("device") == torch.device("cpu")) or \
-                   (func is torch.ops.aten.copy_.default and len(tensors) == 2 and tensors[0].device.type == "cpu"
-                    and tensors[1].device.type != "cpu")
+        copy_off = (
+            func is torch.ops.aten._to_copy.default
+            and tensors
+            and tensors[0].device != torch.device("cpu")
+            and kwargs.get("device") == torch.device("cpu")
+        ) or (
+            func is torch.ops.aten.copy_.default
+            and len(tensors) == 2
+            and tensors[0].device.type == "cpu"
+            and tensors[1].device.type != "cpu"
+        )
         if (func in SCALAR_READS and on_device) or copy_off:
             where = [f for f in traceback.extract_stack()[:-1] if "python_dispatch" not in f.filename][-3:]
-            self.seen.append(f"{func}: " + " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.line}"
-                                                         for f in reversed(where)))
+            self.seen.append(
+                f"{func}: " + " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.line}" for f in reversed(where))
+            )
         return func(*args, **kwargs)
 
 
@@ -66,8 +78,14 @@ def no_host_sync(device: torch.device):
 def small_net() -> nn.Module:
     """Conv, batch norm (float and integer buffers) and a linear head."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
 def built_training(device: torch.device, *flags: str):

@@ -1,11 +1,11 @@
-"""Messages that say what is wrong: unreadable folders, full disks, odd --weights and --seed, F1 without a class, late signals.
+"""Messages that say what is wrong: unreadable folders, full disks, odd flags, F1 without a class, late signals.
 
 Each one used to mislead (an empty class, a bare errno, "not found", a C++ overflow, a class
 counted as F1 0, exit code -15); the tests run the scripts or the module that speaks.
 """
+
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -16,22 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_signals import needs_tmpfs, on_small_disk
 
 import train_parta
 import train_partb
-from inat_classifier.cli import UserError
 from conftest import CLASSES, REPO, assert_one_line_error, clean_env, make_dataset, train_args
+from inat_classifier.cli import UserError
 from inat_classifier.metrics import classification_metrics, print_report
 from models import build_backbone
-from test_signals import needs_tmpfs, on_small_disk
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def runs_as_nobody() -> bool:
     try:
-        probe = subprocess.run([*NOBODY, sys.executable, "-c", "import torch"], cwd=REPO, capture_output=True,
-                               timeout=60)
+        probe = subprocess.run(
+            [*NOBODY, sys.executable, "-c", "import torch"], cwd=REPO, capture_output=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
@@ -47,8 +48,12 @@ def test_a_class_folder_nobody_may_read_is_named_as_unreadable_not_empty():
         data = make_dataset(top / "ds", CLASSES[:2], n_train=3, n_val=1)
         locked = data / "train" / CLASSES[0]
         locked.chmod(0o000)
-        cmd = [*NOBODY, sys.executable, str(REPO / "train_parta.py"),
-               *train_args(data, top / "runs", "r", 1, "--cache", "off")]
+        cmd = [
+            *NOBODY,
+            sys.executable,
+            str(REPO / "train_parta.py"),
+            *train_args(data, top / "runs", "r", 1, "--cache", "off"),
+        ]
         done = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
         line = assert_one_line_error(done, str(locked), "cannot be read", "Permission denied")
         assert "has no images" not in line
@@ -71,8 +76,9 @@ def on_full_disk(folder: Path, argv: list) -> subprocess.CompletedProcess:
 def test_a_full_out_dir_is_one_line_naming_the_folder_and_sizes(tmp_path):
     data = make_dataset(tmp_path / "ds", CLASSES[:2], n_train=3, n_val=1)
     out = tmp_path / "full"
-    done = on_full_disk(out, [sys.executable, REPO / "train_parta.py",
-                              *train_args(data, out, "r", 1, "--cache", "off")])
+    done = on_full_disk(
+        out, [sys.executable, REPO / "train_parta.py", *train_args(data, out, "r", 1, "--cache", "off")]
+    )
     line = assert_one_line_error(done, f"not enough disk space in {out / 'r'}", "split.json", "free")
     assert "Errno" not in line and done.returncode == 2
 
@@ -91,7 +97,9 @@ writers = {
     "metrics.csv": lambda: runs.write_metrics_csv(folder, [row]),
     "curves.png": lambda: tracking.plot_curves({"r": [row]}, folder / "curves.png"),
     "result.json": lambda: runs.write_result(folder, 1, 0.5, 1),
-    "confusion_matrix.png": lambda: metrics.plot_confusion([[1, 0], [0, 1]], ["a", "b"], folder / "confusion_matrix.png"),
+    "confusion_matrix.png": lambda: metrics.plot_confusion(
+        [[1, 0], [0, 1]], ["a", "b"], folder / "confusion_matrix.png"
+    ),
     "eval.json": lambda: storage.atomic_write_text(folder / "eval.json", "{}"),
     "gradcam.png": lambda: figures.save_figure(figures.pyplot().figure(), folder / "gradcam.png", 50),
     "stats.json": lambda: data.main(photos),
@@ -105,8 +113,15 @@ for name, write in writers.items():
 """
 
 
-FULL_DISK_FILES = {"metrics.csv", "curves.png", "result.json", "confusion_matrix.png", "eval.json", "gradcam.png",
-                   "stats.json"}
+FULL_DISK_FILES = {
+    "metrics.csv",
+    "curves.png",
+    "result.json",
+    "confusion_matrix.png",
+    "eval.json",
+    "gradcam.png",
+    "stats.json",
+}
 
 
 @needs_tmpfs
@@ -149,8 +164,9 @@ def test_a_seed_out_of_range_names_the_range(script, seed, tmp_path):
 
 def test_the_largest_seed_trains(tmp_path):
     data = make_dataset(tmp_path / "ds", CLASSES[:2], n_train=3, n_val=1)
-    args = train_parta.get_args_parser().parse_args(train_args(data, tmp_path, "r", 1, "--seed", "4294967295",
-                                                               "--cache", "off"))
+    args = train_parta.get_args_parser().parse_args(
+        train_args(data, tmp_path, "r", 1, "--seed", "4294967295", "--cache", "off")
+    )
     assert train_parta.main(args).epoch == 1
 
 
@@ -196,8 +212,14 @@ cli.run_cli(main, argparse.ArgumentParser(), [])
 
 @pytest.mark.parametrize("moment", ["thread", "teardown"])
 def test_sigterm_after_the_work_finished_exits_0(moment):
-    proc = subprocess.Popen([sys.executable, "-c", STAND_IN, str(REPO), moment], cwd=REPO, env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STAND_IN, str(REPO), moment],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "exiting"
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
@@ -236,8 +258,14 @@ cli.run_cli(main, argparse.ArgumentParser(), [])
 
 @pytest.mark.parametrize("world_size,ending", [("1", "success"), ("2", "success"), ("2", "error")])
 def test_a_torchrun_process_ends_after_its_exit_handlers_without_the_interpreter_teardown(world_size, ending):
-    proc = subprocess.run([sys.executable, "-c", ENDING, str(REPO), ending], cwd=REPO, capture_output=True,
-                          text=True, env=clean_env(WORLD_SIZE=world_size, RANK="0"), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENDING, str(REPO), ending],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=clean_env(WORLD_SIZE=world_size, RANK="0"),
+        timeout=60,
+    )
     assert proc.returncode == (0 if ending == "success" else 2), proc.stderr
     assert proc.stderr.strip() == ("" if ending == "success" else "error: bad input")
     torn_down = ["teardown"] if world_size == "1" else []  # where gloo's late threads would abort the process

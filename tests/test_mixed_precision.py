@@ -1,23 +1,24 @@
 """The mixed-precision step (training_step.train_step): loss scaling, unscale before clipping, bf16, scaler resume.
 
 CPU runs fp16 and bf16 autocast and an enabled GradScaler, so the step's logic is pinned here on
-every machine (`amp.grad_scaler` enables the scaler for fp16 on any device). Tests with "cuda" in their name run amp's own CUDA fp16 path and skip without a GPU.
+every machine (`amp.grad_scaler` enables the scaler for fp16 on any device). Tests with "cuda" in their
+name run amp's own CUDA fp16 path and skip without a GPU.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
 import train_parta
-from inat_classifier.precision import amp_dtype, autocast, grad_scaler
-from inat_classifier.training_step import Trainer, train_step
+from conftest import CLASSES, make_dataset, train_args
 from inat_classifier.checkpoint import TrainState, load_checkpoint
 from inat_classifier.cli import UserError
-from conftest import CLASSES, make_dataset, train_args
 from inat_classifier.devices import Dist
-from inat_classifier.engine import Checkpointer, complete_trainer, build_trainer, resume_training
+from inat_classifier.engine import Checkpointer, build_trainer, complete_trainer, resume_training
+from inat_classifier.precision import amp_dtype, autocast, grad_scaler
+from inat_classifier.training_step import Trainer, train_step
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,8 +51,15 @@ def grad_norm_at_step(optimizer: torch.optim.Optimizer) -> list[float]:
 
 
 def sgd_training(model, dtype, scaler, device=CPU, lr=0.1, grad_clip=0.0) -> Trainer:
-    return Trainer(model, torch.optim.SGD(model.parameters(), lr=lr), nn.CrossEntropyLoss(), device, dtype,
-                    scaler, grad_clip=grad_clip)
+    return Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=lr),
+        nn.CrossEntropyLoss(),
+        device,
+        dtype,
+        scaler,
+        grad_clip=grad_clip,
+    )
 
 
 # ----------------------------------------------------------------------------- dtype and scaler choice
@@ -77,7 +85,7 @@ def check_inf_step_is_skipped(device, dtype, scaler, x, y, grad_clip):
     before, scale = weights(model), scaler.get_scale()
     train_step(t, x, y)
     assert any(not torch.isfinite(p.grad).all() for p in model.parameters())  # the step really saw inf
-    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))  # ... and was skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model), strict=True))  # ... and was skipped
     assert scaler.get_scale() == scale * 0.5  # backoff
     return model, t
 
@@ -99,7 +107,7 @@ def test_inf_input_skips_the_step_with_and_without_clipping_then_training_goes_o
     train_step(t, *batch(seed=2))
     after = weights(model)
     assert all(torch.isfinite(p).all() for p in after)
-    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert scaler.get_scale() == 2.0**9  # no growth after a single good step
 
 
@@ -108,8 +116,9 @@ def check_clip_sees_unscaled_gradients(device, dtype, scaler, atol, x_scale=50.0
     """The clipped step under a large loss scale equals the full-precision clipped step."""
     x, y = batch(device, scale=x_scale)  # large inputs: a true gradient norm above the bound
     ref_model, model = tiny_net(device), tiny_net(device)
-    ref = sgd_training(ref_model, None, torch.amp.GradScaler(device.type, enabled=False), device, lr=1.0,
-                       grad_clip=bound)
+    ref = sgd_training(
+        ref_model, None, torch.amp.GradScaler(device.type, enabled=False), device, lr=1.0, grad_clip=bound
+    )
     t = sgd_training(model, dtype, scaler, device, lr=1.0, grad_clip=bound)
     ref_norms, norms = grad_norm_at_step(ref.optimizer), grad_norm_at_step(t.optimizer)
     start = weights(model)
@@ -120,9 +129,9 @@ def check_clip_sees_unscaled_gradients(device, dtype, scaler, atol, x_scale=50.0
     train_step(t, x, y)
     assert ref_norms == pytest.approx([bound], rel=1e-5)
     assert norms == pytest.approx([bound], rel=atol)  # the bound itself, not bound / scale
-    step = torch.linalg.vector_norm(torch.cat([(a - b).flatten() for a, b in zip(start, weights(model))]))
+    step = torch.linalg.vector_norm(torch.cat([(a - b).flatten() for a, b in zip(start, weights(model), strict=True)]))
     assert step.item() == pytest.approx(bound, rel=atol)  # SGD, lr 1: the update is the clipped gradient
-    for a, b in zip(weights(ref_model), weights(model)):
+    for a, b in zip(weights(ref_model), weights(model), strict=True):
         assert torch.allclose(a, b, atol=atol), (a, b)
 
 
@@ -144,12 +153,14 @@ def test_grad_clip_flag_bounds_the_gradient_norm_at_step_time():
     """--grad_clip 1 reaches the step through the engine's builders: a huge gradient is cut to norm 1."""
     norms = {}
     for clip in ("0", "1"):
-        args = train_parta.get_args_parser().parse_args(["--grad_clip", clip, "--amp", "off", "--lr", "1e-3",
-                                                         "--warmup_epochs", "0"])
+        args = train_parta.get_args_parser().parse_args(
+            ["--grad_clip", clip, "--amp", "off", "--lr", "1e-3", "--warmup_epochs", "0"]
+        )
         model = tiny_net()
         groups = [{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0}]
-        t = complete_trainer(build_trainer(args, model, groups, CPU), args, steps_per_epoch=4, num_classes=3,
-                          dist=Dist())
+        t = complete_trainer(
+            build_trainer(args, model, groups, CPU), args, steps_per_epoch=4, num_classes=3, dist=Dist()
+        )
         seen = grad_norm_at_step(t.optimizer)
         train_step(t, *batch(scale=1e4))
         norms[clip] = seen[0]
@@ -171,10 +182,10 @@ def test_autocast_step_runs_in_low_precision_and_moves_fp32_weights(dtype):
     assert out.dtype == dtype and ref_out.dtype == torch.float32
     assert not torch.equal(out.float(), ref_out)  # really computed in low precision
     assert loss.item() == pytest.approx(ref_loss.item(), abs=0.05)
-    moved = [b - a for a, b in zip(start, weights(model))]
-    ref_moved = [b - a for a, b in zip(start, weights(ref_model))]
+    moved = [b - a for a, b in zip(start, weights(model), strict=True)]
+    ref_moved = [b - a for a, b in zip(start, weights(ref_model), strict=True)]
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    for m, r in zip(moved, ref_moved):
+    for m, r in zip(moved, ref_moved, strict=True):
         assert m.abs().sum() > 0
         assert torch.allclose(m, r, atol=0.02 * r.abs().max().item() + 1e-4)
 
@@ -195,8 +206,7 @@ def scaled_training(device, scaler) -> Trainer:
     model = tiny_net(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    return Trainer(model, opt, nn.CrossEntropyLoss(), device, torch.float16, scaler, scheduler=sched,
-                    grad_clip=5.0)
+    return Trainer(model, opt, nn.CrossEntropyLoss(), device, torch.float16, scaler, scheduler=sched, grad_clip=5.0)
 
 
 def check_scaler_resume(device, tmp_path, make_scaler):
@@ -220,14 +230,15 @@ def check_scaler_resume(device, tmp_path, make_scaler):
         train_step(live, *batch(device, seed=20 + s))
         train_step(fresh, *batch(device, seed=20 + s))
     assert fresh.scaler.state_dict() == live.scaler.state_dict()
-    for a, b in zip(weights(live.model), weights(fresh.model)):
+    for a, b in zip(weights(live.model), weights(fresh.model), strict=True):
         assert torch.equal(a, b)
 
 
 def test_grad_scaler_state_round_trips_through_last_pt_and_resume(tmp_path):
     """Checkpointer saves the live scale and growth tracker; resume_training restores them exactly."""
-    check_scaler_resume(CPU, tmp_path, lambda: torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**17,
-                                                                    growth_interval=2))
+    check_scaler_resume(
+        CPU, tmp_path, lambda: torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**17, growth_interval=2)
+    )
 
 
 # ----------------------------------------------------------------------------- CUDA: amp's own fp16 path
@@ -262,13 +273,14 @@ def test_cuda_fp16_step_moves_weights_in_fp16():
     loss, out = train_step(t, *batch(CUDA))
     assert out.dtype == torch.float16 and torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert all(not torch.equal(a, b) for a, b in zip(start, weights(model)))
+    assert all(not torch.equal(a, b) for a, b in zip(start, weights(model), strict=True))
 
 
 @needs_cuda
 def test_cuda_grad_scaler_state_round_trips_through_resume(tmp_path):
-    check_scaler_resume(CUDA, tmp_path, lambda: torch.amp.GradScaler("cuda", enabled=True, init_scale=2.0**17,
-                                                                     growth_interval=2))
+    check_scaler_resume(
+        CUDA, tmp_path, lambda: torch.amp.GradScaler("cuda", enabled=True, init_scale=2.0**17, growth_interval=2)
+    )
 
 
 @needs_cuda
@@ -276,7 +288,8 @@ def test_cuda_train_parta_fp16_run_saves_an_enabled_scaler(tmp_path):
     """A real --amp fp16 run on CUDA writes the GradScaler's state (scale, tracker) into last.pt."""
     data = make_dataset(tmp_path / "ds", CLASSES[:2], n_train=4, n_val=2, size=32)
     args = train_parta.get_args_parser().parse_args(
-        [*train_args(data, tmp_path / "runs", "fp16", 1, "--amp", "fp16"), "--device", "cuda"])
+        [*train_args(data, tmp_path / "runs", "fp16", 1, "--amp", "fp16"), "--device", "cuda"]
+    )
     train_parta.main(args)
     scaler = load_checkpoint(tmp_path / "runs" / "fp16" / "last.pt")["scaler"]
     assert scaler["scale"] > 0 and "_growth_tracker" in scaler
@@ -294,11 +307,19 @@ def test_two_accumulated_batches_of_16_update_like_one_batch_of_32():
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # the gradient's size matters
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
         cpu = torch.device("cpu")
-        t = Trainer(model, opt, nn.CrossEntropyLoss(), cpu, None, grad_scaler(cpu, None), scheduler=sched,
-                     accum_steps=32 // micro)
+        t = Trainer(
+            model,
+            opt,
+            nn.CrossEntropyLoss(),
+            cpu,
+            None,
+            grad_scaler(cpu, None),
+            scheduler=sched,
+            accum_steps=32 // micro,
+        )
         lrs = []
         for _ in range(3):  # three optimizer steps
-            chunks = list(zip(x.split(micro), y.split(micro)))
+            chunks = list(zip(x.split(micro), y.split(micro), strict=True))
             for i, (xb, yb) in enumerate(chunks):
                 train_step(t, xb, yb, len(chunks), update=i == len(chunks) - 1)
             lrs.append(opt.param_groups[0]["lr"])
@@ -314,12 +335,13 @@ def test_two_accumulated_batches_of_16_update_like_one_batch_of_32():
 def test_accumulating_run_counts_optimizer_steps(tmp_path):
     """train_parta.py --accum_steps 2: the schedule (and so the warm-up and cosine) counts optimizer steps."""
     import train_parta
-    from inat_classifier.checkpoint import load_checkpoint
     from conftest import CLASSES, make_dataset, train_args
+    from inat_classifier.checkpoint import load_checkpoint
 
     data = make_dataset(tmp_path / "ds", CLASSES[:2], n_train=20, n_val=4, size=32)
     args = train_parta.get_args_parser().parse_args(
-        train_args(data, tmp_path / "runs", "acc", 2, "--batch_size", "4", "--accum_steps", "2", "--no-augment"))
+        train_args(data, tmp_path / "runs", "acc", 2, "--batch_size", "4", "--accum_steps", "2", "--no-augment")
+    )
     train_parta.main(args)
     last = load_checkpoint(tmp_path / "runs" / "acc" / "last.pt")
     # 32 training photos (40 minus the 20 % validation split) in 8 batches of 4 = 4 updates per epoch

@@ -1,11 +1,12 @@
 """Models at input sizes they cannot take: one line naming the sizes they take, before any run folder exists."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from inat_classifier.cli import UserError
 from conftest import assert_one_line_error, make_dataset, run_cli, train_args
+from inat_classifier.cli import UserError
 from inat_classifier.input_sizes import check_input_size
 from models import ConvNet, build_backbone
 
@@ -16,14 +17,34 @@ def data(tmp_path_factory):
 
 
 def partb(data, out_dir, *extra):
-    return ["--data_dir", data, "--out_dir", out_dir, "--weights", "none", "--epochs", "1", "--workers", "0",
-            "--device", "cpu", "--wandb", "disabled", "--cache", "off", *extra]
+    return [
+        "--data_dir",
+        data,
+        "--out_dir",
+        out_dir,
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--wandb",
+        "disabled",
+        "--cache",
+        "off",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("model, size, says", [
-    ("vit_b_16", 32, "vit_b_16 takes exactly 224 px"),
-    ("inception_v3", 32, "inception_v3 needs at least 75 px"),
-])
+@pytest.mark.parametrize(
+    "model, size, says",
+    [
+        ("vit_b_16", 32, "vit_b_16 takes exactly 224 px"),
+        ("inception_v3", 32, "inception_v3 needs at least 75 px"),
+    ],
+)
 def test_partb_refuses_a_size_the_model_cannot_take_before_its_run_folder(data, tmp_path, model, size, says):
     out = tmp_path / "runs"
     proc = run_cli("train_partb.py", *partb(data, out, "--model", model, "--image_size", size))
@@ -32,8 +53,9 @@ def test_partb_refuses_a_size_the_model_cannot_take_before_its_run_folder(data, 
 
 
 def test_partb_summary_refuses_it_too(data, tmp_path):
-    proc = run_cli("train_partb.py", *partb(data, tmp_path / "runs", "--model", "vit_b_16", "--image_size", "64",
-                                             "--summary"))
+    proc = run_cli(
+        "train_partb.py", *partb(data, tmp_path / "runs", "--model", "vit_b_16", "--image_size", "64", "--summary")
+    )
     assert_one_line_error(proc, "vit_b_16 takes exactly 224 px")
 
 
@@ -47,15 +69,18 @@ def test_parta_refuses_an_image_too_small_for_its_pooling_before_its_run_folder(
 
 
 # The families train_partb.py offers: exact-size transformers, convnets with a smallest size, any size.
-@pytest.mark.parametrize("model, size, says", [
-    ("vit_b_32", 160, "vit_b_32 takes exactly 224 px"),
-    ("maxvit_t", 64, "maxvit_t"),
-    ("alexnet", 32, "alexnet needs at least 63 px"),
-    ("googlenet", 8, "googlenet needs at least"),
-    ("squeezenet1_1", 16, "squeezenet1_1 needs at least"),
-    ("convnext_tiny", 16, "convnext_tiny needs at least 32 px"),
-    ("timm:vit_tiny_patch16_224", 32, "timm:vit_tiny_patch16_224 takes exactly 224 px"),
-])
+@pytest.mark.parametrize(
+    "model, size, says",
+    [
+        ("vit_b_32", 160, "vit_b_32 takes exactly 224 px"),
+        ("maxvit_t", 64, "maxvit_t"),
+        ("alexnet", 32, "alexnet needs at least 63 px"),
+        ("googlenet", 8, "googlenet needs at least"),
+        ("squeezenet1_1", 16, "squeezenet1_1 needs at least"),
+        ("convnext_tiny", 16, "convnext_tiny needs at least 32 px"),
+        ("timm:vit_tiny_patch16_224", 32, "timm:vit_tiny_patch16_224 takes exactly 224 px"),
+    ],
+)
 def test_each_family_names_the_sizes_it_takes(model, size, says):
     torch.manual_seed(0)
     backbone = build_backbone(model, "none", 4)

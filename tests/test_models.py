@@ -1,4 +1,5 @@
 """models.py: ConvNet shapes over its flags, filter widths, size checks, and count_complexity."""
+
 from __future__ import annotations
 
 import itertools
@@ -18,9 +19,19 @@ GRID = list(itertools.product([0.5, 1.0, 2.0], [1, 2, 3, 4, 5], [32, 48, 64, 100
 def test_convnet_output_shape_over_flag_grid(filter_org, conv_layers, image_size):
     i = GRID.index((filter_org, conv_layers, image_size))
     kernel = 3 if i % 2 else [5, 3, 4, 1, 3][:conv_layers]  # int, or one per block (even and 1x1 too)
-    model = ConvNet(num_classes=7, image_size=image_size, conv_layers=conv_layers, filters=8,
-                    filter_org=filter_org, kernel_size=kernel, activation=ACTS[i % len(ACTS)],
-                    batch_norm=bool(i % 3), dropout=0.2, dense_neurons=16, pool=("flatten", "avg")[i % 2])
+    model = ConvNet(
+        num_classes=7,
+        image_size=image_size,
+        conv_layers=conv_layers,
+        filters=8,
+        filter_org=filter_org,
+        kernel_size=kernel,
+        activation=ACTS[i % len(ACTS)],
+        batch_norm=bool(i % 3),
+        dropout=0.2,
+        dense_neurons=16,
+        pool=("flatten", "avg")[i % 2],
+    )
     out = model(torch.randn(2, 3, image_size, image_size))
     assert out.shape == (2, 7) and torch.isfinite(out).all()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -33,8 +44,16 @@ def test_convnet_output_shape_over_flag_grid(filter_org, conv_layers, image_size
 @pytest.mark.parametrize("batch_norm", [True, False])
 @pytest.mark.parametrize("pool", ["flatten", "avg"])
 def test_every_activation_batch_norm_and_pool(activation, batch_norm, pool):
-    model = ConvNet(num_classes=4, image_size=32, conv_layers=3, filters=4, activation=activation,
-                    batch_norm=batch_norm, dense_neurons=8, pool=pool)
+    model = ConvNet(
+        num_classes=4,
+        image_size=32,
+        conv_layers=3,
+        filters=4,
+        activation=activation,
+        batch_norm=batch_norm,
+        dense_neurons=8,
+        pool=pool,
+    )
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 4)
     assert any(isinstance(m, ACTIVATIONS[activation]) for m in model.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == batch_norm
@@ -55,8 +74,9 @@ def test_every_activation_batch_norm_and_pool(activation, batch_norm, pool):
 
 @pytest.mark.parametrize("filters", [1, 2, 3, 16])
 def test_halving_filters_never_go_below_one(filters):
-    model = ConvNet(num_classes=3, image_size=32, conv_layers=5, filters=filters, filter_org=0.5,
-                    batch_norm=False, dense_neurons=4)
+    model = ConvNet(
+        num_classes=3, image_size=32, conv_layers=5, filters=filters, filter_org=0.5, batch_norm=False, dense_neurons=4
+    )
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert min(widths) >= 1 and widths[0] == filters
     assert widths == sorted(widths, reverse=True)
@@ -70,7 +90,7 @@ def test_too_small_image_size_is_a_clear_value_error(image_size, conv_layers):
     with pytest.raises(ValueError) as e:
         ConvNet(num_classes=3, image_size=image_size, conv_layers=conv_layers)
     msg = str(e.value)
-    assert f"image_size {image_size} is too small" in msg and f"at least {2 ** conv_layers}" in msg
+    assert f"image_size {image_size} is too small" in msg and f"at least {2**conv_layers}" in msg
 
 
 def test_smallest_allowed_image_size_works():
@@ -78,16 +98,19 @@ def test_smallest_allowed_image_size_works():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    (dict(activation="tanhh"), "unknown activation"),
-    (dict(conv_layers=0), "conv_layers"),
-    (dict(filters=0), "filters"),
-    (dict(filter_org=0.0), "filter_org"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(pool="max"), "pool"),
-    (dict(conv_layers=3, kernel_size=[3, 3]), "kernel_size lists 2 sizes"),
-    (dict(conv_layers=2, kernel_size=[3, 0]), "kernel sizes must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(activation="tanhh"), "unknown activation"),
+        (dict(conv_layers=0), "conv_layers"),
+        (dict(filters=0), "filters"),
+        (dict(filter_org=0.0), "filter_org"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(pool="max"), "pool"),
+        (dict(conv_layers=3, kernel_size=[3, 3]), "kernel_size lists 2 sizes"),
+        (dict(conv_layers=2, kernel_size=[3, 0]), "kernel sizes must be >= 1"),
+    ],
+)
 def test_bad_constructor_arguments_raise_value_error(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         ConvNet(num_classes=3, image_size=64, **kwargs)
@@ -96,12 +119,18 @@ def test_bad_constructor_arguments_raise_value_error(kwargs, fragment):
 # Parameter counts worked out by hand from the layer shapes (weights + biases + batch-norm affine).
 HAND_COUNTS = [
     # 64 px, widths 8-16-32-64-128, 3x3, no conv bias (batch norm: 2 per channel), 64/2**5 = 2 -> 128*2*2 = 512
-    (dict(conv_layers=5, filters=8, filter_org=2.0, batch_norm=True, pool="flatten"),
-     (3 * 8 + 8 * 16 + 16 * 32 + 32 * 64 + 64 * 128) * 9 + 2 * (8 + 16 + 32 + 64 + 128)
-     + (512 * 32 + 32) + (32 * 10 + 10)),
+    (
+        dict(conv_layers=5, filters=8, filter_org=2.0, batch_norm=True, pool="flatten"),
+        (3 * 8 + 8 * 16 + 16 * 32 + 32 * 64 + 64 * 128) * 9
+        + 2 * (8 + 16 + 32 + 64 + 128)
+        + (512 * 32 + 32)
+        + (32 * 10 + 10),
+    ),
     # widths 6-3-2 (6 * 0.25 = 1.5 rounds to 2), kernels 7-5-3 with bias; avg pool -> 2 features
-    (dict(conv_layers=3, filters=6, filter_org=0.5, kernel_size=[7, 5, 3], batch_norm=False, pool="avg"),
-     (3 * 6 * 49 + 6) + (6 * 3 * 25 + 3) + (3 * 2 * 9 + 2) + (2 * 32 + 32) + (32 * 10 + 10)),
+    (
+        dict(conv_layers=3, filters=6, filter_org=0.5, kernel_size=[7, 5, 3], batch_norm=False, pool="avg"),
+        (3 * 6 * 49 + 6) + (6 * 3 * 25 + 3) + (3 * 2 * 9 + 2) + (2 * 32 + 32) + (32 * 10 + 10),
+    ),
 ]
 
 
@@ -131,8 +160,17 @@ def test_count_complexity_params_equal_torchvisions_published_count():
 
 def test_count_complexity_one_layer_by_hand():
     # conv 3->4, 3x3 'same' on 8x8; pool -> 4x4x4 = 64; dense 64->5; head 5->3
-    model = ConvNet(num_classes=3, image_size=8, conv_layers=1, filters=4, kernel_size=3,
-                    batch_norm=False, dense_neurons=5, pool="flatten", activation="relu")
+    model = ConvNet(
+        num_classes=3,
+        image_size=8,
+        conv_layers=1,
+        filters=4,
+        kernel_size=3,
+        batch_norm=False,
+        dense_neurons=5,
+        pool="flatten",
+        activation="relu",
+    )
     params, macs = count_complexity(model, 8)
     conv_macs = (4 * 8 * 8) * (3 * 3 * 3)
     dense_macs = 64 * 5 + 5 * 3
@@ -143,8 +181,17 @@ def test_count_complexity_one_layer_by_hand():
 def test_count_complexity_two_layers_by_hand():
     # block 1: conv 3->4, 5x5 on 16x16 (no bias: batch norm), pool -> 8x8
     # block 2: conv 4->8, 3x3 on 8x8, pool -> 4x4; avg pool -> 8; dense 8->6; head 6->2
-    model = ConvNet(num_classes=2, image_size=16, conv_layers=2, filters=4, filter_org=2.0,
-                    kernel_size=[5, 3], batch_norm=True, dense_neurons=6, pool="avg")
+    model = ConvNet(
+        num_classes=2,
+        image_size=16,
+        conv_layers=2,
+        filters=4,
+        filter_org=2.0,
+        kernel_size=[5, 3],
+        batch_norm=True,
+        dense_neurons=6,
+        pool="avg",
+    )
     params, macs = count_complexity(model, 16)
     expected_macs = (4 * 16 * 16) * (5 * 5 * 3) + (8 * 8 * 8) * (3 * 3 * 4) + 8 * 6 + 6 * 2
     assert macs == expected_macs
@@ -158,8 +205,18 @@ def test_count_complexity_two_layers_by_hand():
 
 
 def test_build_from_spec_rebuilds_the_same_architecture():
-    kwargs = dict(conv_layers=2, filters=4, filter_org=2.0, kernel_size=[5, 3], activation="silu",
-                  batch_norm=True, dropout=0.1, dense_neurons=8, pool="avg", image_size=32)
+    kwargs = dict(
+        conv_layers=2,
+        filters=4,
+        filter_org=2.0,
+        kernel_size=[5, 3],
+        activation="silu",
+        batch_norm=True,
+        dropout=0.1,
+        dense_neurons=8,
+        pool="avg",
+        image_size=32,
+    )
     a = ConvNet(num_classes=5, **kwargs)
     b = build_from_spec({"kind": "convnet", "kwargs": kwargs}, 5)
     b.load_state_dict(a.state_dict())
@@ -170,8 +227,21 @@ def test_build_from_spec_rebuilds_the_same_architecture():
         build_from_spec({"kind": "transformer", "kwargs": {}}, 5)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit_b_16", "swin_t", "maxvit_t", "convnext_tiny", "efficientnet_b0",
-                                  "mobilenet_v3_small", "regnet_y_400mf", "googlenet", "inception_v3"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        "vit_b_16",
+        "swin_t",
+        "maxvit_t",
+        "convnext_tiny",
+        "efficientnet_b0",
+        "mobilenet_v3_small",
+        "regnet_y_400mf",
+        "googlenet",
+        "inception_v3",
+    ],
+)
 def test_complexity_matches_torchvisions_published_counts(name):
     """count_complexity within 1 % of the weights' own num_params and GFLOPs (attention and matmuls count:
     vit_b_16 is 17.56 GMACs, swin_t 4.49, not the 11.3 / 2.96 of counting only conv and linear layers)."""
@@ -191,8 +261,19 @@ def test_summary_flag_prints_every_layer_from_a_traced_pass_without_a_dataset(tm
 
     from conftest import REPO, clean_env
 
-    cmd = [sys.executable, str(REPO / "train_parta.py"), "--summary", "--image_size", "64", "--filters", "8",
-           "--conv_layers", "2", "--dense_neurons", "16"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train_parta.py"),
+        "--summary",
+        "--image_size",
+        "64",
+        "--filters",
+        "8",
+        "--conv_layers",
+        "2",
+        "--dense_neurons",
+        "16",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
@@ -200,8 +281,19 @@ def test_summary_flag_prints_every_layer_from_a_traced_pass_without_a_dataset(tm
     rows = {ln.split()[0]: ln.split() for ln in lines[1:-1]}
     conv = next(r for name, r in rows.items() if r[1] == "Conv2d")
     assert conv[2] == "1x8x64x64"  # first block, same padding: the traced output shape
-    model = ConvNet(num_classes=10, image_size=64, conv_layers=2, filters=8, filter_org=1.5, kernel_size=3,
-                    activation="gelu", batch_norm=True, dropout=0.1, dense_neurons=16, pool="avg")
+    model = ConvNet(
+        num_classes=10,
+        image_size=64,
+        conv_layers=2,
+        filters=8,
+        filter_org=1.5,
+        kernel_size=3,
+        activation="gelu",
+        batch_norm=True,
+        dropout=0.1,
+        dense_neurons=16,
+        pool="avg",
+    )
     assert sum(int(r[3].replace(",", "")) for r in rows.values()) == sum(p.numel() for p in model.parameters())
     assert lines[-1].startswith(f"total: {sum(p.numel() for p in model.parameters()):,} parameters")
     assert not (tmp_path / "runs").exists()  # nothing trained, no run folder
@@ -209,11 +301,11 @@ def test_summary_flag_prints_every_layer_from_a_traced_pass_without_a_dataset(tm
 
 def test_partb_summary_marks_frozen_layers(tmp_path):
     import train_partb
-
     from inat_classifier.summary import layer_table
 
-    args = train_partb.get_args_parser().parse_args(["--model", "resnet18", "--weights", "none", "--freeze",
-                                                     "upto:layer3", "--summary"])
+    args = train_partb.get_args_parser().parse_args(
+        ["--model", "resnet18", "--weights", "none", "--freeze", "upto:layer3", "--summary"]
+    )
     train_partb.resolve_recipe(args)
     backbone = train_partb.build_backbone_for(args, 10)
     table, macs = layer_table(backbone.model, 64)

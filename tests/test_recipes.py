@@ -1,4 +1,5 @@
 """Training recipes: the LR finder, MixUp/CutMix and the weight EMA."""
+
 from __future__ import annotations
 
 import csv
@@ -12,10 +13,17 @@ from torch import nn
 import evaluate
 import train_parta
 from conftest import CLASSES, make_dataset, run_cli, train_args
+from inat_classifier.checkpoint import load_checkpoint
+from inat_classifier.optim import (
+    build_mix,
+    build_optimizer,
+    build_scheduler,
+    lr_range_test,
+    param_groups_with_decay,
+    suggest_lr,
+)
 from inat_classifier.precision import grad_scaler
 from inat_classifier.training_step import Trainer
-from inat_classifier.checkpoint import load_checkpoint
-from inat_classifier.optim import build_mix, build_optimizer, build_scheduler, lr_range_test, param_groups_with_decay, suggest_lr
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +33,9 @@ def colours(tmp_path_factory) -> Path:
 
 def small_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
 
 
 def test_lr_finder_restores_the_model_and_optimizer_exactly():
@@ -35,7 +44,7 @@ def test_lr_finder_restores_the_model_and_optimizer_exactly():
     x = torch.randn(64, 3, 16, 16)
     y = torch.arange(64) % 3
     x[y == 1] += 1.0
-    loader = list(zip(x.split(16), y.split(16)))
+    loader = list(zip(x.split(16), y.split(16), strict=True))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt.step()  # some optimizer state to restore too
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -77,8 +86,9 @@ def test_lr_range_test_on_a_quadratic_suggests_a_stable_lr():
     model = nn.Linear(8, 1, bias=False)
     nn.init.zeros_(model.weight)
     cpu = torch.device("cpu")
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), nn.MSELoss(), cpu, None,
-                      grad_scaler(cpu, None))
+    trainer = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), nn.MSELoss(), cpu, None, grad_scaler(cpu, None)
+    )
     lrs, losses, lr = lr_range_test(trainer, batches, start=1e-4, end=10.0, steps=100)
     assert losses[0] == pytest.approx((batches[0][1] ** 2).mean().item(), rel=1e-5)  # the first loss: w = 0
     assert len(lrs) < 100 and lrs[-1] > 1.0  # stopped on divergence, past the stability limit
@@ -114,12 +124,24 @@ def test_mix_is_off_by_default():
 
 
 # ----------------------------------------------------------------------------- LR schedules
-def scheduled_lrs(scheduler: str, epochs: int, steps_per_epoch: int, warmup_epochs: float,
-                  lrs=(0.1,), optimizer: str = "adamw") -> list[list[float]]:
+def scheduled_lrs(
+    scheduler: str, epochs: int, steps_per_epoch: int, warmup_epochs: float, lrs=(0.1,), optimizer: str = "adamw"
+) -> list[list[float]]:
     """Each group's LR before every optimizer step of a run built from the flags, and after the last."""
     args = train_parta.get_args_parser().parse_args(
-        ["--scheduler", scheduler, "--epochs", str(epochs), "--warmup_epochs", str(warmup_epochs),
-         "--optimizer", optimizer, "--lr", str(lrs[0])])
+        [
+            "--scheduler",
+            scheduler,
+            "--epochs",
+            str(epochs),
+            "--warmup_epochs",
+            str(warmup_epochs),
+            "--optimizer",
+            optimizer,
+            "--lr",
+            str(lrs[0]),
+        ]
+    )
     groups = [{"params": [nn.Parameter(torch.zeros(2))], "lr": lr, "weight_decay": 0.0} for lr in lrs]
     opt = build_optimizer(groups, args, torch.device("cpu"))
     sched = build_scheduler(opt, args, steps_per_epoch)
@@ -174,7 +196,7 @@ def test_onecycle_peaks_where_the_warmup_ends(warmup_epochs, peak):
     assert first.index(max(first)) == peak
     assert seen[peak] == pytest.approx([0.1, 0.01])
     assert seen[0] == pytest.approx([0.004, 0.0004])
-    assert max(first[:peak]) < 0.1 and all(a < b for a, b in zip(first[:peak], first[1:peak + 1]))
+    assert max(first[:peak]) < 0.1 and all(a < b for a, b in zip(first[:peak], first[1 : peak + 1], strict=True))
 
 
 # ----------------------------------------------------------------------------- weight decay
@@ -183,8 +205,23 @@ def test_weight_decay_spares_biases_and_norm_weights(batch_norm):
     """In a real ConvNet every bias and BN weight sits in a wd=0 group, every conv/linear weight in wd>0;
     one AdamW step with zero gradients leaves them unchanged and shrinks the weights by lr * wd."""
     args = train_parta.get_args_parser().parse_args(
-        ["--image_size", "16", "--conv_layers", "2", "--filters", "4", "--dense_neurons", "8", "--lr", "0.1",
-         "--weight_decay", "0.05", "--batch_norm", str(batch_norm)])
+        [
+            "--image_size",
+            "16",
+            "--conv_layers",
+            "2",
+            "--filters",
+            "4",
+            "--dense_neurons",
+            "8",
+            "--lr",
+            "0.1",
+            "--weight_decay",
+            "0.05",
+            "--batch_norm",
+            str(batch_norm),
+        ]
+    )
     torch.manual_seed(0)
     model = train_parta.build_model(args, 3)
     groups = param_groups_with_decay(model.named_parameters(), args.lr, args.weight_decay, "model")
@@ -230,10 +267,12 @@ def ema_run(colours, tmp_path_factory):
     out = tmp_path_factory.mktemp("ema")
     snapshots: list[list[torch.Tensor]] = []
     handle = register_optimizer_step_post_hook(
-        lambda opt, a, kw: snapshots.append([p.detach().clone() for g in opt.param_groups for p in g["params"]]))
+        lambda opt, a, kw: snapshots.append([p.detach().clone() for g in opt.param_groups for p in g["params"]])
+    )
     try:
         args = train_parta.get_args_parser().parse_args(
-            train_args(colours, out, "ema", 2, "--ema", str(EMA_DECAY), "--dropout", "0"))
+            train_args(colours, out, "ema", 2, "--ema", str(EMA_DECAY), "--dropout", "0")
+        )
         state = train_parta.main(args)
     finally:
         handle.remove()
@@ -245,7 +284,7 @@ def ema_run(colours, tmp_path_factory):
         match = [k for k, v in last["train_state"].items() if v.shape == t.shape and torch.equal(v, t)]
         assert len(match) == 1, match
         names.append(match[0])
-    history = [dict(zip(names, snap)) for snap in snapshots]
+    history = [dict(zip(names, snap, strict=True)) for snap in snapshots]
     return run, state, last, history
 
 
@@ -255,7 +294,7 @@ def hand_ema(history: list[dict], steps: int) -> dict:
     n = 1 and 0.2 from n = 2 on."""
     decays = [2 / 11] + [EMA_DECAY] * (steps - 2)
     ema = {k: v.double() for k, v in history[0].items()}
-    for d, w in zip(decays, history[1:steps]):
+    for d, w in zip(decays, history[1:steps], strict=True):
         ema = {k: ema[k] * d + w[k].double() * (1 - d) for k in ema}
     return ema
 
@@ -294,17 +333,45 @@ def test_validation_runs_on_the_ema_weights(colours, tmp_path):
     loss of best.pt on the run's own validation split equals the logged val_loss of its epoch."""
     run = tmp_path / "ema-val"
     args = train_parta.get_args_parser().parse_args(
-        train_args(colours, tmp_path, "ema-val", 2, "--ema", "0.9", "--dropout", "0", "--no-augment",
-                   "--label_smoothing", "0", "--cache", "off"))
+        train_args(
+            colours,
+            tmp_path,
+            "ema-val",
+            2,
+            "--ema",
+            "0.9",
+            "--dropout",
+            "0",
+            "--no-augment",
+            "--label_smoothing",
+            "0",
+            "--cache",
+            "off",
+        )
+    )
     train_parta.main(args)
     best = load_checkpoint(run / "best.pt")
     logged = {int(float(r["epoch"])): float(r["val_loss"]) for r in csv.DictReader(open(run / "metrics.csv"))}
-    result = evaluate.main(evaluate.get_args_parser().parse_args(
-        ["--ckpt", str(run / "best.pt"), "--split", "val", "--workers", "0", "--device", "cpu",
-         "--out", str(tmp_path / "eval")]))
+    result = evaluate.main(
+        evaluate.get_args_parser().parse_args(
+            [
+                "--ckpt",
+                str(run / "best.pt"),
+                "--split",
+                "val",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+    )
     assert result["loss"] == pytest.approx(logged[best["epoch"]], abs=1e-4)
     # and the EMA weights really differ from the raw ones at that point (else the check says nothing)
     raw = train_parta.build_model(args, len(best["class_names"]))
     raw.load_state_dict(load_checkpoint(run / "last.pt")["train_state"])
-    assert any(not torch.allclose(v, raw.state_dict()[k]) for k, v in best["model_state"].items()
-               if v.is_floating_point())
+    assert any(
+        not torch.allclose(v, raw.state_dict()[k]) for k, v in best["model_state"].items() if v.is_floating_point()
+    )

@@ -4,6 +4,7 @@ EpochSampler that makes exact resumes and torchrun sharding possible.
 Real runs in real processes; an interrupted run is stopped by SIGINT (the handler finishes the step
 and writes a mid-epoch last.pt) and compared with an uninterrupted run of the same flags.
 """
+
 from __future__ import annotations
 
 import signal
@@ -17,8 +18,8 @@ import torch
 
 import train_parta
 import train_partb
-from inat_classifier.checkpoint import load_checkpoint
 from conftest import REPO, clean_env, make_dataset, read_rows, run_cli, train_args
+from inat_classifier.checkpoint import load_checkpoint
 from inat_classifier.sampler import EpochSampler
 
 MACHINE_FLAGS = ["--workers", "0", "--wandb", "disabled", "--device", "cpu"]
@@ -33,8 +34,14 @@ def interrupt_after_rows(script: str, argv_for, out: Path, name: str, rows: int)
     """
     for attempt in range(3):
         run_dir = out / f"{name}{attempt}"
-        proc = subprocess.Popen([sys.executable, str(REPO / script), *map(str, argv_for(run_dir.name))], cwd=REPO,
-                                env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / script), *map(str, argv_for(run_dir.name))],
+            cwd=REPO,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 240
         while proc.poll() is None and len(read_rows(run_dir / "metrics.csv")) < rows and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -70,7 +77,7 @@ def assert_same_run(run_dir: Path, ref_dir: Path, epochs: int) -> None:
                     assert torch.allclose(a[part][k], b[part][k], rtol=0, atol=1e-6), (part, k)
                 else:
                     assert torch.equal(torch.as_tensor(a[part][k]), torch.as_tensor(b[part][k])), (part, k)
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.allclose(sa["exp_avg"], sb["exp_avg"], rtol=0, atol=1e-6)
 
 
@@ -82,8 +89,11 @@ EMA_MIX_FLAGS = ["--ema", "0.9", "--mixup", "0.4"]  # on top of Part A's augment
 @pytest.fixture(scope="module")
 def ema_mix_reference(image_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ema-mix")
-    train_parta.main(train_parta.get_args_parser().parse_args(
-        train_args(image_folder.root, out, "ref", EMA_MIX_EPOCHS, *EMA_MIX_FLAGS)))
+    train_parta.main(
+        train_parta.get_args_parser().parse_args(
+            train_args(image_folder.root, out, "ref", EMA_MIX_EPOCHS, *EMA_MIX_FLAGS)
+        )
+    )
     return out / "ref"
 
 
@@ -91,8 +101,12 @@ def test_resume_mid_epoch_with_ema_and_mixup_equals_uninterrupted_run(image_fold
     """last.pt carries the EMA average and the raw weights; MixUp's draws continue from the saved RNG:
     the resumed run validates (EMA weights) and ends exactly as the uninterrupted one."""
     run_dir, cut = interrupt_after_rows(
-        "train_parta.py", lambda n: train_args(image_folder.root, tmp_path, n, EMA_MIX_EPOCHS, *EMA_MIX_FLAGS),
-        tmp_path, "cut", rows=1)
+        "train_parta.py",
+        lambda n: train_args(image_folder.root, tmp_path, n, EMA_MIX_EPOCHS, *EMA_MIX_FLAGS),
+        tmp_path,
+        "cut",
+        rows=1,
+    )
     assert cut["epoch"] == 1 and cut["batches_done"] > 0, (cut["epoch"], cut["batches_done"])
     assert {"ema", "train_state"} <= set(cut)
     # what best/last.pt hold as model_state is the average, not the weights that train
@@ -109,15 +123,40 @@ PARTB_EPOCHS = 3
 @pytest.fixture(scope="module")
 def partb_data(tmp_path_factory) -> Path:
     """3 classes x 20 train images: 48 train / 12 validation, 12 steps an epoch at batch 4."""
-    return make_dataset(tmp_path_factory.mktemp("partb-resume") / "ds", ["blue", "green", "red"], n_train=20,
-                        n_val=2, size=32)
+    return make_dataset(
+        tmp_path_factory.mktemp("partb-resume") / "ds", ["blue", "green", "red"], n_train=20, n_val=2, size=32
+    )
 
 
 def partb_flags(data_dir: Path, out: Path, name: str) -> list:
     # The body frozen in epoch 1, everything trains from epoch 2 (augmentation on: images every epoch).
-    return ["--model", "mobilenet_v3_small", "--weights", "none", "--freeze", "all", "--unfreeze_at", "2",
-            "--image_size", "32", "--batch_size", "4", "--epochs", PARTB_EPOCHS, "--data_dir", data_dir,
-            "--out_dir", out, "--run_name", name, "--cache", out / "_cache", "--seed", "3", *MACHINE_FLAGS]
+    return [
+        "--model",
+        "mobilenet_v3_small",
+        "--weights",
+        "none",
+        "--freeze",
+        "all",
+        "--unfreeze_at",
+        "2",
+        "--image_size",
+        "32",
+        "--batch_size",
+        "4",
+        "--epochs",
+        PARTB_EPOCHS,
+        "--data_dir",
+        data_dir,
+        "--out_dir",
+        out,
+        "--run_name",
+        name,
+        "--cache",
+        out / "_cache",
+        "--seed",
+        "3",
+        *MACHINE_FLAGS,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -129,17 +168,22 @@ def partb_reference(partb_data, tmp_path_factory) -> Path:
 
 def body_weights(state: dict) -> dict:
     """The backbone's float parameters (not the new head, not batch-norm buffers)."""
-    return {k: v for k, v in state.items()
-            if not k.startswith("classifier.3.") and v.is_floating_point() and "running_" not in k}
+    return {
+        k: v
+        for k, v in state.items()
+        if not k.startswith("classifier.3.") and v.is_floating_point() and "running_" not in k
+    }
 
 
-def test_partb_resume_past_unfreeze_at_trains_the_body_and_equals_uninterrupted_run(partb_data, partb_reference,
-                                                                                     tmp_path):
+def test_partb_resume_past_unfreeze_at_trains_the_body_and_equals_uninterrupted_run(
+    partb_data, partb_reference, tmp_path
+):
     """Stopped in epoch 3 (the body unfroze at epoch 2), the resumed process builds the body frozen
     (--freeze all) and must unfreeze it again at its first epoch: the body keeps training and the run
     ends as the uninterrupted one."""
-    run_dir, cut = interrupt_after_rows("train_partb.py", lambda n: partb_flags(partb_data, tmp_path, n), tmp_path,
-                                        "cut", rows=2)
+    run_dir, cut = interrupt_after_rows(
+        "train_partb.py", lambda n: partb_flags(partb_data, tmp_path, n), tmp_path, "cut", rows=2
+    )
     assert cut["epoch"] == 2 and 0 < cut["batches_done"] < 12, (cut["epoch"], cut["batches_done"])
     res = resume("train_partb.py", run_dir)
     assert f"resuming {run_dir} after epoch 2, batch {cut['batches_done']}" in res.stdout
@@ -153,8 +197,9 @@ def test_partb_resume_past_unfreeze_at_trains_the_body_and_equals_uninterrupted_
 
 def test_partb_body_is_frozen_before_unfreeze_at_and_trains_after(partb_reference):
     """The uninterrupted reference itself: epoch 1 leaves the body at its initial weights, epochs 2-3 move it."""
-    args = train_partb.get_args_parser().parse_args(["--model", "mobilenet_v3_small", "--weights", "none", "--freeze", "all",
-                                                     "--seed", "3"])
+    args = train_partb.get_args_parser().parse_args(
+        ["--model", "mobilenet_v3_small", "--weights", "none", "--freeze", "all", "--seed", "3"]
+    )
     backbone = train_partb.build_backbone_for(args, 3)
     init = body_weights(backbone.model.state_dict())
     best = load_checkpoint(partb_reference / "best.pt")
@@ -172,7 +217,8 @@ def test_patience_stops_after_n_epochs_without_a_better_val_acc(tmp_path, capsys
     """lr 1e-9: val_acc cannot improve after epoch 1, so --patience 2 stops after epoch 3 of 8."""
     root = make_dataset(tmp_path / "ds", ["blue", "red"], n_train=6, n_val=2, size=32)
     args = train_parta.get_args_parser().parse_args(
-        train_args(root, tmp_path, "p", 8, "--lr", "1e-9", "--patience", "2", "--batch_size", "4"))
+        train_args(root, tmp_path, "p", 8, "--lr", "1e-9", "--patience", "2", "--batch_size", "4")
+    )
     state = train_parta.main(args)
     out = capsys.readouterr().out
     rows = read_rows(tmp_path / "p" / "metrics.csv")

@@ -1,5 +1,6 @@
 """--resume checks what it reads: args.json through the script's own flag types, last.pt against the
 folder's args.json and split.json, and the run against the training script resuming it."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import pytest
 
 import train_parta
 import train_partb
-from inat_classifier.cli import UserError
 from conftest import CLASSES, make_dataset, train_args
+from inat_classifier.cli import UserError
 
 MACHINE = ["--workers", "0", "--device", "cpu", "--wandb", "disabled"]
 
@@ -42,11 +43,17 @@ def resume(script, run: Path, *extra: str):
 
 
 @pytest.mark.parametrize("keep_checkpoints", [False, True], ids=["before_first_checkpoint", "with_last_pt"])
-@pytest.mark.parametrize("key, value, says", [("filters", "sixteen", "expected int, got 'sixteen'"),
-                                               ("lr", "fast", "expected float, got 'fast'"),
-                                               ("activation", "sparkle", "is not one of")])
-def test_a_hand_edited_args_json_value_is_one_line_naming_the_file_and_field(runs, tmp_path, keep_checkpoints,
-                                                                            key, value, says):
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("filters", "sixteen", "expected int, got 'sixteen'"),
+        ("lr", "fast", "expected float, got 'fast'"),
+        ("activation", "sparkle", "is not one of"),
+    ],
+)
+def test_a_hand_edited_args_json_value_is_one_line_naming_the_file_and_field(
+    runs, tmp_path, keep_checkpoints, key, value, says
+):
     run = copy_run(runs, tmp_path, keep_checkpoints)
     saved = json.loads((run / "args.json").read_text())
     (run / "args.json").write_text(json.dumps({**saved, key: value}))

@@ -5,6 +5,7 @@ Everything runs on real files and real processes; nothing of our own code is moc
 elsewhere and not repeated here (see tests/test_download.py): corrupt / truncated / bad-CRC zips,
 '../' and absolute zip entries, symlink entries, and a cut transfer resuming with a Range request.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,8 +33,19 @@ from PIL import Image
 import data
 import evaluate
 import train_parta
-from conftest import (COLOURS, DEFAULT_REF_FLAGS, PLAIN_REF_FLAGS, REF_EPOCHS, REPO, assert_one_line_error, clean_env, make_dataset,
-                      read_rows, run_cli, train_args)
+from conftest import (
+    COLOURS,
+    DEFAULT_REF_FLAGS,
+    PLAIN_REF_FLAGS,
+    REF_EPOCHS,
+    REPO,
+    assert_one_line_error,
+    clean_env,
+    make_dataset,
+    read_rows,
+    run_cli,
+    train_args,
+)
 from inat_classifier.checkpoint import CHECKPOINT_FORMAT, TrainState, atomic_torch_save, load_checkpoint
 from inat_classifier.cli import UserError
 from inat_classifier.download import download_dataset
@@ -58,9 +70,15 @@ class Proc:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.out_path, self.err_path = log.with_suffix(".out"), log.with_suffix(".err")
         self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
-        self.p = subprocess.Popen([str(a) for a in argv], cwd=REPO, env=env or clean_env(),
-                                  stdout=self._out, stderr=self._err, text=True,
-                                  start_new_session=True)  # its own group: a time-out kills torchrun's workers too
+        self.p = subprocess.Popen(
+            [str(a) for a in argv],
+            cwd=REPO,
+            env=env or clean_env(),
+            stdout=self._out,
+            stderr=self._err,
+            text=True,
+            start_new_session=True,
+        )  # its own group: a time-out kills torchrun's workers too
 
     def alive(self) -> bool:
         return self.p.poll() is None
@@ -102,7 +120,7 @@ def try_load(path: Path) -> dict | None:
 
 def without_run_name(args: list[str]) -> list[str]:
     i = args.index("--run_name")
-    return args[:i] + args[i + 2:]
+    return args[:i] + args[i + 2 :]
 
 
 def run_dirs(out: Path) -> list[Path]:
@@ -132,10 +150,13 @@ def test_sigkill_mid_run_then_resume_reproduces_the_uninterrupted_run(default_re
     root, epochs = default_reference.data.root, REF_EPOCHS
     for attempt in range(3):
         run_dir = tmp_path / f"cut{attempt}"
-        cut = start_script("train_parta.py", train_args(root, tmp_path, run_dir.name, epochs, *DEFAULT_REF_FLAGS),
-                           tmp_path / "logs" / run_dir.name)
+        cut = start_script(
+            "train_parta.py",
+            train_args(root, tmp_path, run_dir.name, epochs, *DEFAULT_REF_FLAGS),
+            tmp_path / "logs" / run_dir.name,
+        )
         # the epoch-1 line is printed after metrics.csv, last.pt and curves.png: epoch 2 is starting
-        epoch1_done = lambda: f"epoch   1/{epochs}" in cut.out_path.read_text()  # noqa: E731
+        epoch1_done = lambda cut=cut: f"epoch   1/{epochs}" in cut.out_path.read_text()  # noqa: E731
         if poll_until(epoch1_done, cut) and cut.alive():
             cut.p.send_signal(signal.SIGKILL)
             killed = cut.wait()
@@ -173,12 +194,13 @@ def test_sigint_and_sigterm_mid_epoch_save_last_pt_exit_130_and_resume(default_r
     root = default_reference.data.root
     procs, seen, after = {}, {}, {}
     for sig in (signal.SIGINT, signal.SIGTERM):  # both runs side by side
-        procs[sig] = start_script("train_parta.py", train_args(root, tmp_path, sig.name, REF_EPOCHS, *extra),
-                                  tmp_path / "logs" / sig.name)
+        procs[sig] = start_script(
+            "train_parta.py", train_args(root, tmp_path, sig.name, REF_EPOCHS, *extra), tmp_path / "logs" / sig.name
+        )
     for sig, proc in procs.items():
         last = tmp_path / sig.name / "last.pt"
 
-        def mid_epoch_checkpoint():
+        def mid_epoch_checkpoint(sig=sig, last=last):
             seen[sig] = try_load(last)
             return seen[sig] is not None and seen[sig]["batches_done"] > 0
 
@@ -283,8 +305,9 @@ def test_process_killed_while_saving_never_breaks_the_checkpoint(trained_run, tm
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "atomic_torch_save({'a': torch.randn(512, 512), 'die': Die()}, Path(sys.argv[1]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(best)], cwd=REPO, env=clean_env(), capture_output=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(best)], cwd=REPO, env=clean_env(), capture_output=True, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert_intact(best, before)
     # What a kill cannot clean up stays hidden (a dot file) and is never taken for a checkpoint.
@@ -317,19 +340,8 @@ def make_bad_checkpoint(kind: str, trained_run, folder: Path) -> tuple[Path, lis
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{kind}.pt"
     good = (trained_run.run_dir / "best.pt").read_bytes()
-    if kind == "text":
-        path.write_text("this is not a checkpoint\n" * 20)
-        return path, ["not a PyTorch checkpoint"]
-    if kind == "empty":
-        path.write_bytes(b"")
-        return path, ["not a PyTorch checkpoint"]
-    if kind == "truncated":
-        path.write_bytes(good[: len(good) // 2])
-        return path, ["not a PyTorch checkpoint, or truncated"]
-    if kind == "zip_not_torch":
-        with zipfile.ZipFile(path, "w") as zf:
-            zf.writestr("readme.txt", "a zip, but not from torch.save")
-        return path, ["not a readable checkpoint"]
+    if kind in ("text", "empty", "truncated", "zip_not_torch", "flipped_bytes"):
+        return make_bad_file(kind, good, path)
     if kind == "other_architecture":
         ck = ours(trained_run)
         ck["spec"] = {**ck["spec"], "kwargs": {**ck["spec"]["kwargs"], "filters": 16}}
@@ -360,16 +372,32 @@ def make_bad_checkpoint(kind: str, trained_run, folder: Path) -> tuple[Path, lis
         del ck["model_state"]
         torch.save(ck, path)
         return path, ["model_state"]
-    if kind == "flipped_bytes":
-        raw = bytearray(good)
-        with zipfile.ZipFile(io.BytesIO(good)) as zf:
-            big = max(zf.infolist(), key=lambda i: i.file_size)  # the largest tensor, stored uncompressed
-        start = big.header_offset + 30 + len(big.filename.encode()) + 200
-        for i in range(start, start + 64):
-            raw[i] ^= 0xFF
-        path.write_bytes(bytes(raw))
-        return path, ["corrupt"]
     raise ValueError(kind)
+
+
+def make_bad_file(kind: str, good: bytes, path: Path) -> tuple[Path, list[str]]:
+    """A file that is no checkpoint, or a damaged copy of a good one's bytes (see make_bad_checkpoint)."""
+    if kind == "text":
+        path.write_text("this is not a checkpoint\n" * 20)
+        return path, ["not a PyTorch checkpoint"]
+    if kind == "empty":
+        path.write_bytes(b"")
+        return path, ["not a PyTorch checkpoint"]
+    if kind == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+        return path, ["not a PyTorch checkpoint, or truncated"]
+    if kind == "zip_not_torch":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("readme.txt", "a zip, but not from torch.save")
+        return path, ["not a readable checkpoint"]
+    raw = bytearray(good)  # flipped_bytes
+    with zipfile.ZipFile(io.BytesIO(good)) as zf:
+        big = max(zf.infolist(), key=lambda i: i.file_size)  # the largest tensor, stored uncompressed
+    start = big.header_offset + 30 + len(big.filename.encode()) + 200
+    for i in range(start, start + 64):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return path, ["corrupt"]
 
 
 def run_script_in_process(script: str, argv: list, capsys) -> Done:
@@ -394,15 +422,30 @@ def run_script_in_process(script: str, argv: list, capsys) -> Done:
     return Done(code, out.out, out.err)
 
 
-BAD_CHECKPOINTS = ["text", "empty", "truncated", "zip_not_torch", "other_architecture", "other_class_count",
-                   "other_class_names", "pickle_open", "pickle_system", "plain_state_dict", "folder_without_best"]
+BAD_CHECKPOINTS = [
+    "text",
+    "empty",
+    "truncated",
+    "zip_not_torch",
+    "other_architecture",
+    "other_class_count",
+    "other_class_names",
+    "pickle_open",
+    "pickle_system",
+    "plain_state_dict",
+    "folder_without_best",
+]
 IN_A_REAL_PROCESS = {"text", "pickle_system"}  # the rest: same CLI code, in process
 
 
-@pytest.mark.parametrize("kind", BAD_CHECKPOINTS + [
-    pytest.param("no_model_state"),
-    pytest.param("flipped_bytes"),
-])
+@pytest.mark.parametrize(
+    "kind",
+    BAD_CHECKPOINTS
+    + [
+        pytest.param("no_model_state"),
+        pytest.param("flipped_bytes"),
+    ],
+)
 def test_bad_checkpoint_is_one_line_error_naming_it_and_runs_nothing(kind, trained_run, tmp_path, capsys):
     ckpt, fragments = make_bad_checkpoint(kind, trained_run, tmp_path / "bad")
     argv = ["--ckpt", ckpt, "--split", "val", "--out", tmp_path / "eval", "--workers", "0", "--device", "cpu"]
@@ -449,8 +492,10 @@ def test_escaping_archive_is_refused_and_nothing_lands_anywhere(kind, http_serve
     outside.mkdir()
     entries = [("inaturalist_12K/train/a/ok.jpg", "fine", None)]
     if kind == "symlink_then_write_through_it":  # the classic two-step escape
-        entries += [("inaturalist_12K/train/link", str(outside), 0o120777),
-                    ("inaturalist_12K/train/link/evil.txt", "escaped", None)]
+        entries += [
+            ("inaturalist_12K/train/link", str(outside), 0o120777),
+            ("inaturalist_12K/train/link/evil.txt", "escaped", None),
+        ]
     elif kind == "drive_letter":
         entries += [("C:/evil.txt", "escaped", None)]
     else:
@@ -480,8 +525,9 @@ def test_archive_failing_during_extraction_is_a_user_error_and_leaves_nothing(ki
 
 
 def test_download_cli_refuses_a_zip_slip_archive_in_one_line(http_server, tmp_path):
-    http_server.files[URL_PATH] = zip_bytes([("inaturalist_12K/train/a/ok.jpg", "fine", None),
-                                             ("../../evil.txt", "escaped", None)])
+    http_server.files[URL_PATH] = zip_bytes(
+        [("inaturalist_12K/train/a/ok.jpg", "fine", None), ("../../evil.txt", "escaped", None)]
+    )
     dest = tmp_path / "d" / "data"
     proc = run_cli("data.py", "download", "--dest", dest, "--url", http_server.url(URL_PATH), timeout=120)
     assert_one_line_error(proc, "refusing archive entry", "../../evil.txt")
@@ -492,14 +538,19 @@ def test_download_cli_refuses_a_zip_slip_archive_in_one_line(http_server, tmp_pa
 # ----------------------------------------------------------------------------- 7. bad images
 def decompression_bomb_png(path: Path, side: int = 10_000) -> None:
     """A valid greyscale PNG of side x side pixels (100 M > PIL's 89 M limit) in ~100 KB."""
+
     def chunk(tag: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
     comp = zlib.compressobj(9)
     row = b"\x00" * (side + 1)
     idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -507,8 +558,14 @@ def bad_images(tmp_path_factory) -> dict:
     """2 classes x 13 train images, 3 of them unreadable, 3 odd but valid; 20 train / 6 val exactly."""
     root = make_dataset(tmp_path_factory.mktemp("badimg") / "ds", ["blue", "red"], n_train=10, n_val=2, size=32)
     blue, red = root / "train" / "blue", root / "train" / "red"
-    files = {"bomb": blue / "bomb.png", "empty": blue / "empty.jpg", "truncated": red / "truncated.jpg",
-             "exif6": red / "exif6.jpg", "png16": blue / "png16.png", "cmyk": red / "cmyk.jpg"}
+    files = {
+        "bomb": blue / "bomb.png",
+        "empty": blue / "empty.jpg",
+        "truncated": red / "truncated.jpg",
+        "exif6": red / "exif6.jpg",
+        "png16": blue / "png16.png",
+        "cmyk": red / "cmyk.jpg",
+    }
     decompression_bomb_png(files["bomb"])
     files["empty"].write_bytes(b"")
     buf = io.BytesIO()
@@ -529,7 +586,7 @@ def test_odd_and_unreadable_files_decode_or_fail_cleanly(bad_images):
     with pytest.raises((Image.DecompressionBombWarning, Image.DecompressionBombError)):
         load_image(str(f["bomb"]))
     for kind in ("empty", "truncated"):
-        with pytest.raises(Exception):
+        with pytest.raises(OSError):  # PIL's UnidentifiedImageError is one
             load_image(str(f[kind]))
     rotated = load_image(str(f["exif6"]))
     assert rotated.size == (24, 40) and rotated.mode == "RGB"
@@ -544,11 +601,16 @@ def bad_image_runs(bad_images, tmp_path_factory) -> dict:
     """Two 2-epoch Part A runs over the bad images, side by side: --cache off and the default --cache auto
     (in $INAT_CACHE_DIR, which conftest points at a temp folder)."""
     out = tmp_path_factory.mktemp("badimg-runs")
-    procs = {mode: start_script("train_parta.py",
-                                train_args(bad_images["root"], out, mode, 2, "--batch_size", "10",
-                                           "--cache", "off" if mode == "off" else "auto"),  # the last --cache wins
-                                out / "logs" / mode)
-             for mode in ("off", "cache")}
+    procs = {
+        mode: start_script(
+            "train_parta.py",
+            train_args(
+                bad_images["root"], out, mode, 2, "--batch_size", "10", "--cache", "off" if mode == "off" else "auto"
+            ),  # the last --cache wins
+            out / "logs" / mode,
+        )
+        for mode in ("off", "cache")
+    }
     return {mode: (p.wait(), out / mode) for mode, p in procs.items()}
 
 
@@ -607,8 +669,9 @@ def parta_in_process(root: Path, out: Path, name: str, epochs: int, *extra) -> T
 
 def test_nan_in_the_first_epoch_says_no_checkpoint_yet(image_folder, tmp_path):
     with pytest.raises(UserError) as e:
-        parta_in_process(image_folder.root, tmp_path, "sgd", 2, "--optimizer", "sgd", "--lr", "1e8",
-                         "--label_smoothing", "0")
+        parta_in_process(
+            image_folder.root, tmp_path, "sgd", 2, "--optimizer", "sgd", "--lr", "1e8", "--label_smoothing", "0"
+        )
     msg = str(e.value)
     assert "loss became nan at epoch 1" in msg and "none yet" in msg and "\n" not in msg
     assert not (tmp_path / "sgd" / "last.pt").exists() and not (tmp_path / "sgd" / "best.pt").exists()
@@ -644,13 +707,13 @@ def test_the_checkpoint_named_last_good_holds_finite_weights(image_folder, tmp_p
 @pytest.fixture(scope="module")
 def ddp_data(tmp_path_factory) -> Path:
     """3 classes x 12 train images: --val_fraction 0.25 gives 9 validation images, odd for 2 processes."""
-    return make_dataset(tmp_path_factory.mktemp("ddp") / "ds", ["blue", "green", "red"], n_train=12, n_val=2,
-                        size=32)
+    return make_dataset(tmp_path_factory.mktemp("ddp") / "ds", ["blue", "green", "red"], n_train=12, n_val=2, size=32)
 
 
 def torchrun(script: str, args: list, log: Path) -> Done:
-    return Proc([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 REPO / script, *args], log).wait(timeout=400)
+    return Proc(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", REPO / script, *args], log
+    ).wait(timeout=400)
 
 
 def assert_one_run_folder(done: Done, out: Path, epochs: int) -> Path:
@@ -669,9 +732,24 @@ def assert_validation_matches_single_process_eval(run_dir: Path, data_dir: Path,
     best = load_checkpoint(run_dir / "best.pt")
     row = rows[best["epoch"] - 1]
     val = json.loads((run_dir / "split.json").read_text())["val"]
-    m = evaluate.main(evaluate.get_args_parser().parse_args(
-        ["--ckpt", str(run_dir / "best.pt"), "--split", "val", "--data_dir", str(data_dir), "--out", str(tmp),
-         "--workers", "0", "--device", "cpu"]))
+    m = evaluate.main(
+        evaluate.get_args_parser().parse_args(
+            [
+                "--ckpt",
+                str(run_dir / "best.pt"),
+                "--split",
+                "val",
+                "--data_dir",
+                str(data_dir),
+                "--out",
+                str(tmp),
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+    )
     assert m["n"] == len(val)
     # an odd count split over 2 processes: a dropped or doubled image would change both numbers
     assert round(m["accuracy"], 4) == round(float(row["val_acc"]), 4), (m["accuracy"], row)
@@ -682,8 +760,9 @@ def test_torchrun_two_gloo_processes_train_parta_with_exact_validation(ddp_data,
     out = tmp_path / "runs"
     # --no-augment: the decoded cache then holds exactly the eval resize (no training headroom), so
     # validation pixels equal evaluate.py's and the logged loss must match to 4 decimals.
-    args = without_run_name(train_args(ddp_data, out, "x", 2, "--val_fraction", "0.25", "--label_smoothing", "0",
-                                       "--no-augment"))
+    args = without_run_name(
+        train_args(ddp_data, out, "x", 2, "--val_fraction", "0.25", "--label_smoothing", "0", "--no-augment")
+    )
     run_dir = assert_one_run_folder(torchrun("train_parta.py", args, tmp_path / "logs" / "ddp"), out, 2)
     assert_validation_matches_single_process_eval(run_dir, ddp_data, tmp_path / "eval")
 
@@ -696,8 +775,18 @@ def test_torchrun_process_given_a_batch_of_unreadable_images_keeps_step_with_the
     bad.write_bytes(bad.read_bytes()[:300])  # the header survives, the pixels do not
     out = tmp_path / "runs"
     args = train_args(data_dir, out, "x", 2, "--val_fraction", "0.25", "--cache", "off", "--batch_size", "2")
-    done = Proc([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 REPO / "train_parta.py", *args], tmp_path / "logs").wait(timeout=150)
+    done = Proc(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            REPO / "train_parta.py",
+            *args,
+        ],
+        tmp_path / "logs",
+    ).wait(timeout=150)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     assert bad.relative_to(data_dir).as_posix() in json.loads((out / "x" / "split.json").read_text())["train"]
@@ -735,10 +824,23 @@ def test_torchrun_two_processes_at_global_batch_b_equal_one_process_at_b(plain_r
 def ddp_nan(image_folder, tmp_path_factory) -> tuple[Done, Path]:
     """A torchrun job (2 gloo processes) whose loss becomes NaN in epoch 1 (SGD at lr 1e8)."""
     out = tmp_path_factory.mktemp("ddp-nan")
-    args = without_run_name(train_args(image_folder.root, out / "runs", "x", 2, "--optimizer", "sgd", "--lr", "1e8",
-                                       "--label_smoothing", "0"))
-    done = Proc([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 REPO / "train_parta.py", *args], out / "logs" / "nan").wait(timeout=180)  # a hang fails here
+    args = without_run_name(
+        train_args(
+            image_folder.root, out / "runs", "x", 2, "--optimizer", "sgd", "--lr", "1e8", "--label_smoothing", "0"
+        )
+    )
+    done = Proc(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            REPO / "train_parta.py",
+            *args,
+        ],
+        out / "logs" / "nan",
+    ).wait(timeout=180)  # a hang fails here
     return done, out / "runs"
 
 
@@ -765,9 +867,31 @@ def test_torchrun_nan_stops_both_processes_with_one_line(ddp_nan):
 @pytest.fixture(scope="module")
 def partb_ddp(ddp_data, tmp_path_factory) -> tuple[Done, Path]:
     out = tmp_path_factory.mktemp("partb-ddp")
-    args = ["--model", "resnet18", "--weights", "none", "--freeze", "all", "--image_size", "32",
-            "--data_dir", ddp_data, "--out_dir", out, "--cache", out / "_cache", "--batch_size", "8", "--epochs", "2",
-            "--val_fraction", "0.25", "--label_smoothing", "0", *MACHINE_FLAGS]
+    args = [
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--freeze",
+        "all",
+        "--image_size",
+        "32",
+        "--data_dir",
+        ddp_data,
+        "--out_dir",
+        out,
+        "--cache",
+        out / "_cache",
+        "--batch_size",
+        "8",
+        "--epochs",
+        "2",
+        "--val_fraction",
+        "0.25",
+        "--label_smoothing",
+        "0",
+        *MACHINE_FLAGS,
+    ]
     return torchrun("train_partb.py", args, out / "_logs" / "ddp"), out
 
 

@@ -1,6 +1,7 @@
 """Run folders: one process trains in a folder at a time (an flock the kernel drops with its holder),
 clean-up never removes a folder another process holds, and after any failure a command the error names
 works (the same command, --resume, or --config ARGS.JSON)."""
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+from test_robustness import Done, poll_until, start_script
+from test_signals import needs_tmpfs
 
 import train_parta
+from conftest import CLASSES, REPO, assert_one_line_error, clean_env, make_dataset, read_rows, train_args
 from inat_classifier.checkpoint import load_checkpoint
 from inat_classifier.cli import UserError
 from inat_classifier.config_file import parse_args
-from conftest import CLASSES, REPO, assert_one_line_error, clean_env, make_dataset, read_rows, train_args
-from test_signals import needs_tmpfs
-from test_robustness import Done, poll_until, start_script
 
 MACHINE = ["--workers", "0", "--device", "cpu", "--wandb", "disabled"]
 
@@ -59,8 +60,10 @@ def test_starts_into_a_folder_in_use_are_one_line_naming_the_process_and_remove_
     poll_until(lambda: (run / "args.json").exists(), first)
 
     def more_starts() -> list[Done]:
-        others = [start_script("train_parta.py", train_args(data, out, "r", 2, "--seed", "2", *extra),
-                               tmp_path / f"other{i}") for i, extra in enumerate([[], ["--cache", tmp_path / "file"]])]
+        others = [
+            start_script("train_parta.py", train_args(data, out, "r", 2, "--seed", "2", *extra), tmp_path / f"other{i}")
+            for i, extra in enumerate([[], ["--cache", tmp_path / "file"]])
+        ]
         return [p.wait() for p in others]
 
     for other in while_stopped(first, more_starts):
@@ -74,7 +77,9 @@ def test_two_starts_of_one_run_name_moments_apart_train_once(data, tmp_path):
     out, run = tmp_path / "runs", tmp_path / "runs" / "r"
     procs = []
     for seed in (1, 2):
-        procs.append(start_script("train_parta.py", train_args(data, out, "r", 12, "--seed", seed), tmp_path / f"p{seed}"))
+        procs.append(
+            start_script("train_parta.py", train_args(data, out, "r", 12, "--seed", seed), tmp_path / f"p{seed}")
+        )
         time.sleep(0.1)
     done = [p.wait() for p in procs]
     (winner,) = [i for i, d in enumerate(done) if d.returncode == 0]
@@ -87,8 +92,12 @@ def test_resume_of_a_folder_in_use_is_refused_and_a_killed_holder_leaves_no_lock
     parta(train_args(data, tmp_path / "runs", "r", 1))
     first = start_script("train_parta.py", ["--resume", run, "--epochs", "30", *MACHINE], tmp_path / "first")
     poll_until(lambda: "resuming" in first.out_path.read_text(), first)
-    second = while_stopped(first, lambda: start_script(
-        "train_parta.py", ["--resume", run, "--epochs", "30", *MACHINE], tmp_path / "second").wait())
+    second = while_stopped(
+        first,
+        lambda: start_script(
+            "train_parta.py", ["--resume", run, "--epochs", "30", *MACHINE], tmp_path / "second"
+        ).wait(),
+    )
     assert_one_line_error(second, f"run folder {run} is in use: process {first.p.pid} on ")
     os.kill(first.p.pid, signal.SIGKILL)  # the kernel drops its lock
     first.wait()
@@ -139,11 +148,19 @@ def in_small_disk(folder: Path, megabytes: int, commands: list[list], logs: Path
         if i == 1:
             lines.append(f"mount -o remount,size={16 * megabytes}m {shlex.quote(str(folder))}")
         lines.append(f"{shlex.join(map(str, argv))} >{logs}/{i}.out 2>{logs}/{i}.err; echo $? >{logs}/{i}.rc")
-    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "\n".join(lines)],
-                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "\n".join(lines)],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr
-    return [Done(int((logs / f"{i}.rc").read_text()), (logs / f"{i}.out").read_text(),
-                 (logs / f"{i}.err").read_text()) for i in range(len(commands))]
+    return [
+        Done(int((logs / f"{i}.rc").read_text()), (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+        for i in range(len(commands))
+    ]
 
 
 @needs_tmpfs
@@ -152,13 +169,20 @@ def test_a_full_disk_after_best_pt_leaves_the_named_commands_working(data, tmp_p
     same command and --resume (of a copy) each train the run."""
     out = tmp_path / "small"
     run, copy = out / "r", out / "copy"
-    args = [sys.executable, REPO / "train_parta.py",
-            *train_args(data, out, "r", 1, "--pool", "flatten", "--dense_neurons", "2048", "--cache", "off")]
+    args = [
+        sys.executable,
+        REPO / "train_parta.py",
+        *train_args(data, out, "r", 1, "--pool", "flatten", "--dense_neurons", "2048", "--cache", "off"),
+    ]
     resume = [sys.executable, REPO / "train_parta.py", "--resume", copy, *MACHINE]
-    failed, copied, same, resumed = in_small_disk(out, 16, [args, ["cp", "-a", run, copy], args, resume],
-                                                  tmp_path / "logs")
-    assert_one_line_error(failed, f"not enough disk space in {run} for last.pt",
-                          f"the same command or --resume {run} starts it over from epoch 1")
+    failed, copied, same, resumed = in_small_disk(
+        out, 16, [args, ["cp", "-a", run, copy], args, resume], tmp_path / "logs"
+    )
+    assert_one_line_error(
+        failed,
+        f"not enough disk space in {run} for last.pt",
+        f"the same command or --resume {run} starts it over from epoch 1",
+    )
     assert copied.returncode == 0, copied.stderr
     for done in (same, resumed):
         assert done.returncode == 0, done.stdout + done.stderr

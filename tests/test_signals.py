@@ -1,9 +1,10 @@
-"""Signals and full disks: Ctrl-C / SIGTERM / kill -9 before the first epoch and during saves, full disks, damaged caches.
+"""Signals and full disks: Ctrl-C / SIGTERM / kill -9 before the first epoch and in saves, damaged caches.
 
 Real processes get real signals at the named moments (found by watching their files and output);
 full disks are real tmpfs mounts in a private mount namespace (`unshare`), skipped where the
 machine does not allow one.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_robustness import poll_until, start_script, temp_files
 
 import train_parta
 import train_partb
-from inat_classifier.checkpoint import load_checkpoint
 from conftest import CLASSES, REPO, assert_one_line_error, clean_env, make_dataset, train_args
-from test_robustness import poll_until, start_script, temp_files
+from inat_classifier.checkpoint import load_checkpoint
 
 CAMERA = 640  # px: decoding takes long enough to be interrupted
 
@@ -56,7 +57,7 @@ def torch_loading(pid: int) -> bool:
 def test_a_signal_while_the_script_still_imports_torch_is_one_line_and_exit_130(script, sig, tmp_path):
     for attempt in range(5):
         proc = start_script(script, ["--help"], tmp_path / f"log{attempt}")
-        poll_until(lambda: torch_loading(proc.p.pid), proc, interval=0.001)
+        poll_until(lambda proc=proc: torch_loading(proc.p.pid), proc, interval=0.001)
         if proc.alive():
             proc.p.send_signal(sig)
         done = proc.wait()
@@ -66,8 +67,10 @@ def test_a_signal_while_the_script_still_imports_torch_is_one_line_and_exit_130(
         pytest.skip("the imports always finished before the signal")
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
     assert [ln for ln in done.stderr.splitlines() if ln.strip()] == [
-        "[sweep] interrupted; run the same command again to continue the sweep" if script == "sweep_offline.py"
-        else "interrupted; nothing half-written is left: run the same command again to continue"]
+        "[sweep] interrupted; run the same command again to continue the sweep"
+        if script == "sweep_offline.py"
+        else "interrupted; nothing half-written is left: run the same command again to continue"
+    ]
 
 
 @pytest.mark.parametrize("sig,again", [(signal.SIGTERM, "same command"), (signal.SIGINT, "--resume")])
@@ -102,9 +105,33 @@ def test_kill_9_during_the_cache_build_leaves_a_temp_file_the_next_build_removes
 
 
 def test_ctrl_c_during_partb_feature_extraction_exits_130_and_resume_finishes(camera_photos, r18_file, tmp_path):
-    args = ["--data_dir", camera_photos, "--out_dir", tmp_path, "--run_name", "b", "--model", "resnet18",
-            "--weights", r18_file, "--freeze", "all", "--no-augment", "--epochs", "1", "--cache", "off",
-            "--image_size", "160", "--workers", "0", "--wandb", "disabled", "--device", "cpu"]
+    args = [
+        "--data_dir",
+        camera_photos,
+        "--out_dir",
+        tmp_path,
+        "--run_name",
+        "b",
+        "--model",
+        "resnet18",
+        "--weights",
+        r18_file,
+        "--freeze",
+        "all",
+        "--no-augment",
+        "--epochs",
+        "1",
+        "--cache",
+        "off",
+        "--image_size",
+        "160",
+        "--workers",
+        "0",
+        "--wandb",
+        "disabled",
+        "--device",
+        "cpu",
+    ]
     proc = start_script("train_partb.py", args, tmp_path / "log")
     assert poll_until(lambda: "data: " in proc.out_path.read_text(), proc)
     time.sleep(0.3)  # into the extraction (about 100 photos of 640 px through resnet18: seconds)
@@ -113,8 +140,9 @@ def test_ctrl_c_during_partb_feature_extraction_exits_130_and_resume_finishes(ca
     assert done.returncode == 130 and "features:" not in done.stdout, done.stdout + done.stderr
     assert interrupted_line(done).startswith("interrupted;")
     assert temp_files(tmp_path / "feature_cache") == [] if (tmp_path / "feature_cache").exists() else True
-    done = start_script("train_partb.py", ["--resume", tmp_path / "b", "--workers", "0", "--device", "cpu"],
-                        tmp_path / "log2").wait()
+    done = start_script(
+        "train_partb.py", ["--resume", tmp_path / "b", "--workers", "0", "--device", "cpu"], tmp_path / "log2"
+    ).wait()
     assert done.returncode == 0, done.stderr
     assert "features: train" in done.stdout and load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
 
@@ -123,7 +151,16 @@ def test_ctrl_c_during_partb_feature_extraction_exits_130_and_resume_finishes(ca
 @pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_during_the_save_keeps_last_pt(camera_photos, tmp_path, second):
     """Ctrl-C mid-epoch, then Ctrl-C (or SIGTERM) again while last.pt is being written: it is written."""
-    big = ["--image_size", "64", "--pool", "flatten", "--dense_neurons", "1024", "--filters", "16"]  # 25 MB best.pt, 75 MB last.pt
+    big = [
+        "--image_size",
+        "64",
+        "--pool",
+        "flatten",
+        "--dense_neurons",
+        "1024",
+        "--filters",
+        "16",
+    ]  # 25 MB best.pt, 75 MB last.pt
     proc = start_script("train_parta.py", train_args(camera_photos, tmp_path, "r", 3, *big), tmp_path / "log")
     run = tmp_path / "r"
     assert poll_until(lambda: "epoch   1/3" in proc.out_path.read_text(), proc)
@@ -147,7 +184,9 @@ def test_kill_9_during_a_save_leaves_a_temp_file_that_resume_removes(camera_phot
     proc.p.send_signal(signal.SIGKILL)  # during the first save: no checkpoint yet, the resume starts over
     proc.wait()
     assert temp_files(run), "the kill came after the save"
-    done = start_script("train_parta.py", ["--resume", run, "--workers", "0", "--device", "cpu"], tmp_path / "l2").wait()
+    done = start_script(
+        "train_parta.py", ["--resume", run, "--workers", "0", "--device", "cpu"], tmp_path / "l2"
+    ).wait()
     assert done.returncode == 0, done.stderr
     assert temp_files(run) == [] and load_checkpoint(run / "last.pt")["epoch"] == 1
 
@@ -155,8 +194,11 @@ def test_kill_9_during_a_save_leaves_a_temp_file_that_resume_removes(camera_phot
 # ----------------------------------------------------------------------------- full disks
 def tmpfs_works() -> bool:
     try:
-        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                                "mount -t tmpfs -o size=1m tmpfs /tmp"], capture_output=True, timeout=30)
+        probe = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /tmp"],
+            capture_output=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
@@ -169,8 +211,14 @@ def on_small_disk(folder: Path, megabytes: int, argv: list) -> subprocess.Comple
     """Run argv with a fresh tmpfs of this size mounted on folder (seen by this process alone)."""
     folder.mkdir(parents=True, exist_ok=True)
     script = f'mount -t tmpfs -o size={megabytes}m tmpfs "$1" && shift && exec "$@"'
-    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(folder),
-                           *map(str, argv)], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(folder), *map(str, argv)],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 @needs_tmpfs
@@ -187,9 +235,11 @@ def test_a_cache_that_does_not_fit_is_one_line_naming_the_folder_and_leaves_noth
 def test_a_full_disk_while_decoding_is_an_error_not_a_bus_error(camera_photos, tmp_path):
     """Past the free-space check (another process fills the disk): the reserved blocks fail cleanly."""
     folder = tmp_path / "small"
-    code = ("import sys, errno; from pathlib import Path; from inat_classifier import decoded_cache as d\n"
-            "try:\n    d.preallocate(Path(sys.argv[1]) / 'x.npy', (100, 3, 256, 256))\n"
-            "except OSError as e:\n    sys.exit(3 if e.errno == errno.ENOSPC else 4)\n")
+    code = (
+        "import sys, errno; from pathlib import Path; from inat_classifier import decoded_cache as d\n"
+        "try:\n    d.preallocate(Path(sys.argv[1]) / 'x.npy', (100, 3, 256, 256))\n"
+        "except OSError as e:\n    sys.exit(3 if e.errno == errno.ENOSPC else 4)\n"
+    )
     done = on_small_disk(folder, 4, [sys.executable, "-c", code, folder])
     assert done.returncode == 3, (done.returncode, done.stderr)
 
@@ -198,7 +248,7 @@ def test_a_full_disk_while_decoding_is_an_error_not_a_bus_error(camera_photos, t
 def test_a_checkpoint_that_does_not_fit_is_one_line_and_leaves_no_temp(two_class_data, tmp_path):
     out = tmp_path / "small"
     args = train_args(two_class_data, out, "r", 1, "--pool", "flatten", "--dense_neurons", "2048")  # ~16 MB last.pt
-    code = ("import sys, runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    code = "import sys, runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     done = on_small_disk(out, 6, [sys.executable, "-c", code, REPO / "train_parta.py", *args, "--cache", "off"])
     assert_one_line_error(done, f"not enough disk space in {out / 'r'}", "best.pt")
     assert done.returncode == 2
@@ -210,7 +260,7 @@ def two_class_data(tmp_path) -> Path:
 
 
 # ----------------------------------------------------------------------------- damaged caches
-@pytest.mark.parametrize("damage", ['[1, 2]', '{"n": 12, "bad": "none"}', '{"n": 12, "ba'])
+@pytest.mark.parametrize("damage", ["[1, 2]", '{"n": 12, "bad": "none"}', '{"n": 12, "ba'])
 def test_a_damaged_cache_index_is_rebuilt_with_one_line(two_class_data, tmp_path, capsys, damage):
     args = lambda name: train_parta.get_args_parser().parse_args(train_args(two_class_data, tmp_path, name, 1))  # noqa: E731
     train_parta.main(args("a"))
@@ -225,10 +275,38 @@ def test_a_damaged_cache_index_is_rebuilt_with_one_line(two_class_data, tmp_path
 
 def test_a_feature_cache_of_the_wrong_shape_is_recomputed_with_one_line(two_class_data, r18_file, tmp_path, capsys):
     def partb(name: str):
-        return train_partb.main(train_partb.get_args_parser().parse_args(
-            ["--data_dir", str(two_class_data), "--out_dir", str(tmp_path), "--run_name", name, "--model", "resnet18",
-             "--weights", str(r18_file), "--freeze", "all", "--no-augment", "--epochs", "1", "--image_size", "32",
-             "--cache", str(tmp_path / "_cache"), "--workers", "0", "--wandb", "disabled", "--device", "cpu"]))
+        return train_partb.main(
+            train_partb.get_args_parser().parse_args(
+                [
+                    "--data_dir",
+                    str(two_class_data),
+                    "--out_dir",
+                    str(tmp_path),
+                    "--run_name",
+                    name,
+                    "--model",
+                    "resnet18",
+                    "--weights",
+                    str(r18_file),
+                    "--freeze",
+                    "all",
+                    "--no-augment",
+                    "--epochs",
+                    "1",
+                    "--image_size",
+                    "32",
+                    "--cache",
+                    str(tmp_path / "_cache"),
+                    "--workers",
+                    "0",
+                    "--wandb",
+                    "disabled",
+                    "--device",
+                    "cpu",
+                ]
+            )
+        )
+
     partb("a")
     (train_file,) = (tmp_path / "feature_cache").glob("*-train-*.pt")
     n = len(torch.load(train_file, weights_only=True)["labels"])
@@ -242,10 +320,11 @@ def test_a_feature_cache_of_the_wrong_shape_is_recomputed_with_one_line(two_clas
 
 def test_signals_during_a_save_are_held_then_delivered(tmp_path):
     """storage.signals_held: the block finishes, then the signal reaches the handler it interrupted."""
-    code = ("import os, signal, sys\nfrom inat_classifier import storage\n"
-            "got = []\nsignal.signal(signal.SIGTERM, lambda s, f: got.append('handler'))\n"
-            "with storage.signals_held():\n    os.kill(os.getpid(), signal.SIGTERM)\n    got.append('block done')\n"
-            "print(got)\n")
+    code = (
+        "import os, signal, sys\nfrom inat_classifier import storage\n"
+        "got = []\nsignal.signal(signal.SIGTERM, lambda s, f: got.append('handler'))\n"
+        "with storage.signals_held():\n    os.kill(os.getpid(), signal.SIGTERM)\n    got.append('block done')\n"
+        "print(got)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True)
     assert done.stdout.strip() == "['block done', 'handler']", done.stderr
-

@@ -4,6 +4,7 @@ over-limit photos and hidden class folders, on every path that reads photos.
 Real files throughout: os.mkfifo, a bound Unix socket, os.symlink and os.link in tmp_path; a FIFO
 is tested in child processes with a timeout, since opening one blocks forever.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,11 @@ from PIL import Image
 
 import data
 import evaluate
-from inat_classifier import inference
 import train_parta
+from conftest import CLASSES, make_dataset, run_cli, train_args, write_image
+from inat_classifier import inference
 from inat_classifier.cli import UserError
 from inat_classifier.images import BAD_IMAGES
-from conftest import CLASSES, make_dataset, run_cli, train_args, write_image
 
 
 def parta(args: list[str]):
@@ -55,12 +56,13 @@ def test_fifos_sockets_and_devices_are_left_out_each_with_one_warning(ds, monkey
     found = data.discover(ds)
     err = capsys.readouterr().err
     assert len(found.train) == 8 and not {str(p) for p in odd} & {p for p, _ in found.train}
-    for path, kind in zip(odd, ("a FIFO", "a socket", "a character device")):
+    for path, kind in zip(odd, ("a FIFO", "a socket", "a character device"), strict=True):
         warned = lines_naming(err, path)
         assert len(warned) == 1 and warned[0].startswith(f"warning: skipping {path}: {kind}"), err
         assert "not a regular file" in warned[0]
-    assert inference.collect_images([str(ds / "train" / CLASSES[0]), str(ds / "loose.png")]) == \
-        [p for p, _ in found.train if CLASSES[0] in Path(p).parent.name]
+    assert inference.collect_images([str(ds / "train" / CLASSES[0]), str(ds / "loose.png")]) == [
+        p for p, _ in found.train if CLASSES[0] in Path(p).parent.name
+    ]
     err = capsys.readouterr().err
     assert all(len(lines_naming(err, p)) == 1 for p in [*odd, ds / "loose.png"]), err
 
@@ -110,8 +112,9 @@ def test_hard_links_are_one_photo_for_training_and_evaluate(ds, tmp_path):
     os.link(photo, ds / "train" / CLASSES[0] / "again.jpg")  # within one class: counted once
     assert len(data.discover(ds).train) == 8
     os.link(photo, ds / "val" / CLASSES[0] / "leak.jpg")
-    ev = evaluate.get_args_parser().parse_args(["--ckpt", str(tmp_path / "runs" / "r" / "best.pt"),
-                                                "--device", "cpu", "--workers", "0"])
+    ev = evaluate.get_args_parser().parse_args(
+        ["--ckpt", str(tmp_path / "runs" / "r" / "best.pt"), "--device", "cpu", "--workers", "0"]
+    )
     with pytest.raises(UserError, match="the same photo is in two places.*leak.jpg"):
         evaluate.main(ev)
     with pytest.raises(UserError, match="the same photo is in two places.*leak.jpg"):
@@ -132,14 +135,29 @@ def test_a_100_megapixel_png_is_skipped_on_every_path_with_one_line_naming_the_l
             parta(train_args(ds, tmp_path / "runs", cache, 1, *(["--cache", "off"] if cache == "off" else [])))
             outputs[cache] = capsys.readouterr().err
         BAD_IMAGES.seen.clear()
-        evaluate.main(evaluate.get_args_parser().parse_args(
-            ["--ckpt", str(tmp_path / "runs" / "cache" / "best.pt"), "--device", "cpu", "--workers", "0",
-             "--predict", str(big), str(ds / "val" / CLASSES[0])]))
+        evaluate.main(
+            evaluate.get_args_parser().parse_args(
+                [
+                    "--ckpt",
+                    str(tmp_path / "runs" / "cache" / "best.pt"),
+                    "--device",
+                    "cpu",
+                    "--workers",
+                    "0",
+                    "--predict",
+                    str(big),
+                    str(ds / "val" / CLASSES[0]),
+                ]
+            )
+        )
         outputs["predict"] = capsys.readouterr().err
     assert not [w for w in raised if issubclass(w.category, Image.DecompressionBombWarning)]
     for where, err in outputs.items():
         found = lines_naming(err, big)
-        assert len(found) == 1 and "10000x10000 is 100 megapixels, over the 89-megapixel limit" in found[0], (where, err)
+        assert len(found) == 1 and "10000x10000 is 100 megapixels, over the 89-megapixel limit" in found[0], (
+            where,
+            err,
+        )
     unreadable = data.dataset_stats(ds)["unreadable"]
     assert [p for p, _ in unreadable] == [str(big)] and "over the 89-megapixel limit" in unreadable[0][1]
 

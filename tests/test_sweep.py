@@ -1,12 +1,12 @@
 """sweep_offline.py on Optuna: runs train, rank, fail, get pruned, resume, and are shared by several runners on one
 journal file, with exactly the argv `wandb agent` would pass. Stand-in trainers keep it fast and deterministic."""
+
 from __future__ import annotations
 
 import csv
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -22,8 +22,8 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 import sweep_offline
 import train_parta
-from inat_classifier.cli import UserError
 from conftest import assert_one_line_error, clean_env, make_dataset, run_cli
+from inat_classifier.cli import UserError
 from inat_classifier.runs import read_metrics_csv
 from inat_classifier.sweep_runs import newest_trials
 from inat_classifier.sweep_storage import create_study
@@ -40,7 +40,9 @@ def agent_args(values: dict) -> list[str]:
 
 
 def study_of(sweep_dir: Path) -> optuna.Study:
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal")))
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal"))
+    )
     (name,) = optuna.get_all_study_names(storage)
     return optuna.load_study(study_name=name, storage=storage)
 
@@ -49,8 +51,14 @@ def runs_of(sweep_dir: Path) -> dict[str, dict]:
     """Each run's newest trial as a dict: name -> state, status, value, attrs."""
     out = {}
     for folder, t in newest_trials(study_of(sweep_dir)).items():
-        out[Path(folder).name] = {"state": t.state.name, "status": t.user_attrs.get("status"), "value": t.value,
-                                  "attrs": t.user_attrs, "params": t.params, "number": t.number}
+        out[Path(folder).name] = {
+            "state": t.state.name,
+            "status": t.user_attrs.get("status"),
+            "value": t.value,
+            "attrs": t.user_attrs,
+            "params": t.params,
+            "number": t.number,
+        }
     return out
 
 
@@ -81,8 +89,13 @@ def tiny_sweep_config() -> dict:
     """sweep.yaml scaled to the fixture: 32 px, one epoch, few filters."""
     cfg = sweep_config()
     cfg["method"] = "random"
-    cfg["parameters"].update(filters={"values": [4, 8]}, dense_neurons={"values": [16, 32]},
-                             batch_size={"values": [8, 16]}, epochs={"value": 1}, image_size={"value": 32})
+    cfg["parameters"].update(
+        filters={"values": [4, 8]},
+        dense_neurons={"values": [16, 32]},
+        batch_size={"values": [8, 16]},
+        epochs={"value": 1},
+        image_size={"value": 32},
+    )
     return cfg
 
 
@@ -91,9 +104,8 @@ def read_leaderboard(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-
 # ----------------------------------------------------------------------------- stand-in trainers
-FAKE_TRAIN = r'''
+FAKE_TRAIN = r"""
 import argparse, csv, os, sys, time
 p = argparse.ArgumentParser()
 p.add_argument("--q", type=float, required=True)
@@ -115,23 +127,27 @@ for e in range(1, a.epochs + 1):
         w.writeheader(); w.writerows(rows)
     os.replace(run + "/.m", run + "/metrics.csv")
 print("run folder: " + run)
-'''
+"""
 
 
 def fake_sweep(tmp_path: Path, method: str, q_values: list, extra_params: dict | None = None, **top) -> Path:
     """A sweep of the stand-in trainer FAKE_TRAIN: val_acc = q * epoch / epochs."""
     (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
     params = {"q": {"values": q_values}, **(extra_params or {})}
-    cfg = {"program": "fake_train.py", "method": method, "metric": {"name": "val_acc", "goal": "maximize"},
-           "parameters": params, **top}
+    cfg = {
+        "program": "fake_train.py",
+        "method": method,
+        "metric": {"name": "val_acc", "goal": "maximize"},
+        "parameters": params,
+        **top,
+    }
     return write_yaml(tmp_path / "fake.yaml", cfg)
-
 
 
 # A trainer that behaves like train_parta.py where the runner can tell: last.pt on SIGTERM (exit 130), --resume
 # from it, result.json once complete; --linger keeps it alive after that (say, a slow W&B sync). Any other
 # flag is accepted, so that a parameter can have any name.
-FAKE_RESUMABLE = r'''
+FAKE_RESUMABLE = r"""
 import argparse, csv, json, os, signal, sys, time
 p = argparse.ArgumentParser()
 for flag in ("--q", "--sleep", "--linger"):
@@ -162,16 +178,20 @@ json.dump({"epochs": len(rows)}, open(run + "/result.json", "w"))
 print("run folder: " + run)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
 time.sleep(a.linger)
-'''
+"""
 
 
-def resumable_sweep(tmp_path: Path, q_values: list, extra_params: dict | None = None, metric: str = "val_acc",
-                    method: str = "grid") -> Path:
+def resumable_sweep(
+    tmp_path: Path, q_values: list, extra_params: dict | None = None, metric: str = "val_acc", method: str = "grid"
+) -> Path:
     (tmp_path / "fake_resumable.py").write_text(FAKE_RESUMABLE)
-    cfg = {"program": "fake_resumable.py", "method": method, "metric": {"name": metric, "goal": "maximize"},
-           "parameters": {"q": {"values": q_values}, **(extra_params or {})}}
+    cfg = {
+        "program": "fake_resumable.py",
+        "method": method,
+        "metric": {"name": metric, "goal": "maximize"},
+        "parameters": {"q": {"values": q_values}, **(extra_params or {})},
+    }
     return write_yaml(tmp_path / "resumable.yaml", cfg)
-
 
 
 # ----------------------------------------------------------------------------- real training
@@ -180,8 +200,11 @@ def test_offline_random_sweep_ranks_resumes_and_writes_the_best_config(tiny_data
     cfg_path = write_yaml(tmp_path / "tiny_sweep.yaml", tiny_sweep_config())
     sweep_dir = tmp_path / "sweep"
     extra = ["--", "--data_dir", str(tiny_data), "--workers", "0", "--device", "cpu"]
-    code = sweep_offline.main(sweep_offline.parse_args(
-        ["--config", str(cfg_path), "--sweep_dir", str(sweep_dir), "--count", "2", "--seed", "0", "--quiet", *extra]))
+    code = sweep_offline.main(
+        sweep_offline.parse_args(
+            ["--config", str(cfg_path), "--sweep_dir", str(sweep_dir), "--count", "2", "--seed", "0", "--quiet", *extra]
+        )
+    )
     assert code == 0
     board = read_leaderboard(sweep_dir)
     assert [r["rank"] for r in board] == ["1", "2"] and all(r["state"] == "finished" for r in board), board
@@ -192,9 +215,16 @@ def test_offline_random_sweep_ranks_resumes_and_writes_the_best_config(tiny_data
         values = {k: v["value"] for k, v in run["attrs"]["run_config"].items()}
         command = (sweep_dir / "logs" / f"{name}.log").read_text().splitlines()[0][2:].split(" ")
         n = len(values)
-        assert command[3:3 + n] == agent_args(values)  # exactly what wandb agent passes
-        assert command[3 + n:] == ["--out_dir", str(sweep_dir / "runs"), "--run_name", name, "--wandb", "disabled",
-                                   *extra[1:]]
+        assert command[3 : 3 + n] == agent_args(values)  # exactly what wandb agent passes
+        assert command[3 + n :] == [
+            "--out_dir",
+            str(sweep_dir / "runs"),
+            "--run_name",
+            name,
+            "--wandb",
+            "disabled",
+            *extra[1:],
+        ]
         best = max(r["val_acc"] for r in read_metrics_csv(sweep_dir / "runs" / name / "metrics.csv"))
         assert run["value"] == pytest.approx(best)
     # continuing: one more run, numbered after the others, with the sweep's last -- flags
@@ -208,8 +238,9 @@ def test_offline_random_sweep_ranks_resumes_and_writes_the_best_config(tiny_data
     assert f"best run: {best_name}" in out and f"--config {sweep_dir / 'best.yaml'} --epochs 30" in out
     from inat_classifier import config_file
 
-    again = config_file.parse_args(train_parta.get_args_parser(), ["--config", str(sweep_dir / "best.yaml"),
-                                                                   "--epochs", "30"])
+    again = config_file.parse_args(
+        train_parta.get_args_parser(), ["--config", str(sweep_dir / "best.yaml"), "--epochs", "30"]
+    )
     import json
 
     flags = json.loads((sweep_dir / "runs" / best_name / "args.json").read_text())
@@ -237,8 +268,13 @@ def test_failed_run_is_recorded_and_grid_completes(tmp_path, capsys):
 
 
 def test_hyperband_prunes_the_run_that_is_behind_at_min_iter(tmp_path):
-    cfg = fake_sweep(tmp_path, "grid", [0.9, 0.1, 0.95], {"epochs": {"value": 6}, "sleep": {"value": 0.1}},
-                     early_terminate={"type": "hyperband", "min_iter": 1, "max_iter": 2, "eta": 3})
+    cfg = fake_sweep(
+        tmp_path,
+        "grid",
+        [0.9, 0.1, 0.95],
+        {"epochs": {"value": 6}, "sleep": {"value": 0.1}},
+        early_terminate={"type": "hyperband", "min_iter": 1, "max_iter": 2, "eta": 3},
+    )
     sweep_dir = tmp_path / "s"
     assert run_sweep("--config", cfg, "--sweep_dir", sweep_dir, "--count", "3", "--quiet", "--poll_s", "0.05") == 0
     runs = sorted(runs_of(sweep_dir).values(), key=lambda r: r["number"])
@@ -253,15 +289,25 @@ def test_hyperband_prunes_the_run_that_is_behind_at_min_iter(tmp_path):
 
 def start_runner(*args, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, str(REPO / "sweep_offline.py"), *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "sweep_offline.py"), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_two_runners_on_one_journal_train_each_grid_point_once(tmp_path):
     cfg = fake_sweep(tmp_path, "grid", [0.1, 0.2, 0.3], {"sleep": {"values": [0.05, 0.1]}})
     sweep_dir = tmp_path / "s"
-    runners = [start_runner("--config", cfg, "--sweep_dir", sweep_dir, "--count", "10", "--quiet", "--poll_s", "0.05",
-                            cwd=tmp_path) for _ in range(2)]
+    runners = [
+        start_runner(
+            "--config", cfg, "--sweep_dir", sweep_dir, "--count", "10", "--quiet", "--poll_s", "0.05", cwd=tmp_path
+        )
+        for _ in range(2)
+    ]
     outputs = [r.communicate(timeout=300)[0] for r in runners]
     assert [r.returncode for r in runners] == [0, 0], outputs
     runs = runs_of(sweep_dir)
@@ -277,14 +323,24 @@ def test_a_runner_opening_a_sweep_as_another_creates_it_waits_for_its_config(tmp
     cfg = fake_sweep(tmp_path, "grid", [0.4])
     sweep_dir = tmp_path / "s"
     sweep_dir.mkdir()
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal")))
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal"))
+    )
     optuna.create_study(storage=storage, study_name="s", direction="maximize")  # created, its config not yet written
-    attrs = {"config": yaml.safe_load(cfg.read_text()), "config_file": str(cfg), "metric": "val_acc", "goal": "maximize"}
+    attrs = {
+        "config": yaml.safe_load(cfg.read_text()),
+        "config_file": str(cfg),
+        "metric": "val_acc",
+        "goal": "maximize",
+    }
     writer = threading.Timer(0.5, create_study, (storage, "s", "maximize", attrs))
     writer.start()
     monkeypatch.chdir(tmp_path)
     try:
-        assert sweep_offline.main(sweep_offline.parse_args(["--sweep_dir", str(sweep_dir), "--count", "1", "--quiet"])) == 0
+        assert (
+            sweep_offline.main(sweep_offline.parse_args(["--sweep_dir", str(sweep_dir), "--count", "1", "--quiet"]))
+            == 0
+        )
     finally:
         writer.join()
     assert [r["state"] for r in runs_of(sweep_dir).values()] == ["COMPLETE"]
@@ -377,12 +433,33 @@ def test_a_run_lost_with_its_node_before_its_first_epoch_is_continued_in_its_fol
 def test_kill_9_of_a_runner_stops_its_real_trainer_which_saves_last_pt(tmp_path):
     data = make_dataset(tmp_path / "data", ["a", "b"], n_train=6, n_val=2, size=32)
     cfg = tiny_sweep_config()
-    cfg["parameters"].update(filters={"value": 4}, dense_neurons={"value": 16}, batch_size={"values": [4]},
-                             epochs={"value": 300}, conv_layers={"value": 2})
+    cfg["parameters"].update(
+        filters={"value": 4},
+        dense_neurons={"value": 16},
+        batch_size={"values": [4]},
+        epochs={"value": 300},
+        conv_layers={"value": 2},
+    )
     sweep_dir = tmp_path / "s"
-    runner = start_runner("--config", write_yaml(tmp_path / "sweep.yaml", cfg), "--sweep_dir", sweep_dir, "--count",
-                          "1", "--quiet", "--", "--data_dir", data, "--workers", "0", "--device", "cpu", "--cache",
-                          "off", cwd=tmp_path)
+    runner = start_runner(
+        "--config",
+        write_yaml(tmp_path / "sweep.yaml", cfg),
+        "--sweep_dir",
+        sweep_dir,
+        "--count",
+        "1",
+        "--quiet",
+        "--",
+        "--data_dir",
+        data,
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--cache",
+        "off",
+        cwd=tmp_path,
+    )
     run_dir = sweep_dir / "runs" / "run-001"
     wait_for(lambda: (run_dir / "metrics.csv").is_file(), 120, runner)  # the trainer is in its epochs
     trainer = children_of(runner.pid)
@@ -415,8 +492,10 @@ def test_finished_runs_are_never_retrained_and_interrupted_ones_resume(tmp_path)
     assert len(got) == 2 and all(r["state"] == "COMPLETE" for r in got.values()), got
     # 3. SIGTERM mid-training: interrupted, with its last.pt, queued to continue
     c = start_runner(*common, "--count", "1", "--", "--epochs", "30", "--sleep", "0.1", cwd=tmp_path)
-    wait_for(lambda: len(list(runs.glob("run-*"))) == 3 and csv_rows(sorted(runs.glob("run-*"))[-1] / "metrics.csv") > 0,
-             runner=c)
+    wait_for(
+        lambda: len(list(runs.glob("run-*"))) == 3 and csv_rows(sorted(runs.glob("run-*"))[-1] / "metrics.csv") > 0,
+        runner=c,
+    )
     c.send_signal(signal.SIGTERM)
     out_c = c.communicate(timeout=60)[0]
     assert c.returncode == 130 and "Traceback" not in out_c, out_c
@@ -437,9 +516,27 @@ def test_finished_runs_are_never_retrained_and_interrupted_ones_resume(tmp_path)
 
 def test_a_rejected_run_stops_the_runner_with_the_trainers_error(tiny_data, tmp_path, capsys):
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_sweep_config())
-    proc = run_cli("sweep_offline.py", "--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "3", "--quiet",
-                   "--", "--data_dir", tiny_data, "--workers", "0", "--device", "cpu", "--label_smoothing", "2",
-                   env=clean_env(), timeout=120)
+    proc = run_cli(
+        "sweep_offline.py",
+        "--config",
+        cfg,
+        "--sweep_dir",
+        tmp_path / "s",
+        "--count",
+        "3",
+        "--quiet",
+        "--",
+        "--data_dir",
+        tiny_data,
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--label_smoothing",
+        "2",
+        env=clean_env(),
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert_one_line_error(proc, "was rejected", "--label_smoothing must be in [0, 1)")
     assert len(runs_of(tmp_path / "s")) == 1  # it stopped at once
@@ -457,20 +554,35 @@ def test_a_rejected_run_stops_the_runner_with_the_trainers_error(tiny_data, tmp_
 
 def test_a_metric_no_run_logs_is_named(tmp_path, capsys):
     own = dict(tiny_sweep_config(), metric={"name": "val_accuracy", "goal": "maximize"})
-    proc = run_cli("sweep_offline.py", "--config", write_yaml(tmp_path / "own.yaml", own), "--sweep_dir",
-                   tmp_path / "own", "--dry_run", env=clean_env(), timeout=120)
+    proc = run_cli(
+        "sweep_offline.py",
+        "--config",
+        write_yaml(tmp_path / "own.yaml", own),
+        "--sweep_dir",
+        tmp_path / "own",
+        "--dry_run",
+        env=clean_env(),
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert_one_line_error(proc, "'val_accuracy' is not logged by train_parta.py", "val_acc", "fix metric.name")
     cfg = resumable_sweep(tmp_path, [0.5], metric="val_accuracy")
     assert run_sweep("--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "1", "--quiet") == 0
     out = capsys.readouterr().out
-    assert "[sweep] warning: no run logs 'val_accuracy': run-001's metrics.csv has epoch, train_loss, val_acc; " \
-           "fix metric.name in the yaml" in out, out
+    assert (
+        "[sweep] warning: no run logs 'val_accuracy': run-001's metrics.csv has epoch, train_loss, val_acc; "
+        "fix metric.name in the yaml" in out
+    ), out
 
 
 def test_leaderboard_columns_are_unique_when_parameters_share_their_names(tmp_path, capsys):
-    clash = {"epochs": {"value": 2}, "state": {"values": ["x"]}, "val_acc": {"values": [7]}, "note": {"value": "n"},
-             "param_epochs": {"value": 5}}
+    clash = {
+        "epochs": {"value": 2},
+        "state": {"values": ["x"]},
+        "val_acc": {"values": [7]},
+        "note": {"value": "n"},
+        "param_epochs": {"value": 5},
+    }
     cfg = resumable_sweep(tmp_path, [0.5], clash)
     assert run_sweep("--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "1", "--quiet") == 0
     with open(tmp_path / "s" / "leaderboard.csv", newline="") as f:
@@ -516,8 +628,9 @@ def test_dry_run_prints_commands_and_saves_nothing(tmp_path, capsys):
 def test_a_copied_sweep_continues_itself_and_leaves_the_original_alone(tmp_path):
     cfg = resumable_sweep(tmp_path, [0.3, 0.5], {"epochs": {"value": 30}, "sleep": {"value": 0.1}})
     original = tmp_path / "orig"
-    a = start_runner("--config", cfg, "--sweep_dir", original, "--count", "1", "--quiet", "--poll_s", "0.05",
-                     cwd=tmp_path)
+    a = start_runner(
+        "--config", cfg, "--sweep_dir", original, "--count", "1", "--quiet", "--poll_s", "0.05", cwd=tmp_path
+    )
     wait_for(lambda: any(csv_rows(p / "metrics.csv") >= 2 for p in (original / "runs").glob("run-*")), runner=a)
     a.send_signal(signal.SIGTERM)
     assert a.wait(timeout=60) == 130
@@ -527,7 +640,9 @@ def test_a_copied_sweep_continues_itself_and_leaves_the_original_alone(tmp_path)
     shutil.copytree(original, copy)
     shutil.rmtree(tmp_path / "orig" / "logs")  # nothing of the copy may need the original's files
     assert run_sweep("--sweep_dir", copy, "--count", "1", "--quiet", "--poll_s", "0.05") == 0
-    assert [r["epoch"] for r in read_metrics_csv(copy / "runs" / interrupted.name / "metrics.csv")] == list(range(1, 31))
+    assert [r["epoch"] for r in read_metrics_csv(copy / "runs" / interrupted.name / "metrics.csv")] == list(
+        range(1, 31)
+    )
     assert {p.name: p.read_bytes() for p in interrupted.iterdir() if p.is_file()} == before
 
 
@@ -556,15 +671,16 @@ def test_a_read_only_sweep_folder_shows_but_does_not_train(shared_tmp):
     env = clean_env()
     show = subprocess.run([*runner, "--show"], capture_output=True, text=True, env=env, cwd=shared_tmp, timeout=120)
     assert show.returncode == 0 and "leaderboard of" in show.stdout, show.stdout + show.stderr
-    more = subprocess.run([*runner, "--count", "1"], capture_output=True, text=True, env=env, cwd=shared_tmp,
-                          timeout=120)
+    more = subprocess.run(
+        [*runner, "--count", "1"], capture_output=True, text=True, env=env, cwd=shared_tmp, timeout=120
+    )
     assert more.returncode == 2 and "not writable" in more.stderr and "Traceback" not in more.stderr, more.stderr
     assert len(more.stderr.strip().splitlines()) == 1, more.stderr
 
 
 @pytest.mark.parametrize("damage", ["garbage", "other_study", "file_as_folder"])
 def test_a_damaged_sweep_is_one_line_naming_the_file(tmp_path, damage):
-    cfg = fake_sweep(tmp_path, "grid", [0.4])
+    fake_sweep(tmp_path, "grid", [0.4])
     sweep_dir = tmp_path / "s"
     if damage == "file_as_folder":
         sweep_dir.write_text("not a folder")

@@ -1,11 +1,11 @@
 """visualize.py sweep: the report of a real Optuna journal study with real run folders (no training)."""
+
 from __future__ import annotations
 
 import csv
 import math
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -14,19 +14,28 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 from PIL import Image
 
-from inat_classifier import cli
-from inat_classifier import sweep_report
 import visualize
 from conftest import assert_one_line_error, clean_env, run_cli
+from inat_classifier import cli, sweep_report
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-DISTS = {"lr": FloatDistribution(1e-4, 1e-2, log=True), "dropout": FloatDistribution(0.0, 0.5),
-         "freeze": CategoricalDistribution(["auto", "all", "none"])}
+DISTS = {
+    "lr": FloatDistribution(1e-4, 1e-2, log=True),
+    "dropout": FloatDistribution(0.0, 0.5),
+    "freeze": CategoricalDistribution(["auto", "all", "none"]),
+}
 # Complete runs: val_acc depends on lr alone; dropout and freeze are noise (spread over every lr).
 COMPLETE = [  # (lr, dropout, freeze)
-    (1e-4, 0.40, "none"), (2e-4, 0.05, "all"), (3e-4, 0.30, "auto"), (5e-4, 0.10, "none"), (1e-3, 0.45, "all"),
-    (2e-3, 0.20, "auto"), (3e-3, 0.35, "none"), (5e-3, 0.00, "all"), (7e-3, 0.25, "auto"),
+    (1e-4, 0.40, "none"),
+    (2e-4, 0.05, "all"),
+    (3e-4, 0.30, "auto"),
+    (5e-4, 0.10, "none"),
+    (1e-3, 0.45, "all"),
+    (2e-3, 0.20, "auto"),
+    (3e-3, 0.35, "none"),
+    (5e-3, 0.00, "all"),
+    (7e-3, 0.25, "auto"),
 ]
 CONTINUED = (1e-2, 0.15, "none")  # its first trial failed (runner died); a second trial completed it
 
@@ -48,12 +57,27 @@ def write_metrics(run_dir: Path, curve: list[float]) -> None:
             w.writerow([e, 1.0 / e, v, 1.1 / e, v, 1e-3, 2.5])
 
 
-def add_run(study, sweep: Path, n: int, state: TrialState, p: dict, curve: list[float], value: float | None = None,
-            system_attrs: dict | None = None, csv_file: bool = True) -> int:
+def add_run(
+    study,
+    sweep: Path,
+    n: int,
+    state: TrialState,
+    p: dict,
+    curve: list[float],
+    value: float | None = None,
+    system_attrs: dict | None = None,
+    csv_file: bool = True,
+) -> int:
     rel = f"runs/run-{n:03d}"
-    trial = create_trial(state=state, value=value, params=p, distributions=DISTS,
-                         intermediate_values=dict(enumerate(curve, 1)), system_attrs=system_attrs or {},
-                         user_attrs={"run_dir": rel, "run": n, "run_config": {**p, "epochs": 3}})
+    trial = create_trial(
+        state=state,
+        value=value,
+        params=p,
+        distributions=DISTS,
+        intermediate_values=dict(enumerate(curve, 1)),
+        system_attrs=system_attrs or {},
+        user_attrs={"run_dir": rel, "run": n, "run_config": {**p, "epochs": 3}},
+    )
     study.add_trial(trial)
     if csv_file:
         write_metrics(sweep / rel, curve)
@@ -63,15 +87,17 @@ def add_run(study, sweep: Path, n: int, state: TrialState, p: dict, curve: list[
 def build_sweep(sweep: Path, complete=COMPLETE, extras: bool = True) -> Path:
     """The sweep folder of a Part B-like sweep: complete, pruned, failed, continued and running runs."""
     sweep.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(sweep / "optuna.journal"))),
-                                study_name="s", direction="maximize")
+    study = optuna.create_study(
+        storage=JournalStorage(JournalFileBackend(str(sweep / "optuna.journal"))), study_name="s", direction="maximize"
+    )
     study.set_user_attr("metric", "val_acc")
     study.set_user_attr("goal", "maximize")
     study.set_user_attr("program", "train_partb.py")
     for n, (lr, d, f) in enumerate(complete):
         a = acc(lr)
-        add_run(study, sweep, n, TrialState.COMPLETE, params(lr, d, f), [a - 0.1, a, a - 0.02], value=a,
-                csv_file=n != 2)  # run-002 has no metrics.csv
+        add_run(
+            study, sweep, n, TrialState.COMPLETE, params(lr, d, f), [a - 0.1, a, a - 0.02], value=a, csv_file=n != 2
+        )  # run-002 has no metrics.csv
     if not extras:
         return sweep
     n = len(complete)
@@ -79,10 +105,15 @@ def build_sweep(sweep: Path, complete=COMPLETE, extras: bool = True) -> Path:
     dead = add_run(study, sweep, n + 1, TrialState.FAIL, params(*CONTINUED), [0.5], csv_file=False)
     add_run(study, sweep, n + 2, TrialState.FAIL, params(8e-4, 0.3, "auto"), [])
     lr, d, f = CONTINUED
-    trial = create_trial(state=TrialState.COMPLETE, value=acc(lr), params=params(lr, d, f), distributions=DISTS,
-                         intermediate_values={1: 0.5, 2: acc(lr), 3: acc(lr) - 0.01},
-                         system_attrs={"failed_trial": dead},
-                         user_attrs={"run_dir": f"runs/run-{n + 1:03d}", "run": n + 1, "run_config": {}})
+    trial = create_trial(
+        state=TrialState.COMPLETE,
+        value=acc(lr),
+        params=params(lr, d, f),
+        distributions=DISTS,
+        intermediate_values={1: 0.5, 2: acc(lr), 3: acc(lr) - 0.01},
+        system_attrs={"failed_trial": dead},
+        user_attrs={"run_dir": f"runs/run-{n + 1:03d}", "run": n + 1, "run_config": {}},
+    )
     study.add_trial(trial)
     write_metrics(sweep / f"runs/run-{n + 1:03d}", [0.5, acc(lr), acc(lr) - 0.01])
     add_run(study, sweep, n + 3, TrialState.RUNNING, params(6e-4, 0.1, "none"), [0.42])
@@ -140,8 +171,11 @@ def test_continued_trial_is_one_run_and_states_are_marked(result):
 
 
 def test_parallel_coordinates_draw_one_line_per_finished_run(sweep):
-    runs = sweep_report.select_runs(optuna.load_study(study_name="s", storage=JournalStorage(
-        JournalFileBackend(str(sweep / "optuna.journal")))), sweep, "maximize")
+    runs = sweep_report.select_runs(
+        optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(sweep / "optuna.journal")))),
+        sweep,
+        "maximize",
+    )
     fig, n = sweep_report.parallel_coordinates_figure(runs, sweep_report.searched_params(runs), "val_acc")
     drawn = [ln.get_gid() for ln in fig.axes[0].lines if str(ln.get_gid()).startswith("run:")]
     sweep_report.pyplot().close(fig)
@@ -174,14 +208,21 @@ def test_categorical_csv_has_best_mean_and_counts_per_value(sweep, result):
         row = rows[value]
         assert float(row["best_val_acc"]) == pytest.approx(max(accs))
         assert float(row["mean_val_acc"]) == pytest.approx(sum(accs) / len(accs))
-        assert (int(row["complete"]), int(row["pruned"]), int(row["failed"]), int(row["running"])) == \
-            (len(accs), pruned, failed, running)
+        assert (int(row["complete"]), int(row["pruned"]), int(row["failed"]), int(row["running"])) == (
+            len(accs),
+            pruned,
+            failed,
+            running,
+        )
     assert rows["none"]["complete"] == "4"  # the continued run once, its dead trial not at all
 
 
 def test_top_curves_skip_a_run_without_metrics_csv(tmp_path, capsys):
-    sweep = build_sweep(tmp_path / "sw", complete=[(1e-2, 0.1, "all"), (5e-3, 0.2, "auto"), (2e-3, 0.3, "none"),
-                                                   (1e-3, 0.4, "all")], extras=False)
+    sweep = build_sweep(
+        tmp_path / "sw",
+        complete=[(1e-2, 0.1, "all"), (5e-3, 0.2, "auto"), (2e-3, 0.3, "none"), (1e-3, 0.4, "all")],
+        extras=False,
+    )
     res = report("--sweep_dir", sweep, "--top", "3", "--out", tmp_path / "out")
     out = capsys.readouterr().out
     assert "note: run-002: no val_acc per epoch in" in out and "its curve is skipped" in out
@@ -199,8 +240,9 @@ def test_too_few_or_equal_runs_explain_why_there_is_no_importance(tmp_path, caps
     res = report("--sweep_dir", build_sweep(tmp_path / "one", complete=[(1e-3, 0.1, "all")], extras=False))
     assert "no importance: 1 complete run(s) with a val_acc; it needs at least 2" in capsys.readouterr().out
     assert "importance" not in res["images"] and res["parallel_lines"] == 1
-    res = report("--sweep_dir", build_sweep(tmp_path / "flat", complete=[(1e-3, 0.1, "all"), (1e-3, 0.3, "none")],
-                                           extras=False))
+    res = report(
+        "--sweep_dir", build_sweep(tmp_path / "flat", complete=[(1e-3, 0.1, "all"), (1e-3, 0.3, "none")], extras=False)
+    )
     assert "no importance: every complete run has the same val_acc" in capsys.readouterr().out
     for path in res["images"].values():
         assert_image(path)
@@ -212,12 +254,18 @@ def test_a_folder_without_a_journal_is_one_line_exit_2(tmp_path):
     assert_one_line_error(proc, "no sweep journal")
 
 
-@pytest.mark.parametrize("case, fragment", [("missing", "no such folder"), ("garbage", "not an Optuna"),
-                                            ("neither", "--sweep_dir"), ("top", "--top")])
+@pytest.mark.parametrize(
+    "case, fragment",
+    [("missing", "no such folder"), ("garbage", "not an Optuna"), ("neither", "--sweep_dir"), ("top", "--top")],
+)
 def test_bad_input_is_one_error_line(tmp_path, capsys, case, fragment):
-    (tmp_path / "optuna.journal").write_text("this is not a journal\n{\"op_code\": 99}\n")
-    argv = {"missing": ["--sweep_dir", tmp_path / "nope"], "garbage": ["--sweep_dir", tmp_path], "neither": [],
-            "top": ["--sweep_dir", tmp_path, "--top", "0"]}[case]
+    (tmp_path / "optuna.journal").write_text('this is not a journal\n{"op_code": 99}\n')
+    argv = {
+        "missing": ["--sweep_dir", tmp_path / "nope"],
+        "garbage": ["--sweep_dir", tmp_path],
+        "neither": [],
+        "top": ["--sweep_dir", tmp_path, "--top", "0"],
+    }[case]
     with pytest.raises(SystemExit) as e:
         cli.run_cli(visualize.main, visualize.get_args_parser(), ["sweep", *map(str, argv)])
     assert e.value.code == 2

@@ -1,5 +1,6 @@
 """Sweeps against real services on loopback: two runners sharing a PostgreSQL study, and optuna-dashboard
 reading a finished sweep back over its HTTP API. Each test starts its server and stops it."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from test_sweep import fake_sweep, read_leaderboard, start_runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,24 +52,46 @@ def postgres_url():
     home.chmod(0o777)
     data = home / "data"
     port = free_port()
-    subprocess.run(as_postgres_user(["initdb", "-D", str(data), "--auth=trust", "-U", "postgres"]), check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        as_postgres_user(["initdb", "-D", str(data), "--auth=trust", "-U", "postgres"]),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1"
-    subprocess.run(as_postgres_user(["pg_ctl", "-D", str(data), "-o", options, "-l", str(home / "log"), "-w",
-                                     "start"]), check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        as_postgres_user(["pg_ctl", "-D", str(data), "-o", options, "-l", str(home / "log"), "-w", "start"]),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(as_postgres_user(["pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            as_postgres_user(["pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True, timeout=120
+        )
         shutil.rmtree(home, ignore_errors=True)
 
 
 def test_two_runners_share_a_bayes_sweep_on_postgresql(postgres_url, tmp_path):
     cfg = fake_sweep(tmp_path, "bayes", [0.2, 0.4, 0.6, 0.8], {"sleep": {"value": 0.2}})
     sweep_dir = tmp_path / "s"
-    args = ["--config", cfg, "--sweep_dir", sweep_dir, "--storage", postgres_url, "--study", "pg-sweep",
-            "--count", "2", "--quiet", "--poll_s", "0.1"]
+    args = [
+        "--config",
+        cfg,
+        "--sweep_dir",
+        sweep_dir,
+        "--storage",
+        postgres_url,
+        "--study",
+        "pg-sweep",
+        "--count",
+        "2",
+        "--quiet",
+        "--poll_s",
+        "0.1",
+    ]
     runners = [start_runner(*args, cwd=tmp_path) for _ in range(2)]
     outputs = [r.communicate(timeout=300)[0] for r in runners]
     assert [r.returncode for r in runners] == [0, 0], outputs
@@ -91,9 +113,18 @@ def test_optuna_dashboard_serves_a_finished_sweep(tmp_path):
     runner = start_runner("--config", cfg, "--sweep_dir", sweep_dir, "--count", "2", "--quiet", cwd=tmp_path)
     assert runner.wait(timeout=120) == 0, runner.communicate()[0]
     port = free_port()
-    dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), "--host", "127.0.0.1",
-                                  "--port", str(port), str(sweep_dir / "optuna.journal")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dashboard = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "optuna-dashboard"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            str(sweep_dir / "optuna.journal"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         studies = None
         deadline = time.time() + 60

@@ -1,8 +1,7 @@
 """timm backbones in Part B (--model timm:NAME), offline: small timm models, weights saved in tmp_path."""
+
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,14 @@ timm = pytest.importorskip("timm")
 import evaluate  # noqa: E402
 import train_partb  # noqa: E402
 import visualize  # noqa: E402
+from conftest import CLASSES, make_dataset  # noqa: E402
 from inat_classifier.checkpoint import load_checkpoint  # noqa: E402
-from models import restore_model  # noqa: E402
-from conftest import CLASSES, REPO, clean_env, make_dataset  # noqa: E402
 from inat_classifier.freezing import list_stages  # noqa: E402
-from models import build_backbone, count_complexity  # noqa: E402
+from models import (  # noqa: E402
+    build_backbone,
+    count_complexity,
+    restore_model,  # noqa: E402
+)
 
 MODEL = "resnet10t"  # a small timm model: conv stem, layer1-4, fc
 
@@ -58,9 +60,35 @@ def test_unknown_timm_model_and_offline_default_weights_are_one_line_errors():
 def test_timm_fine_tunes_with_every_freeze_mode_and_evaluates(timm_data, timm_weights, tmp_path, freeze):
     """Freezing, discriminative LRs, then evaluate.py and visualize gradcam from the checkpoint alone."""
     args = train_partb.get_args_parser().parse_args(
-        ["--model", f"timm:{MODEL}", "--weights", str(timm_weights), "--freeze", freeze, "--data_dir", str(timm_data),
-         "--out_dir", str(tmp_path), "--run_name", "t", "--image_size", "48", "--batch_size", "8", "--epochs", "1",
-         "--workers", "0", "--wandb", "disabled", "--device", "cpu", "--backbone_lr", "1e-4"])
+        [
+            "--model",
+            f"timm:{MODEL}",
+            "--weights",
+            str(timm_weights),
+            "--freeze",
+            freeze,
+            "--data_dir",
+            str(timm_data),
+            "--out_dir",
+            str(tmp_path),
+            "--run_name",
+            "t",
+            "--image_size",
+            "48",
+            "--batch_size",
+            "8",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--wandb",
+            "disabled",
+            "--device",
+            "cpu",
+            "--backbone_lr",
+            "1e-4",
+        ]
+    )
     train_partb.main(args)
     ckpt = load_checkpoint(tmp_path / "t" / "last.pt")
     state, original = ckpt["model_state"], torch.load(timm_weights, weights_only=True)
@@ -73,19 +101,49 @@ def test_timm_fine_tunes_with_every_freeze_mode_and_evaluates(timm_data, timm_we
     if freeze != "upto:layer3":
         return  # evaluate.py and visualize.py once are enough
     best = str(tmp_path / "t" / "best.pt")
-    metrics = evaluate.main(evaluate.get_args_parser().parse_args(["--ckpt", best, "--workers", "0", "--device", "cpu"]))
+    metrics = evaluate.main(
+        evaluate.get_args_parser().parse_args(["--ckpt", best, "--workers", "0", "--device", "cpu"])
+    )
     assert metrics["n"] == 3 * 2 and 0 <= metrics["accuracy"] <= 1
-    figure = visualize.main(visualize.get_args_parser().parse_args(["gradcam", "--ckpt", best, "--n", "2",
-                                                                    "--device", "cpu"]))
+    figure = visualize.main(
+        visualize.get_args_parser().parse_args(["gradcam", "--ckpt", best, "--n", "2", "--device", "cpu"])
+    )
     assert Path(figure).is_file() and Path(figure).stat().st_size > 0
 
 
 def test_timm_head_only_uses_the_feature_cache(timm_data, timm_weights, tmp_path):
     args = train_partb.get_args_parser().parse_args(
-        ["--model", f"timm:{MODEL}", "--weights", str(timm_weights), "--freeze", "all", "--no-augment",
-         "--data_dir", str(timm_data), "--out_dir", str(tmp_path), "--run_name", "h", "--image_size", "48",
-         "--batch_size", "8", "--epochs", "2", "--workers", "0", "--wandb", "disabled", "--device", "cpu"])
+        [
+            "--model",
+            f"timm:{MODEL}",
+            "--weights",
+            str(timm_weights),
+            "--freeze",
+            "all",
+            "--no-augment",
+            "--data_dir",
+            str(timm_data),
+            "--out_dir",
+            str(tmp_path),
+            "--run_name",
+            "h",
+            "--image_size",
+            "48",
+            "--batch_size",
+            "8",
+            "--epochs",
+            "2",
+            "--workers",
+            "0",
+            "--wandb",
+            "disabled",
+            "--device",
+            "cpu",
+        ]
+    )
     train_partb.main(args)
     assert args.use_cache and list((tmp_path / "feature_cache").glob(f"timm-{MODEL}-train-*.pt"))
     state = load_checkpoint(tmp_path / "h" / "best.pt")["model_state"]
-    assert torch.equal(state["layer4.0.conv1.weight"], torch.load(timm_weights, weights_only=True)["layer4.0.conv1.weight"])
+    assert torch.equal(
+        state["layer4.0.conv1.weight"], torch.load(timm_weights, weights_only=True)["layer4.0.conv1.weight"]
+    )

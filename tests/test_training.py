@@ -1,4 +1,5 @@
 """The training loop through train_parta: learning, run-folder files, checkpoints, resume, W&B offline."""
+
 from __future__ import annotations
 
 import csv
@@ -17,13 +18,22 @@ from PIL import Image
 import data
 import evaluate
 import train_parta
-from conftest import (DEFAULT_REF_FLAGS, PLAIN_REF_FLAGS, REF_EPOCHS, REPO, TRAINED_EPOCHS, clean_env, make_dataset,
-                      read_rows, run_cli, train_args)
-from models import ConvNet
+from conftest import (
+    DEFAULT_REF_FLAGS,
+    PLAIN_REF_FLAGS,
+    REF_EPOCHS,
+    REPO,
+    TRAINED_EPOCHS,
+    clean_env,
+    make_dataset,
+    read_rows,
+    run_cli,
+    train_args,
+)
 from inat_classifier.checkpoint import load_checkpoint
-from models import restore_model
 from inat_classifier.cli import UserError
 from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD
+from models import ConvNet, restore_model
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time"]
 
@@ -78,8 +88,13 @@ def test_checkpoint_holds_everything_needed_to_use_it(trained_run):
     assert ck["class_names"] == trained_run.data.classes
     # the whole preprocessing travels with the weights: 32 px crops of the short side resized to 37, every
     # photo stored at 40 px (augmentation would keep 53, the 40 px photos have no more)
-    assert ck["preprocess"] == {"image_size": 32, "resize_size": 37, "mean": list(IMAGENET_MEAN),
-                                "std": list(IMAGENET_STD), "stored_side": 40}
+    assert ck["preprocess"] == {
+        "image_size": 32,
+        "resize_size": 37,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "stored_side": 40,
+    }
     assert ck["split"] == json.loads((trained_run.run_dir / "split.json").read_text())
     assert ck["config"]["epochs"] == TRAINED_EPOCHS and ck["config"]["data_dir"] == str(trained_run.data.root)
     assert ck["epoch"] == trained_run.state.best_epoch == ck["best_epoch"]
@@ -112,20 +127,26 @@ def test_checkpoint_round_trip_gives_identical_outputs(trained_run):
 def test_same_seed_same_run_other_seed_other_run(image_folder, tmp_path):
     def run(name, seed):
         args = train_parta.get_args_parser().parse_args(
-            train_args(image_folder.root, tmp_path, name, 1, "--seed", seed, "--no-augment", "--dropout", "0"))
+            train_args(image_folder.root, tmp_path, name, 1, "--seed", seed, "--no-augment", "--dropout", "0")
+        )
         return train_parta.main(args).history[0]
 
     a, b, c = run("a", 5), run("b", 5), run("c", 6)
     assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
     assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
     assert a["train_loss"] != pytest.approx(c["train_loss"], abs=1e-6)
-    assert json.loads((tmp_path / "a" / "split.json").read_text()) == json.loads((tmp_path / "b" / "split.json").read_text())
-    assert json.loads((tmp_path / "a" / "split.json").read_text()) != json.loads((tmp_path / "c" / "split.json").read_text())
+    assert json.loads((tmp_path / "a" / "split.json").read_text()) == json.loads(
+        (tmp_path / "b" / "split.json").read_text()
+    )
+    assert json.loads((tmp_path / "a" / "split.json").read_text()) != json.loads(
+        (tmp_path / "c" / "split.json").read_text()
+    )
 
 
 def test_existing_run_name_is_refused_not_overwritten(trained_run):
     args = train_parta.get_args_parser().parse_args(
-        train_args(trained_run.data.root, trained_run.run_dir.parent, "trained", 1))
+        train_args(trained_run.data.root, trained_run.run_dir.parent, "trained", 1)
+    )
     before = (trained_run.run_dir / "best.pt").read_bytes()
     with pytest.raises(UserError, match="already exists"):
         train_parta.main(args)
@@ -133,8 +154,9 @@ def test_existing_run_name_is_refused_not_overwritten(trained_run):
 
 
 # ----------------------------------------------------------------------------- resume (subprocess)
-def interrupted_run(data_dir: Path, out: Path, name: str, epochs: int, extra: list,
-                    after_rows: int = 1) -> tuple[Path, str]:
+def interrupted_run(
+    data_dir: Path, out: Path, name: str, epochs: int, extra: list, after_rows: int = 1
+) -> tuple[Path, str]:
     """Start a run, SIGINT it once metrics.csv has `after_rows` rows; returns (run_dir, stderr).
 
     If the run finished before the signal landed, try again under a new name (rare, slow machines).
@@ -142,10 +164,13 @@ def interrupted_run(data_dir: Path, out: Path, name: str, epochs: int, extra: li
     for attempt in range(3):
         run_dir = out / f"{name}{attempt}"
         cmd = [sys.executable, str(REPO / "train_parta.py"), *train_args(data_dir, out, run_dir.name, epochs, *extra)]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         deadline = time.monotonic() + 180
-        while proc.poll() is None and len(read_rows(run_dir / "metrics.csv")) < after_rows and time.monotonic() < deadline:
+        while (
+            proc.poll() is None and len(read_rows(run_dir / "metrics.csv")) < after_rows and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -222,8 +247,9 @@ def test_wandb_offline_needs_no_account(tmp_path):
     home.mkdir()
     env = clean_env(HOME=home, XDG_CONFIG_HOME=home / ".config", XDG_CACHE_HOME=home / ".cache")
     env.pop("NETRC", None)
-    proc = run_cli("train_parta.py", *train_args(root, tmp_path / "runs", "wb", 1, "--wandb", "offline"),
-                   env=env, timeout=300)
+    proc = run_cli(
+        "train_parta.py", *train_args(root, tmp_path / "runs", "wb", 1, "--wandb", "offline"), env=env, timeout=300
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "Traceback" not in out and "API key" not in out
@@ -244,7 +270,8 @@ def test_one_epoch_on_real_photos(tmp_path, imagenette):
             for f in sorted((imagenette / split / c).iterdir())[:n]:
                 shutil.copy(f, root / split / c / f.name)
     args = train_parta.get_args_parser().parse_args(
-        train_args(root, tmp_path / "runs", "real", 1, "--filters", "8", "--conv_layers", "3"))
+        train_args(root, tmp_path / "runs", "real", 1, "--filters", "8", "--conv_layers", "3")
+    )
     state = train_parta.main(args)
     assert len(state.history) == 1
     row = state.history[0]
@@ -253,7 +280,10 @@ def test_one_epoch_on_real_photos(tmp_path, imagenette):
     assert len(rows) == 1
     model, ck = restore_model(tmp_path / "runs" / "real" / "best.pt", torch.device("cpu"))
     assert ck["class_names"] == classes and len(classes) == 10
-    metrics = evaluate.main(evaluate.get_args_parser().parse_args(
-        ["--ckpt", str(tmp_path / "runs" / "real" / "best.pt"), "--workers", "0", "--device", "cpu"]))
+    metrics = evaluate.main(
+        evaluate.get_args_parser().parse_args(
+            ["--ckpt", str(tmp_path / "runs" / "real" / "best.pt"), "--workers", "0", "--device", "cpu"]
+        )
+    )
     assert metrics["n"] == 5 * len(classes)
     assert sum(map(sum, metrics["confusion_matrix"])) == 5 * len(classes)

@@ -1,6 +1,7 @@
 """visualize.py, attribution.py, figures.py: every figure from a real (tiny) checkpoint, the prediction
 grid's frames, guided backpropagation (rule, hooks, copies), Grad-CAM on torchvision models, errors,
 W&B opt-in and the one-way imports."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,18 +15,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from inat_classifier import attribution
-from inat_classifier import checkpoint
-from inat_classifier import cli
-from inat_classifier import figures
-from inat_classifier import inference
-import train_parta
 import models
+import train_parta
 import visualize
-from conftest import make_dataset, run_cli, assert_one_line_error, train_args
+from conftest import assert_one_line_error, make_dataset, run_cli, train_args
+from inat_classifier import attribution, checkpoint, cli, figures, inference
 from inat_classifier.images import load_image
-from models import ACTIVATIONS, ConvNet
 from inat_classifier.presets import Preprocess
+from models import ACTIVATIONS, ConvNet
 
 CLASSES3 = ["blue", "green", "red"]
 
@@ -35,8 +32,7 @@ def viz_run(tmp_path_factory):
     """A tiny Part A checkpoint (1 epoch, 32 px, 2 blocks of 4 filters) on 3 colour classes."""
     root = make_dataset(tmp_path_factory.mktemp("vizdata") / "ds", CLASSES3, n_train=12, n_val=4, size=32)
     out = tmp_path_factory.mktemp("vizruns")
-    args = train_parta.get_args_parser().parse_args(
-        train_args(root, out, "viz", 1, "--filters", "4", "--seed", "0"))
+    args = train_parta.get_args_parser().parse_args(train_args(root, out, "viz", 1, "--filters", "4", "--seed", "0"))
     train_parta.main(args)
     return types.SimpleNamespace(root=root, run_dir=out / "viz", ckpt=out / "viz" / "best.pt")
 
@@ -57,8 +53,13 @@ def assert_png(path: Path, min_side: int = 150, max_side: int = 6000) -> tuple[i
 
 
 def hooks_left(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
 
 
 def input_grad(model: nn.Module, x: torch.Tensor, cls: int = 0) -> torch.Tensor:
@@ -81,10 +82,17 @@ def test_parser_every_flag_has_help_and_needs_a_command():
     assert (a.rows, a.cols, a.per_class, a.seed, a.wandb, a.out) == (10, 3, False, 0, False, None)
 
 
-@pytest.mark.parametrize("argv", [
-    ["filters"], ["predictions", "--per_class"], ["feature_maps"], ["guided_backprop", "--n", "2"],
-    ["gradcam", "--n", "3"], ["confusion", "--workers", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["filters"],
+        ["predictions", "--per_class"],
+        ["feature_maps"],
+        ["guided_backprop", "--n", "2"],
+        ["gradcam", "--n", "3"],
+        ["confusion", "--workers", "0"],
+    ],
+)
 def test_each_subcommand_writes_a_png_into_the_checkpoint_folder(viz_run, argv, capsys):
     out = viz(*argv, "--ckpt", viz_run.ckpt, "--device", "cpu")
     assert out.parent == viz_run.run_dir
@@ -100,8 +108,18 @@ def test_predictions_grid_out_folder_and_image_files(viz_run, tmp_path):
     for cmd in ("feature_maps", "gradcam", "guided_backprop"):
         p = viz(cmd, "--ckpt", viz_run.ckpt, "--image", img, "--out", tmp_path)
         assert_png(p)
-    p = viz("guided_backprop", "--ckpt", viz_run.ckpt, "--image", img, "--neuron", "features.1.2:0-1", "0",
-            "--out", tmp_path)
+    p = viz(
+        "guided_backprop",
+        "--ckpt",
+        viz_run.ckpt,
+        "--image",
+        img,
+        "--neuron",
+        "features.1.2:0-1",
+        "0",
+        "--out",
+        tmp_path,
+    )
     assert_png(p)
     p = viz("filters", "--ckpt", viz_run.ckpt, "--layer", "features.1", "--out", tmp_path)
     assert p.name == "filters_features_1_0.png"
@@ -135,7 +153,7 @@ def test_prediction_grid_frames_exactly_the_wrong_predictions(viz_run, tmp_path)
     with torch.no_grad():
         probs = model(x).softmax(1)
     assert [r["path"] for r in records] == [p for p, _ in chosen]
-    for r, (path, label), p in zip(records, chosen, probs):
+    for r, (path, label), p in zip(records, chosen, probs, strict=True):
         assert r["true"] == label
         assert r["pred"] == int(p.argmax())
         assert r["confidence"] == pytest.approx(float(p.max()), abs=1e-5)
@@ -143,16 +161,20 @@ def test_prediction_grid_frames_exactly_the_wrong_predictions(viz_run, tmp_path)
         assert torch.allclose(r["image"], inference.load_input(path, preprocess))
     names = ckpt["class_names"]
     colours = figures.plot_prediction_grid(records, names, preprocess, tmp_path / "grid.png", cols=3, title="t")
-    assert colours == [figures.WRONG if int(p.argmax()) != y else figures.RIGHT
-                       for p, (_, y) in zip(probs, chosen)]
+    assert colours == [
+        figures.WRONG if int(p.argmax()) != y else figures.RIGHT for p, (_, y) in zip(probs, chosen, strict=True)
+    ]
     assert_png(tmp_path / "grid.png")
     # A grid with both kinds for sure: the same images with every other true label moved on by one.
     relabelled = [(p, (y + i % 2) % 3) for i, (p, y) in enumerate(chosen)]
     records2 = visualize.prediction_samples(model, ckpt, relabelled, torch.device("cpu"))
-    expected = [figures.WRONG if int(p.argmax()) != y else figures.RIGHT for p, (_, y) in zip(probs, relabelled)]
+    expected = [
+        figures.WRONG if int(p.argmax()) != y else figures.RIGHT for p, (_, y) in zip(probs, relabelled, strict=True)
+    ]
     assert figures.RIGHT in expected and figures.WRONG in expected
-    assert figures.plot_prediction_grid(records2, names, preprocess, tmp_path / "grid2.png", cols=3,
-                                        title="t") == expected
+    assert (
+        figures.plot_prediction_grid(records2, names, preprocess, tmp_path / "grid2.png", cols=3, title="t") == expected
+    )
     # Shown un-normalised, in true colours: the panel's mean colour is the file's.
     for r in records:
         rgb = figures.unnormalize(r["image"], preprocess.mean, preprocess.std)
@@ -184,8 +206,11 @@ def test_per_class_shows_every_class(viz_run):
 # ----------------------------------------------------------------------------- guided backprop
 def reference_guided_relu(model: nn.Module, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     """The textbook ReLU guided backprop: clamp the grad_input of every ReLU at 0 (full backward hooks)."""
-    hooks = [m.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(min=0),))
-             for m in model.modules() if isinstance(m, nn.ReLU)]
+    hooks = [
+        m.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(min=0),))
+        for m in model.modules()
+        if isinstance(m, nn.ReLU)
+    ]
     try:
         x = x.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(model(x).gather(1, cls.view(-1, 1)).sum(), x)
@@ -254,8 +279,12 @@ def test_neuron_guided_backprop_and_bad_neuron(viz_run):
         attribution.guided_backprop(model, x, neuron=(layer, 99))
     with pytest.raises(cli.UserError, match="no module named"):
         attribution.guided_backprop(model, x, neuron=("nope", 0))
-    assert attribution.parse_neurons(["features.1:0-2", "3"]) == [("features.1", 0), ("features.1", 1),
-                                                               ("features.1", 2), (None, 3)]
+    assert attribution.parse_neurons(["features.1:0-2", "3"]) == [
+        ("features.1", 0),
+        ("features.1", 1),
+        ("features.1", 2),
+        (None, 3),
+    ]
     assert hooks_left(model) == 0
 
 
@@ -293,14 +322,17 @@ def test_gradcam_matches_a_direct_computation_on_convnet():
 
 
 # ----------------------------------------------------------------------------- errors, W&B
-@pytest.mark.parametrize("argv,fragment", [
-    (["filters", "--ckpt", "{tmp}/missing.pt"], "checkpoint not found"),
-    (["filters", "--ckpt", "{ckpt}", "--layer", "nope"], "no module named 'nope'"),
-    (["gradcam", "--ckpt", "{ckpt}", "--image", "{tmp}/missing.jpg"], "no such file"),
-    (["guided_backprop", "--ckpt", "{ckpt}", "--n", "1", "--neuron", "features.1:x"], "--neuron expects"),
-    (["predictions", "--ckpt", "{ckpt}", "--rows", "0"], "--rows and --cols"),
-    (["curves", "--run", "{tmp}"], "no metrics.csv"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["filters", "--ckpt", "{tmp}/missing.pt"], "checkpoint not found"),
+        (["filters", "--ckpt", "{ckpt}", "--layer", "nope"], "no module named 'nope'"),
+        (["gradcam", "--ckpt", "{ckpt}", "--image", "{tmp}/missing.jpg"], "no such file"),
+        (["guided_backprop", "--ckpt", "{ckpt}", "--n", "1", "--neuron", "features.1:x"], "--neuron expects"),
+        (["predictions", "--ckpt", "{ckpt}", "--rows", "0"], "--rows and --cols"),
+        (["curves", "--run", "{tmp}"], "no metrics.csv"),
+    ],
+)
 def test_bad_input_is_one_error_line(viz_run, tmp_path, capsys, argv, fragment):
     argv = [a.format(tmp=tmp_path, ckpt=viz_run.ckpt) for a in argv]
     with pytest.raises(SystemExit) as e:
@@ -365,14 +397,27 @@ def test_every_figure_from_a_part_b_torchvision_checkpoint(viz_run, tmp_path):
         pytest.skip("Part B backbones are not in models.py")
     torch.manual_seed(0)
     backbone = models.build_backbone("resnet18", "none", 3)
-    ckpt = {"format": checkpoint.CHECKPOINT_FORMAT, "spec": backbone.spec, "class_names": CLASSES3,
-            "mean": list(backbone.mean), "std": list(backbone.std), "image_size": 64, "epoch": 1,
-            "config": {"data_dir": str(viz_run.root), "wandb": "disabled"}, "model_state": backbone.model.state_dict()}
+    ckpt = {
+        "format": checkpoint.CHECKPOINT_FORMAT,
+        "spec": backbone.spec,
+        "class_names": CLASSES3,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "image_size": 64,
+        "epoch": 1,
+        "config": {"data_dir": str(viz_run.root), "wandb": "disabled"},
+        "model_state": backbone.model.state_dict(),
+    }
     path = tmp_path / "run" / "best.pt"
     path.parent.mkdir()
     torch.save(ckpt, path)
-    for argv in (["filters"], ["feature_maps"], ["gradcam", "--n", "2"],
-                 ["guided_backprop", "--n", "1", "--neuron", "0"], ["predictions", "--rows", "2"]):
+    for argv in (
+        ["filters"],
+        ["feature_maps"],
+        ["gradcam", "--n", "2"],
+        ["guided_backprop", "--n", "1", "--neuron", "0"],
+        ["predictions", "--rows", "2"],
+    ):
         out = viz(*argv, "--ckpt", path)
         assert out.parent == path.parent
         assert_png(out)
@@ -386,8 +431,8 @@ def colour_blobs(png: Path, hex_colour: str, min_pixels: int) -> list[tuple[floa
     from scipy import ndimage
 
     rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
-    target = [int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)]
-    mask = (np.abs(rgb - target).max(-1) <= 2)
+    target = [int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)]
+    mask = np.abs(rgb - target).max(-1) <= 2
     labels, n = ndimage.label(mask)
     sizes = ndimage.sum(mask, labels, range(1, n + 1))
     keep = [i + 1 for i, s in enumerate(sizes) if s >= min_pixels]
@@ -402,8 +447,9 @@ def test_prediction_grid_png_draws_one_frame_per_panel_in_its_colour(viz_run, tm
     relabelled = [(p, (y + (i % 3 == 0)) % 3) for i, (p, y) in enumerate(chosen)]  # some wrong for sure
     records = visualize.prediction_samples(model, ckpt, relabelled, torch.device("cpu"))
     out = tmp_path / "grid.png"
-    colours = figures.plot_prediction_grid(records, ckpt["class_names"], Preprocess.from_dict(ckpt["preprocess"]),
-                                           out, cols=3, title="t")
+    colours = figures.plot_prediction_grid(
+        records, ckpt["class_names"], Preprocess.from_dict(ckpt["preprocess"]), out, cols=3, title="t"
+    )
     n_right, n_wrong = colours.count(figures.RIGHT), colours.count(figures.WRONG)
     assert n_right and n_wrong and n_right + n_wrong == 6
     assert len(colour_blobs(out, figures.RIGHT, 300)) == n_right

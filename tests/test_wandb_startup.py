@@ -1,4 +1,5 @@
 """W&B start-up is bounded: with an API key but a server that never answers, a run goes offline in seconds."""
+
 from __future__ import annotations
 
 import socket
@@ -23,10 +24,14 @@ def test_online_run_without_an_answering_server_goes_offline_within_a_bound(tmp_
     data = make_dataset(tmp_path / "ds", n_train=4, n_val=2)
     args = train_args(data, tmp_path / "runs", "r", 1)
     args[args.index("--wandb") + 1] = "online"
-    env = clean_env(WANDB_API_KEY="0" * 40, WANDB_BASE_URL=silent_server,
-                    WANDB_CONFIG_DIR=tmp_path / "wandb-config", WANDB_CACHE_DIR=tmp_path / "wandb-cache",
-                    WANDB_DATA_DIR=tmp_path / "wandb-data",
-                    WANDB_INIT_TIMEOUT="3")  # the bound is W&B's own setting: 15 s by default, 3 s here
+    env = clean_env(
+        WANDB_API_KEY="0" * 40,
+        WANDB_BASE_URL=silent_server,
+        WANDB_CONFIG_DIR=tmp_path / "wandb-config",
+        WANDB_CACHE_DIR=tmp_path / "wandb-cache",
+        WANDB_DATA_DIR=tmp_path / "wandb-data",
+        WANDB_INIT_TIMEOUT="3",
+    )  # the bound is W&B's own setting: 15 s by default, 3 s here
     start = time.monotonic()
     proc = run_cli("train_parta.py", *args, env=env, timeout=60)  # without a bound W&B waits 90 s and more
     elapsed = time.monotonic() - start

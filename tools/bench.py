@@ -7,6 +7,7 @@
     Part A training steps; (c) Part B head-only training over 5 epochs with and without the
     feature cache. Prints ratios (ours / reference) and writes everything to --json.
 """
+
 from __future__ import annotations
 
 import sys
@@ -32,20 +33,20 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
-from inat_classifier.precision import amp_dtype, grad_scaler, precision_name
-from inat_classifier.training_step import Trainer, train_step
-from inat_classifier.decoded_cache import DecodedCache, open_decoded_cache
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
+from inat_classifier.decoded_cache import DecodedCache, open_decoded_cache
 from inat_classifier.device_batches import CachedRows, DeviceLoader
 from inat_classifier.devices import Dist, select_device, tune_kernels
 from inat_classifier.features import extract_features, head_on_features
 from inat_classifier.freezing import apply_freeze, set_train_mode
 from inat_classifier.images import photo_short_side
-from models import ConvNet, build_backbone
 from inat_classifier.optim import build_optimizer
-from inat_classifier.storage import atomic_write_text
+from inat_classifier.precision import amp_dtype, grad_scaler, precision_name
 from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from inat_classifier.sampler import EpochSampler
+from inat_classifier.storage import atomic_write_text
+from inat_classifier.training_step import Trainer, train_step
+from models import ConvNet, build_backbone
 
 
 def reference_transform(image_size: int, augment: bool):
@@ -53,24 +54,46 @@ def reference_transform(image_size: int, augment: bool):
     from torchvision import transforms as T
 
     aug = [T.RandomHorizontalFlip(), T.RandomRotation(15), T.ColorJitter(0.2, 0.2, 0.2)] if augment else []
-    return T.Compose([T.Resize((image_size, image_size)), *aug, T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([T.Resize((image_size, image_size)), *aug, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def reference_loader(root: Path, image_size: int, augment: bool, batch_size: int, workers: int):
     from torchvision.datasets import ImageFolder
 
     ds = ImageFolder(str(root / "train"), transform=reference_transform(image_size, augment))
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available(), drop_last=True,
-                                       persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
 
 
-def our_loader(cache: DecodedCache, samples: list, preprocess: Preprocess, augment: bool, batch_size: int,
-               device: torch.device, crop_scale: float, channels_last: bool = False) -> DeviceLoader:
-    return DeviceLoader(CachedRows(cache, list(range(len(samples)))), [label for _, label in samples], batch_size,
-                        preprocess, device, augment=augment, crop_scale=crop_scale,
-                        sampler=EpochSampler(len(samples), seed=0), drop_last=True, channels_last=channels_last)
+def our_loader(
+    cache: DecodedCache,
+    samples: list,
+    preprocess: Preprocess,
+    augment: bool,
+    batch_size: int,
+    device: torch.device,
+    crop_scale: float,
+    channels_last: bool = False,
+) -> DeviceLoader:
+    return DeviceLoader(
+        CachedRows(cache, list(range(len(samples)))),
+        [label for _, label in samples],
+        batch_size,
+        preprocess,
+        device,
+        augment=augment,
+        crop_scale=crop_scale,
+        sampler=EpochSampler(len(samples), seed=0),
+        drop_last=True,
+        channels_last=channels_last,
+    )
 
 
 def read_through(paths) -> float:
@@ -119,8 +142,14 @@ def training_for(model: nn.Module, params, device: torch.device, label_smoothing
     tune_kernels(device)
     dtype = amp_dtype("auto", device)
     optimizer = build_optimizer([{"params": list(params)}], argparse.Namespace(optimizer="adamw", lr=1e-3), device)
-    return Trainer(model, optimizer, nn.CrossEntropyLoss(label_smoothing=label_smoothing),
-                    device, dtype, grad_scaler(device, dtype))
+    return Trainer(
+        model,
+        optimizer,
+        nn.CrossEntropyLoss(label_smoothing=label_smoothing),
+        device,
+        dtype,
+        grad_scaler(device, dtype),
+    )
 
 
 def train_step_fn(model: nn.Module, device: torch.device, channels_last: bool):
@@ -132,13 +161,22 @@ def train_step_fn(model: nn.Module, device: torch.device, channels_last: bool):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         train_step(trainer, x, y)
+
     return step
 
 
 def parta_model(args: argparse.Namespace, num_classes: int, device: torch.device, channels_last: bool) -> nn.Module:
     torch.manual_seed(0)
-    model = ConvNet(num_classes, args.image_size, filters=args.parta_filters, filter_org=args.parta_filter_org,
-                    activation="relu", batch_norm=True, dropout=0.3, dense_neurons=512).to(device)
+    model = ConvNet(
+        num_classes,
+        args.image_size,
+        filters=args.parta_filters,
+        filter_org=args.parta_filter_org,
+        activation="relu",
+        batch_norm=True,
+        dropout=0.3,
+        dense_neurons=512,
+    ).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
@@ -172,7 +210,9 @@ def partb_times(backbone, loader, device: torch.device, epochs: int, batches: in
     uncached = time.perf_counter() - t0
     t0 = time.perf_counter()
     feats, labels = extract_features(backbone, subset, device, amp_dtype("auto", device))
-    feature_batches = list(zip(feats.to(device).split(loader.batch_size), labels.to(device).split(loader.batch_size)))
+    feature_batches = list(
+        zip(feats.to(device).split(loader.batch_size), labels.to(device).split(loader.batch_size), strict=True)
+    )
     epochs_of(head, feature_batches)
     cached = time.perf_counter() - t0
     n = sum(y.shape[0] for _, y in subset)
@@ -212,19 +252,28 @@ def step_operations(batch: int, image_size: int = 64, ema: float = 0.0) -> dict[
     from inat_classifier.trainer import build_trainer, complete_trainer
 
     args = train_parta.get_args_parser().parse_args(
-        ["--image_size", str(image_size), "--batch_size", str(batch), "--ema", str(ema)])
+        ["--image_size", str(image_size), "--batch_size", str(batch), "--ema", str(ema)]
+    )
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     model = train_parta.build_model(args, 10)
     pre = Preprocess.for_size(image_size).with_stored_side(True, args.crop_scale, 10_000)
     side = pre.decode_side
     rows = np.random.default_rng(0).integers(0, 256, (batch, 3, side, side), dtype=np.uint8)
-    loader = DeviceLoader(CachedRows(DecodedCache(rows, np.ones(batch, dtype=bool), Path("rows")), range(batch)),
-                          [i % 10 for i in range(batch)], batch, pre, cpu, augment=True, crop_scale=args.crop_scale,
-                          channels_last=args.channels_last)
+    loader = DeviceLoader(
+        CachedRows(DecodedCache(rows, np.ones(batch, dtype=bool), Path("rows")), range(batch)),
+        [i % 10 for i in range(batch)],
+        batch,
+        pre,
+        cpu,
+        augment=True,
+        crop_scale=args.crop_scale,
+        channels_last=args.channels_last,
+    )
     loader.batched_resize = True
-    plain = build_trainer(args, model, param_groups_with_decay(model.named_parameters(), args.lr,
-                                                               args.weight_decay, "model"), cpu)
+    plain = build_trainer(
+        args, model, param_groups_with_decay(model.named_parameters(), args.lr, args.weight_decay, "model"), cpu
+    )
     plain.dtype = torch.bfloat16  # --amp auto on CUDA (bf16 GPUs): autocast, no scaler
     trainer = complete_trainer(plain, args, 100, 10, Dist())
     meter = EpochMeter(cpu, {})
@@ -249,15 +298,19 @@ def step_operations(batch: int, image_size: int = 64, ema: float = 0.0) -> dict[
 
 def print_step_operations(image_size: int) -> dict:
     """tools/bench.py --kernels: the operations per step at batch 32, 128 and 256 (and with --ema)."""
-    print(f"aten operations per Part A training step (train_parta.py defaults, {image_size} px, augmentation), "
-          f"CUDA code path counted on the CPU:")
+    print(
+        f"aten operations per Part A training step (train_parta.py defaults, {image_size} px, augmentation), "
+        f"CUDA code path counted on the CPU:"
+    )
     result = {}
     for batch, ema in ((32, 0.0), (128, 0.0), (256, 0.0), (256, 0.999)):
         counts = step_operations(batch, image_size, ema)
         result[f"batch{batch}" + ("_ema" if ema else "")] = counts
-        print(f"  batch {batch:>3}{' --ema 0.999' if ema else '':<12}  inputs {counts['inputs']:>3}  "
-              f"step {counts['step']:>3}  bookkeeping {counts['bookkeeping']:>2}  total {counts['total']:>3}, "
-              f"{counts['views']} of them views  (+{counts['host_params']} on the host)")
+        print(
+            f"  batch {batch:>3}{' --ema 0.999' if ema else '':<12}  inputs {counts['inputs']:>3}  "
+            f"step {counts['step']:>3}  bookkeeping {counts['bookkeeping']:>2}  total {counts['total']:>3}, "
+            f"{counts['views']} of them views  (+{counts['host_params']} on the host)"
+        )
     return result
 
 
@@ -272,8 +325,9 @@ def speed_model(which: str, image_size: int, num_classes: int, device: torch.dev
         return train_parta.build_model(args, num_classes).to(device), args
     name = default_partb_model()
     weights = "packaged" if name == "efficientnet_lite0" else "none"
-    args = train_partb.get_args_parser().parse_args(["--model", name, "--weights", weights, "--image_size",
-                                                      str(image_size), "--freeze", "none", "--augment"])
+    args = train_partb.get_args_parser().parse_args(
+        ["--model", name, "--weights", weights, "--image_size", str(image_size), "--freeze", "none", "--augment"]
+    )
     return build_backbone(name, weights, num_classes).model.to(device), args
 
 
@@ -295,8 +349,15 @@ def profile_steps(step, batches, device: torch.device, steps: int = 20) -> tuple
     return busy, len(kernels) / steps
 
 
-def training_speed(args: argparse.Namespace, which: str, image_size: int, samples: list, num_classes: int,
-                   device: torch.device, cache_dir: Path) -> dict:
+def training_speed(
+    args: argparse.Namespace,
+    which: str,
+    image_size: int,
+    samples: list,
+    num_classes: int,
+    device: torch.device,
+    cache_dir: Path,
+) -> dict:
     """Training images/s of one script's steps: its model and Trainer (train_one_epoch's step), augmented
     batches from the decoded cache through DeviceLoader; no validation, timed after --speed_warmup steps
     (cuDNN's autotuning), over --speed_steps steps, then 20 steps under the profiler."""
@@ -304,16 +365,24 @@ def training_speed(args: argparse.Namespace, which: str, image_size: int, sample
     from inat_classifier.trainer import build_trainer, complete_trainer
 
     model, flags = speed_model(which, image_size, num_classes, device)
-    pre = Preprocess.for_size(image_size).with_stored_side(True, flags.crop_scale, max(map(photo_short_side,
-                                                                                           [p for p, _ in samples])))
+    pre = Preprocess.for_size(image_size).with_stored_side(
+        True, flags.crop_scale, max(map(photo_short_side, [p for p, _ in samples]))
+    )
     cache = open_decoded_cache([p for p, _ in samples], pre.decode_side, cache_dir, args.workers)
-    loader = DeviceLoader(CachedRows(cache, list(range(len(samples)))), [label for _, label in samples],
-                          args.batch_size, pre, device, augment=True, crop_scale=flags.crop_scale,
-                          sampler=EpochSampler(len(samples), seed=0), drop_last=True,
-                          channels_last=flags.channels_last)
+    loader = DeviceLoader(
+        CachedRows(cache, list(range(len(samples)))),
+        [label for _, label in samples],
+        args.batch_size,
+        pre,
+        device,
+        augment=True,
+        crop_scale=flags.crop_scale,
+        sampler=EpochSampler(len(samples), seed=0),
+        drop_last=True,
+        channels_last=flags.channels_last,
+    )
     groups = param_groups_with_decay(model.named_parameters(), flags.lr, flags.weight_decay, "model")
-    trainer = complete_trainer(build_trainer(flags, model, groups, device), flags, len(loader), num_classes,
-                               Dist())
+    trainer = complete_trainer(build_trainer(flags, model, groups, device), flags, len(loader), num_classes, Dist())
     model.train()
 
     def forever():
@@ -334,50 +403,108 @@ def training_speed(args: argparse.Namespace, which: str, image_size: int, sample
     sync(device)
     seconds = time.perf_counter() - t0
     busy, kernels = profile_steps(step, batches, device)
-    result = {"images_s": args.speed_steps * args.batch_size / seconds, "steps": args.speed_steps,
-              "batch_size": args.batch_size, "image_size": image_size, "busy": busy, "kernels_per_step": kernels,
-              "model": flags.model if which == "partb" else "ConvNet", "precision": precision_name(trainer.dtype)}
-    gpu = (f"GPU busy {busy:.0%} of the time, {kernels:.0f} kernels a step" if busy is not None
-           else "GPU busy fraction: n/a off CUDA")
-    print(f"SPEED {which}_{image_size}px {result['images_s']:.0f} images/s ({result['model']}, batch "
-          f"{args.batch_size}, {args.speed_steps} steps, {result['precision']}; {gpu})", flush=True)
+    result = {
+        "images_s": args.speed_steps * args.batch_size / seconds,
+        "steps": args.speed_steps,
+        "batch_size": args.batch_size,
+        "image_size": image_size,
+        "busy": busy,
+        "kernels_per_step": kernels,
+        "model": flags.model if which == "partb" else "ConvNet",
+        "precision": precision_name(trainer.dtype),
+    }
+    gpu = (
+        f"GPU busy {busy:.0%} of the time, {kernels:.0f} kernels a step"
+        if busy is not None
+        else "GPU busy fraction: n/a off CUDA"
+    )
+    print(
+        f"SPEED {which}_{image_size}px {result['images_s']:.0f} images/s ({result['model']}, batch "
+        f"{args.batch_size}, {args.speed_steps} steps, {result['precision']}; {gpu})",
+        flush=True,
+    )
     return result
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Images/s of a plain torchvision pipeline vs ours (decoded cache, "
-                                                 "device-side augmentation, feature cache).")
+    parser = argparse.ArgumentParser(
+        description="Images/s of a plain torchvision pipeline vs ours (decoded cache, "
+        "device-side augmentation, feature cache)."
+    )
     add_flag(parser, "data_dir", default=data.DEFAULT_DATA_DIR, help="dataset root with train/ (default: %(default)s)")
     add_flag(parser, "image_size", type=int, default=224, help="input size in pixels (default: %(default)s)")
     add_flag(parser, "batches", type=int, default=40, help="timed batches per measurement (default: %(default)s)")
     add_flag(parser, "batch_size", type=int, default=64, help="batch size (default: %(default)s)")
-    add_flag(parser, "workers", type=int, default=min(8, os.cpu_count() or 1),
-             help="DataLoader workers of the reference pipeline and of the cache build (default: %(default)s)")
+    add_flag(
+        parser,
+        "workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="DataLoader workers of the reference pipeline and of the cache build (default: %(default)s)",
+    )
     add_flag(parser, "device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
     add_flag(parser, "cache", default=None, help="decoded-image cache folder (default: a temporary folder)")
-    add_flag(parser, "partb_model", default=None,
-             help="Part B backbone (default: efficientnet_lite0 when timm and its weights package are installed, else resnet18)")
+    add_flag(
+        parser,
+        "partb_model",
+        default=None,
+        help="Part B backbone (default: efficientnet_lite0 when timm and its weights package are installed, "
+        "else resnet18)",
+    )
     add_flag(parser, "partb_epochs", type=int, default=5, help="Part B head-only epochs (default: %(default)s)")
     add_flag(parser, "partb_batches", type=int, default=10, help="Part B batches per epoch (default: %(default)s)")
-    add_flag(parser, "crop_scale", type=float, default=0.5,
-             help="smallest area fraction of our random resized crops; it also sets the side of the "
-                  "augmentation cache (default: %(default)s, train_parta.py's)")
-    add_bool(parser, "channels_last", True, "use channels-last for our Part A training steps, as the "
-                    "training scripts do by default")
-    add_flag(parser, "parta_filters", type=int, default=32,
-             help="Part A CNN's first-block filters (default: %(default)s, a 5 x 32 network)")
-    add_flag(parser, "parta_filter_org", type=float, default=1.0,
-             help="Part A CNN's filter factor per block (default: %(default)s; train_parta.py's default is 1.5)")
+    add_flag(
+        parser,
+        "crop_scale",
+        type=float,
+        default=0.5,
+        help="smallest area fraction of our random resized crops; it also sets the side of the "
+        "augmentation cache (default: %(default)s, train_parta.py's)",
+    )
+    add_bool(
+        parser,
+        "channels_last",
+        True,
+        "use channels-last for our Part A training steps, as the training scripts do by default",
+    )
+    add_flag(
+        parser,
+        "parta_filters",
+        type=int,
+        default=32,
+        help="Part A CNN's first-block filters (default: %(default)s, a 5 x 32 network)",
+    )
+    add_flag(
+        parser,
+        "parta_filter_org",
+        type=float,
+        default=1.0,
+        help="Part A CNN's filter factor per block (default: %(default)s; train_parta.py's default is 1.5)",
+    )
     add_flag(parser, "json", default=None, help="write all figures to this JSON file")
-    add_flag(parser, "speed", default=None,
-             help="only print SPEED lines: training images/s of Part A and B steps, e.g. 'parta:64,parta:128,"
-                  "partb:224' (script:pixels, comma-separated); uses --data_dir, --batch_size, --workers")
+    add_flag(
+        parser,
+        "speed",
+        default=None,
+        help="only print SPEED lines: training images/s of Part A and B steps, e.g. 'parta:64,parta:128,"
+        "partb:224' (script:pixels, comma-separated); uses --data_dir, --batch_size, --workers",
+    )
     add_flag(parser, "speed_steps", type=int, default=200, help="timed steps per SPEED line (default: %(default)s)")
-    add_flag(parser, "speed_warmup", type=int, default=20,
-             help="untimed steps before them (cuDNN autotuning; default: %(default)s)")
-    add_bool(parser, "kernels", False, "only print the aten operations (kernel launches on a GPU) per Part A "
-             "training step at 64 px on the CUDA code path at batch 32, 128 and 256, counted on the CPU; "
-             "no data needed")
+    add_flag(
+        parser,
+        "speed_warmup",
+        type=int,
+        default=20,
+        help="untimed steps before them (cuDNN autotuning; default: %(default)s)",
+    )
+    add_bool(
+        parser,
+        "kernels",
+        False,
+        "only print the aten operations (kernel launches on a GPU) per Part A "
+        "training step at 64 px on the CUDA code path at batch 32, 128 and 256, counted on the CPU; "
+        "no data needed",
+    )
     return parser
 
 
@@ -418,15 +545,15 @@ def measure_speeds(args: argparse.Namespace, samples: list, num_classes: int, de
             which, _, size = item.partition(":")
             if which not in ("parta", "partb") or not size.isdigit():
                 raise UserError(f"--speed: '{item}' is not script:pixels (e.g. parta:64 or partb:224)")
-            result[item] = training_speed(args, which, int(size), samples, num_classes, device,
-                                          Path(args.cache or tmp))
+            result[item] = training_speed(args, which, int(size), samples, num_classes, device, Path(args.cache or tmp))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(result, indent=1))
     return result
 
 
-def open_caches(args: argparse.Namespace, paths: list[str], preprocess: Preprocess, cache_dir: Path,
-                result: dict) -> tuple[DecodedCache, DecodedCache]:
+def open_caches(
+    args: argparse.Namespace, paths: list[str], preprocess: Preprocess, cache_dir: Path, result: dict
+) -> tuple[DecodedCache, DecodedCache]:
     """The decoded caches for evaluation-style and augmented batches, built (and timed) if missing."""
     t0 = time.perf_counter()
     cache = open_decoded_cache(paths, preprocess.resize_size, cache_dir, args.workers)
@@ -437,15 +564,18 @@ def open_caches(args: argparse.Namespace, paths: list[str], preprocess: Preproce
     side = preprocess.stored_side_for(True, args.crop_scale, max(map(photo_short_side, paths)))
     aug_cache = open_decoded_cache(paths, side, cache_dir, args.workers)
     result["aug_cache_build_s"] = time.perf_counter() - t0
-    print(f"decoded cache for augmented training ready in {result['aug_cache_build_s']:.1f}s "
-          f"({side}px, {aug_cache.images.nbytes / 2**20:.0f} MiB)")
+    print(
+        f"decoded cache for augmented training ready in {result['aug_cache_build_s']:.1f}s "
+        f"({side}px, {aug_cache.images.nbytes / 2**20:.0f} MiB)"
+    )
     result["read_through_s"] = read_through(paths + [cache.path, aug_cache.path])
     print(f"photos and decoded cache read once in {result['read_through_s']:.1f}s (timings below: warm page cache)")
     return cache, aug_cache
 
 
-def measure_partb(args: argparse.Namespace, samples: list, n_cls: int, device: torch.device, cache: DecodedCache,
-                  cache_dir: Path) -> dict:
+def measure_partb(
+    args: argparse.Namespace, samples: list, n_cls: int, device: torch.device, cache: DecodedCache, cache_dir: Path
+) -> dict:
     """Part B head-only epochs through the backbone every epoch vs through the feature cache."""
     name = args.partb_model or default_partb_model()
     backbone = partb_backbone(name, n_cls)
@@ -455,19 +585,31 @@ def measure_partb(args: argparse.Namespace, samples: list, n_cls: int, device: t
         cache = open_decoded_cache([p for p, _ in samples], preprocess.resize_size, cache_dir, args.workers)
     loader = our_loader(cache, samples, preprocess, False, args.batch_size, device, args.crop_scale)
     pb = partb_times(backbone, loader, device, args.partb_epochs, args.partb_batches)
-    print(f"Part B {name}, head only, {pb['epochs']} epochs of {pb['images']} images: "
-          f"backbone every epoch {pb['uncached_s']:.1f}s, feature cache {pb['cached_s']:.1f}s")
+    print(
+        f"Part B {name}, head only, {pb['epochs']} epochs of {pb['images']} images: "
+        f"backbone every epoch {pb['uncached_s']:.1f}s, feature cache {pb['cached_s']:.1f}s"
+    )
     return {"model": name, **pb}
 
 
 def measure_all(args: argparse.Namespace, ds, samples: list, device: torch.device, cache_dir: Path) -> dict:
     size = args.image_size
-    result = {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-              "cpu_cores": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
-              "image_size": size, "batch_size": args.batch_size, "workers": args.workers,
-              "batches": args.batches, "train_images": len(samples), "crop_scale": args.crop_scale}
-    print(f"device {result['device']} | {len(samples)} images | {size}px | batch {args.batch_size} | "
-          f"reference workers {args.workers}")
+    result = {
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "image_size": size,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "batches": args.batches,
+        "train_images": len(samples),
+        "crop_scale": args.crop_scale,
+    }
+    print(
+        f"device {result['device']} | {len(samples)} images | {size}px | batch {args.batch_size} | "
+        f"reference workers {args.workers}"
+    )
     preprocess = Preprocess.for_size(size)
     cache, aug_cache = open_caches(args, [p for p, _ in samples], preprocess, cache_dir, result)
 
@@ -478,8 +620,16 @@ def measure_all(args: argparse.Namespace, ds, samples: list, device: torch.devic
         return ips
 
     def ours(augment: bool, channels_last: bool = False) -> DeviceLoader:
-        return our_loader(aug_cache if augment else cache, samples, preprocess, augment, args.batch_size, device,
-                          args.crop_scale, channels_last)
+        return our_loader(
+            aug_cache if augment else cache,
+            samples,
+            preprocess,
+            augment,
+            args.batch_size,
+            device,
+            args.crop_scale,
+            channels_last,
+        )
 
     print("data loading:")
     for aug in (False, True):
@@ -488,10 +638,16 @@ def measure_all(args: argparse.Namespace, ds, samples: list, device: torch.devic
         measure(f"ours_loading{tag}", ours(aug))
     print("Part A training steps (with augmentation):")
     n_cls = len(ds.classes)
-    measure("reference_parta_train", reference_loader(ds.root, size, True, args.batch_size, args.workers),
-            train_step_fn(parta_model(args, n_cls, device, False), device, False))
-    measure("ours_parta_train", ours(True, args.channels_last),
-            train_step_fn(parta_model(args, n_cls, device, args.channels_last), device, args.channels_last))
+    measure(
+        "reference_parta_train",
+        reference_loader(ds.root, size, True, args.batch_size, args.workers),
+        train_step_fn(parta_model(args, n_cls, device, False), device, False),
+    )
+    measure(
+        "ours_parta_train",
+        ours(True, args.channels_last),
+        train_step_fn(parta_model(args, n_cls, device, args.channels_last), device, args.channels_last),
+    )
     pb = result["partb"] = measure_partb(args, samples, n_cls, device, cache, cache_dir)
     result["data_loading_ratio"] = result["ours_loading"] / result["reference_loading"]
     result["data_loading_aug_ratio"] = result["ours_loading_aug"] / result["reference_loading_aug"]

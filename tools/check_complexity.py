@@ -6,6 +6,7 @@ for every classification model in torchvision's weights registry, each built as 
 Prints one line per model and exits 1 if any is off by more than the tolerance (or, for the tiniest
 models, by more than the published figure's rounding to 3 decimals).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma list of model names (default: all)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative tolerance (default: %(default)s)")
     args = parser.parse_args()
-    from torchvision.models import list_models
     import torchvision.models as tvm
+    from torchvision.models import list_models
 
     names = args.only.split(",") if args.only else list_models(module=tvm)
     failed = 0
@@ -37,8 +38,11 @@ def main() -> int:
         # the registry gives GFLOPs to 3 decimals: 0.0405 against a published 0.04 is a match
         ok = abs(dp) <= args.tolerance and (abs(dm) <= args.tolerance or abs(macs / 1e9 - macs_pub) <= 0.0005)
         failed += not ok
-        print(f"{'ok  ' if ok else 'OFF '} {name:<24} {size:>4}px  params {params:>12,} vs {params_pub:>12,} "
-              f"({dp:+.3%})  GMACs {macs / 1e9:>9.3f} vs {macs_pub:>9.3f} ({dm:+.3%})", flush=True)
+        print(
+            f"{'ok  ' if ok else 'OFF '} {name:<24} {size:>4}px  params {params:>12,} vs {params_pub:>12,} "
+            f"({dp:+.3%})  GMACs {macs / 1e9:>9.3f} vs {macs_pub:>9.3f} ({dm:+.3%})",
+            flush=True,
+        )
         del model
     print(f"{len(names) - failed} of {len(names)} within {args.tolerance:.0%}")
     return 1 if failed else 0

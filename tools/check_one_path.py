@@ -1,11 +1,11 @@
 """Checks that every image goes through the one batch pipeline, on any device (tools/gpu_check.sh runs them).
 
-    python tools/check_one_path.py cache-off OUT_DIR TRAINING_COMMAND...
-        trains twice with the same flags, through the decoded cache and with --cache off, and
-        requires the same epoch rows (float tolerance);
-    python tools/check_one_path.py evaluate RUN_DIR DATA_DIR DEVICE
-        requires `evaluate.py --split val` on the run's best.pt to give the validation accuracy the
-        run logged for its best epoch.
+python tools/check_one_path.py cache-off OUT_DIR TRAINING_COMMAND...
+    trains twice with the same flags, through the decoded cache and with --cache off, and
+    requires the same epoch rows (float tolerance);
+python tools/check_one_path.py evaluate RUN_DIR DATA_DIR DEVICE
+    requires `evaluate.py --split val` on the run's best.pt to give the validation accuracy the
+    run logged for its best epoch.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def cache_off(out_dir: Path, command: list[str]) -> None:
         for key in COMPARED:
             if not math.isclose(float(a[key]), float(b[key]), rel_tol=1e-5, abs_tol=1e-6):
                 sys.exit(f"FAIL epoch {a['epoch']} {key}: {a[key]} through the cache, {b[key]} with --cache off")
-    print(f"PASS the same {len(cached)} epoch(s) with --cache off as through the cache "
-          f"(train_loss {float(cached[-1]['train_loss']):.6f})")
+    print(
+        f"PASS the same {len(cached)} epoch(s) with --cache off as through the cache "
+        f"(train_loss {float(cached[-1]['train_loss']):.6f})"
+    )
 
 
 def evaluate_val(run_dir: Path, data_dir: str, device: str) -> None:
@@ -54,16 +56,36 @@ def evaluate_val(run_dir: Path, data_dir: str, device: str) -> None:
     config = json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").exists() else {}
     batch = str(config.get("batch_size", 64))
     with tempfile.TemporaryDirectory() as tmp:
-        run([sys.executable, "evaluate.py", "--ckpt", str(run_dir / "best.pt"), "--split", "val", "--data_dir",
-             data_dir, "--device", device, "--batch_size", batch, "--out", tmp])
+        run(
+            [
+                sys.executable,
+                "evaluate.py",
+                "--ckpt",
+                str(run_dir / "best.pt"),
+                "--split",
+                "val",
+                "--data_dir",
+                data_dir,
+                "--device",
+                device,
+                "--batch_size",
+                batch,
+                "--out",
+                tmp,
+            ]
+        )
         result = json.loads((Path(tmp) / "eval.json").read_text())
     logged, evaluated, n = float(best["val_acc"]), float(result["accuracy"]), int(result["n"])
     # On a GPU, cuDNN may pick other kernels in another process: bf16 rounding can move one image.
     allowed = 1.5 / n if device.startswith("cuda") else 1e-9
     if abs(logged - evaluated) > allowed:
-        sys.exit(f"FAIL evaluate.py --split val gives {evaluated:.4f}, the run logged {logged:.4f} (epoch {best['epoch']})")
-    print(f"PASS evaluate.py --split val gives the same accuracy as the run logged for epoch {best['epoch']}: "
-          f"{evaluated:.4f} of {n} images")
+        sys.exit(
+            f"FAIL evaluate.py --split val gives {evaluated:.4f}, the run logged {logged:.4f} (epoch {best['epoch']})"
+        )
+    print(
+        f"PASS evaluate.py --split val gives the same accuracy as the run logged for epoch {best['epoch']}: "
+        f"{evaluated:.4f} of {n} images"
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -8,6 +8,7 @@ many seeds, and the sampler's own time per run.
 
     python tools/compare_samplers.py [--seeds 20] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inat_classifier.sweep_space import build_sampler, parse_parameters, suggest  # noqa: E402
 
 SPACE = {
-    "program": "train_parta.py", "method": "bayes", "metric": {"name": "val_acc", "goal": "maximize"},
+    "program": "train_parta.py",
+    "method": "bayes",
+    "metric": {"name": "val_acc", "goal": "maximize"},
     "parameters": {
-        "filters": {"values": [32, 64, 128]}, "filter_org": {"values": [0.5, 1, 2]},
-        "conv_layers": {"values": [3, 4, 5]}, "activation": {"values": ["relu", "gelu", "silu", "mish"]},
-        "dropout": {"values": [0.2, 0.3]}, "batch_norm": {"values": [True, False]},
-        "dense_neurons": {"values": [128, 256, 512]}, "augment": {"values": [True, False]},
-        "batch_size": {"values": [32, 64]}, "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+        "filters": {"values": [32, 64, 128]},
+        "filter_org": {"values": [0.5, 1, 2]},
+        "conv_layers": {"values": [3, 4, 5]},
+        "activation": {"values": ["relu", "gelu", "silu", "mish"]},
+        "dropout": {"values": [0.2, 0.3]},
+        "batch_norm": {"values": [True, False]},
+        "dense_neurons": {"values": [128, 256, 512]},
+        "augment": {"values": [True, False]},
+        "batch_size": {"values": [32, 64]},
+        "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
     },
 }
 BEST = 0.80  # the stand-in's maximum (before noise)
@@ -54,14 +62,16 @@ def samplers(seed: int) -> dict:
     candidates = {
         "random": optuna.samplers.RandomSampler(seed=seed),
         "tpe (10 random runs first)": optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True),
-        "tpe (5 random runs first)": optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                                                n_startup_trials=5),
+        "tpe (5 random runs first)": optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, constant_liar=True, n_startup_trials=5
+        ),
         "gp (10 random runs first)": optuna.samplers.GPSampler(seed=seed),
         "gp (5 random runs first)": optuna.samplers.GPSampler(seed=seed, n_startup_trials=5),
     }
     for name, sampler in candidates.items():
         if type(sampler) is type(ours) and getattr(sampler, "_n_startup_trials", None) == getattr(
-                ours, "_n_startup_trials", None):
+            ours, "_n_startup_trials", None
+        ):
             return {(f"{k} *" if k == name else k): v for k, v in candidates.items()}
     return candidates
 
@@ -77,7 +87,7 @@ def run(sampler, seed: int, budget: int, workers: int = 2) -> tuple[list[float],
         batch = [study.ask() for _ in range(min(workers, budget - len(curve)))]
         values = [{k: v["value"] for k, v in suggest(t, params).items()} for t in batch]
         spent += time.perf_counter() - t0
-        for trial, v in zip(batch, values):
+        for trial, v in zip(batch, values, strict=True):
             metric = stand_in_metric(v, rng)
             study.tell(trial, metric)
             best = max(best, metric)
