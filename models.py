@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inat_classifier.backbone import Backbone
 from inat_classifier.checkpoint import load_checkpoint, load_weights
 from inat_classifier.cli import UserError
-from inat_classifier.complexity import count_complexity, format_count, published_complexity  # noqa: F401 (re-exported)
+from inat_classifier.features import Backbone
+from inat_classifier.model_info import count_complexity, format_count, published_complexity  # noqa: F401 (re-exported)
 from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD
 
 ACTIVATIONS = {

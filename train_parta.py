@@ -20,12 +20,12 @@ from inat_classifier import engine
 from inat_classifier.checkpoint import TrainState, checkpoint_meta
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.config_file import parse_args
+from inat_classifier.device_batches import image_loaders, stored_preprocess
 from inat_classifier.flags import add_training_args, check_common_args
-from inat_classifier.loaders import image_loaders, stored_preprocess
+from inat_classifier.model_info import class_count, print_table
 from inat_classifier.optim import param_groups_with_decay
 from inat_classifier.presets import Preprocess
 from inat_classifier.runs import setup_run
-from inat_classifier.summary import class_count, print_table
 from models import ACTIVATIONS, ConvNet, convnet_spec, count_complexity, format_count
 
 DEFAULTS = dict(

@@ -22,14 +22,13 @@ from inat_classifier import engine
 from inat_classifier.checkpoint import TrainState, checkpoint_meta
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.config_file import parse_args
+from inat_classifier.device_batches import image_loaders, stored_preprocess
 from inat_classifier.features import feature_loaders, head_on_features
 from inat_classifier.flags import add_training_args, check_common_args
 from inat_classifier.freezing import apply_freeze, count_trainable, freeze_batchnorm, list_stages
-from inat_classifier.input_sizes import check_input_size
-from inat_classifier.loaders import image_loaders, stored_preprocess
+from inat_classifier.model_info import check_input_size, class_count, print_table
 from inat_classifier.optim import param_groups_with_decay
 from inat_classifier.runs import setup_run
-from inat_classifier.summary import class_count, print_table
 from models import Backbone, build_backbone, count_complexity, format_count
 
 DEFAULTS = dict(

@@ -12,7 +12,18 @@ import torch
 from inat_classifier.startup import INTERRUPTED, imports_done, leave_torchrun_process, work_done
 
 # What a run folder holds that sweep runners read (written by runs.py; here for the lower layers too):
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time")  # metrics.csv
+# The epoch row, its one schema: metrics.csv's columns in order, W&B's keys, and how the console line
+# shows each (runs.epoch_line). A row with another key is refused when metrics.csv is written.
+EPOCH_ROW = {
+    "epoch": "epoch {:>3}/{epochs}",
+    "train_loss": "train_loss {:.4f}",
+    "train_acc": "train_acc {:.4f}",
+    "val_loss": "val_loss {:.4f}",
+    "val_acc": "val_acc {:.4f}",
+    "lr": "lr {:.2e}",
+    "epoch_time": "{:.1f}s",
+}
+METRIC_FIELDS = tuple(EPOCH_ROW)  # metrics.csv
 RESULT_FILE = "result.json"  # written once a run has trained all its epochs (or stopped early)
 
 

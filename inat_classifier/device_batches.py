@@ -7,25 +7,69 @@ copies them to the device on a side stream while the previous batch computes, an
 turns them into model inputs there: crop box -> antialiased resize -> flip -> colour -> normalise,
 on whole batches. Evaluation is the same call without augmentation parameters.
 
-To add an augmentation: draw its parameters in `augment_params` and apply them in `model_inputs`.
+A run's loaders (`image_loaders`) shard a seeded `EpochSampler` order for torchrun and skip what a
+resumed epoch already trained. To add an augmentation: draw its parameters in `augment_params` and
+apply them in `model_inputs`.
 """
 
 from __future__ import annotations
 
 import math
 import queue
+import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inat_classifier import dataset as data
 from inat_classifier import images
-from inat_classifier.decoded_cache import DecodedCache, decode_fixed
+from inat_classifier.decoded_cache import DecodedCache, choose_cache_dir, decode_fixed, open_decoded_cache
+from inat_classifier.devices import Dist
 from inat_classifier.presets import ASPECT_RANGE, COLOR_JITTER, Preprocess
-from inat_classifier.sampler import EpochSampler
+from inat_classifier.runs import RunSetup
+
+
+# ----------------------------------------------------------------------------- the order of an epoch
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled order fixed by (seed, epoch), so a resumed run sees the same batches.
+
+    `skip` drops the first samples of the epoch (resume mid-epoch); `rank`/`world` shard the
+    order for DistributedDataParallel.
+    """
+
+    def __init__(
+        self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1, pad: bool = True
+    ) -> None:
+        self.n, self.seed, self.shuffle, self.rank, self.world, self.pad = n, seed, shuffle, rank, world, pad
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        idx = self.order()
+        if self.world > 1:
+            if self.pad:  # every rank gets the same count, as DistributedSampler does
+                idx += idx[: (-len(idx)) % self.world]
+            idx = idx[self.rank :: self.world]
+        return iter(idx[self.skip :])
+
+    def __len__(self) -> int:
+        if self.world == 1 or self.pad:
+            return math.ceil(self.n / self.world) - self.skip
+        return len(range(self.rank, self.n, self.world)) - self.skip
+
 
 # The columns of a batch's augmentation parameters, one row per image: the crop box in stored
 # pixels, the flip (0/1), the colour jitter's 3x3 matrix (row by row) and its grey offset factor.
@@ -446,3 +490,84 @@ class DeviceLoader:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
+
+
+# ----------------------------------------------------------------------------- a run's loaders
+# The decoded cache of a run and where each (path, label) sample sits in it.
+CachedImages = tuple[DecodedCache, dict]
+
+
+def stored_preprocess(setup: RunSetup, preprocess: Preprocess) -> Preprocess:
+    """preprocess with the side every photo of the run is stored at (recorded in its checkpoints)."""
+    args = setup.args
+    paths = [p for p, _ in setup.train_samples + setup.val_samples]
+    largest = max(setup.photo_sides[p] for p in paths) if args.augment else 0
+    return preprocess.with_stored_side(args.augment, args.crop_scale, largest)
+
+
+def open_cache(setup: RunSetup, preprocess: Preprocess) -> CachedImages | None:
+    """The decoded-image cache over all of train/ (both sides of any split), or None with --cache off."""
+    args = setup.args
+    if args.cache == "off":
+        return None
+    cache_dir, note = choose_cache_dir(args.cache)
+    if cache_dir is None:
+        if setup.dist.main:
+            print(note, file=sys.stderr)
+        return None
+    samples = sorted(set(setup.train_samples) | set(setup.val_samples))
+    paths = [p for p, _ in samples]
+    cache = open_decoded_cache(paths, preprocess.decode_side, cache_dir, args.workers)
+    # Files whose header reads but whose pixels do not (truncated JPEGs) are known only now.
+    unreadable = {paths[i] for i in np.flatnonzero(~cache.valid)}
+    data.check_trainable(setup.classes, setup.train_samples, unreadable, setup.root / "train")
+    return cache, {s: i for i, s in enumerate(samples)}
+
+
+def make_image_loader(
+    setup: RunSetup,
+    samples: list,
+    preprocess: Preprocess,
+    device: torch.device,
+    train: bool,
+    cached: CachedImages | None,
+    shard: bool = True,
+) -> Iterable:
+    """Batches of one split: rows from the decoded cache, or decoded by --workers processes without one.
+
+    shard=False gives every process all the samples (e.g. to compute a complete feature cache).
+    """
+    args, dist = setup.args, (setup.dist if shard else Dist())
+    augment = train and args.augment
+    batch = setup.rank_batch_size if shard else args.batch_size
+    drop_last = train and len(samples) > args.batch_size
+    # Training shards are padded to equal length (as DistributedSampler); validation shards are
+    # not, so every validation image is counted exactly once over all processes.
+    sampler = EpochSampler(len(samples), args.seed, shuffle=train, rank=dist.rank, world=dist.world, pad=train)
+    if cached is not None:
+        cache, pos = cached
+        source = CachedRows(cache, [pos[s] for s in samples])
+    else:
+        source = DecodedRows([path for path, _ in samples], preprocess.decode_side, args.workers)
+    return DeviceLoader(
+        source,
+        [label for _, label in samples],
+        batch,
+        preprocess,
+        device,
+        augment=augment,
+        crop_scale=args.crop_scale,
+        sampler=sampler,
+        seed=args.seed,
+        drop_last=drop_last,
+        channels_last=getattr(args, "channels_last", False),
+    )
+
+
+def image_loaders(setup: RunSetup, preprocess: Preprocess, device: torch.device) -> tuple[Iterable, Iterable]:
+    """Train and val loaders (train shuffled, and augmented with --augment)."""
+    cached = open_cache(setup, preprocess)
+    return (
+        make_image_loader(setup, setup.train_samples, preprocess, device, True, cached),
+        make_image_loader(setup, setup.val_samples, preprocess, device, False, cached),
+    )

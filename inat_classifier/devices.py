@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from inat_classifier.cli import UserError
+from inat_classifier.images import batch_to_device
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -181,3 +183,34 @@ def distributed() -> bool:
     import torch.distributed as td
 
     return td.is_available() and td.is_initialized() and td.get_world_size() > 1
+
+
+# ----------------------------------------------------------------------------- what only torchrun needs of the loop
+def agreed_stop(stopping: bool, shared_point: bool, device: torch.device) -> bool:
+    """Whether to stop after this step. Alone, as this process wishes; under torchrun all processes decide
+    together, at shared points only (steps every process reaches at once), so none waits for the rest."""
+    if not distributed():
+        return stopping
+    return shared_point and all_reduce_sum([float(stopping)], device)[0] > 0
+
+
+def matched_batches(loader: Iterable, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) of each loader batch on the device, without the batches whose images were all unreadable.
+
+    Under torchrun every process must take the same steps (the all-reduces pair them up), so
+    there such a batch is replaced by the previous readable one (the next one, early in an epoch).
+    """
+    fill = distributed()
+    last, owed = None, 0
+    for batch in loader:
+        moved = batch_to_device(batch, device)
+        if moved is None:
+            if fill and last is not None:
+                yield last
+            owed += fill and last is None
+            continue
+        for _ in range(owed + 1):
+            yield moved
+        last, owed = moved, 0
+    if owed:  # the other processes would wait for these steps forever
+        raise UserError("every image this process was given in the epoch is unreadable")

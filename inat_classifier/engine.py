@@ -1,7 +1,7 @@
 """The training loop: `train_one_epoch`, `evaluate` and `fit` (epochs, validation, checkpoints, resume, stop).
 
 Scripts build their model and loaders, then call `fit`; every optimisation step goes through
-`training_step.train_step`. No step waits for the host: loss and accuracy are summed on the device and
+`training.train_step`. No step waits for the host: loss and accuracy are summed on the device and
 read every SYNC_EVERY steps.
 """
 
@@ -12,7 +12,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -28,18 +28,30 @@ from inat_classifier.checkpoint import (
 )
 from inat_classifier.cli import RESULT_FILE, UserError
 from inat_classifier.dataset import check_trainable
-from inat_classifier.devices import all_reduce_sum, distributed, finish_distributed, sum_dtype
+from inat_classifier.device_batches import EpochSampler
+from inat_classifier.devices import (
+    agreed_stop,
+    all_reduce_sum,
+    distributed,
+    finish_distributed,
+    matched_batches,
+    sum_dtype,
+)
 from inat_classifier.folder_lock import release_folder
 from inat_classifier.freezing import set_train_mode
 from inat_classifier.images import BAD_IMAGES, batch_to_device
-from inat_classifier.optim import EmaWeights, load_schedule_progress, run_lr_finder
-from inat_classifier.precision import autocast, precision_name
-from inat_classifier.runs import RunSetup, write_metrics_csv, write_result
-from inat_classifier.sampler import EpochSampler
+from inat_classifier.optim import EmaWeights, load_schedule_progress
+from inat_classifier.runs import RunSetup, epoch_line, write_metrics_csv, write_result
 from inat_classifier.storage import remove_stale_temps
 from inat_classifier.tracking import WandbLogger, plot_curves, progress, say
-from inat_classifier.trainer import build_trainer, complete_trainer, stepping_module
-from inat_classifier.training_step import Trainer, train_step
+from inat_classifier.training import (
+    Trainer,
+    autocast,
+    build_trainer,
+    precision_name,
+    run_lr_finder,
+    train_step,
+)
 
 SYNC_EVERY = 20  # steps between host reads of the running loss (and agreement on stopping under torchrun)
 
@@ -147,40 +159,6 @@ class EpochMeter:
         return {"train_loss": loss / max(1, seen), "train_acc": correct / max(1, seen)}
 
 
-def stop_agreed(stop: StopRequested, step: int, checkpoint_due: bool, device: torch.device) -> bool:
-    """Whether to stop after this step; under torchrun all processes decide together, at shared points."""
-    if not distributed():
-        return bool(stop)
-    if not (step % SYNC_EVERY == 0 or checkpoint_due):
-        return False
-    stopping = all_reduce_sum([float(bool(stop))], device)[0] > 0
-    if stopping:
-        stop.signum = stop.signum or signal.SIGTERM  # a process the signal did not reach stops too
-    return stopping
-
-
-def readable_batches(loader: Iterable, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) of each loader batch on the device, without the batches whose images were all unreadable.
-
-    Under torchrun every process must take the same steps (the all-reduces pair them up), so
-    there such a batch is replaced by the previous readable one (the next one, early in an epoch).
-    """
-    fill = distributed()
-    last, owed = None, 0
-    for batch in loader:
-        moved = batch_to_device(batch, device)
-        if moved is None:
-            if fill and last is not None:
-                yield last
-            owed += fill and last is None
-            continue
-        for _ in range(owed + 1):
-            yield moved
-        last, owed = moved, 0
-    if owed:  # the other processes would wait for these steps forever
-        raise UserError("every image this process was given in the epoch is unreadable")
-
-
 def micro_batch_place(step: int, accum_steps: int, total: int) -> tuple[int, bool]:
     """For batch `step` (0-based) of an epoch of `total`: how many micro-batches its optimizer step has
     (accum_steps, fewer in the epoch's last step) and whether this batch is that step's last."""
@@ -204,7 +182,7 @@ def train_one_epoch(
     step, k = state.batches_done, trainer.accum_steps
     total = step + len(loader)  # a resumed epoch's loader holds only the batches still to come
     bar = progress(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, total=len(loader))
-    for x, y in readable_batches(bar, trainer.device):
+    for x, y in matched_batches(bar, trainer.device):
         if trainer.mix is not None:
             x, y = trainer.mix(x, y)  # soft targets; accuracy counts the dominant class
         micro, update = micro_batch_place(step, k, total)
@@ -214,7 +192,9 @@ def train_one_epoch(
         # Saves and stops only between optimizer steps: a resume never loses accumulated gradients.
         every = args.save_every
         checkpoint_due = update and bool(every) and (step - micro) // every < step // every
-        stopping = update and stop_agreed(stop, step, checkpoint_due, trainer.device)
+        stopping = update and agreed_stop(bool(stop), step % SYNC_EVERY == 0 or checkpoint_due, trainer.device)
+        if stopping:
+            stop.signum = stop.signum or signal.SIGTERM  # under torchrun, a process the signal did not reach
         if step % SYNC_EVERY == 0 or stopping or checkpoint_due:
             meter.sync(epoch, step)
             bar.set_postfix(meter.postfix())
@@ -369,9 +349,7 @@ def record_epoch(setup: RunSetup, state: TrainState, row: dict, saver: Checkpoin
     plot_curves({setup.run_dir.name: state.history}, setup.run_dir / "curves.png")
     logger.log({**row, "skipped_images": bad}, step=row["epoch"])
     say(
-        f"epoch {row['epoch']:>3}/{setup.args.epochs}  train_loss {row['train_loss']:.4f}  "
-        f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f}  "
-        f"val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  {row['epoch_time']:.1f}s"
+        epoch_line(row, setup.args.epochs)
         + (f"  ({bad} unreadable images skipped)" if bad else "")
         + ("  *" if improved else "")
     )
@@ -395,8 +373,7 @@ def run_epochs(
             range(state.epoch + 1, args.epochs + 1), desc="epochs", initial=state.epoch, total=args.epochs
         ):
             if on_epoch_start is not None and on_epoch_start(epoch) and setup.dist.world > 1:
-                # DDP only syncs what was trainable when it wrapped: wrap (and compile) the new set
-                trainer.model = stepping_module(saver.model, args, setup.dist, trainer.device)
+                trainer.rewrap()  # DDP only syncs what was trainable when it wrapped
             seed_epoch(setup, train_loader, epoch, state)
             t0 = time.perf_counter()
             train = train_one_epoch(
@@ -448,12 +425,11 @@ def fit(
     """
     args, run_dir, main = setup.args, setup.run_dir, setup.dist.main
     save_model = save_model or model
-    plain = build_trainer(args, model, param_groups, device)
+    trainer = build_trainer(args, model, param_groups, device, len(train_loader), len(meta["class_names"]), setup.dist)
     if getattr(args, "lr_find", False):
-        run_lr_finder(plain, train_loader, run_dir, main)
+        run_lr_finder(trainer, train_loader, run_dir, main)
         finish_distributed()
         return TrainState()
-    trainer = complete_trainer(plain, args, len(train_loader), len(meta["class_names"]), setup.dist)
     state = resume_training(setup.resume, trainer, save_model, run_dir) if setup.resume else TrainState()
     if state.epoch >= args.epochs:
         print(

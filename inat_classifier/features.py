@@ -1,4 +1,8 @@
-"""Part B's feature cache: a frozen backbone's pooled features, computed once per split and reused."""
+"""Part B's backbones and their feature cache: a frozen backbone's pooled features, computed once per split.
+
+A `Backbone` is what a built Part B model is: the network with its new head and the input its weights
+expect.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,42 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from inat_classifier.backbone import Backbone
 from inat_classifier.checkpoint import atomic_torch_save
 from inat_classifier.cli import UserError
+from inat_classifier.device_batches import EpochSampler, make_image_loader, open_cache
 from inat_classifier.images import batch_to_device
-from inat_classifier.loaders import make_image_loader, open_cache
-from inat_classifier.precision import amp_dtype, autocast
 from inat_classifier.presets import Preprocess
 from inat_classifier.runs import RunSetup
-from inat_classifier.sampler import EpochSampler
 from inat_classifier.storage import remove_stale_temps
 from inat_classifier.tracking import progress
+from inat_classifier.training import amp_dtype, autocast
 
 
+# ----------------------------------------------------------------------------- a built backbone
+@dataclass
+class Backbone:
+    """A pretrained classifier with a new head, and what its weights expect as input."""
+
+    model: nn.Module
+    spec: dict
+    head_name: str
+    image_size: int
+    mean: tuple
+    std: tuple
+    weights_source: str
+
+    def preprocess(self, image_size: int | None = None) -> Preprocess:
+        """The weights' preprocessing, at their own input size unless --image_size says otherwise."""
+        return Preprocess.for_size(image_size or self.image_size, self.mean, self.std)
+
+
+# ----------------------------------------------------------------------------- its cached features
 def feature_cache_key(args: argparse.Namespace, backbone: Backbone, preprocess: Preprocess, samples: list) -> str:
     """Hash of model, weights, preprocessing and the files (path, size, mtime)."""
     files = []

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from inat_classifier.cli import UserError
-from inat_classifier.figures import pyplot
-from inat_classifier.freezing import set_train_mode
-from inat_classifier.images import batch_to_device
-from inat_classifier.storage import save_png
-from inat_classifier.training_step import Trainer, train_step
 
 
 def param_groups_with_decay(
@@ -175,77 +168,3 @@ class EmaWeights:
     @staticmethod
     def tensors(m: nn.Module) -> list[torch.Tensor]:
         return list(m.parameters()) + [b for b in m.buffers() if b.dtype.is_floating_point]
-
-
-def lr_range_test(
-    trainer: Trainer, loader: Iterable, start: float = 1e-7, end: float = 10.0, steps: int = 200
-) -> tuple[list, list, float]:
-    """Exponentially increase the LR step by step, recording the smoothed loss; restores everything.
-
-    Each step is the training step itself (AMP, loss scaling, clipping), without schedule or EMA.
-    Returns (lrs, losses, suggestion); see suggest_lr.
-    """
-    if len(loader) == 0:
-        raise UserError("--lr_find: the training loader is empty (lower --batch_size)")
-    model, optimizer = trainer.model, trainer.optimizer
-    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-    probe = copy.copy(trainer)
-    probe.scheduler, probe.ema = None, None
-    base = [g["lr"] for g in optimizer.param_groups]  # keep the groups' LR ratios
-    gamma = (end / start) ** (1 / max(1, steps - 1))
-    lrs, losses, smooth, best = [], [], None, math.inf
-    set_train_mode(model)
-    batches = iter(loader)
-    try:
-        for i in range(steps):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                batch = next(batches)
-            moved = batch_to_device(batch, trainer.device)
-            if moved is None:
-                continue
-            lr = start * gamma**i
-            for g, b in zip(optimizer.param_groups, base, strict=True):
-                g["lr"] = lr * b / base[0]
-            loss, _ = train_step(probe, *moved)
-            smooth = 0.98 * (smooth or 0.0) + 0.02 * loss.item()
-            corrected = smooth / (1 - 0.98 ** (len(losses) + 1))  # debiased running mean
-            lrs.append(lr)
-            losses.append(corrected)
-            best = min(best, corrected)
-            if not math.isfinite(corrected) or corrected > 4 * best:
-                break  # diverged: the rest of the range tells nothing
-    finally:
-        model.load_state_dict(saved[0])
-        optimizer.load_state_dict(saved[1])
-    return lrs, losses, suggest_lr(lrs, losses)
-
-
-def suggest_lr(lrs: list[float], losses: list[float]) -> float:
-    """A tenth of the LR at the lowest smoothed loss: the classic, robust rule of thumb."""
-    if not lrs:
-        return float("nan")
-    return lrs[losses.index(min(losses))] / 10
-
-
-def run_lr_finder(trainer: Trainer, loader: Iterable, run_dir: Path, main: bool) -> float:
-    """The LR range test with its plot (lr_find.png) and suggestion, printed by rank 0."""
-    lrs, losses, suggestion = lr_range_test(trainer, loader)
-    if main:
-        plt = pyplot()
-
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-        ax.plot(lrs, losses)
-        ax.axvline(suggestion, color="C3", ls="--", label=f"suggestion {suggestion:.1e}")
-        ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss", title="LR range test")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        try:
-            save_png(fig, run_dir / "lr_find.png")
-        finally:
-            plt.close(fig)
-        print(f"LR finder: suggested --lr {suggestion:.1e} (plot: {run_dir / 'lr_find.png'}); model restored")
-    return suggestion

@@ -17,14 +17,14 @@ import torch
 
 from inat_classifier import dataset as data
 from inat_classifier.checkpoint import json_safe, load_checkpoint
-from inat_classifier.cli import METRIC_FIELDS, RESULT_FILE, UserError, on_failure, typed_flags
+from inat_classifier.cli import EPOCH_ROW, METRIC_FIELDS, RESULT_FILE, UserError, on_failure, typed_flags
 from inat_classifier.config_file import check_saved_flags
 from inat_classifier.devices import Dist, broadcast, init_distributed, launched_rank, select_device
 from inat_classifier.flags import check_common_args
 from inat_classifier.folder_lock import LOCK_FILE, hold_folder, release_folder
 from inat_classifier.images import photo_short_side
-from inat_classifier.precision import amp_dtype, resumed_amp, saved_precision
 from inat_classifier.storage import atomic_write_text
+from inat_classifier.training import amp_dtype, resumed_amp, saved_precision
 
 
 @dataclass
@@ -314,10 +314,22 @@ def write_result(run_dir: Path, state_epoch: int, best_val_acc: float, best_epoc
     atomic_write_text(run_dir / RESULT_FILE, result)
 
 
+def epoch_line(row: dict, epochs: int) -> str:
+    """The console line of an epoch row: every field of the schema (cli.EPOCH_ROW), in its order."""
+    return "  ".join(shown.format(row[key], epochs=epochs) for key, shown in EPOCH_ROW.items())
+
+
 def write_metrics_csv(run_dir: Path, history: list[dict]) -> None:
-    """Rewrite metrics.csv from the history (idempotent, so a resume never duplicates rows)."""
+    """Rewrite metrics.csv from the history (idempotent, so a resume never duplicates rows).
+
+    Every row must hold exactly the schema's fields (cli.EPOCH_ROW): a key added to the row but not
+    to the schema would reach W&B and not the file, so it stops the run instead.
+    """
+    for row in history:
+        if set(row) != set(METRIC_FIELDS):
+            raise ValueError(f"the epoch row's keys {sorted(row)} differ from cli.EPOCH_ROW's {sorted(METRIC_FIELDS)}")
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS)
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(run_dir / "metrics.csv", text.getvalue())

@@ -245,21 +245,13 @@ def parallel_coordinates_figure(runs: Sequence[Run], params: dict, metric: str):
 
 
 # ----------------------------------------------------------------------------- importance, correlation
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks from 0, ties sharing their mean rank (as Spearman's rho needs)."""
-    r = np.empty(len(x))
-    r[np.argsort(x, kind="mergesort")] = np.arange(len(x), dtype=float)
-    for v in np.unique(x):
-        r[x == v] = r[x == v].mean()
-    return r
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (nan when either side is constant)."""
-    a, b = ranks(np.asarray(x, float)), ranks(np.asarray(y, float))
-    if a.std() == 0 or b.std() == 0:
+    """Spearman's rank correlation, SciPy's (nan when either side is constant)."""
+    from scipy.stats import spearmanr
+
+    if len(set(x)) < 2 or len(set(y)) < 2:  # SciPy warns, then gives nan
         return math.nan
-    return float(np.corrcoef(a, b)[0, 1])
+    return float(spearmanr(x, y)[0])
 
 
 def correlation_ratio(labels: Sequence[Any], y: Sequence[float]) -> float:

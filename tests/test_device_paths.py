@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from inat_classifier.device_batches import augment_params, model_inputs
 from inat_classifier.devices import Dist, process_group_backend, select_device, sum_dtype
-from inat_classifier.engine import stepping_module
 from inat_classifier.presets import Preprocess
+from inat_classifier.training import stepping_module
 
 
 def test_running_sums_are_float32_on_mps_and_float64_elsewhere():

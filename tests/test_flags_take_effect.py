@@ -1,7 +1,7 @@
 """Every training flag takes effect: two values give a different first step, and the value is recorded.
 
 The first step is built by the scripts' own builders (train_parta.build_model,
-train_partb.build_backbone_for and param_groups, engine.build_trainer and complete_trainer) on a
+train_partb.build_backbone_for and param_groups, training.build_trainer) on a
 fixed batch, without a data folder. A flag that cannot change a first step is in EXEMPT with the
 test that covers what it does. A new flag in neither list fails here.
 """
@@ -18,11 +18,11 @@ import torch.nn.functional as F
 import train_parta
 import train_partb
 from conftest import CLASSES, clean_env, make_dataset
-from inat_classifier import engine
+from inat_classifier import training
 from inat_classifier.checkpoint import json_safe, load_checkpoint
 from inat_classifier.devices import Dist
 from inat_classifier.freezing import set_train_mode
-from inat_classifier.training_step import train_step
+from inat_classifier.training import train_step
 
 SCRIPTS = {"parta": train_parta, "partb": train_partb}
 N_CLASSES = 3
@@ -190,8 +190,7 @@ def first_step(part: str, flags: list[str], r18: Path) -> torch.Tensor:
         backbone = train_partb.build_backbone_for(args, N_CLASSES)
         model, groups = backbone.model, train_partb.param_groups(backbone, args)
         train_partb.unfreezer(backbone, args)(1)  # fit's on_epoch_start of the first epoch
-    plain = engine.build_trainer(args, model, groups, torch.device("cpu"))
-    trainer = engine.complete_trainer(plain, args, 4, N_CLASSES, Dist())
+    trainer = training.build_trainer(args, model, groups, torch.device("cpu"), 4, N_CLASSES, Dist())
     set_train_mode(trainer.model)
     torch.manual_seed(7)  # the same dropout and MixUp/CutMix draws for both values
     x, y = fixed_batch(args.image_size, args.batch_size)

@@ -1,4 +1,4 @@
-"""No training step waits for the host: no `.item()` and no device-to-host copy in training_step.train_step.
+"""No training step waits for the host: no `.item()` and no device-to-host copy in training.train_step.
 
 The step is built by the engine's own builders (fused optimizer, GradScaler, clipping, EMA,
 accumulation, MixUp) and run under a TorchDispatchMode that records every scalar read and every
@@ -19,9 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_parta
 from inat_classifier.devices import Dist
-from inat_classifier.engine import build_trainer, complete_trainer
-from inat_classifier.precision import grad_scaler
-from inat_classifier.training_step import train_step
+from inat_classifier.training import build_trainer, grad_scaler, train_step
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SCALAR_READS = {
@@ -93,8 +91,7 @@ def built_training(device: torch.device, *flags: str):
     args = train_parta.get_args_parser().parse_args(["--warmup_epochs", "1", *flags])
     model = small_net().to(device)
     groups = [{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0}]
-    plain = build_trainer(args, model, groups, device)
-    return complete_trainer(plain, args, steps_per_epoch=8, num_classes=4, dist=Dist())
+    return build_trainer(args, model, groups, device, steps_per_epoch=8, num_classes=4, dist=Dist())
 
 
 def batch(device: torch.device, n: int = 8):

@@ -105,6 +105,6 @@ def function_lengths() -> dict[str, int]:
     return lengths
 
 
-@pytest.mark.parametrize("name", ["engine.train_one_epoch", "training_step.train_step"])
+@pytest.mark.parametrize("name", ["engine.train_one_epoch", "training.train_step"])
 def test_the_training_step_and_epoch_read_in_one_screen(name):
     assert function_lengths()[name] <= 40

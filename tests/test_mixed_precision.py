@@ -1,7 +1,7 @@
-"""The mixed-precision step (training_step.train_step): loss scaling, unscale before clipping, bf16, scaler resume.
+"""The mixed-precision step (training.train_step): loss scaling, unscale before clipping, bf16, scaler resume.
 
 CPU runs fp16 and bf16 autocast and an enabled GradScaler, so the step's logic is pinned here on
-every machine (`amp.grad_scaler` enables the scaler for fp16 on any device). Tests with "cuda" in their
+every machine (`training.grad_scaler` enables the scaler for fp16 on any device). Tests with "cuda" in their
 name run amp's own CUDA fp16 path and skip without a GPU.
 """
 
@@ -16,9 +16,8 @@ from conftest import CLASSES, make_dataset, train_args
 from inat_classifier.checkpoint import TrainState, load_checkpoint
 from inat_classifier.cli import UserError
 from inat_classifier.devices import Dist
-from inat_classifier.engine import Checkpointer, build_trainer, complete_trainer, resume_training
-from inat_classifier.precision import amp_dtype, autocast, grad_scaler
-from inat_classifier.training_step import Trainer, train_step
+from inat_classifier.engine import Checkpointer, resume_training
+from inat_classifier.training import Trainer, amp_dtype, autocast, build_trainer, grad_scaler, train_step
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -158,9 +157,7 @@ def test_grad_clip_flag_bounds_the_gradient_norm_at_step_time():
         )
         model = tiny_net()
         groups = [{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0}]
-        t = complete_trainer(
-            build_trainer(args, model, groups, CPU), args, steps_per_epoch=4, num_classes=3, dist=Dist()
-        )
+        t = build_trainer(args, model, groups, CPU, steps_per_epoch=4, num_classes=3, dist=Dist())
         seen = grad_norm_at_step(t.optimizer)
         train_step(t, *batch(scale=1e4))
         norms[clip] = seen[0]

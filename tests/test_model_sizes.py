@@ -7,7 +7,7 @@ import torch
 
 from conftest import assert_one_line_error, make_dataset, run_cli, train_args
 from inat_classifier.cli import UserError
-from inat_classifier.input_sizes import check_input_size
+from inat_classifier.model_info import check_input_size
 from models import ConvNet, build_backbone
 
 

@@ -301,7 +301,7 @@ def test_summary_flag_prints_every_layer_from_a_traced_pass_without_a_dataset(tm
 
 def test_partb_summary_marks_frozen_layers(tmp_path):
     import train_partb
-    from inat_classifier.summary import layer_table
+    from inat_classifier.model_info import layer_table
 
     args = train_partb.get_args_parser().parse_args(
         ["--model", "resnet18", "--weights", "none", "--freeze", "upto:layer3", "--summary"]
@@ -320,7 +320,7 @@ def test_summary_total_counts_attention_inside_non_leaf_modules():
     """vit_b_16's attention matmuls run in MultiheadAttention (not a leaf): the table's total still has them."""
     from torchvision.models import vit_b_16
 
-    from inat_classifier.summary import layer_table
+    from inat_classifier.model_info import layer_table
 
     _, macs = layer_table(vit_b_16(), 224)
     assert macs / 1e9 == pytest.approx(17.564, rel=0.01)  # torchvision's published figure

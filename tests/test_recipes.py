@@ -14,16 +14,8 @@ import evaluate
 import train_parta
 from conftest import CLASSES, make_dataset, run_cli, train_args
 from inat_classifier.checkpoint import load_checkpoint
-from inat_classifier.optim import (
-    build_mix,
-    build_optimizer,
-    build_scheduler,
-    lr_range_test,
-    param_groups_with_decay,
-    suggest_lr,
-)
-from inat_classifier.precision import grad_scaler
-from inat_classifier.training_step import Trainer
+from inat_classifier.optim import build_mix, build_optimizer, build_scheduler, param_groups_with_decay
+from inat_classifier.training import Trainer, grad_scaler, lr_range_test, suggest_lr
 
 
 @pytest.fixture(scope="module")

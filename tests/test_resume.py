@@ -20,7 +20,7 @@ import train_parta
 import train_partb
 from conftest import REPO, clean_env, make_dataset, read_rows, run_cli, train_args
 from inat_classifier.checkpoint import load_checkpoint
-from inat_classifier.sampler import EpochSampler
+from inat_classifier.device_batches import EpochSampler
 
 MACHINE_FLAGS = ["--workers", "0", "--wandb", "disabled", "--device", "cpu"]
 RESUMED_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")

@@ -11,8 +11,7 @@ import train_parta
 from conftest import make_dataset, train_args
 from inat_classifier.checkpoint import load_checkpoint, rng_state, set_rng_state
 from inat_classifier.engine import resume_training
-from inat_classifier.precision import resumed_amp, saved_precision
-from inat_classifier.training_step import Trainer
+from inat_classifier.training import Trainer, resumed_amp, saved_precision
 
 CPU = torch.device("cpu")
 

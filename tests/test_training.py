@@ -287,3 +287,20 @@ def test_one_epoch_on_real_photos(tmp_path, imagenette):
     )
     assert metrics["n"] == 5 * len(classes)
     assert sum(map(sum, metrics["confusion_matrix"])) == 5 * len(classes)
+
+
+def test_the_epoch_row_has_one_schema_for_the_csv_the_console_and_wandb(trained_run, tmp_path):
+    """cli.EPOCH_ROW: metrics.csv's columns in order, every field on the console line; a row with a key the
+    schema lacks is refused rather than reaching W&B alone."""
+    from inat_classifier.cli import EPOCH_ROW, METRIC_FIELDS
+    from inat_classifier.runs import epoch_line, write_metrics_csv
+
+    assert list(read_rows(trained_run.run_dir / "metrics.csv")[0]) == list(METRIC_FIELDS) == list(EPOCH_ROW)
+    history = trained_run.state.history
+    assert all(set(row) == set(METRIC_FIELDS) for row in history)
+    line = epoch_line(history[0], TRAINED_EPOCHS)
+    assert line.startswith(f"epoch   1/{TRAINED_EPOCHS}  train_loss ")
+    assert all(name in line for name in METRIC_FIELDS if name not in ("epoch", "epoch_time"))
+    assert line.endswith(f"{history[0]['epoch_time']:.1f}s")
+    with pytest.raises(ValueError, match="EPOCH_ROW"):
+        write_metrics_csv(tmp_path, [{**history[0], "new_metric": 1.0}])

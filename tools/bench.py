@@ -35,17 +35,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import data
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.decoded_cache import DecodedCache, open_decoded_cache
-from inat_classifier.device_batches import CachedRows, DeviceLoader
+from inat_classifier.device_batches import CachedRows, DeviceLoader, EpochSampler
 from inat_classifier.devices import Dist, select_device, tune_kernels
 from inat_classifier.features import extract_features, head_on_features
 from inat_classifier.freezing import apply_freeze, set_train_mode
 from inat_classifier.images import photo_short_side
 from inat_classifier.optim import build_optimizer
-from inat_classifier.precision import amp_dtype, grad_scaler, precision_name
 from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from inat_classifier.sampler import EpochSampler
 from inat_classifier.storage import atomic_write_text
-from inat_classifier.training_step import Trainer, train_step
+from inat_classifier.training import Trainer, amp_dtype, grad_scaler, precision_name, train_step
 from models import ConvNet, build_backbone
 
 
@@ -153,7 +151,7 @@ def training_for(model: nn.Module, params, device: torch.device, label_smoothing
 
 
 def train_step_fn(model: nn.Module, device: torch.device, channels_last: bool):
-    """One Part A optimizer step, the training loop's own (training_step.train_step)."""
+    """One Part A optimizer step, the training loop's own (training.train_step)."""
     trainer = training_for(model, model.parameters(), device, label_smoothing=0.1)
     model.train()
 
@@ -236,7 +234,7 @@ class OpCounter(TorchDispatchMode):
 def step_operations(batch: int, image_size: int = 64, ema: float = 0.0) -> dict[str, int]:
     """Aten operations of one Part A training step (train_parta.py's defaults, with augmentation) on the
     CUDA code path, counted on the CPU, by part: the batch's inputs (DeviceLoader.finish_batch), the
-    step (training_step.train_step) and the loop's bookkeeping (engine.EpochMeter.add). The host's
+    step (training.train_step) and the loop's bookkeeping (engine.EpochMeter.add). The host's
     draw of the augmentation parameters is counted apart (host_params): on CUDA, no kernels.
 
     The CUDA path, shown on the CPU: the batched crop (DeviceLoader.batched_resize), bf16 autocast
@@ -249,7 +247,7 @@ def step_operations(batch: int, image_size: int = 64, ema: float = 0.0) -> dict[
     from inat_classifier.devices import Dist
     from inat_classifier.engine import EpochMeter
     from inat_classifier.optim import param_groups_with_decay
-    from inat_classifier.trainer import build_trainer, complete_trainer
+    from inat_classifier.training import build_trainer
 
     args = train_parta.get_args_parser().parse_args(
         ["--image_size", str(image_size), "--batch_size", str(batch), "--ema", str(ema)]
@@ -271,11 +269,9 @@ def step_operations(batch: int, image_size: int = 64, ema: float = 0.0) -> dict[
         channels_last=args.channels_last,
     )
     loader.batched_resize = True
-    plain = build_trainer(
-        args, model, param_groups_with_decay(model.named_parameters(), args.lr, args.weight_decay, "model"), cpu
-    )
-    plain.dtype = torch.bfloat16  # --amp auto on CUDA (bf16 GPUs): autocast, no scaler
-    trainer = complete_trainer(plain, args, 100, 10, Dist())
+    groups = param_groups_with_decay(model.named_parameters(), args.lr, args.weight_decay, "model")
+    trainer = build_trainer(args, model, groups, cpu, 100, 10, Dist())
+    trainer.dtype = torch.bfloat16  # --amp auto on a CUDA GPU with bf16: autocast, no scaler
     meter = EpochMeter(cpu, {})
     x_host, y_host = next(loader.host_batches())
     views = 0
@@ -362,7 +358,7 @@ def training_speed(
     batches from the decoded cache through DeviceLoader; no validation, timed after --speed_warmup steps
     (cuDNN's autotuning), over --speed_steps steps, then 20 steps under the profiler."""
     from inat_classifier.optim import param_groups_with_decay
-    from inat_classifier.trainer import build_trainer, complete_trainer
+    from inat_classifier.training import build_trainer
 
     model, flags = speed_model(which, image_size, num_classes, device)
     pre = Preprocess.for_size(image_size).with_stored_side(
@@ -382,7 +378,7 @@ def training_speed(
         channels_last=flags.channels_last,
     )
     groups = param_groups_with_decay(model.named_parameters(), flags.lr, flags.weight_decay, "model")
-    trainer = complete_trainer(build_trainer(flags, model, groups, device), flags, len(loader), num_classes, Dist())
+    trainer = build_trainer(flags, model, groups, device, len(loader), num_classes, Dist())
     model.train()
 
     def forever():

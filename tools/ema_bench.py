@@ -16,8 +16,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from inat_classifier.devices import select_device
 from inat_classifier.optim import build_ema
-from inat_classifier.precision import grad_scaler
-from inat_classifier.training_step import Trainer, train_step
+from inat_classifier.training import Trainer, grad_scaler, train_step
 
 dev = select_device("cpu")
 torch.manual_seed(0)
