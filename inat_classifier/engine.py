@@ -93,6 +93,14 @@ class StopRequested:
     def __bool__(self) -> bool:
         return self.signum is not None
 
+    def agreed(self, shared_point: bool, device: torch.device) -> bool:
+        """Whether to stop after this step: under torchrun all processes decide together at shared points
+        (devices.agreed_stop), and one the signal did not reach stops too."""
+        if not agreed_stop(bool(self), shared_point, device):
+            return False
+        self.signum = self.signum or signal.SIGTERM
+        return True
+
 
 class NonFiniteLoss(Exception):
     pass
@@ -192,9 +200,7 @@ def train_one_epoch(
         # Saves and stops only between optimizer steps: a resume never loses accumulated gradients.
         every = args.save_every
         checkpoint_due = update and bool(every) and (step - micro) // every < step // every
-        stopping = update and agreed_stop(bool(stop), step % SYNC_EVERY == 0 or checkpoint_due, trainer.device)
-        if stopping:
-            stop.signum = stop.signum or signal.SIGTERM  # under torchrun, a process the signal did not reach
+        stopping = update and stop.agreed(step % SYNC_EVERY == 0 or checkpoint_due, trainer.device)
         if step % SYNC_EVERY == 0 or stopping or checkpoint_due:
             meter.sync(epoch, step)
             bar.set_postfix(meter.postfix())

@@ -215,16 +215,17 @@ def lr_range_test(
 ) -> tuple[list, list, float]:
     """Exponentially increase the LR step by step, recording the smoothed loss; restores everything.
 
-    Each step is the training step itself (AMP, loss scaling, clipping), without schedule or EMA.
+    Each step is the training step itself (AMP, loss scaling), without schedule, EMA or clipping.
     Returns (lrs, losses, suggestion); see suggest_lr.
     """
     if len(loader) == 0:
         raise UserError("--lr_find: the training loader is empty (lower --batch_size)")
     model, optimizer = trainer.plain, trainer.optimizer
     saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-    # The plain model, alone in each process: under torchrun each stops where its own loss diverges.
+    # The plain model, alone in each process (under torchrun each stops where its own loss diverges),
+    # and no clipping, which would hide the divergence the test looks for.
     probe = copy.copy(trainer)
-    probe.model, probe.scheduler, probe.ema = model, None, None
+    probe.model, probe.scheduler, probe.ema, probe.grad_clip = model, None, None, 0.0
     base = [g["lr"] for g in optimizer.param_groups]  # keep the groups' LR ratios
     gamma = (end / start) ** (1 / max(1, steps - 1))
     lrs, losses, smooth, best = [], [], None, math.inf
