@@ -13,6 +13,7 @@ if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM 
     startup.stop_quietly()
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -75,8 +76,10 @@ def print_stats(stats: dict) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Download and inspect the image dataset.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="Download and inspect the image dataset.")
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False)
+    )
     dl = sub.add_parser("download", help="download and extract nature_12K.zip (resumable)")
     dl.add_argument("--dest", default="data", help="folder to download and extract into (default: data)")
     dl.add_argument(

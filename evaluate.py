@@ -49,7 +49,9 @@ def write_predictions_csv(rows: list[dict], out: Path, k: int = 3) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the held-out split, or predict images.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Evaluate a checkpoint on the held-out split, or predict images."
+    )
     add_flag(parser, "ckpt", required=True, help="checkpoint file (best.pt or last.pt) or its run folder")
     add_flag(parser, "data_dir", default=None, help="dataset root (default: the one the run trained on)")
     add_flag(

@@ -61,6 +61,7 @@ DEFAULT_CONFIG = "sweep.yaml"
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Run the sweep of a W&B sweep.yaml offline on Optuna: sample runs (grid, random, bayes), "
         "train them one after another, rank them by the metric. Several runners (one per GPU or "
         "machine) may work on the same sweep at once.",

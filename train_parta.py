@@ -58,7 +58,9 @@ def parse_kernel_size(value: str) -> list[int] | int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train_parta.py", description="Train the from-scratch CNN (Part A).")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="train_parta.py", description="Train the from-scratch CNN (Part A)."
+    )
     g = parser.add_argument_group("model")
     add_flag(g, "filters", type=int, default=64, help="filters in the first conv block (default: %(default)s)")
     add_flag(

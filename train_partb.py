@@ -47,7 +47,9 @@ DEFAULTS = dict(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train_partb.py", description="Fine-tune a pretrained backbone (Part B).")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="train_partb.py", description="Fine-tune a pretrained backbone (Part B)."
+    )
     g = parser.add_argument_group("model and fine-tuning")
     add_flag(
         g,

@@ -23,6 +23,7 @@ if __name__ == "__main__":  # first, before the slow imports: Ctrl-C or SIGTERM 
     startup.stop_quietly()
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -394,11 +395,12 @@ def add_image_flags(p: argparse.ArgumentParser, n_default: int) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Figures from a trained checkpoint (one PNG per command).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'python visualize.py COMMAND -h' for the flags of one command.",
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     g = common.add_argument_group("common")
     add_flag(
         g, "out", default=None, help="folder for the PNG (default: the checkpoint's folder; sweep: SWEEP_DIR/report)"
@@ -406,7 +408,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(g, "dpi", type=int, default=110, help="resolution of the PNG (default: %(default)s)")
     add_bool(g, "wandb", False, "also log the figure to W&B, if the run used W&B (offline without an API key)")
 
-    model_common = argparse.ArgumentParser(add_help=False)
+    model_common = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     g = model_common.add_argument_group("checkpoint and data")
     add_flag(g, "ckpt", required=True, help="checkpoint file (best.pt or last.pt) or its run folder")
     add_flag(g, "data_dir", default=None, help="dataset root (default: the one the run trained on)")
@@ -421,7 +423,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(g, "seed", type=int, default=0, help="which held-out images are drawn (default: %(default)s)")
     add_flag(g, "device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
 
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False),
+    )
     p = sub.add_parser(
         "predictions",
         parents=[model_common, common],

@@ -46,7 +46,7 @@ def row_of(run: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Markdown table of finished runs.")
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="Markdown table of finished runs.")
     parser.add_argument(
         "runs", nargs="+", help="run folders (with metrics.csv; eval.json and tta/eval.json if evaluated)"
     )

@@ -202,3 +202,28 @@ def test_crop_scale_outside_0_1_is_a_one_line_error(tmp_path, value):
     proc = run_cli("train_parta.py", *train_args(root, tmp_path / "runs", "r", 1), "--crop_scale", value)
     assert_one_line_error(proc, "--crop_scale must be in (0, 1]")
     assert not (tmp_path / "runs" / "r").exists()
+
+
+def every_parser(parser: argparse.ArgumentParser):
+    """A parser and, depth first, the parsers of its subcommands."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from every_parser(sub)
+
+
+@pytest.mark.parametrize("script", ["train_parta", "train_partb", "evaluate", "visualize", "data", "sweep_offline"])
+def test_every_script_and_subcommand_refuses_abbreviated_flags(script):
+    """`--drop 0.9` is not taken for `--dropout`: a typo stays an error, and what a sweep records is what ran."""
+    import importlib
+
+    parsers = list(every_parser(importlib.import_module(script).get_args_parser()))
+    assert parsers and all(p.allow_abbrev is False for p in parsers), script
+
+
+def test_an_abbreviated_flag_is_an_error_not_a_setting(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_parta.get_args_parser().parse_args(["--drop", "0.9"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --drop" in capsys.readouterr().err
+    assert train_parta.get_args_parser().parse_args(["--dropout", "0.9"]).dropout == 0.9

@@ -424,8 +424,9 @@ def training_speed(
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Images/s of a plain torchvision pipeline vs ours (decoded cache, "
-        "device-side augmentation, feature cache)."
+        "device-side augmentation, feature cache).",
     )
     add_flag(parser, "data_dir", default=data.DEFAULT_DATA_DIR, help="dataset root with train/ (default: %(default)s)")
     add_flag(parser, "image_size", type=int, default=224, help="input size in pixels (default: %(default)s)")

@@ -21,7 +21,7 @@ from models import count_complexity, published_complexity  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma list of model names (default: all)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative tolerance (default: %(default)s)")
     args = parser.parse_args()

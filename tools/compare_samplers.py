@@ -96,7 +96,7 @@ def run(sampler, seed: int, budget: int, workers: int = 2) -> tuple[list[float],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20, help="studies per sampler (default: %(default)s)")
     parser.add_argument("--budget", type=int, default=30, help="runs per study (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the table here")
