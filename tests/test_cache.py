@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CLASSES, make_dataset
+from conftest import CLASSES, IMAGENETTE, make_dataset
 from inat_classifier.decoded_cache import decode_fixed, open_decoded_cache
 from inat_classifier.device_batches import (
     FLIP,
@@ -320,7 +320,7 @@ def test_old_cache_side_upscaled_small_crops(tmp_path):
 
 def real_photos(tmp_path: Path, n: int = 8) -> list[str]:
     """Real photos where the shared Imagenette copy is beside the repository, plus a camera-size JPEG."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette224" / "val"
+    shared = IMAGENETTE / "val"
     found = sorted(shared.glob("*/*.JPEG"))[::97][:n] if shared.is_dir() else []
     return [str(p) for p in found] + [str(camera_photo(tmp_path / "camera.jpg"))]
 
