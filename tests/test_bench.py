@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import CLASSES, make_dataset, run_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -70,3 +72,37 @@ def test_a_training_step_takes_as_many_operations_at_any_batch_size():
     small, large = bench.step_operations(8), bench.step_operations(32)
     assert small == large and large["total"] <= 250, (small, large)
     assert bench.step_operations(8, ema=0.999)["step"] - small["step"] <= 3  # the EMA update: at most 3
+
+
+def test_train_speed_prints_a_speed_line_per_size(tmp_path, capsys):
+    """tools/train_speed.py on the CPU at tiny sizes: one SPEED line with a positive rate; bad sizes are one line."""
+    import train_speed
+
+    from inat_classifier.cli import UserError
+
+    root = make_dataset(tmp_path / "ds", CLASSES[:2], n_train=8, n_val=1, size=48)
+    args = train_speed.get_args_parser().parse_args(
+        [
+            "--data_dir",
+            str(root),
+            "--sizes",
+            "parta:32",
+            "--batch_size",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
+    )
+    result = train_speed.main(args)
+    assert result["parta:32"]["images_s"] > 0 and result["parta:32"]["busy"] is None  # no profiler off CUDA
+    assert "SPEED parta_32px " in capsys.readouterr().out
+    with pytest.raises(UserError, match="script:pixels"):
+        train_speed.parse_sizes("partc:64")

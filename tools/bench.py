@@ -43,7 +43,7 @@ from inat_classifier.images import photo_short_side
 from inat_classifier.optim import build_optimizer
 from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from inat_classifier.storage import atomic_write_text
-from inat_classifier.training import Trainer, amp_dtype, grad_scaler, precision_name, train_step
+from inat_classifier.training import Trainer, amp_dtype, grad_scaler, train_step
 from models import ConvNet, build_backbone
 
 
@@ -244,7 +244,6 @@ def step_operations(batch: int, image_size: int = 64, ema: float = 0.0) -> dict[
     """
     import train_parta
     from inat_classifier.decoded_cache import DecodedCache
-    from inat_classifier.devices import Dist
     from inat_classifier.engine import EpochMeter
     from inat_classifier.optim import param_groups_with_decay
     from inat_classifier.training import build_trainer
@@ -310,130 +309,6 @@ def print_step_operations(image_size: int) -> dict:
     return result
 
 
-def speed_model(which: str, image_size: int, num_classes: int, device: torch.device):
-    """(model, training flags) of a SPEED measurement: Part A's ConvNet, or a Part B backbone training whole."""
-    import train_parta
-    import train_partb
-
-    if which == "parta":
-        args = train_parta.get_args_parser().parse_args(["--image_size", str(image_size)])
-        torch.manual_seed(0)
-        return train_parta.build_model(args, num_classes).to(device), args
-    name = default_partb_model()
-    weights = "packaged" if name == "efficientnet_lite0" else "none"
-    args = train_partb.get_args_parser().parse_args(
-        ["--model", name, "--weights", weights, "--image_size", str(image_size), "--freeze", "none", "--augment"]
-    )
-    return build_backbone(name, weights, num_classes).model.to(device), args
-
-
-def profile_steps(step, batches, device: torch.device, steps: int = 20) -> tuple[float | None, float | None]:
-    """(busy fraction, kernels per step) of the GPU over `steps` steps, from torch.profiler: the time its
-    kernels ran (copies and memsets left out) over the wall time. (None, None) off CUDA or when the
-    profiler gives no device events."""
-    if device.type != "cuda":
-        return None, None
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    sync(device)
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step(*next(batches))
-        sync(device)
-    wall_us = (time.perf_counter() - t0) * 1e6
-    events = prof.events()
-    kernels = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
-    if not kernels:  # older profilers attach the kernels to the operators that launched them
-        kernels = [(k.name, k.duration) for e in events for k in getattr(e, "kernels", [])]
-    kernels = [(name, us) for name, us in kernels if not name.startswith(("Memcpy", "Memset"))]
-    if not kernels:
-        return None, None
-    return sum(us for _, us in kernels) / wall_us, len(kernels) / steps
-
-
-def training_speed(
-    args: argparse.Namespace,
-    which: str,
-    image_size: int,
-    samples: list,
-    num_classes: int,
-    device: torch.device,
-    cache_dir: Path,
-) -> dict:
-    """Training images/s of one script's steps: its model and Trainer (train_one_epoch's step), augmented
-    batches from the decoded cache through DeviceLoader; no validation, timed after --speed_warmup steps
-    (cuDNN's autotuning), over --speed_steps steps, then 20 steps under the profiler."""
-    from inat_classifier.optim import param_groups_with_decay
-    from inat_classifier.training import build_trainer
-
-    model, flags = speed_model(which, image_size, num_classes, device)
-    pre = Preprocess.for_size(image_size).with_stored_side(
-        True, flags.crop_scale, max(map(photo_short_side, [p for p, _ in samples]))
-    )
-    cache = open_decoded_cache([p for p, _ in samples], pre.decode_side, cache_dir, args.workers)
-    loader = DeviceLoader(
-        CachedRows(cache, list(range(len(samples)))),
-        [label for _, label in samples],
-        args.batch_size,
-        pre,
-        device,
-        augment=True,
-        crop_scale=flags.crop_scale,
-        sampler=EpochSampler(len(samples), seed=0),
-        drop_last=True,
-        channels_last=flags.channels_last,
-    )
-    groups = param_groups_with_decay(model.named_parameters(), flags.lr, flags.weight_decay, "model")
-    trainer = build_trainer(flags, model, groups, device, len(loader), num_classes, Dist())
-    model.train()
-
-    def forever():
-        while True:
-            yield from loader
-
-    batches = forever()
-
-    def step(x, y):
-        train_step(trainer, x, y)
-
-    for _ in range(args.speed_warmup):
-        step(*next(batches))
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(args.speed_steps):
-        step(*next(batches))
-    sync(device)
-    seconds = time.perf_counter() - t0
-    try:
-        busy, kernels = profile_steps(step, batches, device)
-    except Exception as e:  # the SPEED line stands without the profiler's figures
-        print(f"note: torch.profiler gave no GPU figures ({type(e).__name__}: {e})")
-        busy, kernels = None, None
-    result = {
-        "images_s": args.speed_steps * args.batch_size / seconds,
-        "steps": args.speed_steps,
-        "batch_size": args.batch_size,
-        "image_size": image_size,
-        "busy": busy,
-        "kernels_per_step": kernels,
-        "model": flags.model if which == "partb" else "ConvNet",
-        "precision": precision_name(trainer.dtype),
-    }
-    gpu = (
-        f"GPU busy {busy:.0%} of the time, {kernels:.0f} kernels a step"
-        if busy is not None
-        else "GPU busy fraction: n/a" + (" off CUDA" if device.type != "cuda" else "")
-    )
-    print(
-        f"SPEED {which}_{image_size}px {result['images_s']:.0f} images/s ({result['model']}, batch "
-        f"{args.batch_size}, {args.speed_steps} steps, {result['precision']}; {gpu})",
-        flush=True,
-    )
-    return result
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False,
@@ -491,21 +366,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Part A CNN's filter factor per block (default: %(default)s; train_parta.py's default is 1.5)",
     )
     add_flag(parser, "json", default=None, help="write all figures to this JSON file")
-    add_flag(
-        parser,
-        "speed",
-        default=None,
-        help="only print SPEED lines: training images/s of Part A and B steps, e.g. 'parta:64,parta:128,"
-        "partb:224' (script:pixels, comma-separated); uses --data_dir, --batch_size, --workers",
-    )
-    add_flag(parser, "speed_steps", type=int, default=200, help="timed steps per SPEED line (default: %(default)s)")
-    add_flag(
-        parser,
-        "speed_warmup",
-        type=int,
-        default=20,
-        help="untimed steps before them (cuDNN autotuning; default: %(default)s)",
-    )
     add_bool(
         parser,
         "kernels",
@@ -538,26 +398,10 @@ def main(args: argparse.Namespace) -> dict:
     device = select_device(args.device)  # on a CPU this also tunes the allocator, for both pipelines
     ds = data.discover(args.data_dir)
     samples = sorted(ds.train)
-    if args.speed:
-        return measure_speeds(args, samples, len(ds.classes), device)
     if args.batch_size * 4 > len(samples):
         raise UserError(f"--batch_size {args.batch_size} is too large for {len(samples)} training images")
     with tempfile.TemporaryDirectory() as tmp:  # removed even when a measurement fails
         return measure_all(args, ds, samples, device, Path(args.cache or tmp))
-
-
-def measure_speeds(args: argparse.Namespace, samples: list, num_classes: int, device: torch.device) -> dict:
-    """The SPEED lines of --speed, one per script:pixels."""
-    result = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for item in args.speed.split(","):
-            which, _, size = item.partition(":")
-            if which not in ("parta", "partb") or not size.isdigit():
-                raise UserError(f"--speed: '{item}' is not script:pixels (e.g. parta:64 or partb:224)")
-            result[item] = training_speed(args, which, int(size), samples, num_classes, device, Path(args.cache or tmp))
-    if args.json:
-        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
-    return result
 
 
 def open_caches(

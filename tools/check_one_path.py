@@ -89,12 +89,18 @@ def evaluate_val(run_dir: Path, data_dir: str, device: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) >= 3 and argv[0] == "cache-off":
-        cache_off(Path(argv[1]), argv[2:])
-    elif len(argv) == 4 and argv[0] == "evaluate":
-        evaluate_val(Path(argv[1]), argv[2], argv[3])
-    else:
-        sys.exit(__doc__)
+    try:
+        if len(argv) >= 3 and argv[0] == "cache-off":
+            return cache_off(Path(argv[1]), argv[2:])
+        if len(argv) == 4 and argv[0] == "evaluate":
+            return evaluate_val(Path(argv[1]), argv[2], argv[3])
+    except (OSError, KeyError, ValueError) as e:  # a run folder without its files, a damaged metrics.csv
+        sys.exit(f"FAIL {type(e).__name__}: {e}")
+    print(
+        "error: usage: check_one_path.py cache-off OUT_DIR COMMAND... | evaluate RUN_DIR DATA_DIR DEVICE",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 # Without DATA_DIR it writes a small synthetic dataset of camera-size JPEGs (10 classes). The whole
 # check stops at $GPU_CHECK_BUDGET seconds (450; 290 rehearsing): a check past it FAILs unrun.
 # SPEED lines: training images/s of Part A at 64 and 128 px and of Part B at 224 px, each over 200
-# steps without validation, with the GPU's busy fraction and kernels per step (tools/bench.py --speed).
+# steps without validation, with the GPU's busy fraction and kernels per step (tools/train_speed.py).
 # --rehearse runs every check on the CPU at tiny sizes (the checks that need CUDA print SKIP): it
 # proves the script before it meets a GPU. Needs python3 (or $PYTHON), torch, torchvision, numpy,
 # Pillow, matplotlib, tqdm, pyyaml, pytest; not wandb, optuna or psycopg. Part B uses the packaged
@@ -91,8 +91,8 @@ fi
 check pytest_device 120 $PY -m pytest -q -p no:cacheprovider tests/test_host_sync.py tests/test_device_paths.py \
   tests/test_cache.py tests/test_mixed_precision.py
 check kernels 120 $PY tools/bench.py --kernels
-check speed 240 $PY tools/bench.py --data_dir "$DATA" --device "$DEVICE" --workers "$WORKERS" --batch_size "$BATCH" \
-  --speed "parta:$SMALL,parta:$((SMALL * 2)),partb:$BIG" --speed_steps "$STEPS" --speed_warmup "$WARM" \
+check speed 240 $PY tools/train_speed.py --data_dir "$DATA" --device "$DEVICE" --workers "$WORKERS" \
+  --batch_size "$BATCH" --sizes "parta:$SMALL,parta:$((SMALL * 2)),partb:$BIG" --steps "$STEPS" --warmup "$WARM" \
   --cache "$OUT/cache" --json "$OUT/speed.json"
 check parta_auto 120 $PY train_parta.py "${COMMON[@]}" --image_size "$BIG" --epochs 2 --run_name parta-auto
 check parta_ema 120 $PY train_parta.py "${COMMON[@]}" --image_size "$SMALL" --ema 0.999 --run_name parta-ema
