@@ -305,8 +305,8 @@ class DecodedRows:
                 collate_fn=_collate_rows,
                 pin_memory=pin,
                 persistent_workers=self.workers > 0,
-                generator=torch.Generator(),
-            )  # its own seed: the run's random stream stays the cache's
+                generator=torch.Generator(),  # its own seed: the run's random stream stays the cache's
+            )
         for rows, pos, bad in self.loader:
             for path, reason in bad:
                 images.BAD_IMAGES.report(path, reason)
