@@ -13,8 +13,8 @@ to SWEEP_DIR/optuna.journal (or --storage: a database URL or a journal file on a
 the ranking to SWEEP_DIR/leaderboard.csv. Any number of runners may share one sweep, like
 `wandb agent`s: one per GPU, a SLURM array, or many nodes on one database.
 
-This file is the command line and the run loop; sweep_space.py maps the yaml to Optuna,
-sweep_storage.py keeps the study, sweep_process.py runs one training process.
+This file is the command line and the run loop; inat_classifier/sweep/space.py maps the yaml to Optuna,
+storage.py keeps the study, process.py runs one training process.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from inat_classifier.cli import UserError, str2bool
 from inat_classifier.startup import imports_done, raise_interrupt
-from inat_classifier.sweep_engine import (
+from inat_classifier.sweep.commands import (
     check_metric,
     check_swept_not_passed,
     check_train_args,
@@ -44,9 +44,9 @@ from inat_classifier.sweep_engine import (
     print_leaderboard,
     resolve_program,
 )
-from inat_classifier.sweep_runs import Sweep, best_run, run_loop, sweep_runs, write_best_config
-from inat_classifier.sweep_space import check_config, load_config, metric_of, parse_parameters
-from inat_classifier.sweep_storage import (
+from inat_classifier.sweep.runner import Sweep, best_run, run_loop, sweep_runs, write_best_config
+from inat_classifier.sweep.space import check_config, load_config, metric_of, parse_parameters
+from inat_classifier.sweep.storage import (
     GRACE_PERIOD_S,
     HEARTBEATS_PER_GRACE,
     create_study,
@@ -275,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
     check_swept_not_passed(sweep.config, train_args)
     sweep.program, sweep.train_args = program, train_args
     if args.dry_run:
-        from inat_classifier.sweep_runs import dry_run
+        from inat_classifier.sweep.runner import dry_run
 
         return dry_run(args, sweep)
     if sweep.study is None:

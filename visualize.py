@@ -8,7 +8,7 @@
     python visualize.py gradcam         --ckpt best.pt --image a.jpg b.jpg [--layer layer4]
     python visualize.py confusion       --ckpt best.pt
     python visualize.py curves          --run runs/<run1> runs/<run2>
-    python visualize.py sweep           --sweep_dir sweeps/<sweep>            # report of a sweep (sweep_report.py)
+    python visualize.py sweep           --sweep_dir sweeps/<sweep>            # report of a sweep (sweep/report.py)
 
 Every command writes one PNG (default: into the checkpoint's folder) and prints its path; with
 --wandb it is also logged to W&B, if the run itself used W&B. Images are shown un-normalised, in
@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inat_classifier import sweep_report
 from inat_classifier.attribution import (
     auto_cam_layer,
     capture_outputs,
@@ -59,6 +58,7 @@ from inat_classifier.figures import (
 from inat_classifier.inference import evaluate_samples, heldout_samples, load_input, predict
 from inat_classifier.metrics import plot_confusion
 from inat_classifier.runs import read_metrics_csv
+from inat_classifier.sweep import report as sweep_report
 from inat_classifier.tracking import WandbLogger, plot_curves
 from models import restore_model
 

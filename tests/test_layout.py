@@ -17,7 +17,9 @@ FLAG_LISTS = {"get_args_parser", "add_training_args"}  # argparse builders: plai
 
 def python_files() -> dict[str, Path]:
     files = {p.stem: p for p in REPO.glob("*.py")}
-    files |= {f"inat_classifier.{p.stem}": p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    for p in PACKAGE.rglob("*.py"):
+        if p.stem != "__init__":
+            files[".".join(("inat_classifier", *p.relative_to(PACKAGE).with_suffix("").parts))] = p
     return files
 
 
@@ -33,8 +35,8 @@ def imported(tree: ast.Module) -> set[str]:
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            if node.module == "inat_classifier":
-                found |= {f"inat_classifier.{a.name}" for a in node.names}
+            if node.module in ("inat_classifier", "inat_classifier.sweep"):
+                found |= {f"{node.module}.{a.name}" for a in node.names}
     return found
 
 

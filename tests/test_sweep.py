@@ -25,8 +25,8 @@ import train_parta
 from conftest import assert_one_line_error, clean_env, make_dataset, run_cli
 from inat_classifier.cli import UserError
 from inat_classifier.runs import read_metrics_csv
-from inat_classifier.sweep_runs import newest_trials
-from inat_classifier.sweep_storage import create_study
+from inat_classifier.sweep.runner import newest_trials
+from inat_classifier.sweep.storage import create_study
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 import visualize
 from conftest import assert_one_line_error, clean_env, run_cli
-from inat_classifier import cli, sweep_report
+from inat_classifier import cli
+from inat_classifier.sweep import report as sweep_report
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -14,8 +14,8 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 import train_parta
 import train_partb
 from inat_classifier.cli import UserError
-from inat_classifier.sweep_engine import build_command
-from inat_classifier.sweep_space import build_pruner, build_sampler, check_config, parse_parameters, suggest
+from inat_classifier.sweep.commands import build_command
+from inat_classifier.sweep.space import build_pruner, build_sampler, check_config, parse_parameters, suggest
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_TYPES = {

@@ -22,7 +22,7 @@ import numpy as np
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inat_classifier.sweep_space import build_sampler, parse_parameters, suggest  # noqa: E402
+from inat_classifier.sweep.space import build_sampler, parse_parameters, suggest  # noqa: E402
 
 SPACE = {
     "program": "train_parta.py",
@@ -56,7 +56,7 @@ def stand_in_metric(v: dict, rng: np.random.Generator) -> float:
 
 
 def samplers(seed: int) -> dict:
-    """The candidates; the one `method: bayes` maps to (sweep_space.build_sampler) is marked *."""
+    """The candidates; the one `method: bayes` maps to (inat_classifier.sweep.space.build_sampler) is marked *."""
     params = parse_parameters(SPACE, "space")
     ours = build_sampler(SPACE, params, seed)
     candidates = {

@@ -25,9 +25,9 @@ import numpy as np
 
 from inat_classifier.cli import UserError, add_flag
 from inat_classifier.figures import pyplot, save_figure
-from inat_classifier.sweep_engine import fmt, read_history
-from inat_classifier.sweep_runs import newest_trials
-from inat_classifier.sweep_storage import journal_path, open_study
+from inat_classifier.sweep.commands import fmt, read_history
+from inat_classifier.sweep.runner import newest_trials
+from inat_classifier.sweep.storage import journal_path, open_study
 from inat_classifier.tracking import WandbLogger
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
@@ -65,7 +65,7 @@ def trial_metric(trial, goal: str) -> float | None:
 
 
 def select_runs(study, base: Path, goal: str) -> list[Run]:
-    """Every run once, in creation order: the newest trial of each run folder (sweep_runs.newest_trials),
+    """Every run once, in creation order: the newest trial of each run folder (runner.newest_trials),
     placed where the run's first trial was created."""
     trials = study.get_trials(deepcopy=False)
     created: dict[str, tuple] = {}  # a continued run was created when its first trial was

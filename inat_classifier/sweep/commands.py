@@ -17,12 +17,12 @@ from typing import Any
 
 from inat_classifier.cli import METRIC_FIELDS, RESULT_FILE, UserError
 from inat_classifier.storage import atomic_write
-from inat_classifier.sweep_space import metric_of
+from inat_classifier.sweep.space import metric_of
 
 DEFAULT_SWEEP_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # as wandb agent
 # Flags the runner sets itself on every run; passing them after `--` would break the bookkeeping.
 MANAGED_FLAGS = ("out_dir", "run_name", "resume", "wandb")
-HERE = Path(__file__).resolve().parents[1]  # the repository root, where the training scripts are
+HERE = Path(__file__).resolve().parents[2]  # the repository root, where the training scripts are
 OWN_PROGRAMS = ("train_parta.py", "train_partb.py")  # their metrics.csv has exactly METRIC_FIELDS
 
 

@@ -21,7 +21,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from inat_classifier.sweep_engine import (
+from inat_classifier.sweep.commands import (
     Run,
     metrics_columns,
     plain,
@@ -32,9 +32,9 @@ from inat_classifier.sweep_engine import (
     run_result,
     summarize,
 )
-from inat_classifier.sweep_process import Interrupted, error_line, execute, failure_note, run_dir_from_output
-from inat_classifier.sweep_space import Parameter, build_pruner, build_sampler, grid_values, metric_of, suggest
-from inat_classifier.sweep_storage import Heartbeat, fail_stale_runs, requeue
+from inat_classifier.sweep.process import Interrupted, error_line, execute, failure_note, run_dir_from_output
+from inat_classifier.sweep.space import Parameter, build_pruner, build_sampler, grid_values, metric_of, suggest
+from inat_classifier.sweep.storage import Heartbeat, fail_stale_runs, requeue
 
 INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"
 STATES = {
