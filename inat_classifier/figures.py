@@ -39,6 +39,42 @@ def save_figure(fig, out: Path, dpi: int) -> Path:
     return out
 
 
+def integer_xticks(ax, first: int, last: int) -> None:
+    """Whole-number x ticks only (runs, epochs), also when there is one: first..last with half a step either side."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # min_n_ticks=2 falls back to 0.945, 0.96...
+    ax.set_xlim(first - 0.5, last + 0.5)
+
+
+def round_ticks(lo: float, hi: float, log: bool = False, integer: bool = False) -> list[float]:
+    """Round values inside [lo, hi] (1-2-5 steps; on a log axis 1 and 3 per decade): 0.4, never 0.4211."""
+    from matplotlib.ticker import LogLocator, MaxNLocator
+
+    if not hi > lo:
+        return [lo]
+
+    def inside(values) -> list[float]:
+        return [float(v) for v in values if lo - 1e-9 * (hi - lo) <= v <= hi + 1e-9 * (hi - lo)]
+
+    if log:
+        values = inside(LogLocator(base=10, subs=(1.0, 3.0)).tick_values(lo, hi))
+        if len(values) >= 3:
+            return values
+    return inside(MaxNLocator(nbins=5, steps=[1, 2, 5, 10], integer=integer).tick_values(lo, hi))
+
+
+def tick_label(value: float) -> str:
+    """A round tick as it reads: 0.0003, 0.45, 64 (no float noise such as 0.30000000000000004)."""
+    return f"{float(f'{value:.6g}'):g}"
+
+
+def overlapping(texts) -> bool:
+    """Whether any two of these drawn texts overlap on the canvas."""
+    boxes = [t.get_window_extent() for t in texts if t.get_text()]
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
 def unnormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """A normalised (3, H, W) image tensor back to (H, W, 3) RGB in [0, 1] for imshow."""
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from inat_classifier.cli import UserError, add_flag
-from inat_classifier.figures import pyplot, save_figure
+from inat_classifier.figures import integer_xticks, overlapping, pyplot, round_ticks, save_figure, tick_label
 from inat_classifier.sweep.commands import fmt, read_history
 from inat_classifier.sweep.runner import newest_trials
 from inat_classifier.sweep.storage import journal_path, open_study
@@ -130,7 +130,7 @@ def print_runs(runs: Sequence[Run], params: dict, metric: str, goal: str) -> Non
 
 
 # ----------------------------------------------------------------------------- metric vs created
-def plot_metric_vs_created(runs: Sequence[Run], metric: str, goal: str, out: Path, dpi: int) -> Path:
+def metric_vs_created_figure(runs: Sequence[Run], metric: str, goal: str):
     """Every run's metric in creation order and the best so far; runs without a metric sit on the x-axis."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
@@ -159,10 +159,15 @@ def plot_metric_vs_created(runs: Sequence[Run], metric: str, goal: str, out: Pat
             best = r.metric
         line.append(np.nan if best is None else best)
     ax.step(xs, line, where="post", color="k", lw=1.2, alpha=0.7, label="best so far")
+    integer_xticks(ax, 1, len(runs))
     ax.set(xlabel="run, in creation order", ylabel=metric, title=f"{metric} vs created ({goal})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return save_figure(fig, out, dpi)
+    return fig
+
+
+def plot_metric_vs_created(runs: Sequence[Run], metric: str, goal: str, out: Path, dpi: int) -> Path:
+    return save_figure(metric_vs_created_figure(runs, metric, goal), out, dpi)
 
 
 # ----------------------------------------------------------------------------- parallel coordinates
@@ -177,28 +182,31 @@ def axis_position(value: Any, dist) -> float:
     return (v - lo) / (hi - lo) if hi > lo else 0.5
 
 
-def axis_ticks(dist, n: int = 5) -> list[tuple[float, str]]:
-    """(height, label) of an axis' ticks: every choice, or n values evenly spaced on its (log) scale."""
+def axis_ticks(dist) -> list[tuple[float, str]]:
+    """(height, label) of an axis' ticks: every choice, or round values on its (log) scale."""
     if is_categorical(dist):
         return [(axis_position(c, dist), str(c)) for c in dist.choices]
-    lo, hi = float(dist.low), float(dist.high)
-    values = np.geomspace(lo, hi, n) if dist.log else np.linspace(lo, hi, n)
-    if type(dist).__name__ == "IntDistribution":
-        values = np.unique(np.round(values).astype(int))
-    return [(axis_position(v, dist), fmt(float(v)) if not isinstance(v, np.integer) else str(v)) for v in values]
+    integer = type(dist).__name__ == "IntDistribution"
+    values = round_ticks(float(dist.low), float(dist.high), bool(dist.log), integer)
+    return [(axis_position(v, dist), tick_label(v)) for v in values]
 
 
-def parallel_coordinates_figure(runs: Sequence[Run], params: dict, metric: str):
-    """One line per finished run with a metric over the parameters, the metric last; returns (fig, lines)."""
+def parallel_coordinates_figure(runs: Sequence[Run], params: dict, metric: str, goal: str = "maximize"):
+    """One line per finished run with a metric over the parameters, the metric last, the best runs drawn on top;
+    returns (fig, lines). Readable from a few runs to hundreds: round ticks, about an inch per axis."""
     plt = pyplot()
     from matplotlib.lines import Line2D
 
     shown = [r for r in runs if r.state in LINESTYLES and r.metric is not None and set(params) <= set(r.trial.params)]
+    shown.sort(key=lambda r: r.metric if goal == "maximize" else -r.metric)  # the best last, so on top
     values = [r.metric for r in shown]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo, hi)
     norm, cmap = plt.Normalize(lo, hi), plt.get_cmap("viridis")
-    fig, ax = plt.subplots(figsize=(1.6 * len(params) + 3.5, 4.8), layout="constrained")
+    n_axes = len(params) + 1
+    width = min(0.95 * n_axes, max(11.5, 0.7 * n_axes)) + 2.5  # 13 in for 10 parameters; more only for many more
+    fig, ax = plt.subplots(figsize=(max(6.0, width), 4.8), layout="constrained")
+    alpha = max(0.25, min(0.85, 0.85 * math.sqrt(20 / max(len(shown), 1))))  # hundreds of lines stay lines
     for r in shown:
         ys = [axis_position(r.trial.params[p], d) for p, d in params.items()] + [norm(r.metric)]
         ax.plot(
@@ -206,11 +214,11 @@ def parallel_coordinates_figure(runs: Sequence[Run], params: dict, metric: str):
             ys,
             color=cmap(norm(r.metric)),
             ls=LINESTYLES[r.state],
-            lw=1.4,
-            alpha=0.85,
+            lw=1.4 if len(shown) <= 50 else 1.0,
+            alpha=alpha,
             gid=f"run:{r.name}",
         )
-    metric_ticks = [(norm(v), fmt(float(v))) for v in np.linspace(lo, hi, 5)]
+    metric_ticks = [(norm(v), tick_label(v)) for v in round_ticks(lo, hi)]
     for i, ticks in enumerate([*(axis_ticks(d) for d in params.values()), metric_ticks]):
         ax.axvline(i, color="k", lw=0.8)
         for y, label in ticks:
@@ -220,12 +228,14 @@ def parallel_coordinates_figure(runs: Sequence[Run], params: dict, metric: str):
                 label,
                 ha="right",
                 va="center",
-                fontsize=7,
-                bbox=dict(facecolor="white", edgecolor="none", alpha=0.7, pad=0.5),
+                fontsize=8,
+                gid="tick",
+                zorder=4,
+                bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5),
             )
-    ax.set_xticks(range(len(params) + 1), [*params, metric])
+    ax.set_xticks(range(n_axes), [*params, metric], fontsize=9)
     ax.set_yticks([])
-    ax.set_xlim(-0.4, len(params) + 0.1)
+    ax.set_xlim(-0.45, len(params) + 0.1)
     ax.set_ylim(-0.05, 1.05)
     for spine in ax.spines.values():
         spine.set_visible(False)
@@ -236,11 +246,14 @@ def parallel_coordinates_figure(runs: Sequence[Run], params: dict, metric: str):
         fontsize=8,
         ncol=3,
         loc="upper center",
-        bbox_to_anchor=(0.5, -0.07),
+        bbox_to_anchor=(0.5, -0.1),
         frameon=False,
     )
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric, pad=0.02)
     ax.set_title(f"{len(shown)} finished runs (log-searched parameters on log axes)")
+    fig.canvas.draw()
+    if overlapping(ax.get_xticklabels()):  # long names side by side: slant them
+        plt.setp(ax.get_xticklabels(), rotation=25, ha="right", rotation_mode="anchor")
     return fig, len(shown)
 
 
@@ -266,17 +279,37 @@ def correlation_ratio(labels: Sequence[Any], y: Sequence[float]) -> float:
     return float(math.sqrt(between / total))
 
 
-def correlation(dist, xs: Sequence[Any], ys: Sequence[float]) -> tuple[float, str]:
+def correlation(dist, xs: Sequence[Any], ys: Sequence[float]) -> tuple[float | str, str]:
     """(value, kind): Spearman's rho for numbers (a monotone relation, log scale or not, counts the same), and
-    for categoricals whose choices are not all numbers eta, unsigned, since their order means nothing."""
+    for categoricals whose choices are not all numbers eta, unsigned, since their order means nothing. Where
+    there is none, the value says why: "too few runs" (under 3), "constant" or "metric constant"."""
     numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in getattr(dist, "choices", [0]))
-    if numeric:
-        return spearman([float(x) for x in xs], ys), "spearman"
-    return correlation_ratio(xs, ys), "eta"
+    kind = "spearman" if numeric else "eta"
+    if len(xs) < 3:  # two points always correlate fully
+        return "too few runs", kind
+    if len({repr(x) for x in xs}) < 2:
+        return "constant", kind
+    if len(set(ys)) < 2:
+        return "metric constant", kind
+    return (spearman([float(x) for x in xs], ys) if numeric else correlation_ratio(xs, ys)), kind
+
+
+FEW_RUNS = 10  # importance from fewer complete runs than this is noted as a rough guess
+
+
+def few_runs_note(complete: int) -> str | None:
+    """The warning for an importance over fewer than FEW_RUNS complete runs, else None."""
+    if complete >= FEW_RUNS:
+        return None
+    return (
+        f"note: only {complete} complete runs; importance from fewer than {FEW_RUNS} is a rough guess\n"
+        "(optuna-dashboard's PED-ANOVA panel may well rank the parameters differently)"
+    )
 
 
 def importance_table(study, runs: Sequence[Run], params: dict, metric: str) -> list[list] | str:
-    """Rows of (parameter, fANOVA importance, correlation, kind) over the complete runs, or why there are none."""
+    """Rows of (parameter, fANOVA importance, correlation, kind) over the complete runs, or why there are none.
+    Every searched parameter has a row; an importance or correlation that cannot be had is a word saying why."""
     done = [r for r in runs if r.state == "complete" and r.metric is not None]
     if len(done) < 2:
         return f"no importance: {len(done)} complete run(s) with a {metric}; it needs at least 2"
@@ -296,34 +329,63 @@ def importance_table(study, runs: Sequence[Run], params: dict, metric: str) -> l
     except (ValueError, RuntimeError) as e:  # e.g. parameters that only some runs have
         return f"no importance: {str(e).splitlines()[0][:200]}"
     rows = []
-    for p, value in imp.items():
+    for p in [*imp, *(p for p in params if p not in imp)]:  # fANOVA leaves out what not every run has
         have = [r for r in done if p in r.trial.params]
+        value = imp.get(p, "constant" if len(have) == len(done) else "not in every run")
         corr, kind = correlation(params.get(p), [r.trial.params[p] for r in have], [r.metric for r in have])
         rows.append([p, value, corr, kind])
     return rows
 
 
-def plot_importance(rows: Sequence[Sequence], metric: str, out: Path, dpi: int) -> Path:
-    """Bars of importance and of correlation per parameter, most important on top (W&B's panel)."""
+def bars_or_words(ax, names: Sequence[str], values: Sequence[float | str], colours: Sequence[str]) -> list:
+    """Horizontal bars labelled with their value; a word in place of a bar where there is none (none left blank)."""
+    bars = ax.barh(names, [v if isinstance(v, float) else 0.0 for v in values], color=colours)
+    for i, v in enumerate(values):
+        if not isinstance(v, float):
+            ax.text(0.02, i, str(v), va="center", fontsize=9, color="0.3", style="italic", gid="word")
+            continue
+        inside = abs(v) > 0.75  # near the panel's edge: the label goes inside the bar
+        side = "right" if (v >= 0) == inside else "left"
+        x = v + (0.02 if side == "left" else -0.02)
+        ax.text(x, i, f"{v:.2f}", ha=side, va="center", fontsize=8, color="white" if inside else "0.2", gid="value")
+    return list(bars)
+
+
+def importance_figure(rows: Sequence[Sequence], metric: str, complete: int):
+    """Bars of importance and of correlation per parameter, most important on top (W&B's panel), with a note
+    under them when the complete runs are too few for the ranking to mean much."""
     plt = pyplot()
-    names = [r[0] for r in rows][::-1]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 0.45 * len(rows) + 1.6), sharey=True, layout="constrained")
-    a.barh(names, [r[1] for r in rows][::-1], color="C0")
-    a.set(xlabel="fANOVA importance (sums to 1)", title=f"importance for {metric}", xlim=(0, 1))
-    corr = [0.0 if math.isnan(r[2]) else r[2] for r in rows][::-1]
-    kinds = [r[3] for r in rows][::-1]
-    colours = ["0.6" if k == "eta" else ("C2" if c >= 0 else "C3") for c, k in zip(corr, kinds, strict=True)]
-    bars = b.barh(names, corr, color=colours)
-    for bar, k in zip(bars, kinds, strict=True):
-        if k == "eta":
+    rows = [[r[0], *(float(v) if isinstance(v, (int, float)) else v for v in r[1:3]), r[3]] for r in rows][::-1]
+    names = [r[0] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 0.45 * len(rows) + 1.8), sharey=True, layout="constrained")
+    bars_or_words(a, names, [r[1] for r in rows], ["C0"] * len(rows))
+    a.set(xlabel="fANOVA importance (sums to 1; seed 0)", title=f"importance for {metric}", xlim=(0, 1))
+    colours = ["0.6" if r[3] == "eta" else ("C2" if isinstance(r[2], str) or r[2] >= 0 else "C3") for r in rows]
+    for bar, r in zip(bars_or_words(b, names, [r[2] for r in rows], colours), rows, strict=True):
+        if r[3] == "eta":
             bar.set_hatch("//")
     b.axvline(0, color="k", lw=0.8)
-    b.set(
-        xlabel="Spearman's rho (grey, hatched: eta of a categorical)", title=f"correlation with {metric}", xlim=(-1, 1)
-    )
+    b.set(xlabel="Spearman's rho (grey, hatched: eta of a categorical)", title=f"correlation with {metric}")
+    b.set(xlim=(-1, 1), xticks=[-1, -0.5, 0, 0.5, 1])
     for ax in (a, b):
         ax.grid(axis="x", alpha=0.3)
-    return save_figure(fig, out, dpi)
+    note = few_runs_note(complete)
+    fig.supxlabel(note or f"over {complete} complete runs", fontsize=9, color="C3" if note else "0.3")
+    return fig
+
+
+def report_importance(rows: Sequence[Sequence], runs: Sequence[Run], metric: str, out: Path, dpi: int) -> Path:
+    """Print the importance table (with the few-runs note) and draw its panel."""
+    complete = sum(r.state == "complete" and r.metric is not None for r in runs)
+    print_table(
+        f"parameter importance for {metric} (fANOVA, seed 0) and correlation (spearman: Spearman's "
+        f"rho; eta: correlation ratio of a categorical, unsigned), over {complete} complete runs:",
+        ["parameter", "importance", "correlation", "kind"],
+        rows,
+    )
+    if few_runs_note(complete):
+        print(few_runs_note(complete).replace("\n", " "))
+    return save_figure(importance_figure(rows, metric, complete), out, dpi)
 
 
 # ----------------------------------------------------------------------------- categorical parameters
@@ -365,30 +427,44 @@ def categorical_tables(runs: Sequence[Run], params: dict, metric: str, goal: str
 
 
 # ----------------------------------------------------------------------------- top curves
-def plot_top_curves(runs: Sequence[Run], metric: str, goal: str, top: int, out: Path, dpi: int) -> tuple[Path, int]:
-    """The metric per epoch (metrics.csv) of the top runs on one plot; a run without it is skipped with a note."""
+def top_curves_figure(runs: Sequence[Run], metric: str, goal: str, top: int) -> tuple[Any, int]:
+    """The metric per epoch (metrics.csv) of the top runs on one plot; a run without it is skipped with a note.
+    The title counts the runs there are (the top 5 of 4 runs are all 4); returns (fig, curves drawn)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
-    drawn = 0
-    for r in [r for r in ranked(runs, goal) if r.metric is not None][:top]:
+    with_metric = [r for r in ranked(runs, goal) if r.metric is not None]
+    picked = with_metric[:top]
+    curves = []
+    for r in picked:
         history = read_history(r.run_dir) if r.run_dir is not None else []
         points = [(h["epoch"], h[metric]) for h in history if "epoch" in h and metric in h]
         if not points:
             where = r.run_dir / "metrics.csv" if r.run_dir is not None else "its trial (no run_dir)"
             print(f"note: {r.name}: no {metric} per epoch in {where}; its curve is skipped")
             continue
+        curves.append((r, points))
+    one_epoch = all(len(points) == 1 for _, points in curves)
+    for i, (r, points) in enumerate(curves):
         state = "" if r.state == "complete" else f", {r.state}"
-        ax.plot(*zip(*points, strict=True), "-o", ms=3, label=f"{r.name} ({metric} {fmt(r.metric)}{state})")
-        drawn += 1
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch of the top {top} runs")
+        style = dict(ms=3)  # one epoch each: rings shrinking by rank, so that runs on the same point all show
+        if one_epoch:
+            style = dict(ms=max(4.0, 13.0 - 2.0 * i), mfc="none", mew=1.8)
+        ax.plot(*zip(*points, strict=True), "-o", **style, label=f"{r.name} ({metric} {fmt(r.metric)}{state})")
+    epochs = [e for _, points in curves for e, _ in points]
+    integer_xticks(ax, int(min(epochs, default=1)), int(max(epochs, default=1)))
+    which = f"all {len(picked)} runs" if len(picked) == len(with_metric) else f"the top {len(picked)} runs"
+    skipped = f" ({len(picked) - len(curves)} without metrics.csv)" if len(curves) < len(picked) else ""
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch of {which}{skipped}")
     ax.grid(alpha=0.3)
-    if drawn:
+    if curves:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no run has a metrics.csv", ha="center", transform=ax.transAxes)
+    return fig, len(curves)
+
+
+def plot_top_curves(runs: Sequence[Run], metric: str, goal: str, top: int, out: Path, dpi: int) -> tuple[Path, int]:
+    fig, drawn = top_curves_figure(runs, metric, goal, top)
     return save_figure(fig, out, dpi), drawn
 
 
@@ -476,19 +552,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     images = {
         "metric_vs_created": plot_metric_vs_created(runs, metric, goal, out_dir / "metric_vs_created.png", args.dpi)
     }
-    fig, lines = parallel_coordinates_figure(runs, params, metric)
+    fig, lines = parallel_coordinates_figure(runs, params, metric, goal)
     images["parallel_coordinates"] = save_figure(fig, out_dir / "parallel_coordinates.png", args.dpi)
     rows = importance_table(study, runs, params, metric)
     if isinstance(rows, str):
         print(f"\n{rows}")
     else:
-        print_table(
-            f"parameter importance for {metric} (fANOVA, seed 0) and correlation (spearman: Spearman's "
-            "rho; eta: correlation ratio of a categorical, unsigned), over complete runs:",
-            ["parameter", "importance", "correlation", "kind"],
-            rows,
-        )
-        images["importance"] = plot_importance(rows, metric, out_dir / "importance.png", args.dpi)
+        images["importance"] = report_importance(rows, runs, metric, out_dir / "importance.png", args.dpi)
     csvs = categorical_tables(runs, params, metric, goal, out_dir)
     images["top_curves"], curves = plot_top_curves(runs, metric, goal, args.top, out_dir / "top_curves.png", args.dpi)
     print()
