@@ -374,9 +374,8 @@ def importance_figure(rows: Sequence[Sequence], metric: str, complete: int):
     return fig
 
 
-def report_importance(rows: Sequence[Sequence], runs: Sequence[Run], metric: str, out: Path, dpi: int) -> Path:
+def report_importance(rows: Sequence[Sequence], complete: int, metric: str, out: Path, dpi: int) -> Path:
     """Print the importance table (with the few-runs note) and draw its panel."""
-    complete = sum(r.state == "complete" and r.metric is not None for r in runs)
     print_table(
         f"parameter importance for {metric} (fANOVA, seed 0) and correlation (spearman: Spearman's "
         f"rho; eta: correlation ratio of a categorical, unsigned), over {complete} complete runs:",
@@ -555,10 +554,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     fig, lines = parallel_coordinates_figure(runs, params, metric, goal)
     images["parallel_coordinates"] = save_figure(fig, out_dir / "parallel_coordinates.png", args.dpi)
     rows = importance_table(study, runs, params, metric)
+    complete = sum(r.state == "complete" and r.metric is not None for r in runs)
     if isinstance(rows, str):
         print(f"\n{rows}")
     else:
-        images["importance"] = report_importance(rows, runs, metric, out_dir / "importance.png", args.dpi)
+        images["importance"] = report_importance(rows, complete, metric, out_dir / "importance.png", args.dpi)
     csvs = categorical_tables(runs, params, metric, goal, out_dir)
     images["top_curves"], curves = plot_top_curves(runs, metric, goal, args.top, out_dir / "top_curves.png", args.dpi)
     print()
@@ -573,4 +573,5 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "parallel_lines": lines,
         "curves": curves,
         "importance": rows,
+        "complete": complete,
     }
