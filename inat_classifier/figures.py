@@ -43,7 +43,8 @@ def integer_xticks(ax, first: int, last: int) -> None:
     """Whole-number x ticks only (runs, epochs), also when there is one: first..last with half a step either side."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # min_n_ticks=2 falls back to 0.945, 0.96...
+    # min_n_ticks=2 would fall back to 0.945, 0.96... for one epoch
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1, steps=[1, 2, 5, 10]))
     ax.set_xlim(first - 0.5, last + 0.5)
 
 

@@ -207,8 +207,12 @@ def parallel_coordinates_figure(runs: Sequence[Run], params: dict, metric: str, 
     width = min(0.95 * n_axes, max(11.5, 0.7 * n_axes)) + 2.5  # 13 in for 10 parameters; more only for many more
     fig, ax = plt.subplots(figsize=(max(6.0, width), 4.8), layout="constrained")
     alpha = max(0.25, min(0.85, 0.85 * math.sqrt(20 / max(len(shown), 1))))  # hundreds of lines stay lines
-    for r in shown:
-        ys = [axis_position(r.trial.params[p], d) for p, d in params.items()] + [norm(r.metric)]
+    # From 20 runs on, each run sits a little off a categorical value (a fixed, random offset), so that the
+    # runs sharing it show as a band of all their colours rather than as the one line drawn last.
+    spread = np.random.default_rng(0).uniform(-0.04, 0.04, len(shown)) if len(shown) >= 20 else np.zeros(len(shown))
+    for r, off in zip(shown, spread, strict=True):
+        ys = [axis_position(r.trial.params[p], d) + off * is_categorical(d) for p, d in params.items()]
+        ys.append(norm(r.metric))
         ax.plot(
             range(len(ys)),
             ys,
@@ -447,7 +451,7 @@ def top_curves_figure(runs: Sequence[Run], metric: str, goal: str, top: int) -> 
         state = "" if r.state == "complete" else f", {r.state}"
         style = dict(ms=3)  # one epoch each: rings shrinking by rank, so that runs on the same point all show
         if one_epoch:
-            style = dict(ms=max(4.0, 13.0 - 2.0 * i), mfc="none", mew=1.8)
+            style = dict(ms=max(4.0, 16.0 - 4.0 * i), mfc="none", mew=1.8)
         ax.plot(*zip(*points, strict=True), "-o", **style, label=f"{r.name} ({metric} {fmt(r.metric)}{state})")
     epochs = [e for _, points in curves for e, _ in points]
     integer_xticks(ax, int(min(epochs, default=1)), int(max(epochs, default=1)))
