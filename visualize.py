@@ -7,6 +7,8 @@
     python visualize.py guided_backprop --ckpt best.pt --n 4 --neuron features.4:0-9
     python visualize.py gradcam         --ckpt best.pt --image a.jpg b.jpg [--layer layer4]
     python visualize.py confusion       --ckpt best.pt
+    python visualize.py top_losses      --ckpt best.pt --n 12 [--cam]     # the held-out photos it gets most wrong
+    python visualize.py calibration     --ckpt best.pt                     # reliability diagram
     python visualize.py curves          --run runs/<run1> runs/<run2>
     python visualize.py sweep           --sweep_dir sweeps/<sweep>            # report of a sweep (sweep/report.py)
 
@@ -43,9 +45,11 @@ from inat_classifier.attribution import (
     guided_backprop,
     parse_neurons,
 )
+from inat_classifier.calibration import calibration_metrics, plot_reliability, temperature_of
 from inat_classifier.checkpoint import json_safe, preprocess_of
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.devices import select_device
+from inat_classifier.failures import highest_losses, plot_top_losses
 from inat_classifier.figures import (
     gradient_image,
     plot_feature_maps,
@@ -115,7 +119,7 @@ def prediction_samples(
     true, pred, confidence, correct; unreadable files are reported and skipped."""
     samples = list(samples)
     preprocess = preprocess_of(ckpt)
-    p = predict(model, samples, preprocess, device, batch_size)
+    p = predict(model, samples, preprocess, device, batch_size).tempered(temperature_of(ckpt))
     records = []
     if len(p.index) == 0:
         return records
@@ -293,6 +297,59 @@ def cmd_confusion(args: argparse.Namespace, model: nn.Module, ckpt: dict, device
     return out
 
 
+# ----------------------------------------------------------------------------- top losses, calibration
+def heldout_predictions(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device):
+    """The held-out samples, their split's name and the model's predictions on them (with the temperature)."""
+    samples, split_name = heldout_samples(ckpt, args.data_dir, args.split)
+    p = predict(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)
+    if len(p.targets) == 0:
+        raise UserError(f"none of the {len(samples)} held-out images could be read")
+    return samples, split_name, p.tempered(temperature_of(ckpt))
+
+
+def cmd_top_losses(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    samples, split_name, p = heldout_predictions(args, model, ckpt, device)
+    order, losses = highest_losses(p.outputs, p.targets, args.n)
+    preprocess, names = preprocess_of(ckpt), ckpt["class_names"]
+    paths = [samples[p.index[i]][0] for i in order.tolist()]
+    x = torch.stack([load_input(path, preprocess) for path in paths])
+    cams = grad_cam(model, x.to(device))[0] if args.cam else [None] * len(paths)
+    panels = []
+    for j, (i, loss) in enumerate(zip(order.tolist(), losses.tolist(), strict=True)):
+        true, pred = int(p.targets[i]), int(p.preds[i])
+        probs = p.probs[i]
+        panels.append(
+            dict(
+                image=unnormalize(x[j], preprocess.mean, preprocess.std),
+                cam=cams[j],
+                true=true,
+                pred=pred,
+                prob=probs[pred].item(),
+                true_prob=probs[true].item(),
+                loss=loss,
+            )
+        )
+        print(f"loss {loss:7.3f}  true {names[true]}  pred {names[pred]} ({probs[pred]:.0%})  {paths[j]}")
+    out = output_dir(args) / "top_losses.png"
+    title = f"The {len(panels)} {split_name} photos with the highest loss (of {len(p.targets)})"
+    plot_top_losses(panels, names, title + (", Grad-CAM of the prediction" if args.cam else ""), out, args.dpi)
+    return out
+
+
+def cmd_calibration(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
+    _, split_name, p = heldout_predictions(args, model, ckpt, device)
+    metrics = calibration_metrics(p.outputs, p.targets)
+    out = output_dir(args) / "calibration.png"
+    title = f"Reliability on {split_name}, {len(p.targets)} images, temperature {temperature_of(ckpt):.3g}"
+    plot_reliability(metrics, title, out, args.dpi)
+    print(
+        f"ECE {metrics['ece']:.4f} ({metrics['ece_bins']} bins)  NLL {metrics['nll']:.4f}  Brier {metrics['brier']:.4f}"
+    )
+    return out
+
+
 # ----------------------------------------------------------------------------- curves
 def short_labels(names: Sequence[str]) -> list[str]:
     """Run names cut down to the '-'-separated parts that differ between them (time stamps only if needed).
@@ -378,7 +435,18 @@ def log_to_wandb(key: str, path: Path, config: dict, out_dir: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- CLI
-COMMANDS = ("predictions", "filters", "feature_maps", "guided_backprop", "gradcam", "confusion", "curves", "sweep")
+COMMANDS = (
+    "predictions",
+    "filters",
+    "feature_maps",
+    "guided_backprop",
+    "gradcam",
+    "confusion",
+    "top_losses",
+    "calibration",
+    "curves",
+    "sweep",
+)
 
 
 def add_image_flags(p: argparse.ArgumentParser, n_default: int) -> None:
@@ -503,20 +571,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_image_flags(p, 6)
     add_flag(p, "layer", default=None, help="module name whose 4-D output is used (default: the last conv stage)")
 
-    p = sub.add_parser(
-        "confusion",
-        parents=[model_common, common],
-        help="confusion matrix on the held-out split",
-        description="Confusion matrix normalised per true class over the held-out split.",
-    )
-    add_flag(p, "batch_size", type=int, default=128, help="batch size (default: %(default)s)")
-    add_flag(
-        p,
-        "workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="data loading processes (default: %(default)s)",
-    )
+    for name, help_text, description in (
+        ("confusion", "confusion matrix on the held-out split",
+         "Confusion matrix normalised per true class over the held-out split."),
+        ("top_losses", "the held-out photos with the highest loss",
+         "The held-out photos whose true class gets the lowest probability (highest cross-entropy), "
+         "titled with the true class, the prediction, its probability and the loss."),
+        ("calibration", "reliability diagram on the held-out split",
+         "Accuracy against confidence in 15 equal-width bins, with the photos per bin and the ECE."),
+    ):  # fmt: skip
+        p = sub.add_parser(name, parents=[model_common, common], help=help_text, description=description)
+        add_flag(p, "batch_size", type=int, default=128, help="batch size (default: %(default)s)")
+        add_flag(
+            p,
+            "workers",
+            type=int,
+            default=min(4, os.cpu_count() or 1),
+            help="data loading processes (default: %(default)s)",
+        )
+        if name == "top_losses":
+            add_flag(p, "n", type=int, default=12, help="how many photos (default: %(default)s)")
+            add_bool(p, "cam", False, "draw the Grad-CAM heat map of the predicted class over each photo")
 
     p = sub.add_parser(
         "curves",
@@ -561,6 +636,8 @@ def main(args: argparse.Namespace) -> Path | dict:
             "guided_backprop": cmd_guided_backprop,
             "gradcam": cmd_gradcam,
             "confusion": cmd_confusion,
+            "top_losses": cmd_top_losses,
+            "calibration": cmd_calibration,
         }[args.command](args, model, ckpt, device)
     print(f"wrote {out}")
     if args.wandb:
