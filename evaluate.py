@@ -25,7 +25,6 @@ from inat_classifier.calibration import calibration_metrics, fit_temperature, te
 from inat_classifier.checkpoint import atomic_torch_save, preprocess_of
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.devices import select_device
-from inat_classifier.failures import print_most_confused
 from inat_classifier.inference import (
     FlipTTA,
     Predictions,
@@ -36,7 +35,7 @@ from inat_classifier.inference import (
     run_data_dir,
     top_classes,
 )
-from inat_classifier.metrics import plot_confusion, print_report
+from inat_classifier.metrics import plot_confusion, print_most_confused, print_report
 from inat_classifier.storage import atomic_write, atomic_write_text
 from models import restore_model
 

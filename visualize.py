@@ -29,7 +29,6 @@ import functools
 import json
 import os
 import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,10 +45,10 @@ from inat_classifier.attribution import (
     parse_neurons,
 )
 from inat_classifier.calibration import calibration_metrics, plot_reliability, temperature_of
-from inat_classifier.checkpoint import json_safe, preprocess_of
+from inat_classifier.checkpoint import preprocess_of
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.devices import select_device
-from inat_classifier.failures import highest_losses, plot_top_losses
+from inat_classifier.failures import plot_top_losses, top_loss_panels
 from inat_classifier.figures import (
     gradient_image,
     plot_feature_maps,
@@ -63,7 +62,7 @@ from inat_classifier.inference import evaluate_samples, heldout_samples, load_in
 from inat_classifier.metrics import plot_confusion
 from inat_classifier.runs import read_metrics_csv
 from inat_classifier.sweep import report as sweep_report
-from inat_classifier.tracking import WandbLogger, plot_curves
+from inat_classifier.tracking import log_figure, plot_curves, short_labels
 from models import restore_model
 
 
@@ -311,27 +310,14 @@ def cmd_top_losses(args: argparse.Namespace, model: nn.Module, ckpt: dict, devic
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     samples, split_name, p = heldout_predictions(args, model, ckpt, device)
-    order, losses = highest_losses(p.outputs, p.targets, args.n)
-    preprocess, names = preprocess_of(ckpt), ckpt["class_names"]
-    paths = [samples[p.index[i]][0] for i in order.tolist()]
-    x = torch.stack([load_input(path, preprocess) for path in paths])
-    cams = grad_cam(model, x.to(device))[0] if args.cam else [None] * len(paths)
-    panels = []
-    for j, (i, loss) in enumerate(zip(order.tolist(), losses.tolist(), strict=True)):
-        true, pred = int(p.targets[i]), int(p.preds[i])
-        probs = p.probs[i]
-        panels.append(
-            dict(
-                image=unnormalize(x[j], preprocess.mean, preprocess.std),
-                cam=cams[j],
-                true=true,
-                pred=pred,
-                prob=probs[pred].item(),
-                true_prob=probs[true].item(),
-                loss=loss,
-            )
-        )
-        print(f"loss {loss:7.3f}  true {names[true]}  pred {names[pred]} ({probs[pred]:.0%})  {paths[j]}")
+    panels, x = top_loss_panels(p, samples, preprocess_of(ckpt), args.n)
+    if args.cam:
+        for panel, cam in zip(panels, grad_cam(model, x.to(device))[0], strict=True):
+            panel["cam"] = cam
+    names = ckpt["class_names"]
+    for panel in panels:
+        print(f"loss {panel['loss']:7.3f}  true {names[panel['true']]}  pred {names[panel['pred']]} "
+              f"({panel['prob']:.0%})  {panel['path']}")  # fmt: skip
     out = output_dir(args) / "top_losses.png"
     title = f"The {len(panels)} {split_name} photos with the highest loss (of {len(p.targets)})"
     plot_top_losses(panels, names, title + (", Grad-CAM of the prediction" if args.cam else ""), out, args.dpi)
@@ -351,25 +337,6 @@ def cmd_calibration(args: argparse.Namespace, model: nn.Module, ckpt: dict, devi
 
 
 # ----------------------------------------------------------------------------- curves
-def short_labels(names: Sequence[str]) -> list[str]:
-    """Run names cut down to the '-'-separated parts that differ between them (time stamps only if needed).
-
-    'parta-f32x2-...-lr1e-03-20250101-120000' and '...-lr5e-03-...' -> 'lr1e-03', 'lr5e-03'.
-    """
-    if len(names) < 2:
-        return list(names)
-    parts = [re.findall(r"[^-]+?e-\d+|[^-]+", n) for n in names]
-    if len({len(p) for p in parts}) != 1:
-        return list(names)
-    differ = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
-    no_time = [i for i in differ if not all(re.fullmatch(r"\d{6}|\d{8}", p[i]) for p in parts)]
-    for keep in (no_time, differ):
-        labels = ["-".join(p[i] for i in keep) for p in parts]
-        if keep and len(set(labels)) == len(labels):
-            return labels
-    return list(names)
-
-
 def cmd_curves(args: argparse.Namespace) -> Path:
     histories, dirs = {}, []
     for run in args.run:
@@ -411,42 +378,9 @@ def run_config(args: argparse.Namespace, ckpt: dict | None) -> dict:
     return {}
 
 
-def log_to_wandb(key: str, path: Path, config: dict, out_dir: Path) -> bool:
-    """Log one figure to W&B if the run used W&B: offline unless an API key is configured; never prompts."""
-    mode = config.get("wandb", "disabled")
-    if mode == "disabled":
-        print("W&B: the run was trained with --wandb disabled; not logging the figure")
-        return False
-    ns = argparse.Namespace(
-        wandb="offline" if mode == "offline" else "auto",
-        wandb_project=config.get("wandb_project") or "inat12k",
-        wandb_entity=config.get("wandb_entity"),
-    )
-    name = f"viz-{Path(str(config.get('run_name') or out_dir.name)).name}"
-    logger = WandbLogger(ns, out_dir, name, {"figure": key, **json_safe(config)})
-    logged = logger.run is not None
-    try:
-        logger.log_image(key, path)
-    finally:
-        logger.finish()
-    if logged:
-        print(f"W&B: logged '{key}' to {out_dir / 'wandb'}")
-    return logged
-
-
 # ----------------------------------------------------------------------------- CLI
-COMMANDS = (
-    "predictions",
-    "filters",
-    "feature_maps",
-    "guided_backprop",
-    "gradcam",
-    "confusion",
-    "top_losses",
-    "calibration",
-    "curves",
-    "sweep",
-)
+COMMANDS = ("predictions", "filters", "feature_maps", "guided_backprop", "gradcam", "confusion", "top_losses",
+            "calibration", "curves", "sweep")  # fmt: skip
 
 
 def add_image_flags(p: argparse.ArgumentParser, n_default: int) -> None:
@@ -641,7 +575,7 @@ def main(args: argparse.Namespace) -> Path | dict:
         }[args.command](args, model, ckpt, device)
     print(f"wrote {out}")
     if args.wandb:
-        log_to_wandb(args.command, out, run_config(args, ckpt), out.parent)
+        log_figure(args.command, out, run_config(args, ckpt), out.parent)
     return out
 
 

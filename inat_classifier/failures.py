@@ -1,4 +1,4 @@
-"""Where the model fails: the held-out photos with the highest loss, and the class pairs it confuses most.
+"""Where the model fails: the held-out photos with the highest loss (the most-confused class pairs are in metrics.py).
 
 The loss of one photo is the cross-entropy of its true class: high when the model is sure and
 wrong, or unsure of the right answer. The photos at the top of that list are the ones to look at
@@ -13,37 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inat_classifier.figures import RIGHT, WRONG, pyplot, save_figure
-
-
-def most_confused(confusion: Sequence[Sequence[int]], class_names: Sequence[str], k: int = 5) -> list[dict]:
-    """The k largest off-diagonal cells of a confusion matrix (rows true, columns predicted), largest first.
-
-    Each is {"true", "predicted", "count", "fraction"}: fraction of the true class's photos sent there.
-    """
-    cm = torch.as_tensor(confusion, dtype=torch.long)
-    off = cm.clone()
-    off.fill_diagonal_(0)
-    support = cm.sum(1)
-    counts, flat = off.flatten().sort(descending=True, stable=True)
-    pairs = []
-    for count, cell in zip(counts.tolist()[:k], flat.tolist()[:k], strict=True):
-        if count == 0:
-            break
-        t, p = divmod(cell, cm.shape[1])
-        pairs.append(
-            {"true": class_names[t], "predicted": class_names[p], "count": count, "fraction": count / int(support[t])}
-        )
-    return pairs
-
-
-def print_most_confused(pairs: list[dict]) -> None:
-    if not pairs:
-        print("most confused: no photo was misclassified")
-        return
-    print("most confused (true -> predicted: photos, share of the true class):")
-    for pair in pairs:
-        print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']} ({pair['fraction']:.0%})")
+from inat_classifier.figures import RIGHT, WRONG, pyplot, save_figure, unnormalize
+from inat_classifier.inference import Predictions, load_input
+from inat_classifier.presets import Preprocess
 
 
 def highest_losses(outputs: torch.Tensor, targets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +23,22 @@ def highest_losses(outputs: torch.Tensor, targets: torch.Tensor, n: int) -> tupl
     losses = F.cross_entropy(outputs.float(), targets, reduction="none")
     order = losses.argsort(descending=True, stable=True)[:n]
     return order, losses[order]
+
+
+def top_loss_panels(p: Predictions, samples: Sequence[tuple[str, int]], preprocess: Preprocess, n: int):
+    """The n photos with the highest loss as figure panels (highest first), and their model inputs."""
+    order, losses = highest_losses(p.outputs, p.targets, n)
+    paths = [samples[p.index[i]][0] for i in order.tolist()]
+    x = torch.stack([load_input(path, preprocess) for path in paths])
+    panels = []
+    for j, (i, loss) in enumerate(zip(order.tolist(), losses.tolist(), strict=True)):
+        true, pred, probs = int(p.targets[i]), int(p.preds[i]), p.probs[i]
+        image = unnormalize(x[j], preprocess.mean, preprocess.std)
+        panels.append(
+            dict(path=paths[j], image=image, true=true, pred=pred, prob=probs[pred].item(),
+                 true_prob=probs[true].item(), loss=loss)
+        )  # fmt: skip
+    return panels, x
 
 
 def plot_top_losses(panels: list[dict], class_names: Sequence[str], title: str, out: Path, dpi: int) -> None:

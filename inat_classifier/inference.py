@@ -20,8 +20,7 @@ from inat_classifier.checkpoint import preprocess_of
 from inat_classifier.cli import UserError
 from inat_classifier.decoded_cache import decode_fixed
 from inat_classifier.device_batches import DecodedRows, DeviceLoader, model_inputs
-from inat_classifier.failures import most_confused
-from inat_classifier.metrics import classification_metrics, confusion_matrix
+from inat_classifier.metrics import classification_metrics, confusion_matrix, most_confused
 from inat_classifier.presets import Preprocess
 from inat_classifier.training import amp_dtype, autocast
 

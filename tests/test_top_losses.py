@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_one_line_error, run_cli
-from inat_classifier.failures import most_confused
 from inat_classifier.inference import heldout_samples, predict
+from inat_classifier.metrics import most_confused
 from inat_classifier.presets import Preprocess
 from models import restore_model
 
