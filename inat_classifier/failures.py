@@ -59,7 +59,7 @@ def plot_top_losses(panels: list[dict], class_names: Sequence[str], title: str, 
         if panel.get("cam") is not None:
             ax.imshow(panel["cam"].numpy(), cmap="jet", alpha=0.4, vmin=0, vmax=1)
         ax.set_title(
-            f"true: {class_names[panel['true']]} ({panel['true_prob']:.0%})\n"
+            f"true: {class_names[panel['true']]} ({panel['true_prob']:.1%})\n"
             f"pred: {class_names[panel['pred']]} ({panel['prob']:.0%})\nloss {panel['loss']:.2f}",
             fontsize=9,
             color=colour,
