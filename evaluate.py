@@ -2,6 +2,7 @@
 
 python evaluate.py --ckpt runs/<run>/best.pt                 # held-out accuracy, F1, confusion
 python evaluate.py --ckpt best.pt --predict photo.jpg dir/    # top-3 classes per image
+python evaluate.py --ckpt runs/<run>/best.pt --calibrate     # fit a temperature on the validation split, store it
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from inat_classifier.calibration import calibration_metrics, fit_temperature, temperature_of
+from inat_classifier.checkpoint import atomic_torch_save, preprocess_of
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.devices import select_device
 from inat_classifier.inference import (
     FlipTTA,
+    Predictions,
     collect_images,
-    evaluate_samples,
+    evaluate_predictions,
     heldout_samples,
+    predict,
     run_data_dir,
     top_classes,
 )
-from inat_classifier.metrics import plot_confusion, print_report
+from inat_classifier.metrics import plot_confusion, print_most_confused, print_report
 from inat_classifier.storage import atomic_write, atomic_write_text
 from models import restore_model
 
@@ -68,6 +73,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="folder for eval.json and confusion_matrix.png (default: beside the checkpoint)",
     )
     add_bool(parser, "tta", False, "average predictions over the image and its horizontal mirror")
+    add_bool(
+        parser,
+        "calibrate",
+        False,
+        "fit a temperature on the run's validation split (never the test split), store it in the checkpoint, "
+        "and report calibration on --split before and after",
+    )
     parser.add_argument("--predict", nargs="+", metavar="PATH", help="image files or folders: print the top 3 classes")
     add_flag(parser, "csv", default=None, help="with --predict: also write the predictions to this CSV file")
     add_flag(parser, "batch_size", type=int, default=128, help="batch size (default: %(default)s)")
@@ -105,27 +117,82 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--csv writes the predictions of --predict; add --predict FILES, or drop --csv")
     if args.csv and Path(args.csv).is_dir():
         raise UserError(f"--csv {args.csv} is a folder; give a file name such as predictions.csv")
+    if args.calibrate and args.predict:
+        raise UserError("--calibrate fits on the run's validation split; run it without --predict first")
+    if args.calibrate and args.split == "val":
+        raise UserError("--calibrate fits on the validation split, so it reports on --split test only")
     if args.batch_size < 1 or args.workers < 0:
         raise UserError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+
+
+def checkpoint_file(ckpt_arg: str) -> Path:
+    path = Path(ckpt_arg)
+    return path / "best.pt" if path.is_dir() else path
+
+
+def calibrate(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> float:
+    """--calibrate: the temperature that minimises NLL on the run's validation split, stored in the checkpoint."""
+    if not ckpt.get("split"):
+        raise UserError(
+            "--calibrate fits the temperature on the run's validation split, and this checkpoint saved none "
+            "(trained without one?); it never fits on the test split"
+        )
+    samples, _ = heldout_samples(ckpt, args.data_dir, "val")
+    if not samples:
+        raise UserError("--calibrate: the run's validation split is empty; train with a validation split first")
+    p = predict(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)
+    if len(p.targets) == 0:
+        raise UserError(f"--calibrate: none of the {len(samples)} validation images could be read")
+    temperature = fit_temperature(p.outputs, p.targets)
+    path = checkpoint_file(args.ckpt)
+    atomic_torch_save({**ckpt, "temperature": temperature}, path)
+    print(f"calibration: temperature {temperature:.4f} fitted on {len(p.targets)} validation images, stored in {path}")
+    return temperature
+
+
+def print_calibration(metrics: dict, p: Predictions, old_temperature: float, calibrated: bool) -> None:
+    """ECE, NLL and Brier score; with --calibrate, ECE and NLL before the new temperature too."""
+    print(f"calibration (ECE over {metrics['ece_bins']} equal-width confidence bins):")
+    if calibrated:
+        before = calibration_metrics(p.tempered(old_temperature).outputs, p.targets)
+        print(f"  before, temperature {old_temperature:.4f}: ECE {before['ece']:.4f}  NLL {before['nll']:.4f}")
+    label = "after, " if calibrated else ""
+    print(
+        f"  {label}temperature {metrics['temperature']:.4f}: ECE {metrics['ece']:.4f}  NLL {metrics['nll']:.4f}  "
+        f"Brier {metrics['brier']:.4f}"
+    )
 
 
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
     device = select_device(args.device)
     model, ckpt = restore_model(args.ckpt, device)
+    old_temperature = temperature_of(ckpt)
+    if args.calibrate:
+        ckpt["temperature"] = calibrate(args, model, ckpt, device)
     if args.tta:
         model = FlipTTA(model)
     if args.predict:
         return predict_files(args, model, ckpt, device)
     data_dir = run_data_dir(ckpt, args.data_dir)
     samples, split_name = heldout_samples(ckpt, data_dir, args.split)
-    metrics = evaluate_samples(model, ckpt, samples, device, args.batch_size, args.workers)
+    p = predict(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)
+    if len(p.targets) == 0:
+        raise UserError(f"none of the {len(samples)} images could be read")
+    metrics = evaluate_predictions(p.tempered(temperature_of(ckpt)), ckpt["class_names"])
     metrics.update(
-        checkpoint=str(args.ckpt), split=split_name, data_dir=str(data_dir), tta=args.tta, epoch=ckpt.get("epoch")
+        checkpoint=str(args.ckpt),
+        split=split_name,
+        data_dir=str(data_dir),
+        tta=args.tta,
+        epoch=ckpt.get("epoch"),
+        temperature=temperature_of(ckpt),
     )
     out = Path(args.out) if args.out else Path(args.ckpt).parent if Path(args.ckpt).is_file() else Path(args.ckpt)
     out.mkdir(parents=True, exist_ok=True)
     print_report(metrics, f"{args.ckpt} on {split_name}: {metrics['n']} images")
+    print_most_confused(metrics["most_confused"])
+    print_calibration(metrics, p, old_temperature, args.calibrate)
     atomic_write_text(out / "eval.json", json.dumps(metrics, indent=1))
     plot_confusion(
         metrics["confusion_matrix"],

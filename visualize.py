@@ -7,6 +7,8 @@
     python visualize.py guided_backprop --ckpt best.pt --n 4 --neuron features.4:0-9
     python visualize.py gradcam         --ckpt best.pt --image a.jpg b.jpg [--layer layer4]
     python visualize.py confusion       --ckpt best.pt
+    python visualize.py top_losses      --ckpt best.pt --n 12 [--cam]     # the held-out photos it gets most wrong
+    python visualize.py calibration     --ckpt best.pt                     # reliability diagram
     python visualize.py curves          --run runs/<run1> runs/<run2>
     python visualize.py sweep           --sweep_dir sweeps/<sweep>            # report of a sweep (sweep/report.py)
 
@@ -27,7 +29,6 @@ import functools
 import json
 import os
 import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,9 +44,11 @@ from inat_classifier.attribution import (
     guided_backprop,
     parse_neurons,
 )
-from inat_classifier.checkpoint import json_safe, preprocess_of
+from inat_classifier.calibration import calibration_metrics, plot_reliability, temperature_of
+from inat_classifier.checkpoint import preprocess_of
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.devices import select_device
+from inat_classifier.failures import plot_top_losses, top_loss_panels
 from inat_classifier.figures import (
     gradient_image,
     plot_feature_maps,
@@ -59,7 +62,7 @@ from inat_classifier.inference import evaluate_samples, heldout_samples, load_in
 from inat_classifier.metrics import plot_confusion
 from inat_classifier.runs import read_metrics_csv
 from inat_classifier.sweep import report as sweep_report
-from inat_classifier.tracking import WandbLogger, plot_curves
+from inat_classifier.tracking import log_figure, plot_curves, short_labels
 from models import restore_model
 
 
@@ -115,7 +118,7 @@ def prediction_samples(
     true, pred, confidence, correct; unreadable files are reported and skipped."""
     samples = list(samples)
     preprocess = preprocess_of(ckpt)
-    p = predict(model, samples, preprocess, device, batch_size)
+    p = predict(model, samples, preprocess, device, batch_size).tempered(temperature_of(ckpt))
     records = []
     if len(p.index) == 0:
         return records
@@ -293,26 +296,47 @@ def cmd_confusion(args: argparse.Namespace, model: nn.Module, ckpt: dict, device
     return out
 
 
+# ----------------------------------------------------------------------------- top losses, calibration
+def heldout_predictions(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device):
+    """The held-out samples, their split's name and the model's predictions on them (with the temperature)."""
+    samples, split_name = heldout_samples(ckpt, args.data_dir, args.split)
+    p = predict(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)
+    if len(p.targets) == 0:
+        raise UserError(f"none of the {len(samples)} held-out images could be read")
+    return samples, split_name, p.tempered(temperature_of(ckpt))
+
+
+def cmd_top_losses(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    samples, split_name, p = heldout_predictions(args, model, ckpt, device)
+    panels, x = top_loss_panels(p, samples, preprocess_of(ckpt), args.n)
+    if args.cam:
+        for panel, cam in zip(panels, grad_cam(model, x.to(device))[0], strict=True):
+            panel["cam"] = cam
+    names = ckpt["class_names"]
+    for panel in panels:
+        print(f"loss {panel['loss']:7.3f}  true {names[panel['true']]}  pred {names[panel['pred']]} "
+              f"({panel['prob']:.0%})  {panel['path']}")  # fmt: skip
+    out = output_dir(args) / "top_losses.png"
+    title = f"The {len(panels)} {split_name} photos with the highest loss (of {len(p.targets)})"
+    plot_top_losses(panels, names, title + (", Grad-CAM of the prediction" if args.cam else ""), out, args.dpi)
+    return out
+
+
+def cmd_calibration(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
+    _, split_name, p = heldout_predictions(args, model, ckpt, device)
+    metrics = calibration_metrics(p.outputs, p.targets)
+    out = output_dir(args) / "calibration.png"
+    title = f"Reliability on {split_name}, {len(p.targets)} images, temperature {temperature_of(ckpt):.3g}"
+    plot_reliability(metrics, title, out, args.dpi)
+    print(
+        f"ECE {metrics['ece']:.4f} ({metrics['ece_bins']} bins)  NLL {metrics['nll']:.4f}  Brier {metrics['brier']:.4f}"
+    )
+    return out
+
+
 # ----------------------------------------------------------------------------- curves
-def short_labels(names: Sequence[str]) -> list[str]:
-    """Run names cut down to the '-'-separated parts that differ between them (time stamps only if needed).
-
-    'parta-f32x2-...-lr1e-03-20250101-120000' and '...-lr5e-03-...' -> 'lr1e-03', 'lr5e-03'.
-    """
-    if len(names) < 2:
-        return list(names)
-    parts = [re.findall(r"[^-]+?e-\d+|[^-]+", n) for n in names]
-    if len({len(p) for p in parts}) != 1:
-        return list(names)
-    differ = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
-    no_time = [i for i in differ if not all(re.fullmatch(r"\d{6}|\d{8}", p[i]) for p in parts)]
-    for keep in (no_time, differ):
-        labels = ["-".join(p[i] for i in keep) for p in parts]
-        if keep and len(set(labels)) == len(labels):
-            return labels
-    return list(names)
-
-
 def cmd_curves(args: argparse.Namespace) -> Path:
     histories, dirs = {}, []
     for run in args.run:
@@ -354,31 +378,9 @@ def run_config(args: argparse.Namespace, ckpt: dict | None) -> dict:
     return {}
 
 
-def log_to_wandb(key: str, path: Path, config: dict, out_dir: Path) -> bool:
-    """Log one figure to W&B if the run used W&B: offline unless an API key is configured; never prompts."""
-    mode = config.get("wandb", "disabled")
-    if mode == "disabled":
-        print("W&B: the run was trained with --wandb disabled; not logging the figure")
-        return False
-    ns = argparse.Namespace(
-        wandb="offline" if mode == "offline" else "auto",
-        wandb_project=config.get("wandb_project") or "inat12k",
-        wandb_entity=config.get("wandb_entity"),
-    )
-    name = f"viz-{Path(str(config.get('run_name') or out_dir.name)).name}"
-    logger = WandbLogger(ns, out_dir, name, {"figure": key, **json_safe(config)})
-    logged = logger.run is not None
-    try:
-        logger.log_image(key, path)
-    finally:
-        logger.finish()
-    if logged:
-        print(f"W&B: logged '{key}' to {out_dir / 'wandb'}")
-    return logged
-
-
 # ----------------------------------------------------------------------------- CLI
-COMMANDS = ("predictions", "filters", "feature_maps", "guided_backprop", "gradcam", "confusion", "curves", "sweep")
+COMMANDS = ("predictions", "filters", "feature_maps", "guided_backprop", "gradcam", "confusion", "top_losses",
+            "calibration", "curves", "sweep")  # fmt: skip
 
 
 def add_image_flags(p: argparse.ArgumentParser, n_default: int) -> None:
@@ -503,20 +505,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_image_flags(p, 6)
     add_flag(p, "layer", default=None, help="module name whose 4-D output is used (default: the last conv stage)")
 
-    p = sub.add_parser(
-        "confusion",
-        parents=[model_common, common],
-        help="confusion matrix on the held-out split",
-        description="Confusion matrix normalised per true class over the held-out split.",
-    )
-    add_flag(p, "batch_size", type=int, default=128, help="batch size (default: %(default)s)")
-    add_flag(
-        p,
-        "workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="data loading processes (default: %(default)s)",
-    )
+    for name, help_text, description in (
+        ("confusion", "confusion matrix on the held-out split",
+         "Confusion matrix normalised per true class over the held-out split."),
+        ("top_losses", "the held-out photos with the highest loss",
+         "The held-out photos whose true class gets the lowest probability (highest cross-entropy), "
+         "titled with the true class, the prediction, its probability and the loss."),
+        ("calibration", "reliability diagram on the held-out split",
+         "Accuracy against confidence in 15 equal-width bins, with the photos per bin and the ECE."),
+    ):  # fmt: skip
+        p = sub.add_parser(name, parents=[model_common, common], help=help_text, description=description)
+        add_flag(p, "batch_size", type=int, default=128, help="batch size (default: %(default)s)")
+        add_flag(
+            p,
+            "workers",
+            type=int,
+            default=min(4, os.cpu_count() or 1),
+            help="data loading processes (default: %(default)s)",
+        )
+        if name == "top_losses":
+            add_flag(p, "n", type=int, default=12, help="how many photos (default: %(default)s)")
+            add_bool(p, "cam", False, "draw the Grad-CAM heat map of the predicted class over each photo")
 
     p = sub.add_parser(
         "curves",
@@ -561,10 +570,12 @@ def main(args: argparse.Namespace) -> Path | dict:
             "guided_backprop": cmd_guided_backprop,
             "gradcam": cmd_gradcam,
             "confusion": cmd_confusion,
+            "top_losses": cmd_top_losses,
+            "calibration": cmd_calibration,
         }[args.command](args, model, ckpt, device)
     print(f"wrote {out}")
     if args.wandb:
-        log_to_wandb(args.command, out, run_config(args, ckpt), out.parent)
+        log_figure(args.command, out, run_config(args, ckpt), out.parent)
     return out
 
 

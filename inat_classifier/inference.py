@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from inat_classifier import dataset as data
+from inat_classifier.calibration import calibration_metrics, temperature_of
 from inat_classifier.checkpoint import preprocess_of
 from inat_classifier.cli import UserError
 from inat_classifier.decoded_cache import decode_fixed
 from inat_classifier.device_batches import DecodedRows, DeviceLoader, model_inputs
-from inat_classifier.metrics import classification_metrics, confusion_matrix
+from inat_classifier.metrics import classification_metrics, confusion_matrix, most_confused
 from inat_classifier.presets import Preprocess
 from inat_classifier.training import amp_dtype, autocast
 
@@ -43,6 +44,10 @@ class Predictions:
     index: torch.Tensor  # position of each row in the sample list (unreadable files are missing)
     outputs: torch.Tensor  # float32 logits (or log-probabilities), one row per readable sample
     targets: torch.Tensor  # the samples' labels
+
+    def tempered(self, temperature: float) -> Predictions:
+        """The same predictions with the outputs divided by a temperature (calibration.py); argmax unchanged."""
+        return Predictions(self.index, self.outputs / temperature, self.targets)
 
     @property
     def probs(self) -> torch.Tensor:
@@ -121,17 +126,22 @@ def heldout_samples(ckpt: dict, data_dir: str | None, split: str) -> tuple[list,
     return ds.heldout, f"{ds.heldout_name} (held-out)"
 
 
+def evaluate_predictions(p: Predictions, class_names: list[str]) -> dict:
+    """Accuracy, macro F1, per-class metrics, confusion matrix, most-confused pairs, loss and calibration."""
+    metrics = classification_metrics(confusion_matrix(p.targets, p.preds, len(class_names)), class_names)
+    metrics.update(n=len(p.targets), loss=p.loss, most_confused=most_confused(metrics["confusion_matrix"], class_names))
+    metrics.update(calibration_metrics(p.outputs, p.targets))
+    return metrics
+
+
 def evaluate_samples(
     model: nn.Module, ckpt: dict, samples: list, device: torch.device, batch_size: int, workers: int
 ) -> dict:
-    """Accuracy, macro F1, per-class metrics, confusion matrix and loss of the model on samples."""
+    """evaluate_predictions of the model on samples, with the checkpoint's temperature."""
     p = predict(model, samples, preprocess_of(ckpt), device, batch_size, workers)
     if len(p.targets) == 0:
         raise UserError(f"none of the {len(samples)} images could be read")
-    n_classes = len(ckpt["class_names"])
-    metrics = classification_metrics(confusion_matrix(p.targets, p.preds, n_classes), ckpt["class_names"])
-    metrics.update(n=len(p.targets), loss=p.loss)
-    return metrics
+    return evaluate_predictions(p.tempered(temperature_of(ckpt)), ckpt["class_names"])
 
 
 def collect_images(paths: list[str]) -> list[str]:
@@ -163,6 +173,7 @@ def top_classes(
     """Top-k classes with probabilities per readable image file."""
     names = ckpt["class_names"]
     p = predict(model, [(f, -1) for f in files], preprocess_of(ckpt), device, batch_size, workers)
+    p = p.tempered(temperature_of(ckpt))
     if len(p.index) == 0:
         return []
     top = p.probs.topk(min(k, len(names)))

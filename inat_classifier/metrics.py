@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -106,3 +107,33 @@ def plot_confusion(cm, class_names: list[str], out: Path, normalize: bool = True
         save_png(fig, out)
     finally:
         plt.close(fig)
+
+
+def most_confused(confusion: Sequence[Sequence[int]], class_names: Sequence[str], k: int = 5) -> list[dict]:
+    """The k largest off-diagonal cells of a confusion matrix (rows true, columns predicted), largest first.
+
+    Each is {"true", "predicted", "count", "fraction"}: fraction of the true class's photos sent there.
+    """
+    cm = torch.as_tensor(confusion, dtype=torch.long)
+    off = cm.clone()
+    off.fill_diagonal_(0)
+    support = cm.sum(1)
+    counts, flat = off.flatten().sort(descending=True, stable=True)
+    pairs = []
+    for count, cell in zip(counts.tolist()[:k], flat.tolist()[:k], strict=True):
+        if count == 0:
+            break
+        t, p = divmod(cell, cm.shape[1])
+        pairs.append(
+            {"true": class_names[t], "predicted": class_names[p], "count": count, "fraction": count / int(support[t])}
+        )
+    return pairs
+
+
+def print_most_confused(pairs: list[dict]) -> None:
+    if not pairs:
+        print("most confused: no photo was misclassified")
+        return
+    print("most confused (true -> predicted: photos, share of the true class):")
+    for pair in pairs:
+        print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']} ({pair['fraction']:.0%})")

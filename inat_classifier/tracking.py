@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import netrc
 import os
+import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from inat_classifier.checkpoint import json_safe
 from inat_classifier.cli import UserError
 from inat_classifier.figures import pyplot
 from inat_classifier.storage import save_png
@@ -173,3 +175,45 @@ class WandbLogger:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def short_labels(names: Sequence[str]) -> list[str]:
+    """Run names cut down to the '-'-separated parts that differ between them (time stamps only if needed).
+
+    'parta-f32x2-...-lr1e-03-20250101-120000' and '...-lr5e-03-...' -> 'lr1e-03', 'lr5e-03'.
+    """
+    if len(names) < 2:
+        return list(names)
+    parts = [re.findall(r"[^-]+?e-\d+|[^-]+", n) for n in names]
+    if len({len(p) for p in parts}) != 1:
+        return list(names)
+    differ = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
+    no_time = [i for i in differ if not all(re.fullmatch(r"\d{6}|\d{8}", p[i]) for p in parts)]
+    for keep in (no_time, differ):
+        labels = ["-".join(p[i] for i in keep) for p in parts]
+        if keep and len(set(labels)) == len(labels):
+            return labels
+    return list(names)
+
+
+def log_figure(key: str, path: Path, config: dict, out_dir: Path) -> bool:
+    """Log one figure to W&B if the run used W&B: offline unless an API key is configured; never prompts."""
+    mode = config.get("wandb", "disabled")
+    if mode == "disabled":
+        print("W&B: the run was trained with --wandb disabled; not logging the figure")
+        return False
+    ns = argparse.Namespace(
+        wandb="offline" if mode == "offline" else "auto",
+        wandb_project=config.get("wandb_project") or "inat12k",
+        wandb_entity=config.get("wandb_entity"),
+    )
+    name = f"viz-{Path(str(config.get('run_name') or out_dir.name)).name}"
+    logger = WandbLogger(ns, out_dir, name, {"figure": key, **json_safe(config)})
+    logged = logger.run is not None
+    try:
+        logger.log_image(key, path)
+    finally:
+        logger.finish()
+    if logged:
+        print(f"W&B: logged '{key}' to {out_dir / 'wandb'}")
+    return logged

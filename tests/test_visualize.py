@@ -19,7 +19,7 @@ import models
 import train_parta
 import visualize
 from conftest import assert_one_line_error, make_dataset, run_cli, train_args
-from inat_classifier import attribution, checkpoint, cli, figures, inference
+from inat_classifier import attribution, checkpoint, cli, figures, inference, tracking
 from inat_classifier.images import load_image
 from inat_classifier.presets import Preprocess
 from models import ACTIVATIONS, ConvNet
@@ -137,7 +137,7 @@ def test_curves_one_and_several_runs(viz_run, tmp_path):
     out = viz("curves", "--run", *runs)
     assert out == tmp_path / "curves_compare.png"
     assert_png(out)
-    assert visualize.short_labels([r.name for r in runs]) == ["lr1e-03", "lr5e-03"]
+    assert tracking.short_labels([r.name for r in runs]) == ["lr1e-03", "lr5e-03"]
 
 
 # ----------------------------------------------------------------------------- prediction grid
@@ -384,7 +384,7 @@ def test_wandb_is_opt_in_and_never_imported_unasked(viz_run, tmp_path, capsys, m
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key: auto means offline
     png = tmp_path / "filters.png"
     png.write_bytes(b"x")
-    assert visualize.log_to_wandb("filters", png, {"wandb": "auto", "wandb_project": "p"}, tmp_path)
+    assert tracking.log_figure("filters", png, {"wandb": "auto", "wandb_project": "p"}, tmp_path)
     assert calls["init"]["mode"] == "offline" and calls["init"]["dir"] == str(tmp_path)
     assert calls["log"] == {"filters": ("image", str(png))} and calls["finished"]
 
