@@ -2,6 +2,7 @@
 
 python evaluate.py --ckpt runs/<run>/best.pt                 # held-out accuracy, F1, confusion
 python evaluate.py --ckpt best.pt --predict photo.jpg dir/    # top-3 classes per image
+python evaluate.py --ckpt runs/<run>/best.onnx               # the same metrics of an exported model
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from inat_classifier.checkpoint import exported_format
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.devices import select_device
+from inat_classifier.exported import load_exported
 from inat_classifier.inference import (
     FlipTTA,
     collect_images,
@@ -52,7 +55,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False, description="Evaluate a checkpoint on the held-out split, or predict images."
     )
-    add_flag(parser, "ckpt", required=True, help="checkpoint file (best.pt or last.pt) or its run folder")
+    add_flag(
+        parser,
+        "ckpt",
+        required=True,
+        help="checkpoint file (best.pt or last.pt), its run folder, or a model from export.py (.onnx, .torchscript.pt)",
+    )
     add_flag(parser, "data_dir", default=None, help="dataset root (default: the one the run trained on)")
     add_flag(
         parser,
@@ -112,7 +120,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
     device = select_device(args.device)
-    model, ckpt = restore_model(args.ckpt, device)
+    model, ckpt = load_exported(args.ckpt) if exported_format(args.ckpt) else restore_model(args.ckpt, device)
     if args.tta:
         model = FlipTTA(model)
     if args.predict:
