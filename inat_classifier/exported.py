@@ -65,6 +65,7 @@ class Deployable(nn.Module):
     def __init__(self, model: nn.Module, preprocess: Preprocess, temperature: float) -> None:
         super().__init__()
         self.model, self.temperature = model, temperature
+        self.requires_grad_(False)  # a TorchScript file's outputs need no .detach() where it is deployed
         k = colour_constants(tuple(preprocess.mean), tuple(preprocess.std), torch.device("cpu"))
         self.register_buffer("scale", k["inv_std_255"].view(1, 3, 1, 1).clone())
         self.register_buffer("shift", k["shift"].view(1, 3, 1, 1).clone())
