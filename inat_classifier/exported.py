@@ -30,7 +30,14 @@ from inat_classifier.checkpoint import EXPORT_NAMES, exported_format, preprocess
 from inat_classifier.cli import UserError
 from inat_classifier.device_batches import DecodedRows, DeviceLoader, colour_constants, eval_resize, model_inputs
 from inat_classifier.presets import Preprocess
-from inat_classifier.storage import full_disk_is_one_line, is_disk_full, move_into_place, signals_held, temp_name
+from inat_classifier.storage import (
+    full_disk_is_one_line,
+    is_disk_full,
+    move_into_place,
+    remove_stale_temps,
+    signals_held,
+    temp_name,
+)
 from inat_classifier.tracking import progress
 
 EXPORT_FORMAT = "inat-classifier-export/1"
@@ -256,18 +263,18 @@ def compare(model: nn.Module, exported: ExportedModel, ckpt: dict, paths: list[s
     rows = DecodedRows(paths, preprocess.decode_side, 0)
     loader = DeviceLoader(rows, list(range(len(paths))), batch_size, preprocess, torch.device("cpu"), augment=False)
     model.eval()
-    n, max_diff, same = 0, 0.0, 0
+    n, worst, same = 0, torch.zeros(()), 0
     for x, _ in progress(loader.host_batches(), desc="check", total=len(loader), leave=False):
         if x is None:  # no photo of the batch could be read
             continue
         images = eval_rows(x, preprocess.image_size)
         want = (model(model_inputs(images, preprocess)).float() / temperature).softmax(1)
         got = exported.probabilities(images)
-        n, max_diff = n + len(images), max(max_diff, (got - want).abs().max().item())
+        n, worst = n + len(images), torch.maximum(worst, (got - want).abs().max())  # NaN stays NaN
         same += int((got.argmax(1) == want.argmax(1)).sum())
     if n == 0:
         raise UserError(f"none of the {len(paths)} photos to check the export on could be read")
-    return Agreement(n, max_diff, same)
+    return Agreement(n, worst.item(), same)
 
 
 def export_checked(
@@ -278,6 +285,7 @@ def export_checked(
     An export further than TOLERANCE from its checkpoint is one line, and nothing is written.
     """
     deployable = Deployable(model.float().eval().cpu(), preprocess_of(ckpt), temperature_of(ckpt)).eval()
+    remove_stale_temps(out.parent)  # of exports killed before they finished
     tmp = temp_name(out)
     try:
         write_export(deployable, fmt, tmp, export_metadata(ckpt, ckpt_path), opset)
