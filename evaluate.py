@@ -3,6 +3,7 @@
 python evaluate.py --ckpt runs/<run>/best.pt                 # held-out accuracy, F1, confusion
 python evaluate.py --ckpt best.pt --predict photo.jpg dir/    # top-3 classes per image
 python evaluate.py --ckpt runs/<run>/best.pt --calibrate     # fit a temperature on the validation split, store it
+python evaluate.py --ckpt runs/<run>/best.onnx               # the same metrics of an exported model
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import torch
 from torch import nn
 
 from inat_classifier.calibration import calibration_metrics, fit_temperature, temperature_of
-from inat_classifier.checkpoint import atomic_torch_save, preprocess_of
+from inat_classifier.checkpoint import atomic_torch_save, exported_format, preprocess_of
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.devices import select_device
+from inat_classifier.exported import load_exported
 from inat_classifier.inference import (
     FlipTTA,
     Predictions,
@@ -57,7 +59,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False, description="Evaluate a checkpoint on the held-out split, or predict images."
     )
-    add_flag(parser, "ckpt", required=True, help="checkpoint file (best.pt or last.pt) or its run folder")
+    add_flag(
+        parser,
+        "ckpt",
+        required=True,
+        help="checkpoint file (best.pt or last.pt), its run folder, or a model from export.py (.onnx, .torchscript.pt)",
+    )
     add_flag(parser, "data_dir", default=None, help="dataset root (default: the one the run trained on)")
     add_flag(
         parser,
@@ -166,9 +173,11 @@ def print_calibration(metrics: dict, p: Predictions, old_temperature: float, cal
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
     device = select_device(args.device)
-    model, ckpt = restore_model(args.ckpt, device)
+    model, ckpt = load_exported(args.ckpt) if exported_format(args.ckpt) else restore_model(args.ckpt, device)
     old_temperature = temperature_of(ckpt)
     if args.calibrate:
+        if exported_format(args.ckpt):
+            raise UserError("--calibrate needs the checkpoint: calibrate best.pt, then export it again")
         ckpt["temperature"] = calibrate(args, model, ckpt, device)
     if args.tta:
         model = FlipTTA(model)

@@ -23,6 +23,7 @@ from inat_classifier.storage import atomic_write
 CHECKPOINT_FORMAT = "inat-classifier/2"  # /2: preprocessing as one "preprocess" entry
 READABLE_FORMATS = (CHECKPOINT_FORMAT, "inat-classifier/1")  # /1: image_size, mean and std apart
 CHECKPOINT_KEYS = ("model_state", "spec", "class_names", "preprocess", "config")
+EXPORT_NAMES = {"onnx": "ONNX", "torchscript": "TorchScript"}  # export.py's formats (exported.py)
 
 
 @dataclass
@@ -107,6 +108,11 @@ def load_checkpoint(path: str | Path) -> dict:
         path = path / "best.pt"
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if kind := exported_format(path):
+        raise UserError(
+            f"{path} is a model exported as {EXPORT_NAMES[kind]} (export.py), not a checkpoint: it holds no "
+            "training state or layers to look into; give the run's best.pt or last.pt (evaluate.py reads exports)"
+        )
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path}: not a PyTorch checkpoint, or truncated (no zip archive structure)")
     try:
@@ -135,6 +141,19 @@ def load_checkpoint(path: str | Path) -> dict:
     if bad is not None:
         raise UserError(f"{path}: corrupt checkpoint (bad CRC in {bad})")
     return ckpt
+
+
+def exported_format(path: str | Path) -> str | None:
+    """'onnx' or 'torchscript' for a file that holds an exported model, None for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    if zipfile.is_zipfile(path):  # a TorchScript archive has its constants beside its code; torch.save's has none
+        with zipfile.ZipFile(path) as zf:
+            return "torchscript" if any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in zf.namelist()) else None
+    with open(path, "rb") as f:
+        head = f.read(32)  # an ONNX model written by torch: ir_version (field 1), then producer_name "pytorch"
+    return "onnx" if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"\x12\x07pytorch" in head) else None
 
 
 def load_weights(model: nn.Module, state: dict, path: str | Path) -> None:

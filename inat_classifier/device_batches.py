@@ -230,6 +230,17 @@ def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
     return out
 
 
+def eval_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The eval centre (N, 3, S, S), resized to size when stored with headroom (the same box for all).
+
+    In float on every device (not the CPU's uint8 kernel, which rounds): the same inputs everywhere.
+    Rows already at size come back as they are.
+    """
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
 def model_inputs(
     x: torch.Tensor, preprocess: Preprocess, params: torch.Tensor | None = None, batched: bool | None = None
 ) -> torch.Tensor:
@@ -241,10 +252,7 @@ def model_inputs(
     """
     size = preprocess.image_size
     if params is None:
-        if x.shape[-1] != size:  # stored with headroom: the eval centre, resized down, the same box for all
-            # in float on every device (not the CPU's uint8 kernel, which rounds): the same inputs everywhere
-            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return normalize_batch(x, preprocess.mean, preprocess.std)
+        return normalize_batch(eval_resize(x, size), preprocess.mean, preprocess.std)
     if batched is None:
         batched = x.device.type != "cpu"
     return colour_normalize(crop_resize_flip(x, size, params, batched), params, preprocess, batched)

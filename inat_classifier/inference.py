@@ -1,7 +1,7 @@
 """The one inference path: a trained model over photos (a held-out split or loose files), batch by batch.
 
 evaluate.py, `evaluate.py --predict` and visualize.py all run their images through `predict`,
-with the checkpoint's own preprocessing.
+with the checkpoint's own preprocessing; an exported model (exported.py) takes the same rows.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class FlipTTA(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.takes_rows = getattr(model, "takes_rows", False)  # an exported model: mirrored rows work the same
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.model(x).float().softmax(1) + self.model(torch.flip(x, dims=[3])).float().softmax(1)
@@ -77,10 +78,12 @@ def predict(
         [path for path, _ in samples], preprocess.decode_side, workers if len(samples) > batch_size else 0
     )
     loader = DeviceLoader(rows, list(range(len(samples))), batch_size, preprocess, device, augment=False)
-    dtype = amp_dtype("auto", device)
+    # An exported model (exported.py) takes the uint8 rows themselves, in the precision it was exported in.
+    raw = getattr(model, "takes_rows", False)
+    dtype = None if raw else amp_dtype("auto", device)
     model.eval()
     outputs, index = [], []
-    for x, positions in loader:
+    for x, positions in loader.host_batches() if raw else loader:
         if x is None:  # no image of the batch could be read
             continue
         with autocast(device, dtype):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from inat_classifier import dataset as data
-from inat_classifier.checkpoint import json_safe, load_checkpoint
+from inat_classifier.checkpoint import EXPORT_NAMES, exported_format, json_safe, load_checkpoint
 from inat_classifier.cli import EPOCH_ROW, METRIC_FIELDS, RESULT_FILE, UserError, on_failure, typed_flags
 from inat_classifier.config_file import check_saved_flags
 from inat_classifier.devices import Dist, broadcast, init_distributed, launched_rank, select_device
@@ -154,6 +154,10 @@ def open_resumed(
     own), and last.pt against args.json and split.json.
     """
     run_dir = Path(args.resume)
+    if run_dir.is_file():
+        kind = exported_format(run_dir)
+        what = f"a model exported as {EXPORT_NAMES[kind]}, which holds no training state" if kind else "a file"
+        raise UserError(f"--resume {run_dir}: {what}; --resume takes a run folder and continues from its last.pt")
     if not run_dir.is_dir():
         raise UserError(f"--resume {run_dir}: no such run folder")
     if launched_rank() == 0:  # under torchrun rank 0 holds it for all

@@ -9,6 +9,7 @@ import pytest
 
 import data
 import evaluate
+import export
 import train_parta
 from conftest import assert_one_line_error, make_dataset, run_cli, train_args
 
@@ -128,8 +129,8 @@ def visible_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 @pytest.mark.parametrize(
     "make_parser",
-    [train_parta.get_args_parser, evaluate.get_args_parser, data.get_args_parser],
-    ids=["train_parta", "evaluate", "data"],
+    [train_parta.get_args_parser, evaluate.get_args_parser, data.get_args_parser, export.get_args_parser],
+    ids=["train_parta", "evaluate", "data", "export"],
 )
 def test_every_flag_has_help(make_parser):
     parser = make_parser()
@@ -213,7 +214,9 @@ def every_parser(parser: argparse.ArgumentParser):
                 yield from every_parser(sub)
 
 
-@pytest.mark.parametrize("script", ["train_parta", "train_partb", "evaluate", "visualize", "data", "sweep_offline"])
+@pytest.mark.parametrize(
+    "script", ["train_parta", "train_partb", "evaluate", "visualize", "data", "sweep_offline", "export"]
+)
 def test_every_script_and_subcommand_refuses_abbreviated_flags(script):
     """`--drop 0.9` is not taken for `--dropout`: a typo stays an error, and what a sweep records is what ran."""
     import importlib

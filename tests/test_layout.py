@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "inat_classifier"
 # The root holds what a user runs or edits: the scripts, and the models and data they share.
-ROOT_FILES = {"train_parta", "train_partb", "evaluate", "visualize", "sweep_offline", "models", "data"}
+ROOT_FILES = {"train_parta", "train_partb", "evaluate", "visualize", "sweep_offline", "export", "models", "data"}
 SHARED_ROOT = {"models", "data"}  # what the scripts at the root may import from beside them
 FLAG_LISTS = {"get_args_parser", "add_training_args"}  # argparse builders: plain lists of flags
 
