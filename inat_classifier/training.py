@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from inat_classifier.class_balance import balanced_class_weights
@@ -203,15 +204,27 @@ def build_trainer(
     )
 
 
+class SampleMeanCrossEntropy(nn.CrossEntropyLoss):
+    """Class-weighted cross-entropy averaged over the batch's samples, not over their weights as
+    nn.CrossEntropyLoss averages: balanced weights average 1 over the training split, so a batch's loss
+    estimates the split's weighted mean, and batches split over torchrun processes or --accum_steps
+    micro-batches still add up to the step of the whole batch."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            input, target, weight=self.weight, label_smoothing=self.label_smoothing, reduction="none"
+        ).mean()
+
+
 def build_criterion(args: argparse.Namespace, class_counts: Sequence[int] | None, device: torch.device) -> nn.Module:
     """The training loss: cross-entropy with --label_smoothing, weighted per class with --class_weights balanced
     (the weights made once, on the device)."""
-    weight = None
-    if getattr(args, "class_weights", "none") == "balanced":
-        if class_counts is None:
-            raise ValueError("--class_weights balanced needs the training split's class counts")
-        weight = balanced_class_weights(class_counts).to(device)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+    if getattr(args, "class_weights", "none") == "none":
+        return nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    if class_counts is None:
+        raise ValueError("--class_weights balanced needs the training split's class counts")
+    weight = balanced_class_weights(class_counts).to(device)
+    return SampleMeanCrossEntropy(weight=weight, label_smoothing=args.label_smoothing)
 
 
 def stepping_module(model: nn.Module, args: argparse.Namespace, dist: Dist, device: torch.device) -> nn.Module:
