@@ -17,6 +17,7 @@ import functools
 import json
 from pathlib import Path
 
+from inat_classifier.class_balance import imbalance_line
 from inat_classifier.dataset import (  # noqa: F401  (the dataset's API, for scripts and notebooks)
     DEFAULT_DATA_DIR,
     HELDOUT_NAMES,
@@ -70,6 +71,7 @@ def print_stats(stats: dict) -> None:
     for i, c in enumerate(stats["classes"]):
         print(f"{c:<{width}} " + " ".join(f"{stats['counts'][s][i]:>8}" for s in splits))
     print(f"{'total':<{width}} " + " ".join(f"{sum(stats['counts'][s]):>8}" for s in splits))
+    print(imbalance_line(stats["counts"]["train"], stats["classes"], what="train/ class balance"))
     print(f"unreadable files: {len(stats['unreadable'])}")
     for path, reason in stats["unreadable"]:
         print(f"  {path}: {reason}")

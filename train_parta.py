@@ -18,6 +18,7 @@ import torch
 
 from inat_classifier import engine
 from inat_classifier.checkpoint import TrainState, checkpoint_meta
+from inat_classifier.class_balance import split_balance_line
 from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.config_file import parse_args
 from inat_classifier.device_batches import image_loaders, stored_preprocess
@@ -156,6 +157,7 @@ def main(args: argparse.Namespace) -> TrainState | None:
         f"data: {setup.root} | {len(setup.classes)} classes | train {len(setup.train_samples)} | "
         f"val {len(setup.val_samples)} | device {device} | run {setup.run_dir}"
     )
+    print(split_balance_line(setup.train_samples, setup.classes, args))
     model.to(device)
     preprocess = stored_preprocess(setup, Preprocess.for_size(args.image_size))
     train_loader, val_loader = image_loaders(setup, preprocess, device)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from inat_classifier import dataset as data
 from inat_classifier import images
+from inat_classifier.class_balance import balanced_draw_weights
 from inat_classifier.decoded_cache import DecodedCache, choose_cache_dir, decode_fixed, open_decoded_cache
 from inat_classifier.devices import Dist
 from inat_classifier.presets import ASPECT_RANGE, COLOR_JITTER, Preprocess
@@ -38,13 +39,25 @@ class EpochSampler(torch.utils.data.Sampler):
     """Shuffled order fixed by (seed, epoch), so a resumed run sees the same batches.
 
     `skip` drops the first samples of the epoch (resume mid-epoch); `rank`/`world` shard the
-    order for DistributedDataParallel.
+    order for DistributedDataParallel. With `balance_by` (each sample's class; --sampler balanced)
+    an epoch is n draws with replacement, each class equally likely: still fixed by (seed, epoch),
+    so resume and sharding work alike.
     """
 
     def __init__(
-        self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1, pad: bool = True
+        self,
+        n: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        pad: bool = True,
+        balance_by: Sequence[int] | None = None,
     ) -> None:
         self.n, self.seed, self.shuffle, self.rank, self.world, self.pad = n, seed, shuffle, rank, world, pad
+        self.balance_by = None if balance_by is None else list(balance_by)
+        if self.balance_by is not None and len(self.balance_by) != n:
+            raise ValueError(f"balance_by has {len(self.balance_by)} labels for {n} samples")
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -55,6 +68,8 @@ class EpochSampler(torch.utils.data.Sampler):
             return list(range(self.n))
         g = torch.Generator()
         g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.balance_by is not None and self.n:
+            return torch.multinomial(balanced_draw_weights(self.balance_by), self.n, True, generator=g).tolist()
         return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self):
@@ -416,7 +431,8 @@ class DeviceLoader:
         self.drop_last, self.channels_last = drop_last, channels_last
         n = len(source.kept)
         if sampler is not None and self.skipped:  # unreadable images drop out: re-shard what is left
-            sampler = EpochSampler(n, seed, sampler.shuffle, sampler.rank, sampler.world, sampler.pad)
+            balance_by = None if sampler.balance_by is None else [sampler.balance_by[k] for k in source.kept]
+            sampler = EpochSampler(n, seed, sampler.shuffle, sampler.rank, sampler.world, sampler.pad, balance_by)
         self.sampler = sampler or EpochSampler(n, seed, shuffle=False)
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
@@ -551,7 +567,10 @@ def make_image_loader(
     drop_last = train and len(samples) > args.batch_size
     # Training shards are padded to equal length (as DistributedSampler); validation shards are
     # not, so every validation image is counted exactly once over all processes.
-    sampler = EpochSampler(len(samples), args.seed, shuffle=train, rank=dist.rank, world=dist.world, pad=train)
+    balance_by = [label for _, label in samples] if train and getattr(args, "sampler", "random") == "balanced" else None
+    sampler = EpochSampler(
+        len(samples), args.seed, shuffle=train, rank=dist.rank, world=dist.world, pad=train, balance_by=balance_by
+    )
     if cached is not None:
         cache, pos = cached
         source = CachedRows(cache, [pos[s] for s in samples])

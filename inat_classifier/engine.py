@@ -26,6 +26,7 @@ from inat_classifier.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from inat_classifier.class_balance import class_counts
 from inat_classifier.cli import RESULT_FILE, UserError
 from inat_classifier.dataset import check_trainable
 from inat_classifier.device_batches import EpochSampler
@@ -431,7 +432,9 @@ def fit(
     """
     args, run_dir, main = setup.args, setup.run_dir, setup.dist.main
     save_model = save_model or model
-    trainer = build_trainer(args, model, param_groups, device, len(train_loader), len(meta["class_names"]), setup.dist)
+    num_classes = len(meta["class_names"])
+    counts = class_counts((label for _, label in setup.train_samples), num_classes)
+    trainer = build_trainer(args, model, param_groups, device, len(train_loader), num_classes, setup.dist, counts)
     if getattr(args, "lr_find", False):
         run_lr_finder(trainer, train_loader, run_dir, main)
         finish_distributed()

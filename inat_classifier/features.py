@@ -193,7 +193,13 @@ def feature_loaders(
         train_ds,
         batch_size=batch,
         drop_last=len(train_ds) > args.batch_size,
-        sampler=EpochSampler(len(train_ds), args.seed, rank=dist.rank, world=dist.world),
+        sampler=EpochSampler(
+            len(train_ds),
+            args.seed,
+            rank=dist.rank,
+            world=dist.world,
+            balance_by=train_ds.tensors[1].tolist() if args.sampler == "balanced" else None,
+        ),
     )
     val = torch.utils.data.DataLoader(
         val_ds,

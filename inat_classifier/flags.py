@@ -136,6 +136,22 @@ def add_training_args(
     )
     add_flag(
         g,
+        "class_weights",
+        default="none",
+        choices=("none", "balanced"),
+        help="cross-entropy weights per class: balanced = n_samples / (n_classes x count) of the training split, "
+        "as scikit-learn's, for imbalanced datasets (default: %(default)s)",
+    )
+    add_flag(
+        g,
+        "sampler",
+        default="random",
+        choices=("random", "balanced"),
+        help="epoch order: random = every training photo once; balanced = as many draws, with replacement, each "
+        "class equally likely, for imbalanced datasets (default: %(default)s)",
+    )
+    add_flag(
+        g,
         "accum_steps",
         type=int,
         default=1,

@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from inat_classifier.class_balance import balanced_class_weights
 from inat_classifier.cli import UserError
 from inat_classifier.devices import Dist, tune_kernels, wrap_ddp
 from inat_classifier.figures import pyplot
@@ -168,9 +170,13 @@ def build_trainer(
     steps_per_epoch: int,
     num_classes: int,
     dist: Dist,
+    class_counts: Sequence[int] | None = None,
 ) -> Trainer:
     """Everything a run steps with, in one call: optimizer, loss and precision; schedule, clipping, EMA and
-    mixing; `model` in channels-last as asked, DDP-wrapped under torchrun and compiled with --compile."""
+    mixing; `model` in channels-last as asked, DDP-wrapped under torchrun and compiled with --compile.
+
+    `class_counts` (the training split's photos per class) weighs the loss with --class_weights balanced.
+    """
     tune_kernels(device)
     if getattr(args, "channels_last", False):
         model.to(memory_format=torch.channels_last)
@@ -184,7 +190,7 @@ def build_trainer(
     return Trainer(
         wrap(model),
         optimizer,
-        nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+        build_criterion(args, class_counts, device),
         device,
         dtype,
         grad_scaler(device, dtype),
@@ -196,6 +202,29 @@ def build_trainer(
         module=model,
         wrap=wrap,
     )
+
+
+class SampleMeanCrossEntropy(nn.CrossEntropyLoss):
+    """Class-weighted cross-entropy averaged over the batch's samples, not over their weights as
+    nn.CrossEntropyLoss averages: balanced weights average 1 over the training split, so a batch's loss
+    estimates the split's weighted mean, and batches split over torchrun processes or --accum_steps
+    micro-batches still add up to the step of the whole batch."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            input, target, weight=self.weight, label_smoothing=self.label_smoothing, reduction="none"
+        ).mean()
+
+
+def build_criterion(args: argparse.Namespace, class_counts: Sequence[int] | None, device: torch.device) -> nn.Module:
+    """The training loss: cross-entropy with --label_smoothing, weighted per class with --class_weights balanced
+    (the weights made once, on the device)."""
+    if getattr(args, "class_weights", "none") == "none":
+        return nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    if class_counts is None:
+        raise ValueError("--class_weights balanced needs the training split's class counts")
+    weight = balanced_class_weights(class_counts).to(device)
+    return SampleMeanCrossEntropy(weight=weight, label_smoothing=args.label_smoothing)
 
 
 def stepping_module(model: nn.Module, args: argparse.Namespace, dist: Dist, device: torch.device) -> nn.Module:

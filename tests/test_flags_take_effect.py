@@ -80,6 +80,7 @@ COMMON = {
     "scheduler": ("cosine", "none", []),
     "warmup_epochs": ("0", "1", []),
     "label_smoothing": ("0", "0.3", []),
+    "class_weights": ("none", "balanced", []),  # with first_step's imbalanced class counts
     "accum_steps": ("1", "2", []),  # 2: the first batch only gathers gradients
     "grad_clip": ("0", "0.001", []),
     "mixup": ("0", "1.0", []),
@@ -126,6 +127,8 @@ EXEMPT_COMMON = {
     "crop_scale": "tests/test_cache.py::test_device_loader_draws_crops_at_its_crop_scale",
     "workers": "tests/test_data.py::test_unreadable_image_is_reported_once_and_skipped",
     "cache": "tests/test_cache.py::test_cache_is_reused_and_rebuilt_when_files_change",
+    "sampler": "tests/test_balanced_sampler.py::"
+    "test_balanced_sampling_draws_the_classes_evenly_over_epochs_of_a_10_to_1_dataset",
     "lr_find": "tests/test_recipes.py::test_lr_find_flag_writes_the_plot_and_trains_nothing",
     "patience": "tests/test_resume.py::test_patience_stops_after_n_epochs_without_a_better_val_acc",
     "device": "tests/test_bad_data.py::test_bad_flags_found_late_leave_no_orphan_run_folder",
@@ -190,7 +193,8 @@ def first_step(part: str, flags: list[str], r18: Path) -> torch.Tensor:
         backbone = train_partb.build_backbone_for(args, N_CLASSES)
         model, groups = backbone.model, train_partb.param_groups(backbone, args)
         train_partb.unfreezer(backbone, args)(1)  # fit's on_epoch_start of the first epoch
-    trainer = training.build_trainer(args, model, groups, torch.device("cpu"), 4, N_CLASSES, Dist())
+    counts = [4, 2, 1]  # an imbalanced training split, for --class_weights balanced
+    trainer = training.build_trainer(args, model, groups, torch.device("cpu"), 4, N_CLASSES, Dist(), counts)
     set_train_mode(trainer.model)
     torch.manual_seed(7)  # the same dropout and MixUp/CutMix draws for both values
     x, y = fixed_batch(args.image_size, args.batch_size)
@@ -267,6 +271,10 @@ RECORDED = {  # second values that work together in one real run
         "1",
         "--label_smoothing",
         "0.3",
+        "--class_weights",
+        "balanced",
+        "--sampler",
+        "balanced",
         "--accum_steps",
         "2",
         "--grad_clip",
@@ -317,6 +325,10 @@ RECORDED = {  # second values that work together in one real run
         "1",
         "--label_smoothing",
         "0.3",
+        "--class_weights",
+        "balanced",
+        "--sampler",
+        "balanced",
         "--accum_steps",
         "2",
         "--grad_clip",
