@@ -9,6 +9,8 @@ import torch
 from inat_classifier.figures import pyplot
 from inat_classifier.storage import save_png
 
+CONFUSION_PNG = "confusion_matrix.png"  # evaluate.py and `visualize.py confusion` write the one figure, one name
+
 
 def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, n: int) -> torch.Tensor:
     """Rows are true classes, columns predicted classes."""
@@ -106,3 +108,12 @@ def plot_confusion(cm, class_names: list[str], out: Path, normalize: bool = True
         save_png(fig, out)
     finally:
         plt.close(fig)
+
+
+def write_confusion(metrics: dict, class_names: list[str], folder: Path, split_name: str) -> Path:
+    """The held-out confusion matrix as folder/confusion_matrix.png: the same figure from either script."""
+    out = folder / CONFUSION_PNG
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = f"Confusion matrix, {split_name}, {metrics['n']} images, accuracy {metrics['accuracy']:.3f}"
+    plot_confusion(metrics["confusion_matrix"], class_names, out, title=title)
+    return out
