@@ -64,21 +64,22 @@ def checkpoint_with_neurons(deep_run, dest, dead: int, alive: int):
 
 def test_guided_backprop_says_a_dead_neuron_never_fires(deep_run, tmp_path, capsys):
     ckpt_path = checkpoint_with_neurons(deep_run, tmp_path / "ck", dead=0, alive=1)
-    args = visualize.get_args_parser().parse_args(
-        ["guided_backprop", "--ckpt", str(ckpt_path), "--n", "3", "--neuron", "features.4.2:0-1", "--device", "cpu"]
-    )
+    argv = ["guided_backprop", "--ckpt", ckpt_path, "--n", "3", "--neuron", "features.4.2:0-1", "--device", "cpu"]
+    assert viz(*argv).is_file()
+    printed = capsys.readouterr().out
+    assert "neuron features.4.2[0] never fires on 3 of 3 images" in printed
+    assert "features.4.2[1] never fires" not in printed
+    # The panels of that figure: the dead neuron's plain grey one says why it is grey, the live one does not.
     model, ckpt = restore_model(ckpt_path, torch.device("cpu"))
+    args = visualize.get_args_parser().parse_args([str(a) for a in argv])
     rows = visualize.guided_backprop_rows(args, model, ckpt, torch.device("cpu"))
     assert len(rows) == 3
     for row in rows:
         (dead_map, dead_title), (alive_map, alive_title) = row[2], row[3]
         assert "features.4.2[0]" in dead_title and "never fires on this image (dead)" in dead_title
-        assert torch.allclose(dead_map, torch.full_like(dead_map, 0.5))  # the plain grey it explains
+        assert torch.allclose(dead_map, torch.full_like(dead_map, 0.5))
         assert "features.4.2[1]" in alive_title and "never fires" not in alive_title
         assert not torch.allclose(alive_map, torch.full_like(alive_map, 0.5))
-    printed = capsys.readouterr().out
-    assert "neuron features.4.2[0] never fires on 3 of 3 images" in printed
-    assert "features.4.2[1] never fires" not in printed
 
 
 def test_prediction_grid_fits_a_page_and_keeps_its_ten_by_three_panels(deep_run, tmp_path):
