@@ -75,7 +75,7 @@ def plot_prediction_grid(
     """
     plt = pyplot()
     rows = max(1, math.ceil(len(records) / cols))
-    # 1.45 in a row: the default 10x3 grid is about 1,650 px tall at --dpi 110, a page's height
+    # 1.45 in a row: the default 10x3 grid is about 1,670 px tall at --dpi 110, a page's height
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.45 * rows + 0.6), squeeze=False, layout="constrained")
     colours = []
     for ax in axes.flat:
