@@ -37,7 +37,7 @@ from inat_classifier.inference import (
     run_data_dir,
     top_classes,
 )
-from inat_classifier.metrics import plot_confusion, print_most_confused, print_report
+from inat_classifier.metrics import print_most_confused, print_report, write_confusion
 from inat_classifier.storage import atomic_write, atomic_write_text
 from models import restore_model
 
@@ -203,13 +203,8 @@ def main(args: argparse.Namespace) -> dict:
     print_most_confused(metrics["most_confused"])
     print_calibration(metrics, p, old_temperature, args.calibrate)
     atomic_write_text(out / "eval.json", json.dumps(metrics, indent=1))
-    plot_confusion(
-        metrics["confusion_matrix"],
-        ckpt["class_names"],
-        out / "confusion_matrix.png",
-        title=f"Confusion matrix, {split_name}, accuracy {metrics['accuracy']:.3f}",
-    )
-    print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
+    confusion = write_confusion(metrics, ckpt["class_names"], out, split_name)
+    print(f"wrote {out / 'eval.json'} and {confusion}")
     return metrics
 
 

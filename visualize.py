@@ -6,7 +6,7 @@
     python visualize.py feature_maps    --ckpt best.pt --image photo.jpg
     python visualize.py guided_backprop --ckpt best.pt --n 4 --neuron features.4:0-9
     python visualize.py gradcam         --ckpt best.pt --image a.jpg b.jpg [--layer layer4]
-    python visualize.py confusion       --ckpt best.pt
+    python visualize.py confusion       --ckpt best.pt                         # confusion_matrix.png, as evaluate.py
     python visualize.py top_losses      --ckpt best.pt --n 12 [--cam]     # the held-out photos it gets most wrong
     python visualize.py calibration     --ckpt best.pt                     # reliability diagram
     python visualize.py curves          --run runs/<run1> runs/<run2>
@@ -36,13 +36,12 @@ import torch
 from torch import nn
 
 from inat_classifier.attribution import (
-    auto_cam_layer,
     capture_outputs,
     conv_layer,
     conv_stages,
     grad_cam,
     guided_backprop,
-    parse_neurons,
+    neuron_maps,
 )
 from inat_classifier.calibration import calibration_metrics, plot_reliability, temperature_of
 from inat_classifier.checkpoint import preprocess_of
@@ -50,7 +49,9 @@ from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.devices import select_device
 from inat_classifier.failures import plot_top_losses, top_loss_panels
 from inat_classifier.figures import (
+    MIN_MAP_SIDE,
     gradient_image,
+    maps_worth_showing,
     plot_feature_maps,
     plot_filters,
     plot_gradcam,
@@ -59,7 +60,7 @@ from inat_classifier.figures import (
     unnormalize,
 )
 from inat_classifier.inference import evaluate_samples, heldout_samples, load_input, predict
-from inat_classifier.metrics import plot_confusion
+from inat_classifier.metrics import write_confusion
 from inat_classifier.runs import read_metrics_csv
 from inat_classifier.sweep import report as sweep_report
 from inat_classifier.tracking import log_figure, plot_curves, short_labels
@@ -204,12 +205,17 @@ def cmd_feature_maps(args: argparse.Namespace, model: nn.Module, ckpt: dict, dev
         print(f"note: skipped layers without a 4-D feature map output: {', '.join(skipped)}")
     if not maps:
         raise UserError("none of the layers gives a 4-D feature map")
-    maps = {n: maps[n] for n in names if n in maps}
+    maps, small = maps_worth_showing({n: maps[n] for n in names if n in maps})
+    too_small = f"left out {', '.join(small)}: maps under {MIN_MAP_SIDE}x{MIN_MAP_SIDE} have no layout to show"
+    if not maps:
+        raise UserError(f"{too_small}, and that is every layer; name earlier layers with --layers")
+    if small:
+        print(f"note: {too_small}")
     p = logits.softmax(1)[0]
     pred = int(p.argmax())
     title = (
         f"Feature maps of {Path(path).name} (predicted {ckpt['class_names'][pred]}, {p[pred]:.0%}): "
-        f"the {args.channels} most active channels per layer"
+        f"the {args.channels} most active channels per layer" + (f"\n({too_small})" if small else "")
     )
     out = output_dir(args) / f"feature_maps_{Path(path).stem}.png"
     plot_feature_maps(x, maps, preprocess, out, title, args.channels, args.dpi)
@@ -217,25 +223,14 @@ def cmd_feature_maps(args: argparse.Namespace, model: nn.Module, ckpt: dict, dev
 
 
 # ----------------------------------------------------------------------------- guided backprop, Grad-CAM
-def neuron_maps(args, model, x: torch.Tensor) -> list[tuple[tuple[str, int], torch.Tensor, torch.Tensor]]:
-    """Per --neuron: (layer, index), its guided-backprop maps and its activation score per image."""
-    neurons = [(layer or auto_cam_layer(model, x), index) for layer, index in parse_neurons(args.neuron)]
-    if not neurons:
-        return []
-    grads = [guided_backprop(model, x, neuron=n, reduce=args.reduce)[0] for n in neurons]  # checks each neuron
-    outs, _ = capture_outputs(model, x, sorted({layer for layer, _ in neurons}))
-    maps = []
-    for (layer, index), g in zip(neurons, grads, strict=True):
-        ch = outs[layer][:, index].flatten(1)
-        maps.append(((layer, index), g, ch.amax(1) if args.reduce == "max" else ch.sum(1)))
-    return maps
-
-
-def cmd_guided_backprop(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
+def guided_backprop_rows(
+    args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device
+) -> list[list[tuple[torch.Tensor, str]]]:
+    """The panels of guided_backprop.png, a row per image: the image, its class's map, each --neuron's map."""
     x, labels, paths = images_for(args, ckpt)
     x = x.to(device)
     names, preprocess = ckpt["class_names"], preprocess_of(ckpt)
-    neurons = neuron_maps(args, model, x)
+    neurons = neuron_maps(model, x, args.neuron, args.reduce)
     grads, logits = guided_backprop(model, x, reduce=args.reduce)
     probs = logits.float().softmax(1).cpu()
     rows = []
@@ -249,13 +244,24 @@ def cmd_guided_backprop(args: argparse.Namespace, model: nn.Module, ckpt: dict, 
             ),
             (gradient_image(grads[r], preprocess.std), f"guided backprop\nfor '{names[pred]}'"),
         ]
-        for (layer, index), g, act in neurons:
+        for (layer, index), g, act, fired in neurons:
+            dead = "" if fired[r] else "never fires on this image (dead)\n"
             panels.append(
-                (gradient_image(g[r], preprocess.std), f"neuron {layer}[{index}]\n{args.reduce} act {act[r]:.2f}")
+                (gradient_image(g[r], preprocess.std), f"neuron {layer}[{index}]\n{dead}{args.reduce} act {act[r]:.2f}")
             )
         rows.append(panels)
+    for (layer, index), _, _, fired in neurons:
+        if not fired.all():
+            print(
+                f"note: neuron {layer}[{index}] never fires on {int((~fired).sum())} of {len(paths)} images (dead "
+                "there): no pixel raises it, so its panel is plain grey"
+            )
+    return rows
+
+
+def cmd_guided_backprop(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
     out = output_dir(args) / "guided_backprop.png"
-    plot_guided_backprop(rows, out, args.dpi)
+    plot_guided_backprop(guided_backprop_rows(args, model, ckpt, device), out, args.dpi)
     return out
 
 
@@ -285,15 +291,7 @@ def cmd_gradcam(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: 
 def cmd_confusion(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> Path:
     samples, split_name = heldout_samples(ckpt, args.data_dir, args.split)
     metrics = evaluate_samples(model, ckpt, samples, device, args.batch_size, args.workers)
-    out = output_dir(args) / f"confusion_{args.split}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_confusion(
-        metrics["confusion_matrix"],
-        ckpt["class_names"],
-        out,
-        title=f"Confusion matrix, {split_name}, {metrics['n']} images, accuracy {metrics['accuracy']:.3f}",
-    )
-    return out
+    return write_confusion(metrics, ckpt["class_names"], output_dir(args), split_name)
 
 
 # ----------------------------------------------------------------------------- top losses, calibration
@@ -507,7 +505,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     for name, help_text, description in (
         ("confusion", "confusion matrix on the held-out split",
-         "Confusion matrix normalised per true class over the held-out split."),
+         "Confusion matrix normalised per true class over the held-out split, as confusion_matrix.png "
+         "(the figure and file name evaluate.py writes)."),
         ("top_losses", "the held-out photos with the highest loss",
          "The held-out photos whose true class gets the lowest probability (highest cross-entropy), "
          "titled with the true class, the prediction, its probability and the loss."),

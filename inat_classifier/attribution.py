@@ -240,6 +240,27 @@ def guided_backprop(
     return grad.detach(), logits.detach()
 
 
+def neuron_maps(
+    model: nn.Module, x: torch.Tensor, specs: Sequence[str] | None, reduce: str = "max"
+) -> list[tuple[tuple[str, int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per --neuron spec: (layer, index), its guided-backprop maps, its score per image ('max' or 'sum'
+    of its activation map) and whether it fired per image.
+
+    A neuron that never fires on an image (no unit on, e.g. a dead ReLU) passes no gradient back
+    under the guided rule: its map is exactly zero, a grey panel that needs saying so.
+    """
+    neurons = [(layer or auto_cam_layer(model, x), index) for layer, index in parse_neurons(specs)]
+    if not neurons:
+        return []
+    grads = [guided_backprop(model, x, neuron=n, reduce=reduce)[0] for n in neurons]  # checks each neuron
+    outs, _ = capture_outputs(model, x, sorted({layer for layer, _ in neurons}))
+    maps = []
+    for (layer, index), g in zip(neurons, grads, strict=True):
+        ch = outs[layer][:, index].flatten(1)
+        maps.append(((layer, index), g, ch.amax(1) if reduce == "max" else ch.sum(1), g.flatten(1).any(1)))
+    return maps
+
+
 def _guided_hooks(work: nn.Module, guided: bool, layer: str | None, captured: dict) -> list:
     """On the working copy: in-place ops off, the guided rule on every activation module, and a
     hook keeping `layer`'s output in captured["act"] (later in-place ops get a clone)."""

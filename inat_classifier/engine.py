@@ -185,7 +185,7 @@ def train_one_epoch(
     stop: StopRequested,
     save_mid_epoch: Callable[[int, dict], None],
 ) -> dict:
-    """One pass over the training data; returns train_loss and train_acc ({} when stopped mid-epoch)."""
+    """One pass over the training data; returns train_loss, train_acc and the LR its last step used ({} if stopped)."""
     set_train_mode(trainer.model)
     meter = EpochMeter(trainer.device, state.partial)
     step, k = state.batches_done, trainer.accum_steps
@@ -214,7 +214,7 @@ def train_one_epoch(
     meter.sync(epoch, step)
     check_finite_weights(trainer.model, epoch, step)
     bar.close()
-    return meter.totals()
+    return {**meter.totals(), "lr": trainer.step_lr}
 
 
 @torch.no_grad()
@@ -401,7 +401,6 @@ def run_epochs(
                     **train,
                     "val_loss": val["loss"],
                     "val_acc": val["acc"],
-                    "lr": trainer.optimizer.param_groups[0]["lr"],
                     "epoch_time": time.perf_counter() - t0,
                 },
                 saver,

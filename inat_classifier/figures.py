@@ -112,7 +112,8 @@ def plot_prediction_grid(
     """
     plt = pyplot()
     rows = max(1, math.ceil(len(records) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.35 * rows + 0.6), squeeze=False, layout="constrained")
+    # 1.45 in a row: the default 10x3 grid is about 1,670 px tall at --dpi 110, a page's height
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.45 * rows + 0.6), squeeze=False, layout="constrained")
     colours = []
     for ax in axes.flat:
         ax.axis("off")
@@ -124,16 +125,16 @@ def plot_prediction_grid(
         ax.set_xticks([]), ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_edgecolor(colour)
-            spine.set_linewidth(5)
+            spine.set_linewidth(4)
         ax.set_title(
             f"true: {class_names[r['true']]}\npred: {class_names[r['pred']]} ({r['confidence']:.0%})",
-            fontsize=9,
+            fontsize=8,
             color=colour,
         )
     n_right = sum(r["correct"] for r in records)
     fig.suptitle(
         f"{title}\n{n_right}/{len(records)} right (green frame), {len(records) - n_right} wrong (red frame)",
-        fontsize=11,
+        fontsize=9,
     )
     save_figure(fig, out, dpi)
     return colours
@@ -170,6 +171,16 @@ def plot_filters(weight: torch.Tensor, out: Path, title: str, max_filters: int =
         ax.set_title(str(i), fontsize=7, pad=2)
     fig.suptitle(title, fontsize=10)
     save_figure(fig, out, dpi)
+
+
+MIN_MAP_SIDE = 2  # a 1xN map is one value per channel: its panels would be flat squares, all alike
+
+
+def maps_worth_showing(maps: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The (1, C, H, W) maps with both sides >= MIN_MAP_SIDE, and a 'name (HxW)' for each one left out."""
+    shown = {n: m for n, m in maps.items() if min(m.shape[-2:]) >= MIN_MAP_SIDE}
+    left_out = [f"{n} ({m.shape[-2]}x{m.shape[-1]})" for n, m in maps.items() if n not in shown]
+    return shown, left_out
 
 
 def plot_feature_maps(

@@ -1,4 +1,4 @@
-"""Classification metrics: confusion matrix, per-class accuracy/precision/F1, their report and heat map."""
+"""Classification metrics: confusion matrix, per-class recall/precision/F1, their report and heat map."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from inat_classifier.figures import pyplot
 from inat_classifier.storage import save_png
 
+CONFUSION_PNG = "confusion_matrix.png"  # evaluate.py and `visualize.py confusion` write the one figure, one name
+
 
 def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, n: int) -> torch.Tensor:
     """Rows are true classes, columns predicted classes."""
@@ -18,6 +20,9 @@ def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, n: int) -> torc
 
 def classification_metrics(cm: torch.Tensor, class_names: list[str]) -> dict:
     """Accuracy, macro F1 and per-class figures; a class with no test photo has no F1 to average.
+
+    A class's `recall` is the share of its photos predicted as it (older eval.json files call it
+    `accuracy`; nothing reads the per-class figures back).
 
     Counting such a class as F1 0 would lower macro F1 for a photo that was never there (e.g.
     all of a held-out class unreadable): it is left out, and named in `macro_f1_excluded`.
@@ -32,7 +37,7 @@ def classification_metrics(cm: torch.Tensor, class_names: list[str]) -> dict:
     )
     per_class = {
         name: {
-            "accuracy": recall[i].item(),
+            "recall": recall[i].item(),
             "precision": precision[i].item(),
             "f1": f1[i].item(),
             "support": int(support[i].item()),
@@ -54,9 +59,9 @@ def print_report(metrics: dict, title: str) -> None:
     names = list(metrics["per_class"])
     width = max(12, *(len(n) for n in names))
     print(title)
-    print(f"{'class':<{width}} {'accuracy':>9} {'precision':>9} {'f1':>7} {'support':>8}")
+    print(f"{'class':<{width}} {'recall':>9} {'precision':>9} {'f1':>7} {'support':>8}")
     for name, m in metrics["per_class"].items():
-        print(f"{name:<{width}} {m['accuracy']:>9.4f} {m['precision']:>9.4f} {m['f1']:>7.4f} {m['support']:>8}")
+        print(f"{name:<{width}} {m['recall']:>9.4f} {m['precision']:>9.4f} {m['f1']:>7.4f} {m['support']:>8}")
     print(
         f"{'overall':<{width}} {metrics['accuracy']:>9.4f} {'':>9} {metrics['macro_f1']:>7.4f} "
         f"{sum(m['support'] for m in metrics['per_class'].values()):>8}"
@@ -137,3 +142,12 @@ def print_most_confused(pairs: list[dict]) -> None:
     print("most confused (true -> predicted: photos, share of the true class):")
     for pair in pairs:
         print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']} ({pair['fraction']:.0%})")
+
+
+def write_confusion(metrics: dict, class_names: list[str], folder: Path, split_name: str) -> Path:
+    """The held-out confusion matrix as folder/confusion_matrix.png: the same figure from either script."""
+    out = folder / CONFUSION_PNG
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = f"Confusion matrix, {split_name}, {metrics['n']} images, accuracy {metrics['accuracy']:.3f}"
+    plot_confusion(metrics["confusion_matrix"], class_names, out, title=title)
+    return out

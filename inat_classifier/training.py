@@ -114,10 +114,17 @@ class Trainer:
     pending: int = 0  # micro-batches whose gradients are summed but not yet applied
     module: nn.Module | None = None  # the plain model inside `model` (None: `model` itself)
     wrap: Callable[[nn.Module], nn.Module] | None = None  # how `model` was made from `module`
+    stepped_lr: float | None = None  # the LR of the last optimizer step (the first parameter group's)
 
     @property
     def plain(self) -> nn.Module:
         return self.module if self.module is not None else self.model
+
+    @property
+    def step_lr(self) -> float:
+        """The LR the last optimizer step used, the epoch's LR in metrics.csv (the LR after the step would
+        show a cosine run's last epoch as trained at 0); before any step, the LR the next one will use."""
+        return self.stepped_lr if self.stepped_lr is not None else self.optimizer.param_groups[0]["lr"]
 
     def rewrap(self) -> None:
         """Wrap the plain model anew after its trainable parameters changed: DDP syncs only what was
@@ -153,6 +160,7 @@ def apply_update(trainer: Trainer) -> None:
     if trainer.grad_clip > 0:
         trainer.scaler.unscale_(trainer.optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.grad_clip)
+    trainer.stepped_lr = trainer.optimizer.param_groups[0]["lr"]  # before the schedule moves it on
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()
     if trainer.scheduler is not None:

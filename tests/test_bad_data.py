@@ -20,6 +20,7 @@ import train_parta
 import train_partb
 from conftest import CLASSES, assert_one_line_error, make_dataset, read_rows, run_cli, train_args, write_image
 from inat_classifier.cli import UserError
+from inat_classifier.optim import lr_factor
 
 
 def parta(args: list[str]):
@@ -250,8 +251,11 @@ def test_resume_with_more_epochs_stretches_the_schedule_to_the_new_total(two_cla
     parta(train_args(two_classes, out, "long", 4, *flags))
     lrs = lambda name: [float(r["lr"]) for r in read_rows(out / name / "metrics.csv")]  # noqa: E731
     assert len(lrs("short")) == 4 and lrs("short")[2:] == pytest.approx(lrs("long")[2:], rel=1e-9)
-    if scheduler == "cosine":  # the first 2 epochs ran a 2-epoch schedule: at its end, not half way
-        assert lrs("short")[1] < lrs("long")[1] / 10
+    if scheduler == "cosine":  # the first 2 epochs ran a 2-epoch schedule: epoch 2 at its last step, not half way
+        steps = torch.load(out / "short" / "last.pt", map_location="cpu", weights_only=True)["scheduler"]["last_epoch"]
+        per_epoch = steps // 4
+        end_of_two = 0.005 * lr_factor(2 * per_epoch - 1, 2 * per_epoch, per_epoch, "cosine")  # --lr 0.005
+        assert lrs("short")[1] == pytest.approx(end_of_two, rel=1e-9) and lrs("short")[1] < lrs("long")[1]
 
 
 def test_resume_after_the_data_folder_changed_names_what_is_missing(two_classes, tmp_path):

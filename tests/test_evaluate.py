@@ -49,15 +49,15 @@ def test_classification_metrics_by_hand():
     m = classification_metrics(cm, ["a", "b"])
     assert m["accuracy"] == pytest.approx(5 / 6)
     a, b = m["per_class"]["a"], m["per_class"]["b"]
-    assert (a["precision"], a["accuracy"], a["support"]) == (pytest.approx(1.0), pytest.approx(2 / 3), 3)
-    assert (b["precision"], b["accuracy"], b["support"]) == (pytest.approx(3 / 4), pytest.approx(1.0), 3)
+    assert (a["precision"], a["recall"], a["support"]) == (pytest.approx(1.0), pytest.approx(2 / 3), 3)
+    assert (b["precision"], b["recall"], b["support"]) == (pytest.approx(3 / 4), pytest.approx(1.0), 3)
     f1_a, f1_b = 2 * 1 * (2 / 3) / (1 + 2 / 3), 2 * 0.75 * 1 / 1.75
     assert a["f1"] == pytest.approx(f1_a) and b["f1"] == pytest.approx(f1_b)
     assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 2)
     assert m["confusion_matrix"] == [[2, 1], [0, 3]]
     # a class never predicted and never present: zeros, not NaN
     m3 = classification_metrics(torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0]]), ["a", "b", "c"])
-    assert m3["per_class"]["c"] == {"accuracy": 0.0, "precision": 0.0, "f1": 0.0, "support": 0}
+    assert m3["per_class"]["c"] == {"recall": 0.0, "precision": 0.0, "f1": 0.0, "support": 0}
 
 
 def test_flip_tta_averages_image_and_mirror():
