@@ -157,14 +157,16 @@ def check_train_args(config: dict, extra: list[str], program: str, parser: argpa
     watched = searched | set(MANAGED_FLAGS)
     found = flags_read(parser, extra, name) if parser is not None else flags_guessed(extra, watched)
     for dest, arg in found.items():
+        key = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+        sets = "sets" if parser is not None or dest in (key, key.removeprefix("no_")) else "may set (as a prefix)"
         if dest in MANAGED_FLAGS:
             raise UserError(
-                f"'{arg}' after -- sets '{dest}', which is set by the sweep runner itself "
+                f"'{arg}' after -- {sets} '{dest}', which is set by the sweep runner itself "
                 f"(use --sweep_dir / --wandb of sweep_offline.py)"
             )
         if dest in searched:
             raise UserError(
-                f"'{arg}' after -- sets '{dest}', which the sweep searches; remove it, or make it "
+                f"'{arg}' after -- {sets} '{dest}', which the sweep searches; remove it, or make it "
                 f"a fixed 'value:' in the sweep yaml"
             )
 
