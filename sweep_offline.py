@@ -13,8 +13,9 @@ to SWEEP_DIR/optuna.journal (or --storage: a database URL or a journal file on a
 the ranking to SWEEP_DIR/leaderboard.csv. Any number of runners may share one sweep, like
 `wandb agent`s: one per GPU, a SLURM array, or many nodes on one database.
 
-This file is the command line and the run loop; inat_classifier/sweep/space.py maps the yaml to Optuna,
-storage.py keeps the study, process.py runs one training process.
+This file is the command line; in inat_classifier/sweep/, space.py maps the yaml to Optuna, commands.py
+builds and checks a run's command, runner.py claims, trains and records runs, process.py runs one training
+process, leaderboard.py reads and ranks the runs, storage.py keeps the study.
 """
 
 from __future__ import annotations

@@ -50,3 +50,29 @@ def test_a_continued_run_keeps_the_number_of_its_first_trial(tmp_path):
     newest = max(study_of(sweep_dir).get_trials(), key=lambda t: t.number)
     assert newest.number == 1 and newest.user_attrs["run"] == "run-000"
     assert Path(newest.user_attrs["run_dir"]).name == "run-000"
+
+
+def test_a_sweep_started_when_runs_counted_from_1_goes_on_without_taking_a_folder(tmp_path):
+    """Such a sweep's first run is run-001 (trial 0, `run` 1): its next run is run-002, not run-001 again."""
+    import optuna
+    import yaml
+    from optuna.trial import TrialState, create_trial
+
+    from inat_classifier.sweep.storage import create_study, open_storage
+
+    cfg = fake_sweep(tmp_path, "grid", [0.3, 0.6])
+    sweep_dir = tmp_path / "s"
+    (sweep_dir / "runs" / "run-001").mkdir(parents=True)
+    config = yaml.safe_load(cfg.read_text())
+    attrs = {"config": config, "config_file": str(cfg), "metric": "val_acc", "goal": "maximize", "program": "x"}
+    study = create_study(open_storage(sweep_dir, None), "s", "maximize", attrs)
+    dist = optuna.distributions.CategoricalDistribution([0.3, 0.6])
+    run_config = {"q": {"value": 0.3}}
+    old = {"run": 1, "run_dir": "runs/run-001", "run_config": run_config, "status": "finished"}
+    study.add_trial(
+        create_trial(state=TrialState.COMPLETE, value=0.3, params={"q": 0.3}, distributions={"q": dist}, user_attrs=old)
+    )
+    assert run_sweep("--sweep_dir", sweep_dir, "--count", "1", "--quiet") == 0
+    rows = {r["run"]: r for r in read_leaderboard(sweep_dir)}
+    assert sorted(rows) == ["run-001", "run-002"] and {r["state"] for r in rows.values()} == {"complete"}
+    assert sorted(p.name for p in (sweep_dir / "runs").iterdir()) == ["run-001", "run-002"]

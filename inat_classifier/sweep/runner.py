@@ -99,6 +99,13 @@ def run_name(trial_number: int) -> str:
     return f"run-{trial_number:03d}"
 
 
+def new_run_name(study: optuna.Study, trial_number: int) -> str:
+    """run_name; a sweep started before runs were numbered so counts on from 1 (its trials' `run` is that count),
+    so that no new run takes the folder of an earlier one."""
+    counted = any(isinstance(t.user_attrs.get("run"), int) for t in study.get_trials(deepcopy=False))
+    return run_name(trial_number + 1 if counted else trial_number)
+
+
 BEST_YAML_STARTS = ("# best run of ", "# run-")  # the first line of a best.yaml the runner wrote (now, earlier)
 # Flags of a run's args.json that belong to that run's folder, not to its configuration.
 RUN_BOOKKEEPING = ("out_dir", "run_name", "resume", "wandb", "config", "use_cache")
@@ -198,7 +205,7 @@ def claim_run(sweep: Sweep, stale_s: float) -> Claim | None:
             study.tell(trial, state=TrialState.FAIL)
             continue
         run_config = plain(suggest(trial, sweep.params))
-        name = run_name(trial.number)
+        name = new_run_name(study, trial.number)
         for key, value in {
             "run": name,
             "run_dir": f"runs/{name}",
@@ -399,7 +406,8 @@ def dry_run(args: argparse.Namespace, sweep: Sweep) -> int:
             break
         trial = memory.ask()
         run_config = plain(suggest(trial, sweep.params))
-        claim = Claim(trial, run_name(trial.number), f"runs/{run_name(trial.number)}", run_config)
+        name = new_run_name(memory, trial.number)
+        claim = Claim(trial, name, f"runs/{name}", run_config)
         trial.set_user_attr("run_dir", claim.run_dir)
         print(" ".join(command_of(args, copy, claim)))
     return 0
