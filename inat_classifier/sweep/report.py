@@ -409,7 +409,7 @@ def open_report_study(args: argparse.Namespace) -> tuple[Any, Path]:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Write the report's PNGs and CSVs and print the tables; returns the paths and the drawn-line counts."""
     study, base = open_report_study(args)
-    metric = str(study.user_attrs.get("metric") or "value")
+    metric = str(study.user_attrs.get("metric") or (study.metric_names or ["value"])[0])
     goal = str(study.user_attrs.get("goal") or study.direction.name.lower())
     runs = study_runs(study, base, metric, goal)
     if not runs:

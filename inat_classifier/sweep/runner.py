@@ -93,17 +93,12 @@ def sweep_runs(sweep: Sweep) -> list[Run]:
     return [] if sweep.study is None else study_runs(sweep.study, sweep.dir, *sweep.metric)
 
 
-def run_name(trial_number: int) -> str:
-    """A new run's folder name: its first trial's number, as optuna-dashboard numbers trials (unique across
-    runners, so no coordination is needed)."""
-    return f"run-{trial_number:03d}"
-
-
 def new_run_name(study: optuna.Study, trial_number: int) -> str:
-    """run_name; a sweep started before runs were numbered so counts on from 1 (its trials' `run` is that count),
-    so that no new run takes the folder of an earlier one."""
+    """A new run's folder name: its first trial's number, as optuna-dashboard numbers trials (unique across
+    runners, so no coordination is needed). A sweep started when runs were counted from 1 (its trials' `run`
+    is that count) goes on so, so that no new run takes the folder of an earlier one."""
     counted = any(isinstance(t.user_attrs.get("run"), int) for t in study.get_trials(deepcopy=False))
-    return run_name(trial_number + 1 if counted else trial_number)
+    return f"run-{trial_number + counted:03d}"
 
 
 BEST_YAML_STARTS = ("# best run of ", "# run-")  # the first line of a best.yaml the runner wrote (now, earlier)
