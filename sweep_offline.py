@@ -50,8 +50,21 @@ from inat_classifier.sweep.commands import (
     check_train_args,
     resolve_program,
 )
-from inat_classifier.sweep.leaderboard import LEADERBOARD_START, best_run, print_leaderboard, refuse_foreign
-from inat_classifier.sweep.runner import BEST_YAML_STARTS, Sweep, run_loop, sweep_runs, write_best_config
+from inat_classifier.sweep.leaderboard import (
+    LEADERBOARD_FILE,
+    LEADERBOARD_START,
+    best_run,
+    print_leaderboard,
+    refuse_foreign,
+)
+from inat_classifier.sweep.runner import (
+    BEST_CONFIG_FILE,
+    BEST_YAML_STARTS,
+    Sweep,
+    run_loop,
+    sweep_runs,
+    write_best_config,
+)
 from inat_classifier.sweep.space import check_config, load_config, metric_of, parse_parameters, plain
 from inat_classifier.sweep.storage import (
     GRACE_PERIOD_S,
@@ -255,8 +268,8 @@ def write_config_copy(sweep: Sweep) -> None:
         same = False
     if same is False:
         raise UserError(f"{copy}: exists and is not this sweep's config; move it away, or use another --sweep_dir")
-    refuse_foreign(sweep.dir / "leaderboard.csv", LEADERBOARD_START)
-    refuse_foreign(sweep.dir / "best.yaml", *BEST_YAML_STARTS)
+    refuse_foreign(sweep.dir / LEADERBOARD_FILE, LEADERBOARD_START)
+    refuse_foreign(sweep.dir / BEST_CONFIG_FILE, *BEST_YAML_STARTS)
     if same is None:  # a runner started alongside may have written the same text already
         atomic_write_text(copy, text, what="the sweep's config")
 

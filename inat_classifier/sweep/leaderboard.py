@@ -158,7 +158,7 @@ def best_run(runs: list[Run], goal: str) -> Run | None:
 
 
 # ----------------------------------------------------------------------------- the sweep folder's files
-LEADERBOARD_START = "rank,run,state,"  # the first line of every leaderboard.csv the runner writes
+LEADERBOARD_FILE, LEADERBOARD_START = "leaderboard.csv", "rank,run,state,"  # the start of its first line
 
 
 def refuse_foreign(path: Path, *starts: str) -> None:
@@ -253,8 +253,8 @@ def write_leaderboard(sweep_dir: Path, config: dict, runs: list[Run]) -> list[di
             writer.writeheader()
             writer.writerows(rows)
 
-    refuse_foreign(sweep_dir / "leaderboard.csv", LEADERBOARD_START)
-    atomic_write(sweep_dir / "leaderboard.csv", write, need=4096 + 512 * len(rows), what="the leaderboard")
+    refuse_foreign(sweep_dir / LEADERBOARD_FILE, LEADERBOARD_START)
+    atomic_write(sweep_dir / LEADERBOARD_FILE, write, need=4096 + 512 * len(rows), what="the leaderboard")
     return rows
 
 
@@ -275,4 +275,4 @@ def print_leaderboard(sweep_dir: Path, config: dict, runs: list[Run], top: int =
     if top and len(runs) > top:
         print(f"... {len(runs) - top} more")
     if write:
-        print(f"leaderboard: {sweep_dir / 'leaderboard.csv'}")
+        print(f"leaderboard: {sweep_dir / LEADERBOARD_FILE}")

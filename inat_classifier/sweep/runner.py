@@ -101,6 +101,7 @@ def new_run_name(study: optuna.Study, trial_number: int) -> str:
     return f"run-{trial_number + counted:03d}"
 
 
+BEST_CONFIG_FILE = "best.yaml"
 BEST_YAML_STARTS = ("# best run of ", "# run-")  # the first line of a best.yaml the runner wrote (now, earlier)
 # Flags of a run's args.json that belong to that run's folder, not to its configuration.
 RUN_BOOKKEEPING = ("out_dir", "run_name", "resume", "wandb", "config", "use_cache")
@@ -116,7 +117,7 @@ def write_best_config(sweep: Sweep, best: Run, writable: bool) -> None:
         return
     flags = {k: v for k, v in flags.items() if k not in RUN_BOOKKEEPING}
     program = Path(sweep.config["program"]).name
-    target = sweep.dir / "best.yaml"
+    target = sweep.dir / BEST_CONFIG_FILE
     if writable:
         refuse_foreign(target, *BEST_YAML_STARTS)
         atomic_write_text(
