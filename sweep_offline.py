@@ -13,13 +13,14 @@ to SWEEP_DIR/optuna.journal (or --storage: a database URL or a journal file on a
 the ranking to SWEEP_DIR/leaderboard.csv. Any number of runners may share one sweep, like
 `wandb agent`s: one per GPU, a SLURM array, or many nodes on one database.
 
-This file is the command line and the run loop; inat_classifier/sweep/space.py maps the yaml to Optuna,
-storage.py keeps the study, process.py runs one training process.
+This file is the command line; in inat_classifier/sweep/, space.py maps the yaml to Optuna, commands.py
+builds and checks a run's command, runner.py claims, trains and records runs, process.py runs one training
+process, leaderboard.py reads and ranks the runs, storage.py keeps the study.
 """
 
 from __future__ import annotations
 
-INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"
+from inat_classifier.sweep.process import INTERRUPTED  # the standard library only: quick
 
 if __name__ == "__main__":  # first, before the slow imports: a `kill` or Ctrl-C meanwhile is one line (startup.py)
     from inat_classifier import startup
@@ -27,25 +28,44 @@ if __name__ == "__main__":  # first, before the slow imports: a `kill` or Ctrl-C
     startup.stop_quietly(INTERRUPTED)
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import optuna
+
 from inat_classifier.cli import UserError, str2bool
 from inat_classifier.startup import imports_done, raise_interrupt
+from inat_classifier.storage import atomic_write_text
 from inat_classifier.sweep.commands import (
+    HERE,
+    OWN_PROGRAMS,
     check_metric,
-    check_swept_not_passed,
+    check_parameters,
     check_train_args,
-    plain,
-    print_leaderboard,
     resolve_program,
 )
-from inat_classifier.sweep.runner import Sweep, best_run, run_loop, sweep_runs, write_best_config
-from inat_classifier.sweep.space import check_config, load_config, metric_of, parse_parameters
+from inat_classifier.sweep.leaderboard import (
+    LEADERBOARD_FILE,
+    LEADERBOARD_START,
+    best_run,
+    print_leaderboard,
+    refuse_foreign,
+)
+from inat_classifier.sweep.runner import (
+    BEST_CONFIG_FILE,
+    BEST_YAML_STARTS,
+    Sweep,
+    run_loop,
+    sweep_runs,
+    write_best_config,
+)
+from inat_classifier.sweep.space import check_config, load_config, metric_of, parse_parameters, plain
 from inat_classifier.sweep.storage import (
     GRACE_PERIOD_S,
     HEARTBEATS_PER_GRACE,
@@ -57,6 +77,9 @@ from inat_classifier.sweep.storage import (
 )
 
 DEFAULT_CONFIG = "sweep.yaml"
+# The runner's copy of the config in the sweep folder, a name of its own beside the user's sweep.yaml;
+# sweeps started before it have the copy as sweep.yaml.
+SWEEP_CONFIG, OLD_SWEEP_CONFIG = "sweep_config.yaml", "sweep.yaml"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -214,9 +237,10 @@ def open_sweep(args: argparse.Namespace, writable: bool) -> Sweep:
             raise UserError(f"{where}: is not a sweep of sweep_offline.py (it has no sweep config)")
         check_config(stored, where)
         if config is not None and plain(config) != stored:
+            copy = next((n for n in (SWEEP_CONFIG, OLD_SWEEP_CONFIG) if (sweep_dir / n).is_file()), SWEEP_CONFIG)
             raise UserError(
                 f"{config_path} differs from the config the sweep in {sweep_dir} was started with "
-                f"({sweep_dir / 'sweep.yaml'}); continue it without --config, or start a new "
+                f"({sweep_dir / copy}); continue it without --config, or start a new "
                 f"sweep with another --sweep_dir"
             )
         config, config_path = (
@@ -231,13 +255,32 @@ def open_sweep(args: argparse.Namespace, writable: bool) -> Sweep:
     return Sweep(sweep_dir, plain(config), parse_parameters(config, str(config_path)), study, config_path)
 
 
+def write_config_copy(sweep: Sweep) -> None:
+    """SWEEP_DIR/sweep_config.yaml, the config the sweep starts with; a different file of that name is refused,
+    and so is a leaderboard.csv or best.yaml the sweep would later replace."""
+    text = __import__("yaml").safe_dump(sweep.config, sort_keys=False)
+    copy = sweep.dir / SWEEP_CONFIG
+    try:
+        same = copy.read_text(encoding="utf-8", errors="replace") == text
+    except FileNotFoundError:
+        same = None
+    except OSError:
+        same = False
+    if same is False:
+        raise UserError(f"{copy}: exists and is not this sweep's config; move it away, or use another --sweep_dir")
+    refuse_foreign(sweep.dir / LEADERBOARD_FILE, LEADERBOARD_START)
+    refuse_foreign(sweep.dir / BEST_CONFIG_FILE, *BEST_YAML_STARTS)
+    if same is None:  # a runner started alongside may have written the same text already
+        atomic_write_text(copy, text, what="the sweep's config")
+
+
 def new_study(args: argparse.Namespace, sweep: Sweep):
     """Create the sweep folder and its study (joining it when another runner just did)."""
     try:
         sweep.dir.mkdir(parents=True, exist_ok=True)
-        (sweep.dir / "sweep.yaml").write_text(__import__("yaml").safe_dump(sweep.config, sort_keys=False))
     except OSError as e:
         raise UserError(f"{sweep.dir}: cannot create the sweep folder ({e.strerror})") from None
+    write_config_copy(sweep)
     metric, goal = metric_of(sweep.config)
     attrs = {
         "config": sweep.config,
@@ -246,15 +289,31 @@ def new_study(args: argparse.Namespace, sweep: Sweep):
         "goal": goal,
         "program": sweep.config["program"],
     }
-    return create_study(
+    study = create_study(
         open_storage(sweep.dir, args.storage, grace_s=args.stale_s), args.study or sweep.dir.name, goal, attrs
     )
+    if not study.metric_names:  # optuna-dashboard then names the value val_acc, not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([metric])
+    return study
+
+
+def program_parser(program: str) -> argparse.ArgumentParser | None:
+    """The argument parser of our own training script (building it has no side effects), to read the flags
+    after -- exactly as the run will; None for any other program, whose code the runner never loads."""
+    path = Path(program).resolve()
+    if path.name not in OWN_PROGRAMS or path.parent != HERE:
+        return None
+    spec = importlib.util.spec_from_file_location(f"_sweep_program_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_args_parser()
 
 
 def main(args: argparse.Namespace) -> int:
     """Show, dry-run or train the next --count runs of the sweep; the exit code (0, 1 many failures, 130 stopped)."""
     train_args = list(getattr(args, "train_args", []) or [])
-    check_train_args(train_args)
     if args.count < 0:
         raise UserError(f"--count must be >= 0, got {args.count}")
     if not 0 < args.poll_s < float("inf"):  # NaN included
@@ -269,10 +328,11 @@ def main(args: argparse.Namespace) -> int:
         return show(sweep, args.top)
     program = resolve_program(sweep.config["program"], sweep.config_path)
     check_metric(sweep.config, program)
+    check_parameters(sweep.config)
     if not train_args and sweep.study is not None and sweep.study.user_attrs.get("train_args"):
         train_args = list(sweep.study.user_attrs["train_args"])  # a continued sweep keeps its data_dir, workers...
         print(f"[sweep] flags for every run, as last time: {' '.join(train_args)}")
-    check_swept_not_passed(sweep.config, train_args)
+    check_train_args(sweep.config, train_args, program, program_parser(program))
     sweep.program, sweep.train_args = program, train_args
     if args.dry_run:
         from inat_classifier.sweep.runner import dry_run
@@ -290,7 +350,7 @@ def show(sweep: Sweep, top: int) -> int:
     writable = os.access(sweep.dir, os.W_OK)
     runs = sweep_runs(sweep)
     print_leaderboard(sweep.dir, sweep.config, runs, top, write=writable)
-    best = best_run(sweep, runs)
+    best = best_run(runs, sweep.metric[1])
     if best is not None:
         write_best_config(sweep, best, writable)
     return 0

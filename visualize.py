@@ -346,7 +346,7 @@ def cmd_curves(args: argparse.Namespace) -> Path:
             hist = read_metrics_csv(csv_path)
         except (KeyError, ValueError, TypeError) as e:
             raise UserError(f"{csv_path}: not a metrics.csv written by training ({e})") from None
-        if not hist or not {"epoch", "train_loss", "val_loss", "train_acc", "val_acc"} <= set(hist[0]):
+        if not hist or any(not {"epoch", "train_loss", "val_loss", "train_acc", "val_acc"} <= set(h) for h in hist):
             raise UserError(f"{csv_path}: no epochs with train/val loss and accuracy")
         dirs.append(csv_path.parent)
     labels = short_labels([d.name for d in dirs])

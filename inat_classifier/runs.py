@@ -340,5 +340,18 @@ def write_metrics_csv(run_dir: Path, history: list[dict]) -> None:
 
 
 def read_metrics_csv(path: str | Path) -> list[dict]:
+    """metrics.csv rows, each number a float and the epoch an int; a cell that holds no number is left out
+    (a sweep's program may log any columns)."""
+    rows = []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        for row in csv.DictReader(f):
+            numbers = {}
+            for key, value in row.items():
+                try:
+                    numbers[key] = float(value)
+                except (TypeError, ValueError):
+                    continue
+            if "epoch" in numbers and numbers["epoch"].is_integer():
+                numbers["epoch"] = int(numbers["epoch"])
+            rows.append(numbers)
+    return rows

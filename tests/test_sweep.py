@@ -48,12 +48,11 @@ def study_of(sweep_dir: Path) -> optuna.Study:
 
 
 def runs_of(sweep_dir: Path) -> dict[str, dict]:
-    """Each run's newest trial as a dict: name -> state, status, value, attrs."""
+    """Each run's newest trial as a dict: name -> state, value, attrs."""
     out = {}
     for folder, t in newest_trials(study_of(sweep_dir)).items():
         out[Path(folder).name] = {
             "state": t.state.name,
-            "status": t.user_attrs.get("status"),
             "value": t.value,
             "attrs": t.user_attrs,
             "params": t.params,
@@ -207,7 +206,7 @@ def test_offline_random_sweep_ranks_resumes_and_writes_the_best_config(tiny_data
     )
     assert code == 0
     board = read_leaderboard(sweep_dir)
-    assert [r["rank"] for r in board] == ["1", "2"] and all(r["state"] == "finished" for r in board), board
+    assert [r["rank"] for r in board] == ["1", "2"] and all(r["state"] == "complete" for r in board), board
     accs = [float(r["val_acc"]) for r in board]
     assert accs == sorted(accs, reverse=True)
     runs = runs_of(sweep_dir)
@@ -229,7 +228,7 @@ def test_offline_random_sweep_ranks_resumes_and_writes_the_best_config(tiny_data
         assert run["value"] == pytest.approx(best)
     # continuing: one more run, numbered after the others, with the sweep's last -- flags
     assert sweep_offline.main(sweep_offline.parse_args(["--sweep_dir", str(sweep_dir), "--count", "1", "--quiet"])) == 0
-    assert sorted(runs_of(sweep_dir)) == ["run-001", "run-002", "run-003"]
+    assert sorted(runs_of(sweep_dir)) == ["run-000", "run-001", "run-002"]
     # --show: the best run's command and best.yaml, which --config turns back into that run's flags
     capsys.readouterr()
     assert sweep_offline.main(sweep_offline.parse_args(["--sweep_dir", str(sweep_dir), "--show"])) == 0
@@ -259,7 +258,7 @@ def test_failed_run_is_recorded_and_grid_completes(tmp_path, capsys):
     sweep_dir = tmp_path / "s"
     assert run_sweep("--config", cfg, "--sweep_dir", sweep_dir, "--count", "5", "--quiet") == 0
     board = read_leaderboard(sweep_dir)
-    assert sorted((r["q"], r["state"]) for r in board) == [("-1", "failed"), ("0.5", "finished"), ("0.9", "finished")]
+    assert sorted((r["q"], r["state"]) for r in board) == [("-1", "fail"), ("0.5", "complete"), ("0.9", "complete")]
     assert board[0]["q"] == "0.9" and "q must be >= 0" in board[2]["note"]
     assert "grid search complete" in capsys.readouterr().out
     other = write_yaml(tmp_path / "other.yaml", dict(yaml.safe_load(cfg.read_text()), method="random"))
@@ -280,7 +279,7 @@ def test_hyperband_prunes_the_run_that_is_behind_at_min_iter(tmp_path):
     runs = sorted(runs_of(sweep_dir).values(), key=lambda r: r["number"])
     by_q = {r["params"]["q"]: r for r in runs}
     assert runs[0]["state"] == "COMPLETE"  # the first has nothing to be behind
-    assert by_q[0.1]["state"] == "PRUNED" and by_q[0.1]["status"] == "pruned", by_q
+    assert by_q[0.1]["state"] == "PRUNED", by_q
     assert csv_rows(sweep_dir / by_q[0.1]["attrs"]["run_dir"] / "metrics.csv") < 6
     assert by_q[0.95]["state"] == "COMPLETE"  # ahead of every other run at every epoch
     board = {r["run"]: r for r in read_leaderboard(sweep_dir)}
@@ -385,7 +384,7 @@ def csv_rows(path: Path) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_run_whose_runner_was_killed_is_continued_by_the_next_runner_from_last_pt(tmp_path):
     cfg = resumable_sweep(tmp_path, [0.6], {"epochs": {"value": 20}, "sleep": {"value": 0.15}}, method="random")
-    sweep_dir, run_dir = tmp_path / "s", tmp_path / "s" / "runs" / "run-001"
+    sweep_dir, run_dir = tmp_path / "s", tmp_path / "s" / "runs" / "run-000"
     fast = ["--poll_s", "0.1", "--stale_s", "2", "--quiet"]
     a = start_runner("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", *fast, cwd=tmp_path)
     wait_for(lambda: csv_rows(run_dir / "metrics.csv") >= 3, 120, a)
@@ -393,10 +392,10 @@ def test_a_run_whose_runner_was_killed_is_continued_by_the_next_runner_from_last
     a.send_signal(signal.SIGKILL)
     a.wait(timeout=30)
     wait_for(lambda: all(process_gone(p) for p in trainer), 20)  # it got SIGTERM with its runner, saved last.pt
-    log = (sweep_dir / "logs" / "run-001.log").read_text()
+    log = (sweep_dir / "logs" / "run-000.log").read_text()
     assert "interrupted: progress is in last.pt" in log, log
     done = csv_rows(run_dir / "metrics.csv")
-    assert runs_of(sweep_dir)["run-001"]["state"] == "RUNNING"  # as far as the study knows
+    assert runs_of(sweep_dir)["run-000"]["state"] == "RUNNING"  # as far as the study knows
     time.sleep(2.5)  # past --stale_s without a heartbeat
     b = start_runner("--sweep_dir", sweep_dir, "--count", "1", *fast, cwd=tmp_path)
     out = b.communicate(timeout=120)[0]
@@ -404,15 +403,15 @@ def test_a_run_whose_runner_was_killed_is_continued_by_the_next_runner_from_last
     assert "its runner stopped beating" in out and f"resuming it after epoch {done}" in out, out
     assert [r["epoch"] for r in read_metrics_csv(run_dir / "metrics.csv")] == list(range(1, 21))  # none repeated
     runs = runs_of(sweep_dir)
-    assert list(runs) == ["run-001"] and runs["run-001"]["state"] == "COMPLETE"
-    assert runs["run-001"]["value"] == pytest.approx(0.6)
+    assert list(runs) == ["run-000"] and runs["run-000"]["state"] == "COMPLETE"
+    assert runs["run-000"]["value"] == pytest.approx(0.6)
     assert len(list((sweep_dir / "runs").iterdir())) == 1  # continued in its folder, not trained afresh
 
 
 def test_a_run_lost_with_its_node_before_its_first_epoch_is_continued_in_its_folder(tmp_path):
     """Runner and trainer killed together (a lost node) once the run folder exists, before any epoch or last.pt."""
     cfg = resumable_sweep(tmp_path, [0.6], {"epochs": {"value": 3}, "sleep": {"value": 0.3}}, method="random")
-    sweep_dir, run_dir = tmp_path / "s", tmp_path / "s" / "runs" / "run-001"
+    sweep_dir, run_dir = tmp_path / "s", tmp_path / "s" / "runs" / "run-000"
     fast = ["--poll_s", "0.1", "--stale_s", "1", "--quiet"]
     a = start_runner("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", *fast, cwd=tmp_path)
     wait_for(lambda: run_dir.is_dir(), 120, a)
@@ -425,7 +424,7 @@ def test_a_run_lost_with_its_node_before_its_first_epoch_is_continued_in_its_fol
     out = b.communicate(timeout=120)[0]
     assert b.returncode == 0, out
     assert "--resume" in out and "already exists" not in out, out
-    assert runs_of(sweep_dir)["run-001"]["state"] == "COMPLETE"
+    assert runs_of(sweep_dir)["run-000"]["state"] == "COMPLETE"
     assert [r["epoch"] for r in read_metrics_csv(run_dir / "metrics.csv")] == [1, 2, 3]
 
 
@@ -460,14 +459,14 @@ def test_kill_9_of_a_runner_stops_its_real_trainer_which_saves_last_pt(tmp_path)
         "off",
         cwd=tmp_path,
     )
-    run_dir = sweep_dir / "runs" / "run-001"
+    run_dir = sweep_dir / "runs" / "run-000"
     wait_for(lambda: (run_dir / "metrics.csv").is_file(), 120, runner)  # the trainer is in its epochs
     trainer = children_of(runner.pid)
     assert len(trainer) == 1
     runner.send_signal(signal.SIGKILL)
     runner.wait(timeout=30)
     wait_for(lambda: process_gone(trainer[0]), 10)
-    log = (sweep_dir / "logs" / "run-001.log").read_text()
+    log = (sweep_dir / "logs" / "run-000.log").read_text()
     assert "interrupted: progress is in" in log and "Traceback" not in log, log  # stopped cleanly, saved last.pt
     assert (run_dir / "last.pt").is_file() and not (run_dir / "result.json").exists()
 
@@ -544,12 +543,12 @@ def test_a_rejected_run_stops_the_runner_with_the_trainers_error(tiny_data, tmp_
     capsys.readouterr()
     assert run_sweep("--config", fake, "--sweep_dir", tmp_path / "f", "--count", "2", "--", "--bogus", "1") == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("error: run-001 was rejected") and "unrecognized arguments: --bogus" in line, line
+    assert line.startswith("error: run-000 was rejected") and "unrecognized arguments: --bogus" in line, line
     assert len(runs_of(tmp_path / "f")) == 1
     fake = fake_sweep(tmp_path, "grid", [-1, -2])  # other failures go on, but such a runner does not exit 0
     assert run_sweep("--config", fake, "--sweep_dir", tmp_path / "g", "--count", "2") == 1
     assert "every run this runner trained failed (2)" in capsys.readouterr().err
-    assert [r["status"] for r in runs_of(tmp_path / "g").values()] == ["failed", "failed"]
+    assert [r["state"] for r in runs_of(tmp_path / "g").values()] == ["FAIL", "FAIL"]
 
 
 def test_a_metric_no_run_logs_is_named(tmp_path, capsys):
@@ -567,10 +566,11 @@ def test_a_metric_no_run_logs_is_named(tmp_path, capsys):
     assert proc.returncode == 2
     assert_one_line_error(proc, "'val_accuracy' is not logged by train_parta.py", "val_acc", "fix metric.name")
     cfg = resumable_sweep(tmp_path, [0.5], metric="val_accuracy")
-    assert run_sweep("--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "1", "--quiet") == 0
+    # trained, but with nothing to rank it by: the study records it as failed, and so does the runner
+    assert run_sweep("--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "1", "--quiet") == 1
     out = capsys.readouterr().out
     assert (
-        "[sweep] warning: no run logs 'val_accuracy': run-001's metrics.csv has epoch, train_loss, val_acc; "
+        "[sweep] warning: no run logs 'val_accuracy': run-000's metrics.csv has epoch, train_loss, val_acc; "
         "fix metric.name in the yaml" in out
     ), out
 
@@ -589,7 +589,7 @@ def test_leaderboard_columns_are_unique_when_parameters_share_their_names(tmp_pa
         header = next(csv.reader(f))
     assert len(header) == len(set(header)), header
     row = read_leaderboard(tmp_path / "s")[0]
-    assert row["state"] == "finished" and float(row["val_acc"]) == pytest.approx(0.5) and row["epochs"] == "2"
+    assert row["state"] == "complete" and float(row["val_acc"]) == pytest.approx(0.5) and row["epochs"] == "2"
     assert (row["param_state"], row["param_val_acc"], row["param_epochs"], row["param_note"]) == ("x", "7", "2", "n")
     assert row["param_param_epochs"] == "5" and row["q"] == "0.5"
     table_header = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("rank"))

@@ -18,6 +18,7 @@ import visualize
 from conftest import assert_one_line_error, clean_env, run_cli
 from inat_classifier import cli
 from inat_classifier.sweep import report as sweep_report
+from inat_classifier.sweep.leaderboard import study_runs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -162,22 +163,23 @@ def test_continued_trial_is_one_run_and_states_are_marked(result):
     res, out = result
     # 9 complete + the continued one, 1 pruned, 1 failed, 1 running; the dead trial is no run of its own.
     assert res["runs"] == 13
-    assert "runs (13: 10 complete, 1 pruned, 1 failed, 1 running; val_acc maximize)" in out
+    assert "runs (13: 10 complete, 1 pruned, 1 fail, 1 running; val_acc maximize)" in out
     rows = [ln.split() for ln in out.splitlines() if ln.split()[:1] and ln.split()[0].isdigit()]
     by_run = {r[1]: r for r in rows if r[1].startswith("run-")}
     assert sorted(by_run) == [f"run-{i:03d}" for i in range(13)]
     assert sum(r[1] == "run-010" for r in rows) == 1
     assert by_run["run-010"][2] == "complete" and by_run["run-010"][0] == "1"  # the best run
-    assert (by_run["run-009"][2], by_run["run-011"][2], by_run["run-012"][2]) == ("pruned", "failed", "running")
+    assert (by_run["run-009"][2], by_run["run-011"][2], by_run["run-012"][2]) == ("pruned", "fail", "running")
 
 
 def test_parallel_coordinates_draw_one_line_per_finished_run(sweep):
-    runs = sweep_report.select_runs(
+    runs = study_runs(
         optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(sweep / "optuna.journal")))),
         sweep,
+        "val_acc",
         "maximize",
     )
-    fig, n = sweep_report.parallel_coordinates_figure(runs, sweep_report.searched_params(runs), "val_acc")
+    fig, n = sweep_report.parallel_coordinates_figure(runs, sweep_report.param_distributions(runs), "val_acc")
     drawn = [ln.get_gid() for ln in fig.axes[0].lines if str(ln.get_gid()).startswith("run:")]
     sweep_report.pyplot().close(fig)
     # 10 complete and 1 pruned; the failed run has no metric and the running one has not finished.
@@ -209,7 +211,7 @@ def test_categorical_csv_has_best_mean_and_counts_per_value(sweep, result):
         row = rows[value]
         assert float(row["best_val_acc"]) == pytest.approx(max(accs))
         assert float(row["mean_val_acc"]) == pytest.approx(sum(accs) / len(accs))
-        assert (int(row["complete"]), int(row["pruned"]), int(row["failed"]), int(row["running"])) == (
+        assert (int(row["complete"]), int(row["pruned"]), int(row["fail"]), int(row["running"])) == (
             len(accs),
             pruned,
             failed,

@@ -1,22 +1,20 @@
-"""The offline sweep's runs: the agent's command for a run, a run's metrics, and the leaderboard of the study's runs.
+"""The command of a sweep's run, as `wandb agent` builds it, and the checks of what it is given.
 
-Everything here is plain functions over the sweep config, the run folders and the Optuna trials;
-nothing starts a process. The run commands come from wandb's own helpers, so a run gets exactly
-the argv `wandb agent` would pass it.
+Nothing here starts a process. The run commands come from wandb's own helpers, so a run gets exactly
+the argv `wandb agent` would pass it; the flags after `--` are read as the program's own parser reads
+them, so that none of them sets a searched parameter or a flag the runner manages.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
+import argparse
+import contextlib
+import io
 import platform
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from inat_classifier.cli import METRIC_FIELDS, RESULT_FILE, UserError
-from inat_classifier.storage import atomic_write
+from inat_classifier.cli import METRIC_FIELDS, UserError
+from inat_classifier.sweep.leaderboard import searched_params
 from inat_classifier.sweep.space import metric_of
 
 DEFAULT_SWEEP_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # as wandb agent
@@ -24,11 +22,6 @@ DEFAULT_SWEEP_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  #
 MANAGED_FLAGS = ("out_dir", "run_name", "resume", "wandb")
 HERE = Path(__file__).resolve().parents[2]  # the repository root, where the training scripts are
 OWN_PROGRAMS = ("train_parta.py", "train_partb.py")  # their metrics.csv has exactly METRIC_FIELDS
-
-
-def plain(value: Any) -> Any:
-    """numpy scalars and nested containers as plain JSON types (what the W&B backend sends)."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -102,201 +95,86 @@ def check_metric(config: dict, program: str) -> None:
         )
 
 
-def check_swept_not_passed(config: dict, extra: list[str]) -> None:
-    """Refuse a swept parameter also given after --: the run would train with a value the sweep never records."""
-    searched = set(searched_params(config))
-    for arg in extra:
-        name = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
-        if arg.startswith("--") and name in searched:
+class ParseStop(Exception):
+    """argparse gave up (an error, or --help): its message."""
+
+
+def parsed_dests(parser: argparse.ArgumentParser, args: list[str]) -> tuple[set[str], list[str]]:
+    """The dests `args` set when `parser` reads them (prefixes, --flag=value, --no-flag included), and the
+    arguments it does not know; ParseStop with argparse's message where it gives up."""
+    unset = object()  # argparse leaves a dest that is present in the namespace alone unless an argument sets it
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions})
+
+    def stop(status: int = 0, message: str | None = None) -> None:
+        raise ParseStop((message or "it prints its help and exits").strip())
+
+    parser.exit, parser.error = stop, lambda message: stop(2, message)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        parsed, unknown = parser.parse_known_args(args, namespace)
+    return {k for k, v in vars(parsed).items() if v is not unset and not k.startswith("_")}, unknown
+
+
+def flags_read(parser: argparse.ArgumentParser, args: list[str], program: str) -> dict[str, str]:
+    """{dest: the argument that sets it} for `args` read by the program's own parser; an argument it does
+    not know, or one it rejects, is a UserError."""
+    try:
+        _, unknown = parsed_dests(parser, args)
+    except ParseStop as e:
+        raise UserError(f"the flags after -- are rejected by {program}: {e}") from None
+    if unknown:
+        raise UserError(f"'{unknown[0]}' after -- is not a flag of {program}")
+    found: dict[str, str] = {}
+    for end in range(1, len(args) + 1):  # the argument that sets a dest: the last flag of the shortest prefix
+        try:
+            dests, _ = parsed_dests(parser, args[:end])
+        except ParseStop:  # a flag still waiting for its value
+            continue
+        flag = next((a for a in reversed(args[:end]) if a.startswith("-")), args[end - 1])
+        found.update({d: flag for d in dests if d not in found})
+    return found
+
+
+def flags_guessed(args: list[str], names: set[str]) -> dict[str, str]:
+    """{name: the argument} for the flags among `args` that an argparse program may read as one of `names`:
+    --name, --name=value, --no-name, and (argparse's default abbreviations) any prefix of a name."""
+    found: dict[str, str] = {}
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+        if not arg.startswith("--") or not key:
+            continue
+        for candidate in {key, key.removeprefix("no_")} - {""}:
+            for name in sorted(names):
+                if name.startswith(candidate):
+                    found.setdefault(name, arg)
+    return found
+
+
+def check_train_args(config: dict, extra: list[str], program: str, parser: argparse.ArgumentParser | None) -> None:
+    """Refuse a flag after -- that the program reads as a searched parameter (the run would train with a value
+    the sweep never records) or as a flag the runner sets on every run; `parser` is the program's own, when
+    known, else every --name the program may take for one (an abbreviation included) counts."""
+    searched, name = set(searched_params(config)), Path(program).name
+    watched = searched | set(MANAGED_FLAGS)
+    found = flags_read(parser, extra, name) if parser is not None else flags_guessed(extra, watched)
+    for dest, arg in found.items():
+        key = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+        sets = "sets" if parser is not None or dest in (key, key.removeprefix("no_")) else "may set (as a prefix)"
+        if dest in MANAGED_FLAGS:
             raise UserError(
-                f"'{arg}' after -- sets '{name}', which the sweep searches; remove it, or make it "
+                f"'{arg}' after -- {sets} '{dest}', which is set by the sweep runner itself "
+                f"(use --sweep_dir / --wandb of sweep_offline.py)"
+            )
+        if dest in searched:
+            raise UserError(
+                f"'{arg}' after -- {sets} '{dest}', which the sweep searches; remove it, or make it "
                 f"a fixed 'value:' in the sweep yaml"
             )
 
 
-def check_train_args(extra: list[str]) -> None:
-    """Refuse `--` flags that the runner sets on every run itself."""
-    for arg in extra:
-        name = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
-        if arg.startswith("--") and name in MANAGED_FLAGS:
+def check_parameters(config: dict) -> None:
+    """Refuse a parameter the runner sets itself: the run would get the runner's value, the study the yaml's."""
+    for name in config["parameters"]:
+        if str(name).replace("-", "_") in MANAGED_FLAGS:
             raise UserError(
-                f"'{arg}' after -- is set by the sweep runner itself (use --sweep_dir / --wandb of sweep_offline.py)"
+                f"parameters.{name}: the sweep runner sets --{name} of every run itself; remove it from the yaml"
             )
-
-
-# ----------------------------------------------------------------------------- run folders
-def read_history(run_dir: Path) -> list[dict]:
-    """metrics.csv rows as floats (epoch as int); [] when the run wrote none."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            out = {}
-            for k, v in row.items():
-                try:
-                    out[k] = float(v)
-                except (TypeError, ValueError):
-                    continue
-            if "epoch" in out:
-                out["epoch"] = int(out["epoch"])
-            rows.append(out)
-    return rows
-
-
-def metrics_columns(run_dir: Path) -> list[str]:
-    """The header of the run's metrics.csv ([] without one): what its metric can be named."""
-    try:
-        with open(run_dir / "metrics.csv", newline="") as f:
-            return next(csv.reader(f), [])
-    except OSError:
-        return []
-
-
-def run_result(run_dir: str | Path) -> dict | None:
-    """The run folder's result.json (runs.write_result), or None while the run is incomplete."""
-    try:
-        result = json.loads((Path(run_dir) / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return result if isinstance(result, dict) else None
-
-
-# ----------------------------------------------------------------------------- runs
-@dataclass
-class Run:
-    """One run of the sweep as the leaderboard shows it (the newest trial of its folder)."""
-
-    name: str
-    number: int
-    state: str  # finished, stopped (hyperband), failed, interrupted, running, queued (to resume)
-    run_dir: str  # relative to the sweep folder
-    config: dict = field(default_factory=dict)  # {name: value}, as the program got them
-    metric: float | None = None
-    best_epoch: int | None = None
-    epochs: int = 0
-    minutes: float = 0.0
-    note: str = ""
-
-
-def summarize(history: list[dict], metric: str, goal: str) -> tuple[float | None, int | None]:
-    """Best metric over epochs, and its epoch (None, None when no epoch logged it)."""
-    values = [
-        (h[metric], h.get("epoch", i + 1))
-        for i, h in enumerate(history)
-        if isinstance(h.get(metric), (int, float)) and math.isfinite(h[metric])
-    ]
-    if not values:
-        return None, None
-    return (max if goal == "maximize" else min)(values, key=lambda t: t[0])
-
-
-def ranked(runs: list[Run], goal: str) -> list[Run]:
-    """Best metric first; runs without a metric (failed, no epoch yet) last, in run order."""
-    with_metric = sorted((r for r in runs if r.metric is not None), key=lambda r: r.metric, reverse=goal == "maximize")
-    return with_metric + sorted((r for r in runs if r.metric is None), key=lambda r: r.number)
-
-
-# ----------------------------------------------------------------------------- leaderboard
-def searched_params(config: dict) -> list[str]:
-    """The parameters the sweep varies (not the fixed `value:` ones)."""
-    return [k for k, v in config["parameters"].items() if not (isinstance(v, dict) and "value" in v)]
-
-
-def fmt(value: Any) -> str:
-    """A value as short as it reads well in a table."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e-2 and value != 0 else f"{value:.4f}".rstrip("0").rstrip(".")
-    return str(value)
-
-
-FIXED_COLUMNS = ("rank", "run", "state", "best_epoch", "epochs", "minutes", "run_dir", "note")
-
-
-def param_columns(config: dict) -> dict[str, str]:
-    """Each parameter's leaderboard column: its name, or param_<name> where that is a fixed column or the
-    metric (a parameter `epochs` or `state`), so that no column appears twice."""
-    metric, _ = metric_of(config)
-    taken = {*FIXED_COLUMNS, metric}
-    columns = {}
-    for p in config["parameters"]:
-        column = p
-        while column in taken:
-            column = f"param_{column}"
-        taken.add(column)
-        columns[p] = column
-    return columns
-
-
-def write_leaderboard(sweep_dir: Path, config: dict, runs: list[Run]) -> list[dict]:
-    """SWEEP_DIR/leaderboard.csv (written atomically), one row per run, best first; returns the rows."""
-    metric, goal = metric_of(config)
-    params = param_columns(config)
-    rows = []
-    for rank, run in enumerate(ranked(runs, goal), 1):
-        row = {
-            "rank": rank,
-            "run": run.name,
-            "state": run.state,
-            metric: run.metric,
-            "best_epoch": run.best_epoch,
-            "epochs": run.epochs,
-            "minutes": round(run.minutes, 2),
-        }
-        row.update({col: run.config.get(p) for p, col in params.items()})
-        row.update({"run_dir": run.run_dir, "note": run.note})
-        rows.append(row)
-    columns = ["rank", "run", "state", metric, "best_epoch", "epochs", "minutes", *params.values(), "run_dir", "note"]
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(sweep_dir / "leaderboard.csv", write, need=4096 + 512 * len(rows), what="the leaderboard")
-    return rows
-
-
-def print_leaderboard(sweep_dir: Path, config: dict, runs: list[Run], top: int = 0, write: bool = True) -> None:
-    """Write leaderboard.csv (unless read-only) and print it as a table (the first `top` rows; 0 = all)."""
-    metric, goal = metric_of(config)
-    params = param_columns(config)
-    if write:
-        write_leaderboard(sweep_dir, config, runs)
-    cols = [
-        "rank",
-        "run",
-        "state",
-        metric,
-        "best_epoch",
-        "minutes",
-        *(params[p] for p in searched_params(config)),
-        "note",
-    ]
-    shown = ranked(runs, goal)[:top] if top else ranked(runs, goal)
-    table = []
-    for rank, run in enumerate(shown, 1):
-        values = {
-            "rank": rank,
-            "run": run.name,
-            "state": run.state,
-            metric: run.metric,
-            "best_epoch": run.best_epoch,
-            "minutes": round(run.minutes, 2),
-            "note": run.note,
-            **{params[p]: run.config.get(p) for p in searched_params(config)},
-        }
-        table.append([fmt(values.get(c)) for c in cols])
-    widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(cols)]
-    print(f"\nleaderboard of {sweep_dir} ({config['method']}, {metric} {goal}, {len(runs)} runs):")
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
-    for t in table:
-        print("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip())
-    if top and len(runs) > top:
-        print(f"... {len(runs) - top} more")
-    if write:
-        print(f"leaderboard: {sweep_dir / 'leaderboard.csv'}")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"  # the runner's last line
+
 
 class Interrupted(Exception):
     """The runner was stopped while the run trained; `code` is how the run then ended, `tail` its last lines."""

@@ -6,8 +6,9 @@
 Panels: metric vs created (with best so far), parallel coordinates, parameter importance (fANOVA)
 beside each parameter's correlation with the metric, top-N validation curves; tables: every run,
 the importances, and per categorical parameter its values' best and mean metric (also as CSV).
-Words: a run is one trial (a continued trial replaces the failed one it continues); "complete" runs
-trained all their epochs, "finished" ones are complete, pruned or failed (not running).
+Words: a run is one run folder (leaderboard.py; a continued trial replaces the failed one it continues);
+its state is its newest trial's Optuna state in lowercase: "complete" runs trained all their epochs,
+"finished" ones are complete, pruned or fail (not running or waiting), as Optuna's is_finished says.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import csv
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,70 +25,24 @@ import numpy as np
 
 from inat_classifier.cli import UserError, add_flag
 from inat_classifier.figures import integer_xticks, overlapping, pyplot, round_ticks, save_figure, tick_label
-from inat_classifier.sweep.commands import fmt, read_history
-from inat_classifier.sweep.runner import newest_trials
+from inat_classifier.sweep.leaderboard import Run, fmt, print_table, ranked, read_history, study_runs
 from inat_classifier.sweep.storage import journal_path, open_study
 from inat_classifier.tracking import WandbLogger
 
-STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
-# How each state is drawn in the metric-vs-created and parallel-coordinates panels.
+# How each state (leaderboard.state_name) is drawn in the metric-vs-created and parallel-coordinates panels.
 MARKERS = {
     "complete": ("o", "C0"),
     "pruned": ("v", "C1"),
-    "failed": ("X", "C3"),
+    "fail": ("X", "C3"),
     "running": ("s", "C7"),
     "waiting": ("s", "C7"),
 }
-LINESTYLES = {"complete": "-", "pruned": "--", "failed": ":"}
-
-
-@dataclass
-class Run:
-    """One run of the sweep: its newest trial, its state, and its metric (best epoch per goal)."""
-
-    trial: Any  # optuna.trial.FrozenTrial
-    name: str
-    state: str
-    metric: float | None
-    run_dir: Path | None
+LINESTYLES = {"complete": "-", "pruned": "--", "fail": ":"}
 
 
 # ----------------------------------------------------------------------------- runs
-def trial_metric(trial, goal: str) -> float | None:
-    """The trial's value; for a pruned, failed or running one without it, its best epoch so far."""
-    if trial.value is not None and math.isfinite(trial.value):
-        return float(trial.value)
-    values = [v for v in trial.intermediate_values.values() if v is not None and math.isfinite(v)]
-    if not values:
-        return None
-    return float(max(values) if goal == "maximize" else min(values))
-
-
-def select_runs(study, base: Path, goal: str) -> list[Run]:
-    """Every run once, in creation order: the newest trial of each run folder (runner.newest_trials),
-    placed where the run's first trial was created."""
-    trials = study.get_trials(deepcopy=False)
-    created: dict[str, tuple] = {}  # a continued run was created when its first trial was
-    for t in trials:
-        key = t.user_attrs.get("run_dir")
-        start = (t.datetime_start is None, t.datetime_start or 0, t.number)
-        if key is not None:
-            created[key] = min(created[key], start) if key in created else start
-    runs = []
-    for rel, t in sorted(newest_trials(study).items(), key=lambda kv: created[kv[0]]):
-        state = STATES.get(t.state.name, t.state.name.lower())
-        runs.append(Run(t, Path(rel).name, state, trial_metric(t, goal), base / rel))
-    return runs
-
-
-def ranked(runs: Sequence[Run], goal: str) -> list[Run]:
-    """Complete runs best first, then the others with a metric, then those without one (creation order)."""
-    sign = -1.0 if goal == "maximize" else 1.0
-    return sorted(runs, key=lambda r: (r.metric is None, r.state != "complete", sign * (r.metric or 0.0)))
-
-
-def searched_params(runs: Sequence[Run]) -> dict[str, Any]:
-    """Each searched parameter's distribution, as its newest run has it (sorted by name, like Optuna)."""
+def param_distributions(runs: Sequence[Run]) -> dict[str, Any]:
+    """Each searched parameter's Optuna distribution, as its newest run has it (sorted by name, like Optuna)."""
     dists: dict[str, Any] = {}
     for r in runs:
         dists.update(r.trial.distributions)
@@ -99,24 +53,15 @@ def is_categorical(dist) -> bool:
     return type(dist).__name__ == "CategoricalDistribution"
 
 
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    table = [[fmt(v) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(t[i]) for t in table]) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
-    for t in table:
-        print("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip())
-
-
 def print_runs(runs: Sequence[Run], params: dict, metric: str, goal: str) -> None:
-    """Every run, best first, with its state (pruned, failed, running runs marked as such)."""
+    """Every run, best first, with its state (pruned, fail, running runs marked as such)."""
     rows = [
         [
             i,
             r.name,
             r.state,
             r.metric,
-            r.trial.user_attrs.get("epochs", len(r.trial.intermediate_values)),
+            r.epochs,
             *(r.trial.params.get(p) for p in params),
         ]
         for i, r in enumerate(ranked(runs, goal), 1)
@@ -393,7 +338,7 @@ def report_importance(rows: Sequence[Sequence], complete: int, metric: str, out:
 
 # ----------------------------------------------------------------------------- categorical parameters
 def categorical_rows(runs: Sequence[Run], param: str, dist, goal: str) -> list[list]:
-    """Per value: best and mean metric over its complete runs, then its complete/pruned/failed/running counts."""
+    """Per value: best and mean metric over its complete runs, then its complete/pruned/fail/running counts."""
     pick = max if goal == "maximize" else min
     rows = []
     for value in dist.choices:
@@ -404,7 +349,7 @@ def categorical_rows(runs: Sequence[Run], param: str, dist, goal: str) -> list[l
                 value,
                 pick(done) if done else None,
                 sum(done) / len(done) if done else None,
-                *(sum(r.state == s for r in mine) for s in ("complete", "pruned", "failed", "running")),
+                *(sum(r.state == s for r in mine) for s in ("complete", "pruned", "fail", "running")),
             ]
         )
     return rows
@@ -416,7 +361,7 @@ def categorical_tables(runs: Sequence[Run], params: dict, metric: str, goal: str
     for param, dist in params.items():
         if not is_categorical(dist):
             continue
-        header = [param, f"best_{metric}", f"mean_{metric}", "complete", "pruned", "failed", "running"]
+        header = [param, f"best_{metric}", f"mean_{metric}", "complete", "pruned", "fail", "running"]
         rows = categorical_rows(runs, param, dist, goal)
         print_table(f"{param} (best and mean over complete runs):", header, rows)
         path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', param)}.csv"
@@ -543,14 +488,14 @@ def open_report_study(args: argparse.Namespace) -> tuple[Any, Path]:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Write the report's PNGs and CSVs and print the tables; returns the paths and the drawn-line counts."""
     study, base = open_report_study(args)
-    metric = str(study.user_attrs.get("metric") or "value")
+    metric = str(study.user_attrs.get("metric") or (study.metric_names or ["value"])[0])
     goal = str(study.user_attrs.get("goal") or study.direction.name.lower())
-    runs = select_runs(study, base, goal)
+    runs = study_runs(study, base, metric, goal)
     if not runs:
         print(f"{base}: the study '{study.study_name}' has no runs yet; nothing to report")
         return {"runs": 0}
     out_dir = Path(args.out) if args.out else base / "report"
-    params = searched_params(runs)
+    params = param_distributions(runs)
     print_runs(runs, params, metric, goal)
     images = {
         "metric_vs_created": plot_metric_vs_created(runs, metric, goal, out_dir / "metric_vs_created.png", args.dpi)

@@ -1,10 +1,10 @@
 """The offline sweep's run loop: claim a run from the study, train it as a child process, record how it ended.
 
-A claimed run is an Optuna trial. Its folder, number and program values are trial attributes, with
-the folder relative to the sweep folder, so a copied or moved sweep continues in place. A run
-whose runner stopped (Ctrl-C, SIGTERM) or died (kill -9, a lost node: a stale heartbeat) is
-marked FAIL and queued again with its attributes; the next claim continues its folder from
-last.pt with --resume.
+A claimed run is an Optuna trial. Its folder (run-NNN, NNN the trial's number), name and program values
+are trial attributes, with the folder relative to the sweep folder, so a copied or moved sweep continues
+in place. A run whose runner stopped (Ctrl-C, SIGTERM) or died (kill -9, a lost node: a stale
+heartbeat) is marked FAIL and queued again with its attributes; the next claim continues its folder
+from last.pt with --resume, as a new trial of the same run.
 """
 
 from __future__ import annotations
@@ -21,28 +21,31 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from inat_classifier.sweep.commands import (
+from inat_classifier.storage import atomic_write_text
+from inat_classifier.sweep.commands import run_command
+from inat_classifier.sweep.leaderboard import (
     Run,
     metrics_columns,
-    plain,
+    newest_trials,
     print_leaderboard,
-    ranked,
     read_history,
-    run_command,
+    refuse_foreign,
     run_result,
+    state_name,
+    study_runs,
     summarize,
 )
-from inat_classifier.sweep.process import Interrupted, error_line, execute, failure_note, run_dir_from_output
-from inat_classifier.sweep.space import Parameter, build_pruner, build_sampler, grid_values, metric_of, suggest
+from inat_classifier.sweep.process import (
+    INTERRUPTED,
+    Interrupted,
+    error_line,
+    execute,
+    failure_note,
+    run_dir_from_output,
+)
+from inat_classifier.sweep.space import Parameter, build_pruner, build_sampler, grid_values, metric_of, plain, suggest
 from inat_classifier.sweep.storage import Heartbeat, fail_stale_runs, requeue
 
-INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"
-STATES = {
-    TrialState.COMPLETE: "finished",
-    TrialState.PRUNED: "pruned",
-    TrialState.RUNNING: "running",
-    TrialState.WAITING: "queued",
-}
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the runner prints its own lines
 
 
@@ -85,59 +88,28 @@ def with_sampler(sweep: Sweep, args: argparse.Namespace) -> optuna.Study:
 
 
 # ----------------------------------------------------------------------------- the runs of a study
-def newest_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
-    """The newest trial of every run folder: a continued run's earlier, FAIL trials are not runs of their own."""
-    newest: dict[str, optuna.trial.FrozenTrial] = {}
-    for t in study.get_trials(deepcopy=False):
-        folder = t.user_attrs.get("run_dir")
-        if folder is not None and (folder not in newest or t.number > newest[folder].number):
-            newest[folder] = t
-    return newest
-
-
-def run_of(sweep: Sweep, t: optuna.trial.FrozenTrial) -> Run:
-    """A trial as a leaderboard row: its metric from the study, or from its metrics.csv while unfinished."""
-    metric, goal = sweep.metric
-    a = t.user_attrs
-    history = read_history(sweep.dir / a["run_dir"])
-    best, best_epoch = summarize(history, metric, goal)
-    state = STATES.get(t.state) or a.get("status", "failed")
-    if t.state == TrialState.COMPLETE:
-        best, best_epoch = t.value, a.get("best_epoch", best_epoch)
-    elapsed = time.time() - t.datetime_start.timestamp() if t.state == TrialState.RUNNING and t.datetime_start else 0
-    return Run(
-        name=Path(a["run_dir"]).name,
-        number=a.get("run", t.number + 1),
-        state=state,
-        run_dir=a["run_dir"],
-        config={k: v.get("value") for k, v in (a.get("run_config") or {}).items()},
-        metric=best,
-        best_epoch=best_epoch,
-        epochs=len(history),
-        minutes=(a.get("duration_s", 0.0) + elapsed) / 60,
-        note=a.get("note", ""),
-    )
-
-
 def sweep_runs(sweep: Sweep) -> list[Run]:
     """Every run of the sweep, once each."""
-    if sweep.study is None:
-        return []
-    return [run_of(sweep, t) for t in newest_trials(sweep.study).values()]
+    return [] if sweep.study is None else study_runs(sweep.study, sweep.dir, *sweep.metric)
 
 
-def best_run(sweep: Sweep, runs: list[Run]) -> Run | None:
-    finished = [r for r in runs if r.metric is not None and r.state == "finished"]
-    return ranked(finished, sweep.metric[1])[0] if finished else None
+def new_run_name(study: optuna.Study, trial_number: int) -> str:
+    """A new run's folder name: its first trial's number, as optuna-dashboard numbers trials (unique across
+    runners, so no coordination is needed). A sweep started when runs were counted from 1 (its trials' `run`
+    is that count) goes on so, so that no new run takes the folder of an earlier one."""
+    counted = any(isinstance(t.user_attrs.get("run"), int) for t in study.get_trials(deepcopy=False))
+    return f"run-{trial_number + counted:03d}"
 
 
+BEST_CONFIG_FILE = "best.yaml"
+BEST_YAML_STARTS = ("# best run of ", "# run-")  # the first line of a best.yaml the runner wrote (now, earlier)
 # Flags of a run's args.json that belong to that run's folder, not to its configuration.
 RUN_BOOKKEEPING = ("out_dir", "run_name", "resume", "wandb", "config", "use_cache")
 
 
 def write_best_config(sweep: Sweep, best: Run, writable: bool) -> None:
     """Print the best run's ready command and write SWEEP_DIR/best.yaml: its flags, for --config."""
-    run_dir = sweep.dir / best.run_dir
+    run_dir = best.run_dir
     try:
         flags = json.loads((run_dir / "args.json").read_text())
     except (OSError, ValueError):
@@ -145,11 +117,13 @@ def write_best_config(sweep: Sweep, best: Run, writable: bool) -> None:
         return
     flags = {k: v for k, v in flags.items() if k not in RUN_BOOKKEEPING}
     program = Path(sweep.config["program"]).name
-    target = sweep.dir / "best.yaml"
+    target = sweep.dir / BEST_CONFIG_FILE
     if writable:
-        target.write_text(
-            f"# {best.name} of {sweep.dir}: {sweep.metric[0]} {best.metric:.4f}\n"
-            + yaml.safe_dump(flags, sort_keys=False)
+        refuse_foreign(target, *BEST_YAML_STARTS)
+        atomic_write_text(
+            target,
+            f"{BEST_YAML_STARTS[0]}{sweep.dir}: {best.name}, {sweep.metric[0]} {best.metric:.4f}\n"
+            + yaml.safe_dump(flags, sort_keys=False),
         )
     print(f"\nbest run: {best.name} ({sweep.metric[0]} {best.metric:.4f}, epoch {best.best_epoch})")
     print(
@@ -175,25 +149,26 @@ def done_reason(sweep: Sweep) -> str | None:
         taken = {
             t.system_attrs.get("grid_id")
             for t in sweep.study.get_trials(deepcopy=False)
-            if t.user_attrs.get("status") != "duplicate"
+            if "duplicate_of" not in t.user_attrs and t.user_attrs.get("status") != "duplicate"  # or an older sweep's
         } - {None}
         if len(taken) >= total and not any(t.state == TrialState.WAITING for t in runs.values()):
             return "[sweep] grid search complete: every configuration has run or is running"
     return None
 
 
-def duplicate_grid_point(study: optuna.Study, trial: optuna.Trial) -> bool:
-    """Whether another runner holds this trial's grid point: the continued run, or else the lowest trial number."""
+def duplicate_grid_point(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """The trial of another runner that holds this trial's grid point (the continued run, or else the lowest
+    trial number), or None."""
     me = study._storage.get_trial(trial._trial_id)
     grid_id = me.system_attrs.get("grid_id")
     if grid_id is None:
-        return False
+        return None
     for t in study.get_trials(deepcopy=False):
         if t.number == me.number or t.system_attrs.get("grid_id") != grid_id or t.state == TrialState.FAIL:
             continue
         if "failed_trial" in t.system_attrs or t.number < me.number:
-            return True
-    return False
+            return t.number
+    return None
 
 
 def claim_run(sweep: Sweep, stale_s: float) -> Claim | None:
@@ -220,14 +195,15 @@ def claim_run(sweep: Sweep, stale_s: float) -> Claim | None:
                 attrs.get("duration_s", 0.0),
                 resume=(sweep.dir / attrs["run_dir"]).is_dir(),
             )
-        if duplicate_grid_point(study, trial):
-            trial.set_user_attr("status", "duplicate")
+        holder = duplicate_grid_point(study, trial)
+        if holder is not None:  # no run: the trial only drew a grid point another runner trains
+            trial.set_user_attr("duplicate_of", holder)
             study.tell(trial, state=TrialState.FAIL)
             continue
         run_config = plain(suggest(trial, sweep.params))
-        name = f"run-{trial.number + 1:03d}"  # trial numbers are unique across runners: no coordination needed
+        name = new_run_name(study, trial.number)
         for key, value in {
-            "run": trial.number + 1,
+            "run": name,
             "run_dir": f"runs/{name}",
             "run_config": run_config,
             "log": f"logs/{name}.log",
@@ -308,7 +284,6 @@ def train_claimed(args: argparse.Namespace, sweep: Sweep, claim: Claim) -> str |
 def record_interrupted(sweep: Sweep, claim: Claim, seconds: float) -> None:
     """A run cut short by its runner stopping: FAIL, and queued to continue from its last.pt."""
     trial = claim.trial
-    trial.set_user_attr("status", "interrupted")
     trial.set_user_attr("note", "interrupted (Ctrl-C / SIGTERM of the runner)")
     trial.set_user_attr("duration_s", round(claim.earlier_s + seconds, 1))
     sweep.study.tell(trial, state=TrialState.FAIL)
@@ -318,7 +293,7 @@ def record_interrupted(sweep: Sweep, claim: Claim, seconds: float) -> None:
 def record_end(
     sweep: Sweep, claim: Claim, code: int, stopped: bool, tail: list[str], seconds: float, note: str = ""
 ) -> str:
-    """Tell the study how the run ended (finished, pruned by hyperband, failed) and print one line; its state."""
+    """Tell the study how the run ended (complete, pruned by hyperband, fail) and print one line; its state."""
     metric, goal = sweep.metric
     run_dir = run_dir_from_output(tail, sweep.dir / claim.run_dir)
     history = read_history(run_dir)
@@ -330,22 +305,24 @@ def record_end(
         "best_epoch": best_epoch,
         "epochs": len(history),
     }
-    if code == 0 or run_result(run_dir) is not None:  # complete, also when it ended before a SIGTERM landed
-        state, status = (TrialState.COMPLETE if best is not None else TrialState.FAIL), "finished"
+    trained = code == 0 or run_result(run_dir) is not None  # all epochs, also when it ended before a SIGTERM landed
+    if trained:
+        state = TrialState.COMPLETE if best is not None else TrialState.FAIL
         note = note or ("" if best is not None else f"no {metric} in {run_dir / 'metrics.csv'}")
     elif stopped:
-        state, status, note = TrialState.PRUNED, "pruned", f"pruned by hyperband after epoch {len(history)}"
+        state, note = TrialState.PRUNED, f"pruned by hyperband after epoch {len(history)}"
     else:
-        state, status, note = TrialState.FAIL, "failed", failure_note(tail, code)
-    for key, value in {**attrs, "status": status, "note": note}.items():
+        state, note = TrialState.FAIL, failure_note(tail, code)
+    for key, value in {**attrs, "note": note}.items():
         trial.set_user_attr(key, value)
     sweep.study.tell(trial, best if state == TrialState.COMPLETE else None, state=state)
     result = f"{metric} {best:.4f} (epoch {best_epoch})" if best is not None else "-"
     print(
-        f"[sweep] {claim.name} {status}: {result} in {attrs['duration_s']:.0f}s" + (f" ({note})" if note else ""),
+        f"[sweep] {claim.name} {state_name(state)}: {result} in {attrs['duration_s']:.0f}s"
+        + (f" ({note})" if note else ""),
         flush=True,
     )
-    if status == "finished" and best is None:
+    if trained and best is None:
         columns = metrics_columns(run_dir)
         print(
             f"[sweep] warning: no run logs '{metric}': {claim.name}'s metrics.csv has "
@@ -353,11 +330,11 @@ def record_end(
             + "; fix metric.name in the yaml",
             flush=True,
         )
-    if status == "failed" and code == 2 and len(history) <= claim.resumed_after:
+    if not trained and state == TrialState.FAIL and code == 2 and len(history) <= claim.resumed_after:
         trial_note = error_line(tail)
         if trial_note:  # bad input fails every run the same way: say why now, not after --count failures
             return "rejected:" + trial_note
-    return status
+    return state_name(state)
 
 
 def run_loop(args: argparse.Namespace, sweep: Sweep) -> int:
@@ -386,8 +363,9 @@ def run_loop(args: argparse.Namespace, sweep: Sweep) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            trained, failed = trained + 1, failed + (status == "failed")
-            failures_in_a_row = failures_in_a_row + 1 if status == "failed" else 0
+            fail = status == state_name(TrialState.FAIL)
+            trained, failed = trained + 1, failed + fail
+            failures_in_a_row = failures_in_a_row + 1 if fail else 0
             if args.max_failures and failures_in_a_row >= args.max_failures:
                 print(
                     f"[sweep] stopping: {failures_in_a_row} runs in a row failed; see {sweep.dir / 'logs'}",
@@ -424,7 +402,8 @@ def dry_run(args: argparse.Namespace, sweep: Sweep) -> int:
             break
         trial = memory.ask()
         run_config = plain(suggest(trial, sweep.params))
-        claim = Claim(trial, f"run-{trial.number + 1:03d}", f"runs/run-{trial.number + 1:03d}", run_config)
+        name = new_run_name(memory, trial.number)
+        claim = Claim(trial, name, f"runs/{name}", run_config)
         trial.set_user_attr("run_dir", claim.run_dir)
         print(" ".join(command_of(args, copy, claim)))
     return 0

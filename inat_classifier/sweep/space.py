@@ -202,7 +202,11 @@ def load_config(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"sweep config not found: {path}")
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the sweep config ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file in UTF-8; a sweep config is YAML text") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     check_config(config, str(path))
@@ -221,6 +225,8 @@ def check_config(config: Any, where: str) -> None:
     for key in ("program", "method", "parameters"):
         if key not in config:
             raise UserError(f"{where}: needs '{key}'")
+    if not isinstance(config["program"], str) or not config["program"].strip():
+        raise UserError(f"{where}: program: expected the file name of a script, got {config['program']!r}")
     if config["method"] not in METHODS:
         raise UserError(f"{where}: method '{config['method']}' cannot be mapped; use grid, random or bayes")
     metric = config.get("metric")
@@ -235,10 +241,23 @@ def check_config(config: Any, where: str) -> None:
     cap = config.get("run_cap")
     if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
         raise UserError(f"{where}: run_cap: expected a whole number >= 1")
-    if "command" in config and (not isinstance(config["command"], list) or not config["command"]):
-        raise UserError(f"{where}: command: expected a list of words and macros")
+    if "command" in config:
+        check_command(config["command"], where)
     parse_parameters(config, where)
     hyperband_settings(config, where)
+
+
+def check_command(command: Any, where: str) -> None:
+    """`command:` is a list of words and macros like ${args}; a mapping or list in it is no word of a command line."""
+    if not isinstance(command, list) or not command:
+        raise UserError(f"{where}: command: expected a list of words and macros")
+    for i, word in enumerate(command):
+        if not isinstance(word, (str, int, float)) or isinstance(word, bool):
+            kind = {dict: "a mapping", list: "a list", type(None): "nothing", bool: "true/false"}.get(type(word))
+            raise UserError(
+                f"{where}: command[{i}]: expected a word or a macro like ${{args}}, got {kind or type(word).__name__}"
+                " (quote a word that YAML reads otherwise)"
+            )
 
 
 def metric_of(config: dict) -> tuple[str, str]:
@@ -274,6 +293,11 @@ def hyperband_settings(config: dict, where: str = "sweep config") -> dict | None
 
 
 # ----------------------------------------------------------------------------- trials
+def plain(value: Any) -> Any:
+    """numpy scalars and nested containers as plain JSON types (what the W&B backend sends)."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
 def suggest(trial, params: list[Parameter]) -> dict:
     """Sample one run: its config as W&B hands it to the agent ({name: {"value": v}})."""
     run_config = {}
