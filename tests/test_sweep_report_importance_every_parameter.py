@@ -7,6 +7,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from inat_classifier.sweep import report as sweep_report
+from inat_classifier.sweep.leaderboard import study_runs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -31,8 +32,8 @@ def study_with_a_constant_and_a_rare_parameter(tmp_path):
                 user_attrs={"run_dir": f"runs/run-{n:03d}"},
             )
         )
-    runs = sweep_report.select_runs(study, tmp_path, "maximize")
-    return study, runs, sweep_report.searched_params(runs)
+    runs = study_runs(study, tmp_path, "val_acc", "maximize")
+    return study, runs, sweep_report.param_distributions(runs)
 
 
 def test_every_parameter_has_a_row_and_a_word_where_a_number_cannot_be(tmp_path, capsys):

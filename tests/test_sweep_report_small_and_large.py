@@ -17,6 +17,7 @@ from PIL import Image
 
 import visualize
 from inat_classifier.sweep import report as sweep_report
+from inat_classifier.sweep.leaderboard import study_runs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -78,7 +79,7 @@ def sweep_study(folder: Path, n_runs: int, epochs: int, seed: int = 0):
 
 
 def runs_of(study, folder: Path) -> list:
-    return sweep_report.select_runs(study, folder, "maximize")
+    return study_runs(study, folder, "val_acc", "maximize")
 
 
 def visible_xticks(ax) -> list[float]:
@@ -132,7 +133,7 @@ def significant_digits(label: str) -> int:
 def test_parallel_coordinates_read_well_at_12_and_200_runs(tmp_path, n_runs):
     study = sweep_study(tmp_path, n_runs, epochs=2, seed=n_runs)
     runs = runs_of(study, tmp_path)
-    params = sweep_report.searched_params(runs)  # the axes, in this order, then the metric
+    params = sweep_report.param_distributions(runs)  # the axes, in this order, then the metric
     fig, lines = sweep_report.parallel_coordinates_figure(runs, params, "val_acc")
     ax = fig.axes[0]
     fig.canvas.draw()
