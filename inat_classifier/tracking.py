@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import netrc
 import os
+import shlex
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -127,6 +128,7 @@ class WandbLogger:
             raise UserError(
                 f"--wandb {mode} needs the wandb package (pip install wandb), or use --wandb disabled"
             ) from None
+        keyless = False  # offline only for want of a key: W&B's own ~25 lines say nothing the user asked for
         if mode == "auto":
             env_mode = os.environ.get("WANDB_MODE")
             if env_mode in ("online", "offline", "disabled", "dryrun", "run"):
@@ -134,17 +136,14 @@ class WandbLogger:
             elif wandb_api_key_configured():
                 mode = "online"
             else:
-                mode = "offline"
-                print(
-                    f"W&B: no API key configured, logging offline to {run_dir / 'wandb'} "
-                    f"(upload later with 'wandb sync {run_dir / 'wandb'}/offline-run-*')"
-                )
+                mode, keyless = "offline", True
         if mode == "disabled":
             return
         self.wandb = wandb
         kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=name, config=config, dir=str(run_dir))
         try:
-            self.run = wandb.init(mode=mode, **kwargs, **online_settings(wandb, mode))
+            settings = {"settings": wandb.Settings(silent=True)} if keyless else online_settings(wandb, mode)
+            self.run = wandb.init(mode=mode, **kwargs, **settings)
         except Exception as e:  # no key, no network: never lose the run over logging
             if mode != "online":
                 raise UserError(f"W&B could not start in {mode} mode: {str(e).splitlines()[0][:200]}") from None
@@ -153,6 +152,9 @@ class WandbLogger:
                 f"most {init_timeout():g} s); logging offline to {run_dir / 'wandb'} instead"
             )
             self.run = wandb.init(mode="offline", **kwargs)
+        if keyless:
+            logs = Path(self.run.dir).parent  # the run's offline-run-* folder (run.dir is its files/)
+            print(f"W&B: no API key, logging offline; upload later with: wandb sync {shlex.quote(str(logs))}")
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         if self.run is not None:
