@@ -7,6 +7,7 @@ with the checkpoint's own preprocessing.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from inat_classifier.decoded_cache import decode_fixed
 from inat_classifier.device_batches import DecodedRows, DeviceLoader, model_inputs
 from inat_classifier.metrics import classification_metrics, confusion_matrix
 from inat_classifier.presets import Preprocess
+from inat_classifier.tracking import progress, say, took
 from inat_classifier.training import amp_dtype, autocast
 
 
@@ -75,12 +77,14 @@ def predict(
     dtype = amp_dtype("auto", device)
     model.eval()
     outputs, index = [], []
-    for x, positions in loader:
-        if x is None:  # no image of the batch could be read
-            continue
-        with autocast(device, dtype):
-            outputs.append(model(x).float().cpu())
-        index.append(positions.cpu())
+    with progress(total=len(samples), desc="predicting", unit="img", leave=False) as bar:
+        for x, positions in loader:
+            bar.update(min(batch_size, bar.total - bar.n))  # unreadable images count as done too
+            if x is None:  # no image of the batch could be read
+                continue
+            with autocast(device, dtype):
+                outputs.append(model(x).float().cpu())
+            index.append(positions.cpu())
     idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
     out = torch.cat(outputs) if outputs else torch.zeros(0, 0)
     return Predictions(idx, out, torch.tensor([samples[i][1] for i in idx.tolist()], dtype=torch.long))
@@ -125,9 +129,11 @@ def evaluate_samples(
     model: nn.Module, ckpt: dict, samples: list, device: torch.device, batch_size: int, workers: int
 ) -> dict:
     """Accuracy, macro F1, per-class metrics, confusion matrix and loss of the model on samples."""
+    start = time.perf_counter()
     p = predict(model, samples, preprocess_of(ckpt), device, batch_size, workers)
     if len(p.targets) == 0:
         raise UserError(f"none of the {len(samples)} images could be read")
+    say(f"evaluated {len(samples)} images {took(len(samples), start)}")
     n_classes = len(ckpt["class_names"])
     metrics = classification_metrics(confusion_matrix(p.targets, p.preds, n_classes), ckpt["class_names"])
     metrics.update(n=len(p.targets), loss=p.loss)

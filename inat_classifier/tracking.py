@@ -7,6 +7,7 @@ import netrc
 import os
 import shlex
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,21 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> Iterable:
 
     quiet = (not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None) or os.environ.get("RANK", "0") != "0"
     return tqdm(iterable, dynamic_ncols=True, disable=quiet, **kwargs)
+
+
+def format_duration(seconds: float) -> str:
+    """A wait as people read it: 0.4s, 42s, 6m42s, 1h05m."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def took(count: float, start: float, unit: str = "images") -> str:
+    """'in 6m42s (18.8 images/s)': the time since start (time.perf_counter()) and the rate, for a wait's last line."""
+    seconds = time.perf_counter() - start
+    return f"in {format_duration(seconds)} ({count / max(seconds, 1e-9):.1f} {unit}/s)"
 
 
 def say(message: str, err: bool = False) -> None:
