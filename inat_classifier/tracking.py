@@ -8,7 +8,8 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,20 @@ def online_settings(wandb: Any, mode: str) -> dict:
     return {"settings": wandb.Settings(init_timeout=init_timeout())}
 
 
+@contextmanager
+def silenced_wandb(silent: bool) -> Iterator[None]:
+    """W&B's own lines off for the run started inside (it reads WANDB_SILENT once, when the run starts),
+    unless WANDB_SILENT says otherwise."""
+    setting = silent and "WANDB_SILENT" not in os.environ
+    if setting:
+        os.environ["WANDB_SILENT"] = "true"
+    try:
+        yield
+    finally:
+        if setting:
+            os.environ.pop("WANDB_SILENT", None)
+
+
 class WandbLogger:
     """W&B that never prompts and needs no account: auto picks online only when a key exists."""
 
@@ -158,8 +173,8 @@ class WandbLogger:
         self.wandb = wandb
         kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=name, config=config, dir=str(run_dir))
         try:
-            settings = {"settings": wandb.Settings(silent=True)} if keyless else online_settings(wandb, mode)
-            self.run = wandb.init(mode=mode, **kwargs, **settings)
+            with silenced_wandb(keyless):
+                self.run = wandb.init(mode=mode, **kwargs, **online_settings(wandb, mode))
         except Exception as e:  # no key, no network: never lose the run over logging
             if mode != "online":
                 raise UserError(f"W&B could not start in {mode} mode: {str(e).splitlines()[0][:200]}") from None
@@ -169,7 +184,8 @@ class WandbLogger:
             )
             self.run = wandb.init(mode="offline", **kwargs)
         if keyless:
-            logs = Path(self.run.dir).parent  # the run's offline-run-* folder (run.dir is its files/)
+            files = getattr(self.run, "dir", None)  # the run's offline-run-*/files
+            logs = Path(files).parent if files else run_dir / "wandb"
             print(f"W&B: no API key, logging offline; upload later with: wandb sync {shlex.quote(str(logs))}")
 
     def log(self, metrics: dict, step: int | None = None) -> None:
