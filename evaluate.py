@@ -33,7 +33,7 @@ from inat_classifier.inference import (
     collect_images,
     evaluate_predictions,
     heldout_samples,
-    predict,
+    predict_readable,
     run_data_dir,
     top_classes,
 )
@@ -147,9 +147,7 @@ def calibrate(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: to
     samples, _ = heldout_samples(ckpt, args.data_dir, "val")
     if not samples:
         raise UserError("--calibrate: the run's validation split is empty; train with a validation split first")
-    p = predict(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)
-    if len(p.targets) == 0:
-        raise UserError(f"--calibrate: none of the {len(samples)} validation images could be read")
+    p = predict_readable(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)
     temperature = fit_temperature(p.outputs, p.targets)
     path = checkpoint_file(args.ckpt)
     atomic_torch_save({**ckpt, "temperature": temperature}, path)
@@ -185,9 +183,7 @@ def main(args: argparse.Namespace) -> dict:
         return predict_files(args, model, ckpt, device)
     data_dir = run_data_dir(ckpt, args.data_dir)
     samples, split_name = heldout_samples(ckpt, data_dir, args.split)
-    p = predict(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)
-    if len(p.targets) == 0:
-        raise UserError(f"none of the {len(samples)} images could be read")
+    p = predict_readable(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)
     metrics = evaluate_predictions(p.tempered(temperature_of(ckpt)), ckpt["class_names"])
     metrics.update(
         checkpoint=str(args.ckpt),

@@ -23,7 +23,7 @@ from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
 from inat_classifier.config_file import parse_args
 from inat_classifier.device_batches import image_loaders, stored_preprocess
 from inat_classifier.flags import add_training_args, check_common_args
-from inat_classifier.model_info import class_count, print_table
+from inat_classifier.model_info import check_memory, class_count, print_table
 from inat_classifier.optim import param_groups_with_decay
 from inat_classifier.presets import Preprocess
 from inat_classifier.runs import setup_run
@@ -136,6 +136,12 @@ def build_model(args: argparse.Namespace, num_classes: int) -> ConvNet:
     )
 
 
+def build_on_meta(args: argparse.Namespace, num_classes: int) -> ConvNet:
+    """The ConvNet the flags describe, shapes only (no memory): to check the flags and what the model needs."""
+    with torch.device("meta"):
+        return build_model(args, num_classes)
+
+
 def main(args: argparse.Namespace) -> TrainState | None:
     check_common_args(args)
     if args.dense_neurons < 1:
@@ -143,9 +149,11 @@ def main(args: argparse.Namespace) -> TrainState | None:
     if args.summary:
         print_table(build_model(args, class_count(args.data_dir)), args.image_size)
         return None
-    setup = setup_run(args, run_name(args), get_args_parser(), validate=lambda n: build_model(args, n))
+    setup = setup_run(args, run_name(args), get_args_parser(), validate=lambda n: build_on_meta(args, n))
     args = setup.args
     device = setup.device
+    batch = min(setup.rank_batch_size, len(setup.train_samples))  # a batch never holds more than the split
+    check_memory(build_on_meta(args, len(setup.classes)), args.image_size, batch, args, device)
     torch.manual_seed(args.seed)  # --seed fixes the initial weights too
     model = build_model(args, len(setup.classes))
     params, macs = count_complexity(model, args.image_size)

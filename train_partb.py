@@ -27,7 +27,7 @@ from inat_classifier.device_batches import image_loaders, stored_preprocess
 from inat_classifier.features import feature_loaders, head_on_features
 from inat_classifier.flags import add_training_args, check_common_args
 from inat_classifier.freezing import apply_freeze, count_trainable, freeze_batchnorm, list_stages
-from inat_classifier.model_info import check_input_size, class_count, print_table
+from inat_classifier.model_info import check_input_size, check_memory, class_count, print_table
 from inat_classifier.optim import param_groups_with_decay
 from inat_classifier.runs import setup_run
 from models import Backbone, build_backbone, count_complexity, format_count
@@ -253,6 +253,9 @@ def main(args: argparse.Namespace) -> TrainState | None:
     args.image_size = args.image_size or backbone.image_size
     preprocess = stored_preprocess(setup, backbone.preprocess(args.image_size))
     device = setup.device
+    unfreezes = args.unfreeze_at is not None and args.unfreeze_at <= args.epochs  # the whole model trains then
+    batch = min(setup.rank_batch_size, len(setup.train_samples))  # a batch never holds more than the split
+    check_memory(backbone.model, args.image_size, batch, args, device, trains_all=unfreezes)
     trainable, total = count_trainable(backbone.model)
     _, macs = count_complexity(backbone.model, args.image_size)
     print(

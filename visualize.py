@@ -59,7 +59,7 @@ from inat_classifier.figures import (
     plot_prediction_grid,
     unnormalize,
 )
-from inat_classifier.inference import evaluate_samples, heldout_samples, load_input, predict
+from inat_classifier.inference import evaluate_samples, heldout_samples, load_input, predict, predict_readable
 from inat_classifier.metrics import write_confusion
 from inat_classifier.runs import read_metrics_csv
 from inat_classifier.sweep import report as sweep_report
@@ -298,9 +298,7 @@ def cmd_confusion(args: argparse.Namespace, model: nn.Module, ckpt: dict, device
 def heldout_predictions(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device):
     """The held-out samples, their split's name and the model's predictions on them (with the temperature)."""
     samples, split_name = heldout_samples(ckpt, args.data_dir, args.split)
-    p = predict(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)
-    if len(p.targets) == 0:
-        raise UserError(f"none of the {len(samples)} held-out images could be read")
+    p = predict_readable(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)
     return samples, split_name, p.tempered(temperature_of(ckpt))
 
 

@@ -6,8 +6,8 @@ import errno
 import hashlib
 import json
 import os
-import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from inat_classifier.storage import (
     signals_held,
     temp_name,
 )
+from inat_classifier.tracking import progress, say, took
 
 CACHE_VERSION = 1
 
@@ -145,17 +146,18 @@ def _build_cache_array(paths: Sequence[str], size: int, target: Path, workers: i
         _DecodeDataset(paths, size), batch_size=32, num_workers=workers, collate_fn=list
     )
     bad = []
-    from tqdm import tqdm
-
-    quiet = not sys.stderr.isatty()
-    for batch in tqdm(loader, desc=f"decoding {len(paths)} images to {size}px", disable=quiet, leave=False):
-        for i, img, reason in batch:
-            if img is None:
-                BAD_IMAGES.report(paths[i], reason)
-                bad.append(i)
-            else:
-                arr[i] = img
+    start = time.perf_counter()
+    with progress(total=len(paths), desc=f"decoding to {size}px", unit="img", leave=False) as bar:
+        for batch in loader:
+            for i, img, reason in batch:
+                if img is None:
+                    BAD_IMAGES.report(paths[i], reason)
+                    bad.append(i)
+                else:
+                    arr[i] = img
+            bar.update(len(batch))
     arr.flush()
+    say(f"decoded cache: {len(paths)} images decoded {took(len(paths), start)}")
     del arr
     return bad
 

@@ -45,6 +45,33 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+def host_memory_available() -> int | None:
+    """Bytes the host can still give this process: MemAvailable, capped by a cgroup v2 limit (containers)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None  # not Linux: no check
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current").read())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def memory_available(device: torch.device) -> int | None:
+    """Bytes free for a run on device: a CUDA GPU's free memory, the host's on a CPU; None when unknown (MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return host_memory_available()
+    return None
+
+
 def tune_kernels(device: torch.device) -> None:
     """Kernel choices, as training and bench.py both run: on CUDA, cuDNN benchmarks (the input sizes are
     fixed) and TF32 tensor cores for float32 convolutions and matmuls (Ampere and later; a 10-bit

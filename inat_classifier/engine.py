@@ -231,7 +231,7 @@ def evaluate(
     loss_sum = torch.zeros((), device=device, dtype=sum_dtype(device))
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
-    for batch in loader:
+    for batch in progress(loader, desc="validating", leave=False):  # the epoch's line follows, with its time
         moved = batch_to_device(batch, device)
         if moved is None:
             continue

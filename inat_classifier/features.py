@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from inat_classifier.images import batch_to_device
 from inat_classifier.presets import Preprocess
 from inat_classifier.runs import RunSetup
 from inat_classifier.storage import remove_stale_temps
-from inat_classifier.tracking import progress
+from inat_classifier.tracking import progress, say, took
 from inat_classifier.training import amp_dtype, autocast
 
 
@@ -76,21 +77,25 @@ class HeadInput:
 
 
 @torch.no_grad()
-def extract_features(backbone: Backbone, loader, device: torch.device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head's inputs and the labels of every batch of loader, on the CPU."""
+def extract_features(
+    backbone: Backbone, loader, device: torch.device, dtype, total: int | None = None, split: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's inputs and the labels of every batch of loader (of `total` images), on the CPU."""
     backbone.model.eval()
     capture = HeadInput(backbone.model.get_submodule(backbone.head_name))
     feats, labels = [], []
     try:
-        for batch in progress(loader, desc="features", leave=False):
-            moved = batch_to_device(batch, device)
-            if moved is None:
-                continue
-            x, y = moved
-            with autocast(device, dtype):
-                backbone.model(x)
-            feats.append(capture.value.float().flatten(1).cpu())
-            labels.append(y.cpu())
+        with progress(total=total, desc=f"features {split}".strip(), unit="img", leave=False) as bar:
+            for batch in loader:
+                moved = batch_to_device(batch, device)
+                if moved is None:
+                    continue
+                x, y = moved
+                with autocast(device, dtype):
+                    backbone.model(x)
+                feats.append(capture.value.float().flatten(1).cpu())
+                labels.append(y.cpu())
+                bar.update(len(y))
     finally:
         capture.remove()
     if not feats:  # every image unreadable: the caller says so
@@ -143,13 +148,16 @@ def cached_features(
             return feats, labels
         except ValueError as e:
             print(f"features: {path} is damaged ({e}); recomputing it")
-    feats, labels = extract_features(backbone, open_images(), device, amp_dtype(args.amp, device))
+    loader = open_images()
+    start = time.perf_counter()
+    feats, labels = extract_features(backbone, loader, device, amp_dtype(args.amp, device), len(samples), split)
     if len(labels) == 0:
         raise UserError(f"none of the {len(samples)} {split} images could be read")
+    spent = took(len(labels), start)
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(cache_dir)  # of runs killed while saving
     atomic_torch_save({"features": feats, "labels": labels}, path)
-    print(f"features: {split} {tuple(feats.shape)} saved to {path}")
+    say(f"features: {split} {tuple(feats.shape)} computed {spent}, saved to {path}")
     return feats, labels
 
 

@@ -7,6 +7,7 @@ with the checkpoint's own preprocessing; an exported model (exported.py) takes t
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from inat_classifier.decoded_cache import decode_fixed
 from inat_classifier.device_batches import DecodedRows, DeviceLoader, model_inputs
 from inat_classifier.metrics import classification_metrics, confusion_matrix, most_confused
 from inat_classifier.presets import Preprocess
+from inat_classifier.tracking import progress, say, took
 from inat_classifier.training import amp_dtype, autocast
 
 
@@ -83,15 +85,34 @@ def predict(
     dtype = None if raw else amp_dtype("auto", device)
     model.eval()
     outputs, index = [], []
-    for x, positions in loader.host_batches() if raw else loader:
-        if x is None:  # no image of the batch could be read
-            continue
-        with autocast(device, dtype):
-            outputs.append(model(x).float().cpu())
-        index.append(positions.cpu())
+    with progress(total=len(samples), desc="predicting", unit="img", leave=False) as bar:
+        for x, positions in loader.host_batches() if raw else loader:
+            bar.update(min(batch_size, bar.total - bar.n))  # unreadable images count as done too
+            if x is None:  # no image of the batch could be read
+                continue
+            with autocast(device, dtype):
+                outputs.append(model(x).float().cpu())
+            index.append(positions.cpu())
     idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
     out = torch.cat(outputs) if outputs else torch.zeros(0, 0)
     return Predictions(idx, out, torch.tensor([samples[i][1] for i in idx.tolist()], dtype=torch.long))
+
+
+def predict_readable(
+    model: nn.Module,
+    samples: list[tuple[str, int]],
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> Predictions:
+    """predict over a split, then one line with its time; none of the images readable is a one-line error."""
+    start = time.perf_counter()
+    p = predict(model, samples, preprocess, device, batch_size, workers)
+    if len(p.targets) == 0:
+        raise UserError(f"none of the {len(samples)} images could be read")
+    say(f"evaluated {len(samples)} images {took(len(samples), start)}")
+    return p
 
 
 def load_input(path: str | Path, preprocess: Preprocess) -> torch.Tensor:
@@ -141,9 +162,7 @@ def evaluate_samples(
     model: nn.Module, ckpt: dict, samples: list, device: torch.device, batch_size: int, workers: int
 ) -> dict:
     """evaluate_predictions of the model on samples, with the checkpoint's temperature."""
-    p = predict(model, samples, preprocess_of(ckpt), device, batch_size, workers)
-    if len(p.targets) == 0:
-        raise UserError(f"none of the {len(samples)} images could be read")
+    p = predict_readable(model, samples, preprocess_of(ckpt), device, batch_size, workers)
     return evaluate_predictions(p.tempered(temperature_of(ckpt)), ckpt["class_names"])
 
 

@@ -4,6 +4,7 @@ Parameters and multiply-accumulates come from PyTorch's FlopCounterMode over one
 prints each layer's type, output shape, parameters, MACs and trainability. A model that cannot take
 --image_size (a ViT built for 224 px, Inception v3 below 75 px) is found from shapes alone, traced
 on the meta device, before any folder or data is touched, with one line naming the sizes it takes.
+The memory a training run needs is estimated the same way (`check_memory`), before anything big is allocated.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from torch.func import functional_call
 
 from inat_classifier import dataset as data
 from inat_classifier.cli import UserError
+from inat_classifier.devices import memory_available
+from inat_classifier.storage import format_bytes
+from inat_classifier.training import amp_dtype
 
 
 # ----------------------------------------------------------------------------- cost: parameters and MACs
@@ -166,13 +170,10 @@ def size_error(model: nn.Module, image_size: int, in_channels: int = 3) -> str |
     The model runs with meta tensors in place of its weights (functional_call), so the check costs
     no arithmetic and no memory, and the model's own weights are untouched.
     """
-    tensors = {
-        name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(), *model.named_buffers()]
-    }
     image = torch.empty(1, in_channels, image_size, image_size, device="meta")
     try:
         with plain_inference(model):
-            functional_call(model, tensors, (image,))
+            functional_call(model, meta_tensors(model), (image,))
     except Exception as e:  # a layer refusing the size: an assert (ViT), a kernel larger than its input, a view
         text = str(e).strip().splitlines()
         return f"{type(e).__name__}: {text[0][:150]}" if text else type(e).__name__
@@ -207,3 +208,105 @@ def check_input_size(model: nn.Module, name: str, image_size: int, native: int) 
     if image_size < least:
         raise UserError(f"{name} needs at least {least} px, not --image_size {image_size}")
     raise UserError(f"{name} cannot take --image_size {image_size} ({error}); it takes {native} px")
+
+
+# ----------------------------------------------------------------------------- memory
+def meta_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers as meta tensors: shapes without memory, for functional_call."""
+    return {name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def tensors_in(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_in(v)]
+    return []
+
+
+def activation_elements(model: nn.Module, image_size: int, trains_all: bool = False) -> tuple[int, int] | None:
+    """Per image, traced on the meta device (nothing allocated, no arithmetic): the elements the backward
+    pass keeps, and the most alive at once in one layer (its inputs and outputs); None when the model
+    cannot be traced on meta.
+
+    Kept: every layer's inputs and outputs from the first layer with a trainable parameter on (before
+    it, autograd records nothing), or from the start with trains_all; each memory block once, so
+    in-place results and views (ReLU(inplace=True), Flatten) count as their input.
+    """
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    # Read before the call: functional_call swaps in meta tensors, which train nothing.
+    trains = {id(m) for m in leaves if any(p.requires_grad for p in m.parameters(recurse=False))}
+    kept: dict[int, int] = {}
+    alive: list[torch.Tensor] = []  # held so that no block's address is reused during the trace
+    peak, recording = 0, trains_all
+
+    def hook(module: nn.Module, inputs, output) -> None:
+        nonlocal peak, recording
+        ins, outs = tensors_in(inputs), tensors_in(output)
+        peak = max(peak, sum(t.numel() for t in ins + outs))
+        recording = recording or id(module) in trains
+        for t in ins + outs if recording else []:
+            key = t.untyped_storage()._cdata
+            kept[key] = max(kept.get(key, 0), t.untyped_storage().nbytes() // t.element_size())
+            alive.append(t)
+
+    hooks = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with plain_inference(model):
+            functional_call(model, meta_tensors(model), (torch.empty(1, 3, image_size, image_size, device="meta"),))
+    except Exception:  # an op without a meta kernel: no estimate, the run is not held up
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(kept.values()), peak
+
+
+def training_bytes(
+    model: nn.Module, image_size: int, batch_size: int, args, device: torch.device, trains_all: bool = False
+) -> int | None:
+    """Bytes a training run of model needs on device at batch_size: weights, gradients, optimizer state,
+    --ema's copy, and the activations of one traced image times the batch; None when it cannot be traced."""
+    elements = activation_elements(model, image_size, trains_all)
+    if elements is None:
+        return None
+    params = list(model.parameters())
+    weights = sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
+    trained = sum(p.numel() * p.element_size() for p in params if p.requires_grad or trains_all)
+    slots = {"sgd": 1 if args.momentum else 0}.get(args.optimizer, 2)  # Adam(W): two moments per weight
+    ema = weights if getattr(args, "ema", 0) else 0
+    dtype = amp_dtype(args.amp, device) or params[0].dtype
+    kept, peak = elements
+    # The busiest layer twice: its input and output in the forward pass, their gradients in the backward.
+    activations = batch_size * (kept + 2 * peak) * torch.empty((), dtype=dtype).element_size()
+    return weights + trained * (1 + slots) + ema + activations
+
+
+def check_memory(
+    model: nn.Module, image_size: int, batch_size: int, args, device: torch.device, trains_all: bool = False
+) -> None:
+    """Say what the run needs on device; a one-line UserError when that is more than device has free.
+
+    The margin: a run is refused only when the estimate alone is above what is free. The estimate
+    keeps every layer's output until the backward pass at the run's precision, which autograd
+    sometimes frees sooner, and leaves out the batch pipeline and the allocator's slack, which are
+    small next to it; a model that does not fit misses by far more than either (the 100000-filter
+    ConvNet asks for terabytes), and a model that might fit is never refused. Above 80% a warning
+    says it may not fit.
+    """
+    need = training_bytes(model, image_size, batch_size, args, device, trains_all)
+    if need is None:
+        return
+    free = memory_available(device)
+    what = f"this model needs about {format_bytes(need)} at batch {batch_size} on {device}"
+    if free is None:
+        print(f"memory: {what}")
+    elif need > free:
+        raise UserError(
+            f"{what}, which has {format_bytes(free)} free; lower --batch_size or --image_size, or use a smaller model"
+        )
+    else:
+        tight = "; it may not fit, lower --batch_size if it runs out" if need > 0.8 * free else ""
+        print(f"memory: {what}, which has {format_bytes(free)} free{tight}")
