@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -285,3 +286,23 @@ def test_wandb_logs_the_figures_offline_without_an_account(sweep, tmp_path):
     images = (tmp_path / "wandb").glob("offline-run-*/files/media/images/sweep/*.png")
     media = {p.name.rsplit("_", 2)[0] for p in images}
     assert media == {"metric_vs_created", "parallel_coordinates", "importance", "top_curves"}
+
+
+def test_evaluated_runs_show_their_test_accuracy_ece_and_nll(tmp_path):
+    sweep = build_sweep(tmp_path / "partb", extras=False)
+    (sweep / "runs" / "run-001" / "eval.json").write_text(
+        json.dumps({"accuracy": 0.8125, "ece": 0.0421, "nll": 0.6789})
+    )
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        report("--sweep_dir", sweep, "--out", tmp_path / "report")
+    lines = buf.getvalue().splitlines()
+    header = next(ln.split() for ln in lines if ln.split()[:2] == ["rank", "run"])
+    assert header[5:8] == ["test_acc", "ece", "nll"]
+    row = next(ln.split() for ln in lines if ln.split()[1:2] == ["run-001"])
+    assert row[5:8] == ["0.8125", "0.0421", "0.6789"]
+    other = next(ln.split() for ln in lines if ln.split()[1:2] == ["run-000"])
+    assert len(other) == len(header) - 3  # blank cells where a run has no eval.json

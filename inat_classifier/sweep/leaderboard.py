@@ -59,6 +59,21 @@ def run_result(run_dir: str | Path) -> dict | None:
     return result if isinstance(result, dict) else None
 
 
+EVAL_COLUMNS = {"test_acc": "accuracy", "ece": "ece", "nll": "nll"}  # column -> eval.json key
+
+
+def evaluation(run_dir: str | Path) -> dict:
+    """The run's held-out figures from the eval.json evaluate.py wrote into its folder; {} without one."""
+    try:
+        report = json.loads((Path(run_dir) / "eval.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(report, dict):
+        return {}
+    found = {col: report.get(key) for col, key in EVAL_COLUMNS.items()}
+    return {col: v for col, v in found.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def summarize(history: list[dict], metric: str, goal: str) -> tuple[float | None, int | None]:
     """Best metric over epochs, and its epoch (None, None when no epoch logged it)."""
     values = [

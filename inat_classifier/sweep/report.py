@@ -25,7 +25,16 @@ import numpy as np
 
 from inat_classifier.cli import UserError, add_flag
 from inat_classifier.figures import integer_xticks, overlapping, pyplot, round_ticks, save_figure, tick_label
-from inat_classifier.sweep.leaderboard import Run, fmt, print_table, ranked, read_history, study_runs
+from inat_classifier.sweep.leaderboard import (
+    EVAL_COLUMNS,
+    Run,
+    evaluation,
+    fmt,
+    print_table,
+    ranked,
+    read_history,
+    study_runs,
+)
 from inat_classifier.sweep.storage import journal_path, open_study
 from inat_classifier.tracking import WandbLogger
 
@@ -54,22 +63,19 @@ def is_categorical(dist) -> bool:
 
 
 def print_runs(runs: Sequence[Run], params: dict, metric: str, goal: str) -> None:
-    """Every run, best first, with its state (pruned, fail, running runs marked as such)."""
+    """Every run, best first, with its state (pruned, fail, running runs marked as such), and its
+    held-out accuracy, ECE and NLL where evaluate.py wrote an eval.json into its folder."""
+    evaluated = {r.name: evaluation(r.run_dir) for r in runs}
+    columns = [c for c in EVAL_COLUMNS if any(c in e for e in evaluated.values())]
     rows = [
-        [
-            i,
-            r.name,
-            r.state,
-            r.metric,
-            r.epochs,
-            *(r.trial.params.get(p) for p in params),
-        ]
+        [i, r.name, r.state, r.metric, r.epochs, *(evaluated[r.name].get(c) for c in columns)]
+        + [r.trial.params.get(p) for p in params]
         for i, r in enumerate(ranked(runs, goal), 1)
     ]
     counts = {s: sum(r.state == s for r in runs) for s in dict.fromkeys(r.state for r in runs)}
     print_table(
         f"runs ({len(runs)}: {', '.join(f'{n} {s}' for s, n in counts.items())}; {metric} {goal}):",
-        ["rank", "run", "state", metric, "epochs", *params],
+        ["rank", "run", "state", metric, "epochs", *columns, *params],
         rows,
     )
 
