@@ -40,7 +40,10 @@ from inat_classifier.dataset import (  # noqa: F401  (the dataset's API, for scr
 )
 from inat_classifier.download import default_url, download_dataset
 from inat_classifier.images import load_image
-from inat_classifier.storage import atomic_write_text
+from inat_classifier.storage import atomic_write_text, json_with_keys, refuse_foreign
+
+# An existing --json file is replaced only when it is a statistics file (a JSON object with these keys).
+is_stats_json = json_with_keys({"root", "classes", "counts", "unreadable"})
 
 
 def dataset_stats(data_dir: str | Path, check_images: bool = True) -> dict:
@@ -100,6 +103,8 @@ def main(args: argparse.Namespace) -> None:
     if args.command == "download":
         download_dataset(args.dest, args.url or default_url())
     else:
+        if args.json:
+            refuse_foreign(Path(args.json), is_stats_json, "a statistics file", "--json")
         stats = dataset_stats(args.data_dir)
         print_stats(stats)
         if args.json:

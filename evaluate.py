@@ -31,17 +31,33 @@ from inat_classifier.inference import (
     top_classes,
 )
 from inat_classifier.metrics import plot_confusion, print_report
-from inat_classifier.storage import atomic_write, atomic_write_text
+from inat_classifier.storage import (
+    atomic_write,
+    atomic_write_text,
+    check_writable_folder,
+    is_matplotlib_png,
+    json_with_keys,
+    refuse_foreign,
+    starts_with_line,
+)
 from models import restore_model
 
+TOP_K = 3
+CSV_HEADER = ["path"] + [c for i in range(1, TOP_K + 1) for c in (f"class_{i}", f"prob_{i}")]
+# An existing --csv file is replaced only when it is a predictions CSV (this header as its first line),
+# an existing eval.json only when it holds these keys, a confusion_matrix.png only when matplotlib wrote it.
+is_predictions_csv = starts_with_line(",".join(CSV_HEADER))
+is_eval_json = json_with_keys({"accuracy", "confusion_matrix", "checkpoint", "split"})
 
-def write_predictions_csv(rows: list[dict], out: Path, k: int = 3) -> None:
+
+def write_predictions_csv(rows: list[dict], out: Path) -> None:
     """One row per image: path, then class and probability of each of the top k (written atomically)."""
+    refuse_foreign(out, is_predictions_csv, "a predictions CSV", "--csv")
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"prob_{i}")])
+            writer.writerow(CSV_HEADER)
             for r in rows:
                 writer.writerow([r["path"]] + [v for name, p in r["top"] for v in (name, f"{p:.6f}")])
 
@@ -85,6 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def predict_files(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> dict:
     """--predict: the top 3 classes of every image file, printed (and written to --csv)."""
     files = collect_images(args.predict)
+    if args.csv:
+        check_writable_folder(Path(args.csv).absolute().parent, "give --csv a path in a folder you can write")
     rows = top_classes(model, ckpt, files, device, batch_size=args.batch_size, workers=args.workers)
     if not rows:
         raise UserError(
@@ -105,8 +123,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--csv writes the predictions of --predict; add --predict FILES, or drop --csv")
     if args.csv and Path(args.csv).is_dir():
         raise UserError(f"--csv {args.csv} is a folder; give a file name such as predictions.csv")
+    if args.csv:
+        refuse_foreign(Path(args.csv), is_predictions_csv, "a predictions CSV", "--csv")
     if args.batch_size < 1 or args.workers < 0:
         raise UserError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """The folder of eval.json and confusion_matrix.png, checked before the evaluation: it can be
+    written, and what it holds under those names is an earlier evaluation's (refuse_foreign)."""
+    out = Path(args.out) if args.out else Path(args.ckpt).parent if Path(args.ckpt).is_file() else Path(args.ckpt)
+    hint = "choose another --out" if args.out else "pass --out DIR to write eval.json and the figure elsewhere"
+    check_writable_folder(out, hint)
+    refuse_foreign(out / "eval.json", is_eval_json, "an evaluation's eval.json")
+    refuse_foreign(out / "confusion_matrix.png", is_matplotlib_png, "a figure")
+    return out
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -117,14 +148,13 @@ def main(args: argparse.Namespace) -> dict:
         model = FlipTTA(model)
     if args.predict:
         return predict_files(args, model, ckpt, device)
+    out = output_folder(args)
     data_dir = run_data_dir(ckpt, args.data_dir)
     samples, split_name = heldout_samples(ckpt, data_dir, args.split)
     metrics = evaluate_samples(model, ckpt, samples, device, args.batch_size, args.workers)
     metrics.update(
         checkpoint=str(args.ckpt), split=split_name, data_dir=str(data_dir), tta=args.tta, epoch=ckpt.get("epoch")
     )
-    out = Path(args.out) if args.out else Path(args.ckpt).parent if Path(args.ckpt).is_file() else Path(args.ckpt)
-    out.mkdir(parents=True, exist_ok=True)
     print_report(metrics, f"{args.ckpt} on {split_name}: {metrics['n']} images")
     atomic_write_text(out / "eval.json", json.dumps(metrics, indent=1))
     plot_confusion(

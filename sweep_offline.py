@@ -36,6 +36,7 @@ from pathlib import Path
 
 from inat_classifier.cli import UserError, str2bool
 from inat_classifier.startup import imports_done, raise_interrupt
+from inat_classifier.storage import atomic_write_text, refuse_foreign, starts_with_line
 from inat_classifier.sweep.commands import (
     check_metric,
     check_swept_not_passed,
@@ -231,11 +232,30 @@ def open_sweep(args: argparse.Namespace, writable: bool) -> Sweep:
     return Sweep(sweep_dir, plain(config), parse_parameters(config, str(config_path)), study, config_path)
 
 
+# The sweep's own copy of its yaml starts with this line; an existing SWEEP_DIR/sweep.yaml without it is
+# somebody's file: left alone when it holds this very sweep (e.g. it is the --config file), else refused.
+SWEEP_COPY_HEADER = "# this sweep's own copy of its yaml, written by sweep_offline.py"
+
+
+def write_sweep_copy(sweep: Sweep) -> None:
+    import yaml
+
+    target = sweep.dir / "sweep.yaml"
+    if target.is_file() and not starts_with_line(SWEEP_COPY_HEADER)(target):
+        try:
+            if yaml.safe_load(target.read_text()) == sweep.config:
+                return
+        except (OSError, ValueError, yaml.YAMLError):
+            pass
+    refuse_foreign(target, starts_with_line(SWEEP_COPY_HEADER), "the sweep's own copy of its yaml")
+    atomic_write_text(target, SWEEP_COPY_HEADER + "\n" + yaml.safe_dump(sweep.config, sort_keys=False))
+
+
 def new_study(args: argparse.Namespace, sweep: Sweep):
     """Create the sweep folder and its study (joining it when another runner just did)."""
     try:
         sweep.dir.mkdir(parents=True, exist_ok=True)
-        (sweep.dir / "sweep.yaml").write_text(__import__("yaml").safe_dump(sweep.config, sort_keys=False))
+        write_sweep_copy(sweep)
     except OSError as e:
         raise UserError(f"{sweep.dir}: cannot create the sweep folder ({e.strerror})") from None
     metric, goal = metric_of(sweep.config)

@@ -25,6 +25,7 @@ import numpy as np
 
 from inat_classifier.cli import UserError, add_flag
 from inat_classifier.figures import pyplot, save_figure
+from inat_classifier.storage import refuse_foreign, starts_with_line
 from inat_classifier.sweep.commands import fmt, read_history
 from inat_classifier.sweep.runner import newest_trials
 from inat_classifier.sweep.storage import journal_path, open_study
@@ -356,6 +357,8 @@ def categorical_tables(runs: Sequence[Run], params: dict, metric: str, goal: str
         print_table(f"{param} (best and mean over complete runs):", header, rows)
         path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', param)}.csv"
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Replaces only an earlier report's table: a CSV whose first line is this header.
+        refuse_foreign(path, starts_with_line(",".join(header)), "a report's table")
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)

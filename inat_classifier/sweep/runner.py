@@ -21,6 +21,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from inat_classifier.storage import atomic_write_text, starts_with_line
 from inat_classifier.sweep.commands import (
     Run,
     metrics_columns,
@@ -135,6 +136,10 @@ def best_run(sweep: Sweep, runs: list[Run]) -> Run | None:
 RUN_BOOKKEEPING = ("out_dir", "run_name", "resume", "wandb", "config", "use_cache")
 
 
+# best.yaml's first line: an existing best.yaml without it is somebody's file, never replaced.
+BEST_YAML_HEADER = "# the best run's flags, written by sweep_offline.py --show (for --config)"
+
+
 def write_best_config(sweep: Sweep, best: Run, writable: bool) -> None:
     """Print the best run's ready command and write SWEEP_DIR/best.yaml: its flags, for --config."""
     run_dir = sweep.dir / best.run_dir
@@ -146,15 +151,18 @@ def write_best_config(sweep: Sweep, best: Run, writable: bool) -> None:
     flags = {k: v for k, v in flags.items() if k not in RUN_BOOKKEEPING}
     program = Path(sweep.config["program"]).name
     target = sweep.dir / "best.yaml"
-    if writable:
-        target.write_text(
-            f"# {best.name} of {sweep.dir}: {sweep.metric[0]} {best.metric:.4f}\n"
-            + yaml.safe_dump(flags, sort_keys=False)
+    foreign = writable and target.exists() and not starts_with_line(BEST_YAML_HEADER)(target)
+    if writable and not foreign:
+        atomic_write_text(
+            target,
+            f"{BEST_YAML_HEADER}\n# {best.name} of {sweep.dir}: {sweep.metric[0]} {best.metric:.4f}\n"
+            + yaml.safe_dump(flags, sort_keys=False),
         )
     print(f"\nbest run: {best.name} ({sweep.metric[0]} {best.metric:.4f}, epoch {best.best_epoch})")
     print(
         f"train it again, longer:  python {program} --config {target} --epochs 30"
         + ("" if writable else f"   ({sweep.dir} is read-only: no best.yaml written)")
+        + (f"   ({target} is not one this program wrote: left as it is)" if foreign else "")
     )
     print(f"test it:                 python evaluate.py --ckpt {run_dir / 'best.pt'}")
 
