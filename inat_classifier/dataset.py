@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +40,53 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+# Characters a class name may not hold: control characters (a newline or tab would split or shift the
+# one-line messages, the printed tables and the CSV rows that name the class), line and paragraph
+# separators (the same in many terminals), and the surrogates Python uses for bytes that are not UTF-8
+# (such a name cannot be printed, drawn in a figure or written to the cache's index). Any other name a
+# folder can have (spaces, quotes, commas, '$', non-Latin scripts, emoji) is a class name like any other.
+REFUSED_CATEGORIES = {"Cc": "a control character", "Zl": "a line separator", "Zp": "a paragraph separator"}
+
+
+def shown(name: str) -> str:
+    """A class or file name as messages show it: as is when plain, else quoted like repr (bytes that are
+    not UTF-8 as b'...'), so that an odd name stays on one line and its ends are visible."""
+    if any(unicodedata.category(ch) == "Cs" for ch in name):
+        return repr(os.fsencode(name))
+    plain = name.isprintable() and name == name.strip() and not any(ch in name for ch in ",'\"")
+    return name if plain else repr(name)
+
+
+def unshowable(name: str) -> str | None:
+    """Why a class name cannot be shown on one line (see REFUSED_CATEGORIES), or None when it can."""
+    if any(unicodedata.category(ch) == "Cs" for ch in name):
+        return "is not valid UTF-8 (written in another encoding)"
+    bad = next((ch for ch in name if unicodedata.category(ch) in REFUSED_CATEGORIES), None)
+    if bad is not None:
+        return f"holds {REFUSED_CATEGORIES[unicodedata.category(bad)]} ({bad!r}), which would break the one-line output"
+    return None
+
+
+def check_class_name(split_dir: Path, name: str) -> None:
+    """Refuse, at discovery, a class folder whose name no message, table or figure can show (see above)."""
+    problem = unshowable(name)
+    if problem:
+        hint = "rename it in UTF-8 (e.g. with convmv -f latin1 -t utf8)" if "UTF-8" in problem else "rename the folder"
+        raise UserError(f"class folder {shown(name)} in {split_dir}: its name {problem}; {hint}")
+
+
 def list_class_dirs(split_dir: Path) -> list[str]:
-    """Class folders of a split; hidden ones (.name) are not classes, and each is named in a warning."""
+    """Class folders of a split; hidden ones (.name) are not classes, and each is named in a warning.
+
+    A name that cannot be shown on one line (check_class_name) is a one-line error here, before any work.
+    """
     dirs = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     for name in (d for d in dirs if d.startswith(".")):
         warn(f"ignoring the folder {split_dir / name}: hidden folders (names starting with '.') are not classes")
-    return [d for d in dirs if not d.startswith(".")]
+    classes = [d for d in dirs if not d.startswith(".")]
+    for name in classes:
+        check_class_name(split_dir, name)
+    return classes
 
 
 def unreadable_folder(error: OSError) -> None:
