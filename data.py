@@ -32,6 +32,7 @@ from inat_classifier.dataset import (  # noqa: F401  (the dataset's API, for scr
     photo_id,
     resolve_data_dir,
     scan_split,
+    shown,
     split_from_json,
     split_to_json,
     stratified_split,
@@ -48,7 +49,7 @@ is_stats_json = json_with_keys({"root", "classes", "counts", "unreadable"})
 
 def dataset_stats(data_dir: str | Path, check_images: bool = True) -> dict:
     """Images per class per split, and the files that cannot be decoded."""
-    ds = discover(data_dir)
+    ds = discover(data_dir, allow_empty=True)  # empty classes are reported, not refused
     splits = {"train": ds.train}
     if ds.heldout_name:
         splits[ds.heldout_name] = ds.heldout
@@ -73,6 +74,10 @@ def print_stats(stats: dict) -> None:
     for i, c in enumerate(stats["classes"]):
         print(f"{c:<{width}} " + " ".join(f"{stats['counts'][s][i]:>8}" for s in splits))
     print(f"{'total':<{width}} " + " ".join(f"{sum(stats['counts'][s]):>8}" for s in splits))
+    empty = {s: [c for c, n in zip(stats["classes"], stats["counts"][s], strict=True) if n == 0] for s in splits}
+    for split, names in empty.items():
+        if names:
+            print(f"empty classes in {split}/ (no image files): {', '.join(map(shown, names))}")
     print(f"unreadable files: {len(stats['unreadable'])}")
     for path, reason in stats["unreadable"]:
         print(f"  {path}: {reason}")
