@@ -168,8 +168,8 @@ def starts_with_line(header: str) -> Callable[[Path], bool]:
     return check
 
 
-def json_with_keys(keys: set[str]) -> Callable[[Path], bool]:
-    """Recognises a JSON file by its top-level object holding every one of keys."""
+def json_object_where(test: Callable[[dict], bool]) -> Callable[[Path], bool]:
+    """Recognises a JSON file by its top-level object passing test (e.g. holding the keys a script writes)."""
 
     def check(path: Path) -> bool:
         if Path(path).stat().st_size > 256 * 2**20:  # none of ours is that large
@@ -178,9 +178,17 @@ def json_with_keys(keys: set[str]) -> Callable[[Path], bool]:
             content = json.loads(Path(path).read_bytes())
         except (OSError, ValueError):
             return False
-        return isinstance(content, dict) and keys <= content.keys()
+        try:
+            return isinstance(content, dict) and bool(content) and bool(test(content))
+        except (TypeError, AttributeError):  # values of other types than the script writes
+            return False
 
     return check
+
+
+def json_with_keys(keys: set[str]) -> Callable[[Path], bool]:
+    """Recognises a JSON file by its top-level object holding every one of keys."""
+    return json_object_where(lambda content: keys <= content.keys())
 
 
 def refuse_foreign(path: Path, is_ours: Callable[[Path], bool], what: str, flag: str = "") -> None:

@@ -94,6 +94,18 @@ def test_data_stats_json_onto_another_file_is_refused(tmp_path):
     assert json.loads(stats.read_text())["classes"] == ["a", "b"]
 
 
+@pytest.mark.parametrize(
+    "tool", [["tools/bench.py", "--kernels"], ["tools/train_speed.py"], ["tools/compare_samplers.py", "--seeds", "1"]]
+)
+def test_the_tools_json_onto_another_file_is_refused_before_measuring(tool, trained_run, tmp_path):
+    args_json = tmp_path / "args.json"
+    shutil.copy(trained_run.run_dir / "args.json", args_json)
+    before = args_json.read_bytes()
+    proc = run_cli(*tool, "--json", args_json)
+    assert_one_line_error(proc, "--json", "args.json")
+    assert args_json.read_bytes() == before
+
+
 FAKE_TRAIN = r"""
 import argparse, csv, json, os
 p = argparse.ArgumentParser()
