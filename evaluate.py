@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
+from inat_classifier.cli import UserError, add_bool, add_flag, on_failure, run_cli
 from inat_classifier.devices import select_device
 from inat_classifier.inference import (
     FlipTTA,
@@ -134,7 +134,10 @@ def output_folder(args: argparse.Namespace) -> Path:
     written, and what it holds under those names is an earlier evaluation's (refuse_foreign)."""
     out = Path(args.out) if args.out else Path(args.ckpt).parent if Path(args.ckpt).is_file() else Path(args.ckpt)
     hint = "choose another --out" if args.out else "pass --out DIR to write eval.json and the figure elsewhere"
+    created = not out.exists()
     check_writable_folder(out, hint)
+    if created:  # made for the results: gone again if the evaluation fails
+        on_failure(lambda interrupted: None if any(out.iterdir()) else out.rmdir())
     refuse_foreign(out / "eval.json", is_eval_json, "an evaluation's eval.json")
     refuse_foreign(out / "confusion_matrix.png", is_matplotlib_png, "a figure")
     return out

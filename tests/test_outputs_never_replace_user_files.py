@@ -81,6 +81,12 @@ def test_evaluate_out_holding_another_json_as_eval_json_is_refused(run_copy, tmp
     assert (out / "eval.json").read_text() == '{"mine": 1}\n'
 
 
+def test_an_out_folder_made_for_a_failed_evaluation_is_removed_again(run_copy, tmp_path):
+    proc = run_cli("evaluate.py", "--ckpt", run_copy, "--out", tmp_path / "new" / "out", "--data_dir", tmp_path / "no")
+    assert_one_line_error(proc, "no dataset found")
+    assert not (tmp_path / "new" / "out").exists()
+
+
 def test_data_stats_json_onto_another_file_is_refused(tmp_path):
     root = make_dataset(tmp_path / "ds", ["a", "b"], n_train=2, n_val=1)
     mine = tmp_path / "args.json"
