@@ -124,6 +124,13 @@ def atomic_write(path: Path, write: Callable[[Path], None], need: int, what: str
         with signals_held(), full_disk_is_one_line(path.parent, need, what):
             write(tmp)
             move_into_place(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename in (str(tmp), tmp):
+            # The folder refuses new files: say which folder, not the temp file's name nobody typed.
+            raise UserError(
+                f"cannot write {what} into {path.parent} ({e.strerror}); choose a folder you can write"
+            ) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

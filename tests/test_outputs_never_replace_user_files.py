@@ -202,3 +202,29 @@ def test_evaluate_into_a_read_only_folder_fails_before_the_work_naming_it_and_ou
         assert sorted(p.name for p in run.iterdir()) == ["best.pt"]
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_a_write_into_a_read_only_folder_names_the_folder_not_a_temp_file(tmp_path):
+    shared = Path(tempfile.mkdtemp(prefix="stats-readonly-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        root = make_dataset(shared / "ds", ["a", "b"], n_train=2, n_val=1)
+        for p in [root, *root.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        locked = shared / "locked"  # root's, 0755: not writable by the user below
+        locked.mkdir(mode=0o755)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        proc = subprocess.run(
+            [*nobody, sys.executable, str(REPO / "data.py"), "stats", "--data_dir", str(root)]
+            + ["--json", str(locked / "stats.json")],
+            cwd=REPO,
+            env=clean_env(HOME=str(shared)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        line = assert_one_line_error(proc, f"into {locked}", "choose a folder you can write")
+        assert ".tmp-" not in line and not list(locked.iterdir())
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
