@@ -33,6 +33,7 @@ from inat_classifier.dataset import (  # noqa: F401  (the dataset's API, for scr
     photo_id,
     resolve_data_dir,
     scan_split,
+    shown,
     split_from_json,
     split_to_json,
     stratified_split,
@@ -41,12 +42,15 @@ from inat_classifier.dataset import (  # noqa: F401  (the dataset's API, for scr
 )
 from inat_classifier.download import default_url, download_dataset
 from inat_classifier.images import load_image
-from inat_classifier.storage import atomic_write_text
+from inat_classifier.storage import atomic_write_text, json_with_keys, refuse_foreign
+
+# An existing --json file is replaced only when it is a statistics file (a JSON object with these keys).
+is_stats_json = json_with_keys({"root", "classes", "counts", "unreadable"})
 
 
 def dataset_stats(data_dir: str | Path, check_images: bool = True) -> dict:
     """Images per class per split, and the files that cannot be decoded."""
-    ds = discover(data_dir)
+    ds = discover(data_dir, allow_empty=True)  # empty classes are reported, not refused
     splits = {"train": ds.train}
     if ds.heldout_name:
         splits[ds.heldout_name] = ds.heldout
@@ -72,6 +76,10 @@ def print_stats(stats: dict) -> None:
         print(f"{c:<{width}} " + " ".join(f"{stats['counts'][s][i]:>8}" for s in splits))
     print(f"{'total':<{width}} " + " ".join(f"{sum(stats['counts'][s]):>8}" for s in splits))
     print(imbalance_line(stats["counts"]["train"], stats["classes"], what="train/ class balance"))
+    empty = {s: [c for c, n in zip(stats["classes"], stats["counts"][s], strict=True) if n == 0] for s in splits}
+    for split, names in empty.items():
+        if names:
+            print(f"empty classes in {split}/ (no image files): {', '.join(map(shown, names))}")
     print(f"unreadable files: {len(stats['unreadable'])}")
     for path, reason in stats["unreadable"]:
         print(f"  {path}: {reason}")
@@ -102,6 +110,8 @@ def main(args: argparse.Namespace) -> None:
     if args.command == "download":
         download_dataset(args.dest, args.url or default_url())
     else:
+        if args.json:
+            refuse_foreign(Path(args.json), is_stats_json, "a statistics file", "--json")
         stats = dataset_stats(args.data_dir)
         print_stats(stats)
         if args.json:

@@ -24,7 +24,7 @@ from torch import nn
 
 from inat_classifier.calibration import calibration_metrics, fit_temperature, temperature_of
 from inat_classifier.checkpoint import atomic_torch_save, exported_format, preprocess_of
-from inat_classifier.cli import UserError, add_bool, add_flag, run_cli
+from inat_classifier.cli import UserError, add_bool, add_flag, on_failure, run_cli
 from inat_classifier.devices import select_device
 from inat_classifier.exported import load_exported
 from inat_classifier.inference import (
@@ -38,17 +38,33 @@ from inat_classifier.inference import (
     top_classes,
 )
 from inat_classifier.metrics import print_most_confused, print_report, write_confusion
-from inat_classifier.storage import atomic_write, atomic_write_text
+from inat_classifier.storage import (
+    atomic_write,
+    atomic_write_text,
+    check_writable_folder,
+    is_matplotlib_png,
+    json_with_keys,
+    refuse_foreign,
+    starts_with_line,
+)
 from models import restore_model
 
+TOP_K = 3
+CSV_HEADER = ["path"] + [c for i in range(1, TOP_K + 1) for c in (f"class_{i}", f"prob_{i}")]
+# An existing --csv file is replaced only when it is a predictions CSV (this header as its first line),
+# an existing eval.json only when it holds these keys, a confusion_matrix.png only when matplotlib wrote it.
+is_predictions_csv = starts_with_line(",".join(CSV_HEADER))
+is_eval_json = json_with_keys({"accuracy", "confusion_matrix", "checkpoint", "split"})
 
-def write_predictions_csv(rows: list[dict], out: Path, k: int = 3) -> None:
+
+def write_predictions_csv(rows: list[dict], out: Path) -> None:
     """One row per image: path, then class and probability of each of the top k (written atomically)."""
+    refuse_foreign(out, is_predictions_csv, "a predictions CSV", "--csv")
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"prob_{i}")])
+            writer.writerow(CSV_HEADER)
             for r in rows:
                 writer.writerow([r["path"]] + [v for name, p in r["top"] for v in (name, f"{p:.6f}")])
 
@@ -104,6 +120,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def predict_files(args: argparse.Namespace, model: nn.Module, ckpt: dict, device: torch.device) -> dict:
     """--predict: the top 3 classes of every image file, printed (and written to --csv)."""
     files = collect_images(args.predict)
+    if args.csv:
+        check_writable_folder(Path(args.csv).absolute().parent, "give --csv a path in a folder you can write")
     rows = top_classes(model, ckpt, files, device, batch_size=args.batch_size, workers=args.workers)
     if not rows:
         raise UserError(
@@ -128,6 +146,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--calibrate fits on the run's validation split; run it without --predict first")
     if args.calibrate and args.split == "val":
         raise UserError("--calibrate fits on the validation split, so it reports on --split test only")
+    if args.csv:
+        refuse_foreign(Path(args.csv), is_predictions_csv, "a predictions CSV", "--csv")
     if args.batch_size < 1 or args.workers < 0:
         raise UserError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
 
@@ -168,6 +188,20 @@ def print_calibration(metrics: dict, p: Predictions, old_temperature: float, cal
     )
 
 
+def output_folder(args: argparse.Namespace) -> Path:
+    """The folder of eval.json and confusion_matrix.png, checked before the evaluation: it can be
+    written, and what it holds under those names is an earlier evaluation's (refuse_foreign)."""
+    out = Path(args.out) if args.out else Path(args.ckpt).parent if Path(args.ckpt).is_file() else Path(args.ckpt)
+    hint = "choose another --out" if args.out else "pass --out DIR to write eval.json and the figure elsewhere"
+    created = not out.exists()
+    check_writable_folder(out, hint)
+    if created:  # made for the results: gone again if the evaluation fails
+        on_failure(lambda interrupted: None if any(out.iterdir()) else out.rmdir())
+    refuse_foreign(out / "eval.json", is_eval_json, "an evaluation's eval.json")
+    refuse_foreign(out / "confusion_matrix.png", is_matplotlib_png, "a figure")
+    return out
+
+
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
     device = select_device(args.device)
@@ -181,6 +215,7 @@ def main(args: argparse.Namespace) -> dict:
         model = FlipTTA(model)
     if args.predict:
         return predict_files(args, model, ckpt, device)
+    out = output_folder(args)
     data_dir = run_data_dir(ckpt, args.data_dir)
     samples, split_name = heldout_samples(ckpt, data_dir, args.split)
     p = predict_readable(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)
@@ -193,8 +228,6 @@ def main(args: argparse.Namespace) -> dict:
         epoch=ckpt.get("epoch"),
         temperature=temperature_of(ckpt),
     )
-    out = Path(args.out) if args.out else Path(args.ckpt).parent if Path(args.ckpt).is_file() else Path(args.ckpt)
-    out.mkdir(parents=True, exist_ok=True)
     print_report(metrics, f"{args.ckpt} on {split_name}: {metrics['n']} images")
     print_most_confused(metrics["most_confused"])
     print_calibration(metrics, p, old_temperature, args.calibrate)

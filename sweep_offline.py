@@ -41,7 +41,7 @@ import optuna
 
 from inat_classifier.cli import UserError, str2bool
 from inat_classifier.startup import imports_done, raise_interrupt
-from inat_classifier.storage import atomic_write_text
+from inat_classifier.storage import atomic_write_text, first_line_starts, refuse_foreign
 from inat_classifier.sweep.commands import (
     HERE,
     OWN_PROGRAMS,
@@ -55,7 +55,6 @@ from inat_classifier.sweep.leaderboard import (
     LEADERBOARD_START,
     best_run,
     print_leaderboard,
-    refuse_foreign,
 )
 from inat_classifier.sweep.runner import (
     BEST_CONFIG_FILE,
@@ -268,8 +267,8 @@ def write_config_copy(sweep: Sweep) -> None:
         same = False
     if same is False:
         raise UserError(f"{copy}: exists and is not this sweep's config; move it away, or use another --sweep_dir")
-    refuse_foreign(sweep.dir / LEADERBOARD_FILE, LEADERBOARD_START)
-    refuse_foreign(sweep.dir / BEST_CONFIG_FILE, *BEST_YAML_STARTS)
+    refuse_foreign(sweep.dir / LEADERBOARD_FILE, first_line_starts(LEADERBOARD_START), "a leaderboard the sweep wrote")
+    refuse_foreign(sweep.dir / BEST_CONFIG_FILE, first_line_starts(*BEST_YAML_STARTS), "a best.yaml the sweep wrote")
     if same is None:  # a runner started alongside may have written the same text already
         atomic_write_text(copy, text, what="the sweep's config")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import random
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from inat_classifier.cli import UserError
+from inat_classifier.dataset import shown, unshowable
 from inat_classifier.presets import Preprocess
 from inat_classifier.storage import atomic_write
 
@@ -101,6 +103,148 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp), tensor_bytes(obj) + 2**20, path.name)
 
 
+# ----------------------------------------------------------------------------- field checks
+# Every field a checkpoint may carry, checked by type when it is read, so a hand-edited or foreign file is
+# one line naming the field, never a TypeError deep in a reader. Each check returns what is wrong, or None.
+Check = Callable[[Any], "str | None"]
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def expect(test: Callable[[Any], bool], wanted: str) -> Check:
+    return lambda v: None if test(v) else f"is {describe(v)}, expected {wanted}"
+
+
+def describe(v: Any) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def tensor_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def str_keyed(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
+
+
+def plain_value(v: Any) -> bool:
+    scalar = lambda x: x is None or isinstance(x, (bool, int, float, str))  # noqa: E731
+    return scalar(v) or (isinstance(v, list) and all(scalar(x) for x in v))
+
+
+def check_class_names(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+        return f"is {describe(v)}, expected a list of class names (strings)"
+    if len(v) < 2 or len(set(v)) != len(v):
+        return f"is {describe(v)}, expected at least 2 distinct class names"
+    odd = next((c for c in v if unshowable(c)), None)
+    return None if odd is None else f"holds the name {shown(odd)}, which {unshowable(odd)}"
+
+
+def check_spec(v: Any) -> str | None:
+    if not isinstance(v, dict) or v.get("kind") not in ("convnet", "torchvision", "timm"):
+        return f"is {describe(v)}, expected a model description with kind convnet, torchvision or timm"
+    if v["kind"] != "convnet" and not isinstance(v.get("name"), str):
+        return f"lacks the model's name (a string), got {describe(v.get('name'))}"
+    if not str_keyed(v.get("kwargs", {})):
+        return f"has kwargs {describe(v.get('kwargs'))}, expected a mapping of argument names to values"
+    return None
+
+
+def check_preprocess(v: Any) -> str | None:
+    if not isinstance(v, dict):
+        return f"is {describe(v)}, expected a mapping (image_size, resize_size, mean, std, stored_side)"
+    triple = lambda x: isinstance(x, (list, tuple)) and len(x) == 3 and all(map(is_number, x))  # noqa: E731
+    wanted = {
+        "image_size": (lambda x: is_int(x) and x > 0, "a positive integer"),
+        "resize_size": (lambda x: is_int(x) and x > 0, "a positive integer"),
+        "mean": (triple, "3 numbers"),
+        "std": (lambda x: triple(x) and all(n > 0 for n in x), "3 positive numbers"),
+        "stored_side": (lambda x: is_int(x) and x >= 0, "an integer >= 0"),
+    }
+    for key, (test, what) in wanted.items():
+        if key not in v and key != "stored_side":  # stored_side: written since /2's first files
+            return f"lacks '{key}'"
+        if key in v and not test(v[key]):
+            return f"has {key} {describe(v[key])}, expected {what}"
+    return None
+
+
+def check_split(v: Any) -> str | None:
+    lists = isinstance(v, dict) and all(
+        isinstance(v.get(k), list) and all(isinstance(p, str) for p in v[k]) for k in ("train", "val")
+    )
+    return None if lists else f"is {describe(v)}, expected lists of photo paths under 'train' and 'val'"
+
+
+def check_rng(v: Any) -> str | None:
+    torch_state = isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor) and v["torch"].dtype == torch.uint8
+    python = isinstance(v, dict) and isinstance(v.get("python"), list) and len(v["python"]) == 625
+    if not (torch_state and python and all(map(is_int, v["python"]))):
+        return f"is {describe(v)}, expected the torch (uint8 tensor) and python (625 integers) random states"
+    return None
+
+
+FIELD_CHECKS: dict[str, Check] = {
+    "model_state": expect(tensor_map, "a mapping of parameter names to tensors"),
+    "spec": check_spec,
+    "class_names": check_class_names,
+    "preprocess": check_preprocess,
+    "split": check_split,
+    "config": expect(
+        lambda v: (
+            str_keyed(v) and all(map(plain_value, v.values())) and isinstance(v.get("data_dir", ""), (str, type(None)))
+        ),
+        "a mapping of flags to plain values",
+    ),
+    "epoch": expect(lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "metrics": expect(lambda v: isinstance(v, list) and all(map(str_keyed, v)), "a list of epoch rows"),
+    "best_val_acc": expect(is_number, "a number"),
+    "best_epoch": expect(lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "params": expect(is_int, "an integer"),
+    "macs": expect(is_int, "an integer"),
+    "weights_source": expect(lambda v: isinstance(v, str), "a string"),
+    "freeze": expect(lambda v: isinstance(v, str), "a string"),
+    "precision": expect(lambda v: isinstance(v, str), "a string"),
+    "batches_done": expect(lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "partial": expect(lambda v: str_keyed(v) and all(map(is_number, v.values())), "a mapping of running sums"),
+    "optimizer": expect(
+        lambda v: str_keyed(v) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list),
+        "an optimizer state (state and param_groups)",
+    ),
+    "scheduler": expect(str_keyed, "a learning-rate schedule's state (a mapping)"),
+    "scaler": expect(str_keyed, "a loss scaler's state (a mapping)"),
+    "rng": check_rng,
+    "loader_rng": expect(lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8, "a uint8 tensor"),
+    "ema": expect(tensor_map, "a mapping of names to tensors"),
+    "train_state": expect(tensor_map, "a mapping of parameter names to tensors"),
+}
+
+
+def check_fields(ckpt: dict, path: Path) -> None:
+    """Every field of FIELD_CHECKS that ckpt has, by type: the first malformed one is a one-line error."""
+    for key, check in FIELD_CHECKS.items():
+        problem = check(ckpt[key]) if key in ckpt else None
+        if problem:
+            raise UserError(f"{path}: malformed checkpoint: its '{key}' {problem}")
+
+
+def legacy_preprocess(ckpt: dict, path: Path) -> dict:
+    """A /1 checkpoint's image_size, mean and std as the one preprocess entry (checked first)."""
+    for key in ("image_size", "mean", "std"):
+        problem = check_preprocess({"image_size": 1, "resize_size": 1, "mean": [0] * 3, "std": [1] * 3, key: ckpt[key]})
+        if problem:
+            raise UserError(f"{path}: malformed checkpoint: its '{key}' is {problem.split(' ', 2)[-1]}")
+    return Preprocess.for_size(ckpt["image_size"], ckpt["mean"], ckpt["std"]).to_dict()
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load one of our checkpoints safely (weights_only); any other file is a one-line error."""
     path = Path(path)
@@ -132,10 +276,11 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path}: not a checkpoint written by this tool (no '{CHECKPOINT_FORMAT}' format tag)")
     if "preprocess" not in ckpt and all(k in ckpt for k in ("image_size", "mean", "std")):
         # Written before checkpoints carried a Preprocess: the same rule, spelled out.
-        ckpt["preprocess"] = Preprocess.for_size(ckpt["image_size"], ckpt["mean"], ckpt["std"]).to_dict()
+        ckpt["preprocess"] = legacy_preprocess(ckpt, path)
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"{path}: incomplete checkpoint, it lacks {', '.join(missing)}")
+    check_fields(ckpt, path)
     with zipfile.ZipFile(path) as zf:  # torch.load does not check the CRCs torch.save wrote
         bad = zf.testzip()
     if bad is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -80,16 +81,61 @@ def check_saved_flags(parser: argparse.ArgumentParser, config: dict, where: str)
     return checked
 
 
+# A flags file or a sweep yaml is a few KiB. The limits keep a hostile or mistaken file (a photo passed as
+# --config, a "billion laughs" of nested aliases that expands a 500-byte file into gigabytes when its
+# values are read) from eating the machine's memory: the size is checked before reading, and anchors
+# and aliases (&name, *name), which no flags file needs, are refused while the YAML is composed.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class AliasRefused(yaml.YAMLError):
+    """An alias in a file read by NoAliasLoader."""
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """yaml's SafeLoader that refuses the first alias (*name) it meets, before anything is built from it."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise AliasRefused(
+                f"anchors and aliases are not read here (*{event.anchor} on line {event.start_mark.line + 1}); "
+                f"write the values out"
+            )
+        return super().compose_node(parent, index)
+
+
+def read_bounded_text(path: Path, where: str) -> str:
+    """A config file's text: a regular file of at most MAX_CONFIG_BYTES, UTF-8 (else one line naming `where`)."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{where}: not a regular file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise UserError(
+                f"{where}: {st.st_size / 2**20:.1f} MiB is far more than a config file holds "
+                f"(at most {MAX_CONFIG_BYTES // 2**20} MiB read); is it the right file?"
+            )
+        with open(path, "rb") as f:
+            return f.read(MAX_CONFIG_BYTES + 1).decode()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load without aliases (NoAliasLoader); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=NoAliasLoader)
+
+
 def read_config(path: str) -> dict:
     """FILE's mapping of flag names to values: JSON for a .json file, YAML otherwise."""
     file = Path(path)
-    try:
-        text = file.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    text = read_bounded_text(file, f"--config {path}")
     kind = "JSON" if file.suffix.lower() == ".json" else "YAML"
     try:
-        content = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+        content = json.loads(text) if kind == "JSON" else load_yaml(text)
+    except AliasRefused as e:
+        raise UserError(f"--config {path}: {e}") from None
     except (ValueError, yaml.YAMLError) as e:
         raise UserError(f"--config {path}: not valid {kind} ({' '.join(str(e).split())})") from None
     if content is None:  # an empty YAML file

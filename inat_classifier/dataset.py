@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +40,53 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+# Characters a class name may not hold: control characters (a newline or tab would split or shift the
+# one-line messages, the printed tables and the CSV rows that name the class), line and paragraph
+# separators (the same in many terminals), and the surrogates Python uses for bytes that are not UTF-8
+# (such a name cannot be printed, drawn in a figure or written to the cache's index). Any other name a
+# folder can have (spaces, quotes, commas, '$', non-Latin scripts, emoji) is a class name like any other.
+REFUSED_CATEGORIES = {"Cc": "a control character", "Zl": "a line separator", "Zp": "a paragraph separator"}
+
+
+def shown(name: str) -> str:
+    """A class or file name as messages show it: as is when plain, else quoted like repr (bytes that are
+    not UTF-8 as b'...'), so that an odd name stays on one line and its ends are visible."""
+    if any(unicodedata.category(ch) == "Cs" for ch in name):
+        return repr(os.fsencode(name))
+    plain = name.isprintable() and name == name.strip() and not any(ch in name for ch in ",'\"")
+    return name if plain else repr(name)
+
+
+def unshowable(name: str) -> str | None:
+    """Why a class name cannot be shown on one line (see REFUSED_CATEGORIES), or None when it can."""
+    if any(unicodedata.category(ch) == "Cs" for ch in name):
+        return "is not valid UTF-8 (written in another encoding)"
+    bad = next((ch for ch in name if unicodedata.category(ch) in REFUSED_CATEGORIES), None)
+    if bad is not None:
+        return f"holds {REFUSED_CATEGORIES[unicodedata.category(bad)]} ({bad!r}), which would break the one-line output"
+    return None
+
+
+def check_class_name(split_dir: Path, name: str) -> None:
+    """Refuse, at discovery, a class folder whose name no message, table or figure can show (see above)."""
+    problem = unshowable(name)
+    if problem:
+        hint = "rename it in UTF-8 (e.g. with convmv -f latin1 -t utf8)" if "UTF-8" in problem else "rename the folder"
+        raise UserError(f"class folder {shown(name)} in {split_dir}: its name {problem}; {hint}")
+
+
 def list_class_dirs(split_dir: Path) -> list[str]:
-    """Class folders of a split; hidden ones (.name) are not classes, and each is named in a warning."""
+    """Class folders of a split; hidden ones (.name) are not classes, and each is named in a warning.
+
+    A name that cannot be shown on one line (check_class_name) is a one-line error here, before any work.
+    """
     dirs = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     for name in (d for d in dirs if d.startswith(".")):
         warn(f"ignoring the folder {split_dir / name}: hidden folders (names starting with '.') are not classes")
-    return [d for d in dirs if not d.startswith(".")]
+    classes = [d for d in dirs if not d.startswith(".")]
+    for name in classes:
+        check_class_name(split_dir, name)
+    return classes
 
 
 def unreadable_folder(error: OSError) -> None:
@@ -129,13 +171,21 @@ def find_heldout_dir(root: Path) -> tuple[Path, str] | None:
     return None
 
 
-def scan_split(split_dir: Path, classes: Sequence[str], owners: dict[tuple[int, int], str]) -> list[tuple[str, int]]:
-    """(path, label) of every photo of a split; owners (file id -> path) spans splits and classes."""
+def scan_split(
+    split_dir: Path, classes: Sequence[str], owners: dict[tuple[int, int], str], allow_empty: bool = False
+) -> list[tuple[str, int]]:
+    """(path, label) of every photo of a split; owners (file id -> path) spans splits and classes.
+
+    A class folder without image files is an error, unless allow_empty (data.py stats reports them).
+    """
     samples = []
     for label, name in enumerate(classes):
         photos = class_photos(split_dir / name)
-        if not photos:
-            raise UserError(f"class folder {split_dir / name} has no images")
+        if not photos and not allow_empty:
+            raise UserError(
+                f"class folder {split_dir / name} has no images "
+                f"('python data.py stats --data_dir {split_dir.parent}' lists every empty class)"
+            )
         for key, f in photos.items():
             first = owners.setdefault(key, f)
             if first != f:
@@ -147,8 +197,26 @@ def scan_split(split_dir: Path, classes: Sequence[str], owners: dict[tuple[int, 
     return samples
 
 
-def discover(data_dir: str | Path, need_heldout: bool = False) -> DatasetFiles:
-    """Find classes and samples; class folders must match between train/ and the held-out split."""
+def warn_unused_val(root: Path, classes: Sequence[str], heldout_name: str) -> None:
+    """With test/ as the held-out split, a val/ beside it is not read: one line when its classes are not train/'s
+    (photos in the wrong folder, most likely); the run's own validation split comes from train/ either way."""
+    if heldout_name != "test" or not (root / "val").is_dir():
+        return
+    val_classes = [c for c in sorted(d.name for d in (root / "val").iterdir() if d.is_dir()) if not c.startswith(".")]
+    if val_classes != list(classes):
+        only_val = [shown(c) for c in val_classes if c not in classes]
+        only_train = [shown(c) for c in classes if c not in val_classes]
+        warn(
+            f"{root / 'val'} is not used (the held-out split is {root / 'test'}) and its classes differ from "
+            f"train/'s: only in val: {', '.join(only_val) or 'none'}; only in train: {', '.join(only_train) or 'none'}"
+        )
+
+
+def discover(data_dir: str | Path, need_heldout: bool = False, allow_empty: bool = False) -> DatasetFiles:
+    """Find classes and samples; class folders must match between train/ and the held-out split.
+
+    allow_empty: a class folder without images is no error (for reports); training refuses it later.
+    """
     root = resolve_data_dir(data_dir)
     classes = list_class_dirs(root / "train")
     if not classes:
@@ -166,12 +234,13 @@ def discover(data_dir: str | Path, need_heldout: bool = False) -> DatasetFiles:
                 f"class folders differ between {root / 'train'} and {held_dir}: "
                 f"only in train: {only_train or 'none'}; only in {heldout_name}: {only_held or 'none'}"
             )
+        warn_unused_val(root, classes, heldout_name)
     elif need_heldout:
         raise UserError(f"no held-out split: expected {root / 'val'} or {root / 'test'}")
     owners: dict[tuple[int, int], str] = {}
-    train = scan_split(root / "train", classes, owners)
+    train = scan_split(root / "train", classes, owners, allow_empty)
     if heldout is not None:
-        heldout_samples = scan_split(held_dir, classes, owners)
+        heldout_samples = scan_split(held_dir, classes, owners, allow_empty)
     return DatasetFiles(root, classes, train, heldout_samples, heldout_name)
 
 
@@ -195,7 +264,7 @@ def check_trainable(
     empty = [c for c, n in zip(classes, readable, strict=True) if n == 0]
     if empty:
         raise UserError(
-            f"class{'es' * (len(empty) > 1)} {', '.join(empty)} in {where} "
+            f"class{'es' * (len(empty) > 1)} {', '.join(map(shown, empty))} in {where} "
             f"ha{'ve' if len(empty) > 1 else 's'} no readable image; fix or remove "
             f"{'them' if len(empty) > 1 else 'it'} ('python data.py stats' lists unreadable files)"
         )

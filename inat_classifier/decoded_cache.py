@@ -109,7 +109,8 @@ def cache_key(paths: Sequence[str], size: int) -> str:
     h = hashlib.sha256(f"v{CACHE_VERSION}:{size}".encode())
     for p in paths:
         st = os.stat(p)
-        h.update(f"\n{os.path.abspath(p)}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+        # surrogateescape: a file name that is not UTF-8 hashes as its bytes on disk
+        h.update(f"\n{os.path.abspath(p)}\t{st.st_size}\t{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:32]
 
 

@@ -7,6 +7,7 @@ draws; matplotlib is imported when the first figure is drawn, with the file-only
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +25,10 @@ def pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")
+    # Text as written: a class name such as "US$ 5 $" is a label, not TeX (mathtext would fail to draw it).
+    matplotlib.rcParams["text.parse_math"] = False
+    # A class name in a script the font lacks draws as boxes; the report names it, the warning adds nothing.
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
     import matplotlib.pyplot as plt
 
     return plt

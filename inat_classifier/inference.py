@@ -140,8 +140,8 @@ def heldout_samples(ckpt: dict, data_dir: str | None, split: str) -> tuple[list,
     ds = data.discover(run_data_dir(ckpt, data_dir), need_heldout=split == "test")
     if ds.classes != ckpt["class_names"]:
         raise UserError(
-            f"classes in {ds.root} ({', '.join(ds.classes)}) differ from the checkpoint's "
-            f"({', '.join(ckpt['class_names'])})"
+            f"classes in {ds.root} ({', '.join(map(data.shown, ds.classes))}) differ from the checkpoint's "
+            f"({', '.join(map(data.shown, ckpt['class_names']))})"
         )
     if split == "val":
         if "split" not in ckpt:

@@ -9,6 +9,7 @@ finish, and temp files of killed processes are cleaned up.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -123,6 +124,13 @@ def atomic_write(path: Path, write: Callable[[Path], None], need: int, what: str
         with signals_held(), full_disk_is_one_line(path.parent, need, what):
             write(tmp)
             move_into_place(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename in (str(tmp), tmp):
+            # The folder refuses new files: say which folder, not the temp file's name nobody typed.
+            raise UserError(
+                f"cannot write {what} into {path.parent} ({e.strerror}); choose a folder you can write"
+            ) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -133,11 +141,115 @@ def atomic_write_text(path: Path, text: str, what: str | None = None) -> None:
     atomic_write(Path(path), lambda tmp: tmp.write_bytes(data), len(data), what or Path(path).name)
 
 
+# ----------------------------------------------------------------------------- outputs named by the user
+# A script replaces an existing file only when it is one of the files the script itself writes there:
+# any other file (a checkpoint, a photo, somebody's YAML) under an output name is refused. What the
+# script writes is recognised by its content, whatever the folder: a CSV by its exact header line,
+# a JSON file by the keys of its top-level object, a figure by the text chunk matplotlib puts in
+# every PNG it saves (a photo or screenshot has none).
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MATPLOTLIB_PNG_TEXT = b"tEXtSoftware\x00Matplotlib"  # before the image data, in the first bytes
+
+
+def head_bytes(path: Path, n: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def is_matplotlib_png(path: Path) -> bool:
+    """A PNG that matplotlib saved: one of our figures, not a photo or another program's image."""
+    head = head_bytes(path, 4096)
+    return head.startswith(PNG_SIGNATURE) and MATPLOTLIB_PNG_TEXT in head
+
+
+def starts_with_line(header: str) -> Callable[[Path], bool]:
+    """Recognises a CSV file by its exact first line (the header the script writes)."""
+    wanted = header.encode()
+
+    def check(path: Path) -> bool:
+        return head_bytes(path, len(wanted) + 2).split(b"\n", 1)[0].rstrip(b"\r") == wanted
+
+    return check
+
+
+def first_line_starts(*prefixes: str) -> Callable[[Path], bool]:
+    """Recognises a text file the program wrote by how its first line starts."""
+
+    def check(path: Path) -> bool:
+        first = head_bytes(path, 4096).split(b"\n", 1)[0].decode("utf-8", errors="replace")
+        return first.startswith(prefixes)
+
+    return check
+
+
+def json_object_where(test: Callable[[dict], bool]) -> Callable[[Path], bool]:
+    """Recognises a JSON file by its top-level object passing test (e.g. holding the keys a script writes)."""
+
+    def check(path: Path) -> bool:
+        if Path(path).stat().st_size > 256 * 2**20:  # none of ours is that large
+            return False
+        try:
+            content = json.loads(Path(path).read_bytes())
+        except (OSError, ValueError):
+            return False
+        try:
+            return isinstance(content, dict) and bool(content) and bool(test(content))
+        except (TypeError, AttributeError):  # values of other types than the script writes
+            return False
+
+    return check
+
+
+def json_with_keys(keys: set[str]) -> Callable[[Path], bool]:
+    """Recognises a JSON file by its top-level object holding every one of keys."""
+    return json_object_where(lambda content: keys <= content.keys())
+
+
+def refuse_foreign(path: Path, is_ours: Callable[[Path], bool], what: str, flag: str = "") -> None:
+    """Refuse an output path holding a file (or anything else) that is not `what` this program wrote.
+
+    flag names where the path came from (e.g. "--csv"), for the one-line error.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_file() or not is_ours(path):
+        raise UserError(
+            f"{flag + ' ' if flag else ''}{path}: already there, and not {what} this program wrote; "
+            f"it is left as it is: choose another name, or move it away first"
+        )
+
+
+def check_writable_folder(folder: Path, hint: str) -> None:
+    """Create folder if needed and make sure a file can be created in it, before any long work.
+
+    hint: what to do instead (e.g. "pass --out DIR"). Tried for real (a temp file): permissions,
+    read-only mounts and ACLs all show the same way, and root's bypass of permissions too.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_name(folder / ".write-check")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise UserError(f"{folder} is a file, not a folder; {hint}") from None
+    except OSError as e:
+        raise UserError(f"cannot write into {folder} ({e.strerror or e}); {hint}") from None
+
+
 FIGURE_BYTES = 512 * 1024  # a generous PNG of one of our figures, for the free-space check
 
 
 def save_png(fig, path: Path, what: str | None = None, **savefig_kwargs) -> None:
-    """fig.savefig as a PNG through atomic_write (the temp name has no .png suffix: the format is given)."""
+    """fig.savefig as a PNG through atomic_write (the temp name has no .png suffix: the format is given).
+
+    An existing file under path that is not one of our figures (a photo, a checkpoint) is refused.
+    """
+    refuse_foreign(Path(path), is_matplotlib_png, "a figure")
     atomic_write(
         Path(path), lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs), FIGURE_BYTES, what or Path(path).name
     )

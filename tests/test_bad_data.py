@@ -292,7 +292,9 @@ def test_a_run_folder_without_a_checkpoint_is_started_again_by_either_command(tw
 def test_predict_with_nothing_readable_is_an_error_and_keeps_the_csv(trained_run, tmp_path):
     garbage(tmp_path / "photos", 3)
     csv = tmp_path / "predictions.csv"
-    csv.write_text("path,class_1\nold.jpg,Aves\n")
+    # an earlier run's predictions
+    earlier = "path,class_1,prob_1,class_2,prob_2,class_3,prob_3\nold.jpg,Aves,0.9,Fungi,0.05,Mammalia,0.05\n"
+    csv.write_text(earlier)
     proc = run_cli(
         "evaluate.py",
         "--ckpt",
@@ -305,7 +307,7 @@ def test_predict_with_nothing_readable_is_an_error_and_keeps_the_csv(trained_run
         "0",
     )
     assert_one_line_error(proc, "none of the 3 image files could be read")
-    assert proc.returncode == 2 and csv.read_text() == "path,class_1\nold.jpg,Aves\n"
+    assert proc.returncode == 2 and csv.read_text() == earlier
 
 
 def test_csv_without_predict_is_refused(trained_run, tmp_path):

@@ -42,7 +42,7 @@ from inat_classifier.freezing import apply_freeze, set_train_mode
 from inat_classifier.images import photo_short_side
 from inat_classifier.optim import build_optimizer
 from inat_classifier.presets import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from inat_classifier.storage import atomic_write_text
+from inat_classifier.storage import atomic_write_text, json_object_where, refuse_foreign
 from inat_classifier.training import Trainer, amp_dtype, grad_scaler, train_step
 from models import ConvNet, build_backbone
 
@@ -384,7 +384,14 @@ def default_partb_model() -> str:
     return "efficientnet_lite0" if have else "resnet18"
 
 
+# An existing --json file is replaced only when it is this tool's: the --kernels table, or a full
+# measurement (its machine description, cpu_cores and platform).
+is_bench_json = json_object_where(lambda d: "kernels" in d or {"cpu_cores", "platform"} <= d.keys())
+
+
 def main(args: argparse.Namespace) -> dict:
+    if args.json:
+        refuse_foreign(Path(args.json), is_bench_json, "a bench.py result", "--json")
     if args.kernels:
         result = {"kernels": print_step_operations(64), "image_size": 64}
         if args.json:

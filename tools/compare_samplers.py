@@ -22,6 +22,8 @@ import numpy as np
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from inat_classifier.cli import UserError  # noqa: E402
+from inat_classifier.storage import atomic_write_text, json_object_where, refuse_foreign  # noqa: E402
 from inat_classifier.sweep.space import build_sampler, parse_parameters, suggest  # noqa: E402
 
 SPACE = {
@@ -101,6 +103,12 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=30, help="runs per study (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the table here")
     args = parser.parse_args()
+    if args.json:  # replaces only a table of this tool's (every row with s_per_run)
+        ours = json_object_where(lambda d: all("s_per_run" in row for row in d.values()))
+        try:
+            refuse_foreign(Path(args.json), ours, "a compare_samplers.py table", "--json")
+        except UserError as e:
+            parser.exit(2, f"error: {e}\n")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     names = list(samplers(0))
     results = {name: {"regret_12": [], f"regret_{args.budget}": [], "s_per_run": []} for name in names}
@@ -116,7 +124,7 @@ def main() -> None:
     for name, row in table.items():
         print(f"{name:42s} {row['regret_12']:10.4f} {row[f'regret_{args.budget}']:10.4f} {row['s_per_run']:8.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=1))
+        atomic_write_text(Path(args.json), json.dumps(table, indent=1))
 
 
 if __name__ == "__main__":

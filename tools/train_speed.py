@@ -39,7 +39,7 @@ from inat_classifier.devices import Dist, select_device
 from inat_classifier.images import photo_short_side
 from inat_classifier.optim import param_groups_with_decay
 from inat_classifier.presets import Preprocess
-from inat_classifier.storage import atomic_write_text
+from inat_classifier.storage import atomic_write_text, json_object_where, refuse_foreign
 from inat_classifier.training import build_trainer, precision_name, train_step
 from models import build_backbone
 
@@ -185,7 +185,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# An existing --json file is replaced only when it is this tool's: one measurement (images_s) per line.
+is_speed_json = json_object_where(lambda d: all(isinstance(v, dict) and "images_s" in v for v in d.values()))
+
+
 def main(args: argparse.Namespace) -> dict:
+    if args.json:
+        refuse_foreign(Path(args.json), is_speed_json, "a train_speed.py result", "--json")
     sizes = parse_sizes(args.sizes)
     for name, least in (("batch_size", 1), ("steps", 1), ("warmup", 1), ("workers", 0)):
         if getattr(args, name) < least:

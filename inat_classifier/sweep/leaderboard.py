@@ -18,9 +18,9 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from inat_classifier.cli import RESULT_FILE, UserError
+from inat_classifier.cli import RESULT_FILE
 from inat_classifier.runs import read_metrics_csv
-from inat_classifier.storage import atomic_write
+from inat_classifier.storage import atomic_write, first_line_starts, refuse_foreign
 from inat_classifier.sweep.space import metric_of
 
 
@@ -176,21 +176,6 @@ def best_run(runs: list[Run], goal: str) -> Run | None:
 LEADERBOARD_FILE, LEADERBOARD_START = "leaderboard.csv", "rank,run,state,"  # the start of its first line
 
 
-def refuse_foreign(path: Path, *starts: str) -> None:
-    """Refuse to replace a file that the sweep did not write: one whose first line starts otherwise."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            first = f.readline()
-    except FileNotFoundError:
-        return
-    except OSError:  # a folder, or a file it cannot read: not its own either
-        first = ""
-    if not first.startswith(starts):
-        raise UserError(
-            f"{path}: exists and was not written by the sweep; move it away, or give the sweep another --sweep_dir"
-        )
-
-
 # ----------------------------------------------------------------------------- tables
 def searched_params(config: dict) -> list[str]:
     """The parameters the sweep varies (not the fixed `value:` ones), in the yaml's order."""
@@ -268,7 +253,7 @@ def write_leaderboard(sweep_dir: Path, config: dict, runs: list[Run]) -> list[di
             writer.writeheader()
             writer.writerows(rows)
 
-    refuse_foreign(sweep_dir / LEADERBOARD_FILE, LEADERBOARD_START)
+    refuse_foreign(sweep_dir / LEADERBOARD_FILE, first_line_starts(LEADERBOARD_START), "a leaderboard the sweep wrote")
     atomic_write(sweep_dir / LEADERBOARD_FILE, write, need=4096 + 512 * len(rows), what="the leaderboard")
     return rows
 

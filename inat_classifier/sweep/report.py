@@ -25,6 +25,7 @@ import numpy as np
 
 from inat_classifier.cli import UserError, add_flag
 from inat_classifier.figures import integer_xticks, overlapping, pyplot, round_ticks, save_figure, tick_label
+from inat_classifier.storage import refuse_foreign, starts_with_line
 from inat_classifier.sweep.leaderboard import (
     EVAL_COLUMNS,
     Run,
@@ -372,6 +373,8 @@ def categorical_tables(runs: Sequence[Run], params: dict, metric: str, goal: str
         print_table(f"{param} (best and mean over complete runs):", header, rows)
         path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', param)}.csv"
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Replaces only an earlier report's table: a CSV whose first line is this header.
+        refuse_foreign(path, starts_with_line(",".join(header)), "a report's table")
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)

@@ -21,7 +21,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from inat_classifier.storage import atomic_write_text
+from inat_classifier.storage import atomic_write_text, first_line_starts, refuse_foreign
 from inat_classifier.sweep.commands import run_command
 from inat_classifier.sweep.leaderboard import (
     Run,
@@ -29,7 +29,6 @@ from inat_classifier.sweep.leaderboard import (
     newest_trials,
     print_leaderboard,
     read_history,
-    refuse_foreign,
     run_result,
     state_name,
     study_runs,
@@ -119,7 +118,7 @@ def write_best_config(sweep: Sweep, best: Run, writable: bool) -> None:
     program = Path(sweep.config["program"]).name
     target = sweep.dir / BEST_CONFIG_FILE
     if writable:
-        refuse_foreign(target, *BEST_YAML_STARTS)
+        refuse_foreign(target, first_line_starts(*BEST_YAML_STARTS), "a best.yaml the sweep wrote")
         atomic_write_text(
             target,
             f"{BEST_YAML_STARTS[0]}{sweep.dir}: {best.name}, {sweep.metric[0]} {best.metric:.4f}\n"

@@ -21,6 +21,7 @@ import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from inat_classifier.cli import UserError
+from inat_classifier.config_file import load_yaml, read_bounded_text
 
 METHODS = ("grid", "random", "bayes")
 TOP_KEYS = {
@@ -202,11 +203,7 @@ def load_config(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"sweep config not found: {path}")
     try:
-        config = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the sweep config ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file in UTF-8; a sweep config is YAML text") from None
+        config = load_yaml(read_bounded_text(path, str(path)))
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     check_config(config, str(path))
