@@ -266,9 +266,9 @@ def write_config_copy(sweep: Sweep) -> None:
     except OSError:
         same = False
     if same is False:
-        raise UserError(f"{copy}: exists and is not this sweep's config; move it away, or use another --sweep_dir")
-    refuse_foreign(sweep.dir / LEADERBOARD_FILE, first_line_starts(LEADERBOARD_START), "a leaderboard the sweep wrote")
-    refuse_foreign(sweep.dir / BEST_CONFIG_FILE, first_line_starts(*BEST_YAML_STARTS), "a best.yaml the sweep wrote")
+        raise UserError(f"{copy}: already there, and not this sweep's config; move it away, or use another --sweep_dir")
+    refuse_foreign(sweep.dir / LEADERBOARD_FILE, first_line_starts(LEADERBOARD_START), "a leaderboard")
+    refuse_foreign(sweep.dir / BEST_CONFIG_FILE, first_line_starts(*BEST_YAML_STARTS), "a best.yaml")
     if same is None:  # a runner started alongside may have written the same text already
         atomic_write_text(copy, text, what="the sweep's config")
 

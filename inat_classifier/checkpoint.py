@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from inat_classifier.cli import UserError
+from inat_classifier.cli import UserError, json_safe
 from inat_classifier.dataset import shown, unshowable
 from inat_classifier.presets import Preprocess
 from inat_classifier.storage import atomic_write
@@ -38,21 +38,6 @@ class TrainState:
     best_epoch: int = 0
     batches_done: int = 0  # within the current epoch, when saved mid-epoch
     partial: dict = field(default_factory=dict)  # running sums of the current epoch
-
-
-def json_safe(config: dict) -> dict:
-    """Flags as plain JSON types, so they load with weights_only=True and dump to args.json."""
-    out = {}
-    for k, v in config.items():
-        if k.startswith("_"):  # bookkeeping such as cli's record of typed flags
-            continue
-        if isinstance(v, (bool, int, float, str)) or v is None:
-            out[k] = v
-        elif isinstance(v, (list, tuple)):
-            out[k] = [x if isinstance(x, (bool, int, float, str)) else str(x) for x in v]
-        else:
-            out[k] = str(v)
-    return out
 
 
 def checkpoint_meta(

@@ -179,3 +179,18 @@ def parse_and_run(
         work_done()
     except ValueError:  # not the main thread
         pass
+
+
+def json_safe(config: dict) -> dict:
+    """Flags as plain JSON types, so they load with weights_only=True and dump to args.json."""
+    out = {}
+    for k, v in config.items():
+        if k.startswith("_"):  # bookkeeping such as cli's record of typed flags
+            continue
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = [x if isinstance(x, (bool, int, float, str)) else str(x) for x in v]
+        else:
+            out[k] = str(v)
+    return out

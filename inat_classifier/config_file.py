@@ -118,7 +118,9 @@ def read_bounded_text(path: Path, where: str) -> str:
             )
         with open(path, "rb") as f:
             return f.read(MAX_CONFIG_BYTES + 1).decode()
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise UserError(f"{where}: not a text file in UTF-8; a config is YAML or JSON text") from None
+    except OSError as e:
         raise UserError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from inat_classifier import dataset as data
-from inat_classifier.checkpoint import EXPORT_NAMES, exported_format, json_safe, load_checkpoint
-from inat_classifier.cli import EPOCH_ROW, METRIC_FIELDS, RESULT_FILE, UserError, on_failure, typed_flags
+from inat_classifier.checkpoint import EXPORT_NAMES, exported_format, load_checkpoint
+from inat_classifier.cli import EPOCH_ROW, METRIC_FIELDS, RESULT_FILE, UserError, json_safe, on_failure, typed_flags
 from inat_classifier.config_file import check_saved_flags
 from inat_classifier.devices import Dist, broadcast, init_distributed, launched_rank, select_device
 from inat_classifier.flags import check_common_args

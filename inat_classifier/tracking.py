@@ -14,8 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from inat_classifier.checkpoint import json_safe
-from inat_classifier.cli import UserError
+from inat_classifier.cli import UserError, json_safe
 from inat_classifier.figures import pyplot
 from inat_classifier.storage import save_png
 

@@ -11,8 +11,7 @@ import pytest
 import train_parta
 import train_partb
 from conftest import assert_one_line_error, make_dataset, run_cli, train_args
-from inat_classifier.checkpoint import json_safe
-from inat_classifier.cli import UserError, typed_flags
+from inat_classifier.cli import UserError, json_safe, typed_flags
 from inat_classifier.config_file import parse_args
 
 

@@ -19,7 +19,8 @@ import train_parta
 import train_partb
 from conftest import CLASSES, clean_env, make_dataset
 from inat_classifier import training
-from inat_classifier.checkpoint import json_safe, load_checkpoint
+from inat_classifier.checkpoint import load_checkpoint
+from inat_classifier.cli import json_safe
 from inat_classifier.devices import Dist
 from inat_classifier.freezing import set_train_mode
 from inat_classifier.training import train_step

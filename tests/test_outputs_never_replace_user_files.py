@@ -148,9 +148,8 @@ def test_a_new_sweep_never_replaces_another_sweep_yaml_in_its_folder(tmp_path):
     sweep_dir = tmp_path / "s"
     sweep_dir.mkdir()
     (sweep_dir / "sweep.yaml").write_text("# my notes\nmethod: bayes\n")
-    with pytest.raises(sweep_offline.UserError, match="sweep.yaml: already there"):
-        run_sweep("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", "--quiet")
-    assert (sweep_dir / "sweep.yaml").read_text() == "# my notes\nmethod: bayes\n"
+    assert run_sweep("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", "--quiet") == 0
+    assert (sweep_dir / "sweep.yaml").read_text() == "# my notes\nmethod: bayes\n"  # its copy has a name of its own
 
 
 def test_a_sweep_in_the_folder_of_its_own_config_keeps_the_file_as_written(tmp_path):
@@ -158,20 +157,6 @@ def test_a_sweep_in_the_folder_of_its_own_config_keeps_the_file_as_written(tmp_p
     before = cfg.read_text()
     assert run_sweep("--config", cfg, "--sweep_dir", tmp_path / "s", "--count", "1", "--quiet") == 0
     assert cfg.read_text() == before
-
-
-def test_show_leaves_a_foreign_best_yaml_as_it_is(tmp_path, capsys):
-    cfg = fake_sweep_yaml(tmp_path / "fake.yaml")
-    sweep_dir = tmp_path / "s"
-    assert run_sweep("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", "--quiet") == 0
-    assert run_sweep("--sweep_dir", sweep_dir, "--show") == 0
-    assert run_sweep("--sweep_dir", sweep_dir, "--show") == 0  # its own best.yaml: replaced
-    assert "q: 0.5" in (sweep_dir / "best.yaml").read_text()
-    (sweep_dir / "best.yaml").write_text("lr: 0.1\n")
-    capsys.readouterr()
-    assert run_sweep("--sweep_dir", sweep_dir, "--show") == 0
-    assert (sweep_dir / "best.yaml").read_text() == "lr: 0.1\n"
-    assert "not one this program wrote" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")

@@ -38,7 +38,7 @@ def test_a_file_the_sweep_would_replace_but_did_not_write_is_refused(tmp_path, n
     sweep_dir = tmp_path / "s"
     sweep_dir.mkdir()
     (sweep_dir / name).write_text(text)
-    with pytest.raises(UserError, match=f"{sweep_dir / name}: exists and "):
+    with pytest.raises(UserError, match=f"{sweep_dir / name}: already there, and not "):
         run_sweep("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", "--quiet")
     assert (sweep_dir / name).read_text() == text
     assert not (sweep_dir / "runs").exists() and not (sweep_dir / "optuna.journal").exists()
@@ -55,6 +55,6 @@ def test_a_continued_sweep_rewrites_only_its_own_files(tmp_path):
     assert run_sweep("--sweep_dir", sweep_dir, "--show") == 0  # its leaderboard.csv and best.yaml, again
     assert (sweep_dir / "best.yaml").read_text().startswith("# best run of ")
     (sweep_dir / "best.yaml").write_text("lr: 0.1  # mine now\n")
-    with pytest.raises(UserError, match="best.yaml: exists and was not written by the sweep"):
+    with pytest.raises(UserError, match="best.yaml: already there, and not a best.yaml this program wrote"):
         run_sweep("--sweep_dir", sweep_dir, "--show")
     assert (sweep_dir / "best.yaml").read_text() == "lr: 0.1  # mine now\n"

@@ -253,7 +253,7 @@ def write_leaderboard(sweep_dir: Path, config: dict, runs: list[Run]) -> list[di
             writer.writeheader()
             writer.writerows(rows)
 
-    refuse_foreign(sweep_dir / LEADERBOARD_FILE, first_line_starts(LEADERBOARD_START), "a leaderboard the sweep wrote")
+    refuse_foreign(sweep_dir / LEADERBOARD_FILE, first_line_starts(LEADERBOARD_START), "a leaderboard")
     atomic_write(sweep_dir / LEADERBOARD_FILE, write, need=4096 + 512 * len(rows), what="the leaderboard")
     return rows
 

@@ -118,7 +118,7 @@ def write_best_config(sweep: Sweep, best: Run, writable: bool) -> None:
     program = Path(sweep.config["program"]).name
     target = sweep.dir / BEST_CONFIG_FILE
     if writable:
-        refuse_foreign(target, first_line_starts(*BEST_YAML_STARTS), "a best.yaml the sweep wrote")
+        refuse_foreign(target, first_line_starts(*BEST_YAML_STARTS), "a best.yaml")
         atomic_write_text(
             target,
             f"{BEST_YAML_STARTS[0]}{sweep.dir}: {best.name}, {sweep.metric[0]} {best.metric:.4f}\n"
