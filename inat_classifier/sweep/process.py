@@ -13,6 +13,10 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from inat_classifier.storage import full_disk_is_one_line
+
+LOG_BYTES = 64 * 1024  # the free space a run's log wants, for the message of a full disk
+
 
 class Interrupted(Exception):
     """The runner was stopped while the run trained; `code` is how the run then ended, `tail` its last lines."""
@@ -65,9 +69,10 @@ def execute(
     output straight into the log file, not into a pipe to the runner: when the runner is killed, the
     child's writes must not fail (a broken pipe would crash it before it saves last.pt).
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a" if append else "w") as log:
-        log.write("$ " + " ".join(command) + "\n")
+    with full_disk_is_one_line(log_path.parent, LOG_BYTES, f"{record['name']}'s log"):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a" if append else "w") as log:
+            log.write("$ " + " ".join(command) + "\n")
     offset = log_path.stat().st_size
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "a") as log:
@@ -93,6 +98,12 @@ def execute(
         ended.set()
         pump.join(timeout=10)
         raise Interrupted(proc.returncode, list(tail)) from None
+    except BaseException:  # the storage failed (a heartbeat, a report): the run stops cleanly before the runner
+        print(f"\n[sweep] stopping {record['name']} (it saves last.pt) ...", file=sys.stderr, flush=True)
+        terminate(proc)
+        ended.set()
+        pump.join(timeout=10)
+        raise
     ended.set()
     pump.join(timeout=30)
     return proc.returncode, stopped, list(tail)
@@ -165,6 +176,15 @@ def failure_note(tail: list[str], code: int) -> str:
         if "Error" in line:
             return line.strip()[:200]
     return f"exit code {code}"
+
+
+DISK_FULL = ("not enough disk space", "No space left on device", "Disk quota exceeded")
+
+
+def disk_full_line(tail: list[str]) -> str | None:
+    """The run's error when it stopped on a full disk (the trainer's one line, or an OSError), else None."""
+    line = error_line(tail) or failure_note(tail, 0)
+    return line if any(marker in line for marker in DISK_FULL) else None
 
 
 def run_dir_from_output(tail: list[str], default: Path) -> Path:
