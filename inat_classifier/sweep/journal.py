@@ -12,7 +12,7 @@ from optuna.storages import journal
 from optuna.storages.journal import JournalFileBackend
 
 from inat_classifier.cli import UserError
-from inat_classifier.storage import MARGIN, disk_full_error, is_disk_full, signals_held
+from inat_classifier.storage import MARGIN, check_free_space, disk_full_error, is_disk_full, signals_held
 
 
 class SweepJournal(JournalFileBackend):
@@ -33,6 +33,9 @@ class SweepJournal(JournalFileBackend):
         if self.read_only:
             raise UserError(f"{self.path}: opened to read only")
         data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
+        # Room for more than this record: the runner's records come in sequences (a run's end, then its retry),
+        # and on a full disk none of them starts rather than the first alone landing.
+        check_free_space(self.path.parent, len(data), f"the sweep journal {self.path.name}")
         try:
             self.lock.acquire()
             try:

@@ -99,7 +99,7 @@ def execute(
         pump.join(timeout=10)
         raise Interrupted(proc.returncode, list(tail)) from None
     except BaseException:  # the storage failed (a heartbeat, a report): the run stops cleanly before the runner
-        print(f"\n[sweep] stopping {record['name']} (it saves last.pt) ...", file=sys.stderr, flush=True)
+        print(f"\n[sweep] stopping {record['name']} (it saves last.pt) ...", flush=True)
         terminate(proc)
         ended.set()
         pump.join(timeout=10)
