@@ -25,7 +25,10 @@ ANSWER_SLACK_S = 2.0  # the client waits this much longer than the server's stat
 def shown(url: str) -> str:
     """The URL without its password, for messages."""
     scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('@')[-1]}" if "@" in rest else url
+    if "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    return f"{scheme}://{credentials.split(':')[0]}@{host}"
 
 
 def installed(module: str) -> bool:

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,8 @@ STATES = {
     TrialState.WAITING: "queued",
 }
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the runner prints its own lines
+# A database's heartbeats serve the runner's own check of stale runs (storage.fail_stale_runs), not Study.optimize.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 @dataclass
