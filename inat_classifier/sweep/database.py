@@ -19,7 +19,6 @@ DRIVERS = {
     "postgresql": (("psycopg2", "psycopg2", "psycopg2-binary"), ("psycopg", "psycopg", "psycopg[binary]")),
     "mysql": (("mysqldb", "MySQLdb", "mysqlclient"), ("pymysql", "pymysql", "PyMySQL")),
 }
-ANSWER_SLACK_S = 2.0  # the client waits this much longer than the server's statement_timeout, whose error is clearer
 
 
 def shown(url: str) -> str:
@@ -77,7 +76,7 @@ def engine_kwargs(url: str, timeout_s: float) -> dict:
     elif dialect == "postgresql":
         args = {"connect_timeout": seconds, "options": f"-c statement_timeout={int(timeout_s * 1000)}"}
         if driver == "psycopg2":
-            answer_in(timeout_s + ANSWER_SLACK_S)
+            answer_in(timeout_s)
     elif dialect == "mysql":
         args = {"connect_timeout": seconds, "read_timeout": seconds, "write_timeout": seconds}
     else:
@@ -115,7 +114,7 @@ class NoAnswer:
                 raise
             if not any(ready):
                 self.broken.add(id(conn))
-                raise psycopg2.OperationalError(f"no answer from the server in {self.timeout_s:g} s")
+                raise psycopg2.OperationalError(f"no answer from the server in {self.timeout_s:g} s (--db_timeout)")
 
 
 def answer_in(timeout_s: float) -> None:
