@@ -110,18 +110,19 @@ def execute(
 
 
 def watch(proc: subprocess.Popen, record: dict, check_stop: Callable[[], bool] | None, poll_s: float) -> bool:
-    """Wait for the run to end, calling check_stop every poll (heartbeat, pruning); True when it stopped the run."""
+    """Wait for the run to end, calling check_stop at its start and every poll (who trains it, heartbeat,
+    pruning); True when it stopped the run."""
     stopped = False
     while True:
+        if check_stop is not None and check_stop() and not stopped:
+            stopped = True
+            print(f"[sweep] {record['name']}: hyperband stops it", flush=True)
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=poll_s)
             return stopped
         except subprocess.TimeoutExpired:
             pass
-        if check_stop is not None and check_stop() and not stopped:
-            stopped = True
-            print(f"[sweep] {record['name']}: hyperband stops it", flush=True)
-            proc.send_signal(signal.SIGTERM)
 
 
 def libc_prctl() -> Callable | None:
