@@ -192,3 +192,27 @@ def test_a_torn_last_line_is_set_aside_before_the_next_append(tmp_path):
     shown = show(sweep_dir, tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert sorted(r["state"] for r in runs_of(sweep_dir).values()) == ["COMPLETE", "COMPLETE"]
+
+
+def test_a_trainer_stopped_by_a_full_disk_is_said_so_and_continues_once_there_is_space(small_disk, tmp_path):
+    """The trainer's checkpoint does not fit (the journal still does): one line saying so, not 'rejected'."""
+    cfg = atomic_sweep(tmp_path, epochs=3, sleep=0.0, pad=3_200_000)  # 3.2 MB last.pt: its next copy does not fit
+    sweep_dir = small_disk / "s"
+    run_dir = sweep_dir / "runs" / "run-001"
+    full = subprocess.run(
+        [sys.executable, str(REPO / "sweep_offline.py"), "--config", str(cfg), "--sweep_dir", str(sweep_dir)]
+        + ["--count", "1", *FAST],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stdout + full.stderr
+    (line,) = full.stderr.strip().splitlines()
+    assert "run-001 stopped" in line and "disk space" in line and "rejected" not in line, line
+    assert json.loads((run_dir / "last.pt").read_text())["rows"][0]["epoch"] == 1  # intact
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    again = start_runner("--sweep_dir", sweep_dir, "--count", "1", *FAST, cwd=tmp_path)
+    out = again.communicate(timeout=120)[0]
+    assert again.returncode == 0 and "resuming it after epoch" in out, out
+    assert runs_of(sweep_dir)["run-001"]["state"] == "COMPLETE"

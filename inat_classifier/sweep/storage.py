@@ -3,6 +3,9 @@
 The journal file needs no server and no `flock` (Optuna locks it with a symlink, which works on
 NFS, Lustre and GPFS), so runners on many nodes of a shared filesystem can share it. A database
 URL (`sqlite:///`, `postgresql://`, `mysql://`) suits many nodes without a shared filesystem.
+A storage that fails is one line (`storage_errors`). A running run's trial names the processes that
+train it, so a runner on the same machine continues it as soon as they have ended; elsewhere its
+heartbeat tells.
 """
 
 from __future__ import annotations
