@@ -88,7 +88,7 @@ def _database(url: str, grace_s: int, timeout_s: float):
     import optuna
     import sqlalchemy.exc
 
-    url = with_driver(url)
+    given, url = url, with_driver(url)
     for attempt in range(3):
         try:
             with warnings.catch_warnings():
@@ -101,15 +101,15 @@ def _database(url: str, grace_s: int, timeout_s: float):
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
                 )
         except ImportError as e:
-            raise UserError(f"--storage {shown(url)}: needs its database driver ({e.name or e})") from None
+            raise UserError(f"--storage {shown(given)}: needs its database driver ({e.name or e})") from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             if attempt == 2:  # runners starting together race to create the tables: the loser tries again
                 raise UserError(
-                    f"--storage {shown(url)}: cannot create the study tables ({type(e).__name__})"
+                    f"--storage {shown(given)}: cannot create the study tables ({type(e).__name__})"
                 ) from None
             time.sleep(1.0 + attempt)
         except Exception as e:  # sqlalchemy's errors: a refused connection, a wrong password, not a study schema
-            raise UserError(f"--storage {shown(url)}: cannot open the database ({failure_text(e)})") from None
+            raise UserError(f"--storage {shown(given)}: cannot open the database ({failure_text(e)})") from None
 
 
 def failure_text(error: BaseException) -> str:
