@@ -25,6 +25,7 @@ from inat_classifier.sweep.process import INTERRUPTED  # the standard library on
 if __name__ == "__main__":  # first, before the slow imports: a `kill` or Ctrl-C meanwhile is one line (startup.py)
     from inat_classifier import startup
 
+    startup.output_never_stops_work()
     startup.stop_quietly(INTERRUPTED)
 
 import argparse
@@ -50,6 +51,7 @@ from inat_classifier.sweep.commands import (
     check_train_args,
     resolve_program,
 )
+from inat_classifier.sweep.database import DEFAULT_TIMEOUT_S, shown
 from inat_classifier.sweep.leaderboard import (
     LEADERBOARD_FILE,
     LEADERBOARD_START,
@@ -72,6 +74,8 @@ from inat_classifier.sweep.storage import (
     journal_path,
     load_study,
     open_storage,
+    storage_errors,
+    storage_name,
     sweep_config,
 )
 
@@ -116,6 +120,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--study",
         default=None,
         help="the study's name in --storage (default: the sweep folder's name; a journal holding one study needs none)",
+    )
+    parser.add_argument(
+        "--db_timeout",
+        "--db-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds a database --storage may take to connect or to answer one statement (and a SQLite "
+        "write to wait for another process's lock) before the runner stops with one line (default: %(default)s)",
     )
     parser.add_argument("--count", type=int, default=10, help="number of runs to train now (default: %(default)s)")
     parser.add_argument(
@@ -209,18 +221,28 @@ def sweep_folder(args: argparse.Namespace, config: dict | None, config_path: Pat
 
 
 def existing_study(args: argparse.Namespace, sweep_dir: Path, writable: bool):
-    """The sweep's study when it exists (None for a new sweep)."""
+    """The sweep's study when it exists (None for a new sweep, or an empty journal a runner may start one in)."""
     journal = journal_path(sweep_dir, args.storage)
     if journal is not None and not journal.is_file():
         return None
-    storage = open_storage(sweep_dir, args.storage, read_only=not writable, grace_s=args.stale_s)
-    where = str(journal) if journal is not None else args.storage.split("@")[-1]
+    storage = open_storage(
+        sweep_dir, args.storage, read_only=not writable, grace_s=args.stale_s, timeout_s=args.db_timeout
+    )
+    where = storage_name(sweep_dir, args.storage)
     if journal is not None:
-        return load_study(storage, args.study, where)
+        return load_study(storage, args.study, where, empty_ok=writable)
     import optuna
 
     name = args.study or sweep_dir.name
     return load_study(storage, name, where) if name in optuna.get_all_study_names(storage) else None
+
+
+def half_made(study, writable: bool) -> bool:
+    """A study whose creator was killed before it wrote the config: no config and no runs, even after the wait.
+
+    A runner completes it with its own config (create_study) as if it were new.
+    """
+    return writable and sweep_config(study) is None and not study.trials
 
 
 def open_sweep(args: argparse.Namespace, writable: bool) -> Sweep:
@@ -229,9 +251,11 @@ def open_sweep(args: argparse.Namespace, writable: bool) -> Sweep:
     config = load_config(config_path) if config_path else None
     sweep_dir = sweep_folder(args, config, config_path)
     study = existing_study(args, sweep_dir, writable)
+    if study is not None and half_made(study, writable):
+        study = None
     if study is not None:
         stored = sweep_config(study)
-        where = f"study '{study.study_name}' in {args.storage or journal_path(sweep_dir, None)}"
+        where = f"study '{study.study_name}' in {storage_name(sweep_dir, args.storage)}"
         if stored is None:
             raise UserError(f"{where}: is not a sweep of sweep_offline.py (it has no sweep config)")
         check_config(stored, where)
@@ -288,9 +312,8 @@ def new_study(args: argparse.Namespace, sweep: Sweep):
         "goal": goal,
         "program": sweep.config["program"],
     }
-    study = create_study(
-        open_storage(sweep.dir, args.storage, grace_s=args.stale_s), args.study or sweep.dir.name, goal, attrs
-    )
+    storage = open_storage(sweep.dir, args.storage, grace_s=args.stale_s, timeout_s=args.db_timeout)
+    study = create_study(storage, args.study or sweep.dir.name, goal, attrs)
     if not study.metric_names:  # optuna-dashboard then names the value val_acc, not "Objective 0"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -322,6 +345,14 @@ def main(args: argparse.Namespace) -> int:
             f"--stale_s {args.stale_s} must be at least twice --poll_s ({args.poll_s}): a live "
             f"runner beats between polls"
         )
+    if not 0 < args.db_timeout < float("inf"):
+        raise UserError(f"--db_timeout must be a number > 0, got {args.db_timeout}")
+    with storage_errors(shown(args.storage) if args.storage else "(the sweep's journal)"):
+        return open_and_run(args, train_args)
+
+
+def open_and_run(args: argparse.Namespace, train_args: list[str]) -> int:
+    """main's work once the flags are checked."""
     sweep = open_sweep(args, writable=not (args.show or args.dry_run))
     if args.show:
         return show(sweep, args.top)

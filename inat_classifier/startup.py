@@ -203,3 +203,53 @@ def leave_torchrun_process(code: int) -> None:
         except (OSError, ValueError):  # a closed pipe: nothing more can be said
             pass
     os._exit(code)
+
+
+class ForgivingOutput:
+    """stdout or stderr whose failure (a full disk, /dev/full, a closed pipe) never stops the script: the
+    first failed write points the stream at /dev/null, so later writes and the exit's flush succeed."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):
+            self.discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.discard()
+
+    def discard(self) -> None:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def output_never_stops_work() -> None:
+    """A closed stdout or stderr (`>&-`) becomes /dev/null, before a file the script opens takes its number
+    (output meant for the terminal would land in that file); a failing one is forgiven (ForgivingOutput).
+
+    For a script whose work must not stop because nobody reads it, e.g. the sweep runner.
+    """
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "w", closefd=False))
+        setattr(sys, name, ForgivingOutput(getattr(sys, name)))

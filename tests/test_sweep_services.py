@@ -34,9 +34,29 @@ def as_postgres_user(argv: list[str]) -> list[str]:
     return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", *argv]
 
 
+class PostgresServer:
+    """A PostgreSQL server on 127.0.0.1 in a temporary folder, trust authentication; stop() and start() it."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, self.data, self.port = home, home / "data", free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"  # as docs/sweeps.md writes it
+
+    def pg_ctl(self, *argv: str) -> None:
+        subprocess.run(
+            as_postgres_user(["pg_ctl", "-D", str(self.data), *argv]), check=True, capture_output=True, timeout=120
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.home} -c listen_addresses=127.0.0.1"
+        self.pg_ctl("-o", options, "-l", str(self.home / "log"), "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self.pg_ctl("-m", mode, "-w", "stop")
+
+
 @pytest.fixture
-def postgres_url():
-    """A PostgreSQL server on 127.0.0.1 in a temporary folder, trust authentication, stopped afterwards."""
+def postgres_server():
+    """A running PostgresServer, stopped and removed afterwards."""
     missing = [tool for tool in ("initdb", "pg_ctl") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"PostgreSQL's {', '.join(missing)} not on PATH")
@@ -50,28 +70,27 @@ def postgres_url():
             pytest.skip("running as root and there is no postgres user for initdb")
     home = Path(tempfile.mkdtemp(prefix="sweep-pg-"))
     home.chmod(0o777)
-    data = home / "data"
-    port = free_port()
+    server = PostgresServer(home)
     subprocess.run(
-        as_postgres_user(["initdb", "-D", str(data), "--auth=trust", "-U", "postgres"]),
+        as_postgres_user(["initdb", "-D", str(server.data), "--auth=trust", "-U", "postgres"]),
         check=True,
         capture_output=True,
         timeout=120,
     )
-    options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1"
-    subprocess.run(
-        as_postgres_user(["pg_ctl", "-D", str(data), "-o", options, "-l", str(home / "log"), "-w", "start"]),
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    server.start()
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+        yield server
     finally:
-        subprocess.run(
-            as_postgres_user(["pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True, timeout=120
-        )
+        try:
+            server.stop()
+        except subprocess.CalledProcessError:  # stopped already
+            pass
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    return postgres_server.url
 
 
 def test_two_runners_share_a_bayes_sweep_on_postgresql(postgres_url, tmp_path):
@@ -95,7 +114,9 @@ def test_two_runners_share_a_bayes_sweep_on_postgresql(postgres_url, tmp_path):
     runners = [start_runner(*args, cwd=tmp_path) for _ in range(2)]
     outputs = [r.communicate(timeout=300)[0] for r in runners]
     assert [r.returncode for r in runners] == [0, 0], outputs
-    study = optuna.load_study(study_name="pg-sweep", storage=postgres_url)
+    study = optuna.load_study(
+        study_name="pg-sweep", storage=postgres_url.replace("postgresql://", "postgresql+psycopg2://")
+    )
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(trials) == 4 and len({t.number for t in trials}) == 4
     assert all(isinstance(t.value, float) for t in trials)

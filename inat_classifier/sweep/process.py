@@ -13,7 +13,10 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from inat_classifier.storage import full_disk_is_one_line
+
 INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"  # the runner's last line
+LOG_BYTES = 64 * 1024  # the free space a run's log wants, for the message of a full disk
 
 
 class Interrupted(Exception):
@@ -67,9 +70,10 @@ def execute(
     output straight into the log file, not into a pipe to the runner: when the runner is killed, the
     child's writes must not fail (a broken pipe would crash it before it saves last.pt).
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a" if append else "w") as log:
-        log.write("$ " + " ".join(command) + "\n")
+    with full_disk_is_one_line(log_path.parent, LOG_BYTES, f"{record['name']}'s log"):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a" if append else "w") as log:
+            log.write("$ " + " ".join(command) + "\n")
     offset = log_path.stat().st_size
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "a") as log:
@@ -95,24 +99,31 @@ def execute(
         ended.set()
         pump.join(timeout=10)
         raise Interrupted(proc.returncode, list(tail)) from None
+    except BaseException:  # the storage failed (a heartbeat, a report): the run stops cleanly before the runner
+        print(f"\n[sweep] stopping {record['name']} (it saves last.pt) ...", flush=True)
+        terminate(proc)
+        ended.set()
+        pump.join(timeout=10)
+        raise
     ended.set()
     pump.join(timeout=30)
     return proc.returncode, stopped, list(tail)
 
 
 def watch(proc: subprocess.Popen, record: dict, check_stop: Callable[[], bool] | None, poll_s: float) -> bool:
-    """Wait for the run to end, calling check_stop every poll (heartbeat, pruning); True when it stopped the run."""
+    """Wait for the run to end, calling check_stop at its start and every poll (who trains it, heartbeat,
+    pruning); True when it stopped the run."""
     stopped = False
     while True:
+        if check_stop is not None and check_stop() and not stopped:
+            stopped = True
+            print(f"[sweep] {record['name']}: hyperband stops it", flush=True)
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=poll_s)
             return stopped
         except subprocess.TimeoutExpired:
             pass
-        if check_stop is not None and check_stop() and not stopped:
-            stopped = True
-            print(f"[sweep] {record['name']}: hyperband stops it", flush=True)
-            proc.send_signal(signal.SIGTERM)
 
 
 def libc_prctl() -> Callable | None:
@@ -167,6 +178,15 @@ def failure_note(tail: list[str], code: int) -> str:
         if "Error" in line:
             return line.strip()[:200]
     return f"exit code {code}"
+
+
+DISK_FULL = ("not enough disk space", "No space left on device", "Disk quota exceeded")
+
+
+def disk_full_line(tail: list[str]) -> str | None:
+    """The run's error when it stopped on a full disk (the trainer's one line, or an OSError), else None."""
+    line = error_line(tail) or failure_note(tail, 0)
+    return line if any(marker in line for marker in DISK_FULL) else None
 
 
 def run_dir_from_output(tail: list[str], default: Path) -> Path:

@@ -26,6 +26,7 @@ import numpy as np
 from inat_classifier.cli import UserError, add_flag
 from inat_classifier.figures import integer_xticks, overlapping, pyplot, round_ticks, save_figure, tick_label
 from inat_classifier.storage import refuse_foreign, starts_with_line
+from inat_classifier.sweep.database import DEFAULT_TIMEOUT_S
 from inat_classifier.sweep.leaderboard import (
     EVAL_COLUMNS,
     Run,
@@ -474,6 +475,14 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "sweep_dir", default=None, help="the sweep folder (its optuna.journal; run folders are relative to it)")
     add_flag(p, "storage", default=None, help="database URL or journal file, instead of SWEEP_DIR/optuna.journal")
     add_flag(p, "study", default=None, help="study name in --storage (default: its only study)")
+    add_flag(
+        p,
+        "db_timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds a database --storage may take to "
+        "connect or to answer one statement before the report stops with one line (default: %(default)s)",
+    )
     add_flag(p, "top", type=int, default=5, help="validation curves of this many best runs (default: %(default)s)")
 
 
@@ -488,7 +497,9 @@ def open_report_study(args: argparse.Namespace) -> tuple[Any, Path]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Using an existing study" chatter
-    study = open_study(Path(args.sweep_dir) if args.sweep_dir else None, args.storage, args.study, read_only=True)
+    study = open_study(
+        Path(args.sweep_dir) if args.sweep_dir else None, args.storage, args.study, True, args.db_timeout
+    )
     journal = journal_path(Path(args.sweep_dir) if args.sweep_dir else None, args.storage)
     base = Path(args.sweep_dir) if args.sweep_dir else (journal.parent if journal is not None else Path("."))
     return study, base

@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from inat_classifier.cli import UserError
 from inat_classifier.storage import atomic_write_text, first_line_starts, refuse_foreign
 from inat_classifier.sweep.commands import run_command
 from inat_classifier.sweep.leaderboard import (
@@ -37,15 +40,25 @@ from inat_classifier.sweep.leaderboard import (
 from inat_classifier.sweep.process import (
     INTERRUPTED,
     Interrupted,
+    disk_full_line,
     error_line,
     execute,
     failure_note,
     run_dir_from_output,
 )
 from inat_classifier.sweep.space import Parameter, build_pruner, build_sampler, grid_values, metric_of, plain, suggest
-from inat_classifier.sweep.storage import Heartbeat, fail_stale_runs, requeue
+from inat_classifier.sweep.storage import (
+    Heartbeat,
+    fail_stale_runs,
+    requeue,
+    storage_errors,
+    storage_name,
+    trainers,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the runner prints its own lines
+# A database's heartbeats serve the runner's own check of stale runs (storage.fail_stale_runs), not Study.optimize.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 @dataclass
@@ -182,6 +195,7 @@ def claim_run(sweep: Sweep, stale_s: float) -> Claim | None:
             return None
         trial = study.ask()
         attrs = trial.user_attrs
+        trial.set_user_attr("trainers", trainers(trial.number, [os.getpid()]))
         if "run_dir" in attrs:  # a run queued to continue: its folder, from its last.pt
             epochs = len(read_history(sweep.dir / attrs["run_dir"]))
             trial.set_user_attr("note", f"resumed after epoch {epochs}")
@@ -227,12 +241,16 @@ def command_of(args: argparse.Namespace, sweep: Sweep, claim: Claim) -> list[str
     return command + (["--resume", str(sweep.dir / claim.run_dir)] if claim.resume else [])
 
 
-def pruning_check(sweep: Sweep, claim: Claim, heartbeat: Heartbeat, run_dir: Path, hyperband: bool):
-    """What the watcher calls every poll: a heartbeat, and each new epoch's metric for the pruner."""
+def pruning_check(sweep: Sweep, claim: Claim, heartbeat: Heartbeat, run_dir: Path, hyperband: bool, record: dict):
+    """What the watcher calls every poll: the training process's pid once, a heartbeat, and each new epoch's
+    metric for the pruner."""
     metric = sweep.metric[0]
     reported: set[int] = set()
 
     def check() -> bool:
+        if "pid" in record and not record.get("recorded"):
+            claim.trial.set_user_attr("trainers", trainers(claim.trial.number, [os.getpid(), record["pid"]]))
+            record["recorded"] = True
         heartbeat.beat()
         if not hyperband:
             return False
@@ -263,12 +281,11 @@ def train_claimed(args: argparse.Namespace, sweep: Sweep, claim: Claim) -> str |
     heartbeat = Heartbeat(sweep.study, claim.trial, args.stale_s)
     heartbeat.beat()
     hyperband = args.early_terminate and bool(sweep.config.get("early_terminate"))
-    check = pruning_check(sweep, claim, heartbeat, run_dir, hyperband)
+    record = {"name": claim.name}
+    check = pruning_check(sweep, claim, heartbeat, run_dir, hyperband, record)
     t0 = time.time()
     try:
-        code, stopped, tail = execute(
-            command, {"name": claim.name}, log, check, args.poll_s, not args.quiet, append=claim.resume
-        )
+        code, stopped, tail = execute(command, record, log, check, args.poll_s, not args.quiet, append=claim.resume)
     except Interrupted as stop:
         if stop.code == 0 or run_result(run_dir) is not None:  # it completed before it could stop
             record_end(sweep, claim, 0, False, stop.tail, time.time() - t0)
@@ -305,16 +322,21 @@ def record_end(
         "epochs": len(history),
     }
     trained = code == 0 or run_result(run_dir) is not None  # all epochs, also when it ended before a SIGTERM landed
+    disk_full = not trained and not stopped and disk_full_line(tail)
     if trained:
         state = TrialState.COMPLETE if best is not None else TrialState.FAIL
         note = note or ("" if best is not None else f"no {metric} in {run_dir / 'metrics.csv'}")
     elif stopped:
         state, note = TrialState.PRUNED, f"pruned by hyperband after epoch {len(history)}"
+    elif disk_full:  # not the run's fault: it continues from its last.pt once there is space
+        state, note = TrialState.FAIL, disk_full
     else:
         state, note = TrialState.FAIL, failure_note(tail, code)
     for key, value in {**attrs, "note": note}.items():
         trial.set_user_attr(key, value)
     sweep.study.tell(trial, best if state == TrialState.COMPLETE else None, state=state)
+    if disk_full:
+        requeue(sweep.study, trial._trial_id)
     result = f"{metric} {best:.4f} (epoch {best_epoch})" if best is not None else "-"
     print(
         f"[sweep] {claim.name} {state_name(state)}: {result} in {attrs['duration_s']:.0f}s"
@@ -329,11 +351,44 @@ def record_end(
             + "; fix metric.name in the yaml",
             flush=True,
         )
+    if disk_full:
+        return "stopped:" + note
     if not trained and state == TrialState.FAIL and code == 2 and len(history) <= claim.resumed_after:
         trial_note = error_line(tail)
         if trial_note:  # bad input fails every run the same way: say why now, not after --count failures
             return "rejected:" + trial_note
     return state_name(state)
+
+
+def claim_and_train(args: argparse.Namespace, sweep: Sweep, where: str) -> tuple[Claim | None, str | None]:
+    """Claim the next run and train it: (its claim, its state), (None, None) when the sweep is done.
+
+    A failure of the storage meanwhile is one line, which names the run left for the next runner: the
+    study still says it runs, and the next runner on this machine sees that its processes ended.
+    """
+    claim = None
+    try:
+        with storage_errors(where):
+            claim = claim_run(sweep, args.stale_s)
+            return (None, None) if claim is None else (claim, train_claimed(args, sweep, claim))
+    except UserError as e:
+        if claim is None:
+            raise
+        raise UserError(f"{e}; {claim.name} is left to continue: run the same command again once fixed") from None
+
+
+def stop_line(sweep: Sweep, claim: Claim, status: str) -> str:
+    """The one line of a run that stops the runner: its flags rejected, or a full disk."""
+    kind, _, line = status.partition(":")
+    if kind == "stopped":
+        return (
+            f"error: {claim.name} stopped: {line.removeprefix('error: ')}; it continues from its last.pt "
+            f"when the same command runs again"
+        )
+    return (
+        f"error: {claim.name} was rejected: {line} (see {sweep.dir / 'logs' / claim.name}.log); "
+        f"fix the sweep's parameters or the flags after --"
+    )
 
 
 def run_loop(args: argparse.Namespace, sweep: Sweep) -> int:
@@ -347,20 +402,16 @@ def run_loop(args: argparse.Namespace, sweep: Sweep) -> int:
         flush=True,
     )
     failures_in_a_row, trained, failed = 0, 0, 0
+    where = storage_name(sweep.dir, args.storage)
     try:
         for _ in range(args.count):
-            claim = claim_run(sweep, args.stale_s)
+            claim, status = claim_and_train(args, sweep, where)
             if claim is None:
                 break
-            status = train_claimed(args, sweep, claim)
             if status is None:
                 return 130
-            if status.startswith("rejected:"):
-                print(
-                    f"error: {claim.name} was rejected: {status[9:]} (see {sweep.dir / 'logs' / claim.name}.log); "
-                    f"fix the sweep's parameters or the flags after --",
-                    file=sys.stderr,
-                )
+            if status.startswith(("rejected:", "stopped:")):
+                print(stop_line(sweep, claim, status), file=sys.stderr)
                 return 2
             fail = status == state_name(TrialState.FAIL)
             trained, failed = trained + 1, failed + fail
