@@ -25,7 +25,6 @@ from inat_classifier.sweep.process import INTERRUPTED  # the standard library on
 if __name__ == "__main__":  # first, before the slow imports: a `kill` or Ctrl-C meanwhile is one line (startup.py)
     from inat_classifier import startup
 
-    startup.output_never_stops_work()
     startup.stop_quietly(INTERRUPTED)
 
 import argparse

@@ -121,7 +121,7 @@ FAST = ["--poll_s", "0.1", "--stale_s", "60", "--quiet"]
 def test_a_disk_that_fills_during_a_run_stops_the_runner_in_one_line_and_the_run_continues(small_disk, tmp_path):
     cfg = atomic_sweep(tmp_path, epochs=12, sleep=0.3, pad=20000)
     sweep_dir = small_disk / "s"
-    run_dir = sweep_dir / "runs" / "run-001"
+    run_dir = sweep_dir / "runs" / "run-000"
     runner = start_runner("--config", cfg, "--sweep_dir", sweep_dir, "--count", "1", *FAST, cwd=tmp_path)
     wait_for(lambda: (run_dir / "last.pt").is_file() and len(read_metrics_csv(run_dir / "metrics.csv")) >= 2, 120)
     filler = fill(small_disk)
@@ -130,7 +130,7 @@ def test_a_disk_that_fills_during_a_run_stops_the_runner_in_one_line_and_the_run
     assert "Traceback" not in out, out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "disk space" in errors[0] and "needs" in errors[0], out  # the space it needs
-    assert "run-001" in errors[0] and "continue" in errors[0], errors
+    assert "run-000" in errors[0] and "continue" in errors[0], errors
     lines = journal_lines(sweep_dir / "optuna.journal")  # only whole records
     done = len(json.loads((run_dir / "last.pt").read_text())["rows"])  # intact
     assert done >= 2
@@ -140,10 +140,10 @@ def test_a_disk_that_fills_during_a_run_stops_the_runner_in_one_line_and_the_run
     assert again.returncode == 0, out
     assert "resuming it after epoch" in out and "its runner stopped" in out, out
     assert [r["epoch"] for r in read_metrics_csv(run_dir / "metrics.csv")] == list(range(1, 13))
-    assert runs_of(sweep_dir)["run-001"]["state"] == "COMPLETE"
+    assert runs_of(sweep_dir)["run-000"]["state"] == "COMPLETE"
     assert len(journal_lines(sweep_dir / "optuna.journal")) > len(lines)
     shown = show(sweep_dir, tmp_path)
-    assert shown.returncode == 0 and "run-001" in shown.stdout, shown.stdout + shown.stderr
+    assert shown.returncode == 0 and "run-000" in shown.stdout, shown.stdout + shown.stderr
 
 
 def test_a_full_disk_before_a_run_is_one_line_naming_the_space_needed(small_disk, tmp_path):
@@ -198,7 +198,7 @@ def test_a_trainer_stopped_by_a_full_disk_is_said_so_and_continues_once_there_is
     """The trainer's checkpoint does not fit (the journal still does): one line saying so, not 'rejected'."""
     cfg = atomic_sweep(tmp_path, epochs=3, sleep=0.0, pad=3_200_000)  # 3.2 MB last.pt: its next copy does not fit
     sweep_dir = small_disk / "s"
-    run_dir = sweep_dir / "runs" / "run-001"
+    run_dir = sweep_dir / "runs" / "run-000"
     full = subprocess.run(
         [sys.executable, str(REPO / "sweep_offline.py"), "--config", str(cfg), "--sweep_dir", str(sweep_dir)]
         + ["--count", "1", *FAST],
@@ -209,10 +209,10 @@ def test_a_trainer_stopped_by_a_full_disk_is_said_so_and_continues_once_there_is
     )
     assert full.returncode == 2 and "Traceback" not in full.stderr, full.stdout + full.stderr
     (line,) = full.stderr.strip().splitlines()
-    assert "run-001 stopped" in line and "disk space" in line and "rejected" not in line, line
+    assert "run-000 stopped" in line and "disk space" in line and "rejected" not in line, line
     assert json.loads((run_dir / "last.pt").read_text())["rows"][0]["epoch"] == 1  # intact
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
     again = start_runner("--sweep_dir", sweep_dir, "--count", "1", *FAST, cwd=tmp_path)
     out = again.communicate(timeout=120)[0]
     assert again.returncode == 0 and "resuming it after epoch" in out, out
-    assert runs_of(sweep_dir)["run-001"]["state"] == "COMPLETE"
+    assert runs_of(sweep_dir)["run-000"]["state"] == "COMPLETE"

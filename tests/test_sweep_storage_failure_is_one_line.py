@@ -69,7 +69,7 @@ def test_a_sweep_on_a_read_only_folder_is_one_line(disk, tmp_path, storage):
 
 def test_a_sqlite_database_locked_by_another_process_stops_the_runner_and_the_next_one_continues(tmp_path):
     cfg = resumable_sweep(tmp_path, [0.6], {"epochs": {"value": 30}, "sleep": {"value": 0.1}}, method="random")
-    sweep_dir, run_dir, db = tmp_path / "s", tmp_path / "s" / "runs" / "run-001", tmp_path / "sw.db"
+    sweep_dir, run_dir, db = tmp_path / "s", tmp_path / "s" / "runs" / "run-000", tmp_path / "sw.db"
     args = ["--sweep_dir", sweep_dir, "--storage", f"sqlite:///{db}", "--db_timeout", "1", "--count", "1", *FAST]
     first = start_runner("--config", cfg, *args, cwd=tmp_path)
     wait_for(lambda: csv_rows(run_dir / "metrics.csv") >= 2, 120, first)
@@ -82,8 +82,8 @@ def test_a_sqlite_database_locked_by_another_process_stops_the_runner_and_the_ne
         lock.close()
     assert first.returncode == 2 and "Traceback" not in out, out
     (line,) = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert "locked" in line and "run-001 is left to continue" in line, line
-    assert "interrupted: progress is in last.pt" in (sweep_dir / "logs" / "run-001.log").read_text()
+    assert "locked" in line and "run-000 is left to continue" in line, line
+    assert "interrupted: progress is in last.pt" in (sweep_dir / "logs" / "run-000.log").read_text()
     done = csv_rows(run_dir / "metrics.csv")
     again = start_runner(*args, cwd=tmp_path)
     out = again.communicate(timeout=120)[0]
@@ -97,7 +97,7 @@ def test_a_postgresql_server_lost_during_a_run_stops_the_runner_and_the_next_one
     tmp_path,
 ):
     cfg = resumable_sweep(tmp_path, [0.6], {"epochs": {"value": 30}, "sleep": {"value": 0.1}}, method="random")
-    sweep_dir, run_dir = tmp_path / "s", tmp_path / "s" / "runs" / "run-001"
+    sweep_dir, run_dir = tmp_path / "s", tmp_path / "s" / "runs" / "run-000"
     args = ["--sweep_dir", sweep_dir, "--storage", postgres_server.url, "--db_timeout", "5", "--count", "1", *FAST]
     first = start_runner("--config", cfg, *args, cwd=tmp_path)
     wait_for(lambda: csv_rows(run_dir / "metrics.csv") >= 2, 120, first)
@@ -105,7 +105,7 @@ def test_a_postgresql_server_lost_during_a_run_stops_the_runner_and_the_next_one
     out = first.communicate(timeout=120)[0]
     assert first.returncode == 2 and "Traceback" not in out, out
     (line,) = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert "postgresql://postgres@127.0.0.1" in line and "run-001 is left to continue" in line, line
+    assert "postgresql://postgres@127.0.0.1" in line and "run-000 is left to continue" in line, line
     done = csv_rows(run_dir / "metrics.csv")
     postgres_server.start()
     again = start_runner(*args, cwd=tmp_path)

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from inat_classifier.storage import full_disk_is_one_line
-
 INTERRUPTED = "[sweep] interrupted; run the same command again to continue the sweep"  # the runner's last line
 LOG_BYTES = 64 * 1024  # the free space a run's log wants, for the message of a full disk
 
@@ -70,6 +68,8 @@ def execute(
     output straight into the log file, not into a pipe to the runner: when the runner is killed, the
     child's writes must not fail (a broken pipe would crash it before it saves last.pt).
     """
+    from inat_classifier.storage import full_disk_is_one_line  # here: sweep_offline.py reads INTERRUPTED before torch
+
     with full_disk_is_one_line(log_path.parent, LOG_BYTES, f"{record['name']}'s log"):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a" if append else "w") as log:
