@@ -47,6 +47,7 @@ from inat_classifier.storage import (
     refuse_foreign,
     starts_with_line,
 )
+from inat_classifier.tracking import log_to_wandb
 from models import restore_model
 
 TOP_K = 3
@@ -96,6 +97,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="folder for eval.json and confusion_matrix.png (default: beside the checkpoint)",
     )
     add_bool(parser, "tta", False, "average predictions over the image and its horizontal mirror")
+    add_bool(
+        parser,
+        "wandb",
+        False,
+        "also log the figures (test accuracy, macro F1, ECE, NLL, Brier) and the confusion matrix to W&B, "
+        "if the run used W&B (offline without an API key)",
+    )
     add_bool(
         parser,
         "calibrate",
@@ -234,6 +242,9 @@ def main(args: argparse.Namespace) -> dict:
     atomic_write_text(out / "eval.json", json.dumps(metrics, indent=1))
     confusion = write_confusion(metrics, ckpt["class_names"], out, split_name)
     print(f"wrote {out / 'eval.json'} and {confusion}")
+    if args.wandb:
+        summary = {f"test_{k}": metrics[k] for k in ("accuracy", "macro_f1", "ece", "nll", "brier")}
+        log_to_wandb("eval", ckpt.get("config", {}), out, {"confusion_matrix": confusion}, summary)
     return metrics
 
 

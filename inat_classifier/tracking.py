@@ -229,24 +229,33 @@ def short_labels(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
-def log_figure(key: str, path: Path, config: dict, out_dir: Path) -> bool:
-    """Log one figure to W&B if the run used W&B: offline unless an API key is configured; never prompts."""
+def log_to_wandb(what: str, config: dict, out_dir: Path, images: dict[str, Path], summary: dict) -> bool:
+    """Log figures and summary figures to W&B as a run of its own, if the trained run used W&B:
+    offline unless an API key is configured; never prompts. `what` names it ("viz", "eval")."""
     mode = config.get("wandb", "disabled")
     if mode == "disabled":
-        print("W&B: the run was trained with --wandb disabled; not logging the figure")
+        print(f"W&B: the run was trained with --wandb disabled; not logging its {what} run")
         return False
     ns = argparse.Namespace(
         wandb="offline" if mode == "offline" else "auto",
         wandb_project=config.get("wandb_project") or "inat12k",
         wandb_entity=config.get("wandb_entity"),
     )
-    name = f"viz-{Path(str(config.get('run_name') or out_dir.name)).name}"
-    logger = WandbLogger(ns, out_dir, name, {"figure": key, **json_safe(config)})
+    name = f"{what}-{Path(str(config.get('run_name') or out_dir.name)).name}"
+    logger = WandbLogger(ns, out_dir, name, {"logged": what, **json_safe(config)})
     logged = logger.run is not None
     try:
-        logger.log_image(key, path)
+        for key, path in images.items():
+            logger.log_image(key, path)
+        if logged and summary:
+            logger.run.summary.update(summary)
     finally:
         logger.finish()
     if logged:
-        print(f"W&B: logged '{key}' to {out_dir / 'wandb'}")
+        print(f"W&B: logged {', '.join([*images, *summary])} to {out_dir / 'wandb'}")
     return logged
+
+
+def log_figure(key: str, path: Path, config: dict, out_dir: Path) -> bool:
+    """visualize.py --wandb: one figure."""
+    return log_to_wandb("viz", config, out_dir, {key: path}, {})

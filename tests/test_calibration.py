@@ -6,13 +6,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, make_dataset, run_cli, train_args
+from conftest import assert_one_line_error, clean_env, make_dataset, run_cli, train_args
 from inat_classifier.calibration import calibration_metrics, expected_calibration_error, fit_temperature
 from inat_classifier.inference import heldout_samples, predict
 from inat_classifier.presets import Preprocess
@@ -158,3 +159,26 @@ def test_a_malformed_temperature_is_one_line(run_copy, value):
     ckpt = torch.load(ckpt_path, weights_only=True)
     torch.save({**ckpt, "temperature": value}, ckpt_path)
     assert_one_line_error(run_cli("evaluate.py", "--ckpt", ckpt_path, "--workers", "0"), "temperature")
+
+
+def test_evaluate_logs_calibration_to_the_runs_wandb_project(run_copy, tmp_path):
+    ckpt_path = run_copy / "best.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["config"] = {**ckpt["config"], "wandb": "offline", "wandb_project": "calibration-test"}
+    torch.save(ckpt, ckpt_path)
+    out = tmp_path / "eval"
+    env = clean_env(HOME=tmp_path, NETRC=tmp_path / "no-netrc", WANDB_DIR=tmp_path)
+    run_cli("evaluate.py", "--ckpt", ckpt_path, "--out", out, "--workers", "0", "--wandb", env=env, check=True)
+    report = json.loads((out / "eval.json").read_text())
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, sorted(p.name for p in (out / "wandb").rglob("*"))
+    summary = offline_summary(runs[0].read_bytes())
+    assert summary["test_ece"] == pytest.approx(report["ece"]) and summary["test_nll"] == pytest.approx(report["nll"])
+    assert summary["test_accuracy"] == pytest.approx(report["accuracy"])
+
+
+def offline_summary(record_log: bytes) -> dict:
+    """Summary items of an offline W&B run file: each is a protobuf SummaryItem, the key (field 1) then
+    value_json (field 16: tag bytes 0x82 0x01, a length byte, the JSON text)."""
+    found = re.finditer(rb"\n.(test_[a-z_0-9]+)\x82\x01(.)", record_log, re.S)
+    return {m[1].decode(): json.loads(record_log[m.end() : m.end() + m[2][0]]) for m in found}
