@@ -306,3 +306,14 @@ def test_evaluated_runs_show_their_test_accuracy_ece_and_nll(tmp_path):
     assert row[5:8] == ["0.8125", "0.0421", "0.6789"]
     other = next(ln.split() for ln in lines if ln.split()[1:2] == ["run-000"])
     assert len(other) == len(header) - 3  # blank cells where a run has no eval.json
+
+
+def test_a_parameter_named_like_a_column_gets_a_column_of_its_own(tmp_path, capsys):
+    from inat_classifier.sweep.report import print_runs
+
+    sweep = build_sweep(tmp_path / "partb", extras=False)
+    study = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(sweep / "optuna.journal"))))
+    runs = study_runs(study, sweep, "val_acc", "maximize")
+    print_runs(runs, {"epochs": None, "lr": None}, "val_acc", "maximize")
+    header = next(ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("rank"))
+    assert len(header) == len(set(header)) and "param_epochs" in header, header

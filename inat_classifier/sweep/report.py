@@ -75,9 +75,10 @@ def print_runs(runs: Sequence[Run], params: dict, metric: str, goal: str) -> Non
         for i, r in enumerate(ranked(runs, goal), 1)
     ]
     counts = {s: sum(r.state == s for r in runs) for s in dict.fromkeys(r.state for r in runs)}
-    print_table(
+    fixed = ["rank", "run", "state", metric, "epochs", *columns]
+    print_table(  # a searched parameter named like a fixed column (e.g. epochs) is shown as param_<name>
         f"runs ({len(runs)}: {', '.join(f'{n} {s}' for s, n in counts.items())}; {metric} {goal}):",
-        ["rank", "run", "state", metric, "epochs", *columns, *params],
+        fixed + [f"param_{p}" if p in fixed else p for p in params],
         rows,
     )
 
