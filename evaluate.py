@@ -154,6 +154,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--calibrate fits on the run's validation split; run it without --predict first")
     if args.calibrate and args.split == "val":
         raise UserError("--calibrate fits on the validation split, so it reports on --split test only")
+    if args.calibrate and exported_format(args.ckpt):
+        raise UserError("--calibrate needs the checkpoint: calibrate best.pt, then export it again")
     if args.csv:
         refuse_foreign(Path(args.csv), is_predictions_csv, "a predictions CSV", "--csv")
     if args.batch_size < 1 or args.workers < 0:
@@ -214,16 +216,14 @@ def main(args: argparse.Namespace) -> dict:
     check_args(args)
     device = select_device(args.device)
     model, ckpt = load_exported(args.ckpt) if exported_format(args.ckpt) else restore_model(args.ckpt, device)
+    if args.predict:
+        return predict_files(args, FlipTTA(model) if args.tta else model, ckpt, device)
+    out = output_folder(args)  # checked before any work, the calibration's included
     old_temperature = temperature_of(ckpt)
-    if args.calibrate:
-        if exported_format(args.ckpt):
-            raise UserError("--calibrate needs the checkpoint: calibrate best.pt, then export it again")
+    if args.calibrate:  # on the model's own logits, with or without --tta
         ckpt["temperature"] = calibrate(args, model, ckpt, device)
     if args.tta:
         model = FlipTTA(model)
-    if args.predict:
-        return predict_files(args, model, ckpt, device)
-    out = output_folder(args)
     data_dir = run_data_dir(ckpt, args.data_dir)
     samples, split_name = heldout_samples(ckpt, data_dir, args.split)
     p = predict_readable(model, samples, preprocess_of(ckpt), device, args.batch_size, args.workers)

@@ -182,3 +182,14 @@ def offline_summary(record_log: bytes) -> dict:
     value_json (field 16: tag bytes 0x82 0x01, a length byte, the JSON text)."""
     found = re.finditer(rb"\n.(test_[a-z_0-9]+)\x82\x01(.)", record_log, re.S)
     return {m[1].decode(): json.loads(record_log[m.end() : m.end() + m[2][0]]) for m in found}
+
+
+def test_calibrate_into_an_output_it_may_not_write_changes_no_checkpoint(run_copy, tmp_path):
+    ckpt_path = run_copy / "best.pt"
+    before = ckpt_path.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval.json").write_text('{"mine": true}\n')  # not an evaluation's: refused before any work
+    proc = run_cli("evaluate.py", "--ckpt", ckpt_path, "--calibrate", "--out", out, "--workers", "0")
+    assert_one_line_error(proc, "eval.json")
+    assert ckpt_path.read_bytes() == before
