@@ -50,7 +50,7 @@ from inat_classifier.sweep.commands import (
     check_train_args,
     resolve_program,
 )
-from inat_classifier.sweep.database import DEFAULT_TIMEOUT_S, shown
+from inat_classifier.sweep.database import DEFAULT_TIMEOUT_S, without_password
 from inat_classifier.sweep.leaderboard import (
     LEADERBOARD_FILE,
     LEADERBOARD_START,
@@ -346,7 +346,7 @@ def main(args: argparse.Namespace) -> int:
         )
     if not 0 < args.db_timeout < float("inf"):
         raise UserError(f"--db_timeout must be a number > 0, got {args.db_timeout}")
-    with storage_errors(shown(args.storage) if args.storage else "(the sweep's journal)"):
+    with storage_errors(without_password(args.storage) if args.storage else "(the sweep's journal)"):
         return open_and_run(args, train_args)
 
 

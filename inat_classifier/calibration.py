@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from inat_classifier.cli import UserError
 from inat_classifier.figures import pyplot, save_figure
@@ -32,23 +31,6 @@ def temperature_of(ckpt: dict) -> float:
     if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
         raise UserError(f"checkpoint field 'temperature' must be a positive number, got {t!r}")
     return float(t)
-
-
-class Tempered(nn.Module):
-    """The model with its logits divided by a temperature (argmax unchanged)."""
-
-    def __init__(self, model: nn.Module, temperature: float) -> None:
-        super().__init__()
-        self.model, self.temperature = model, temperature
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) / self.temperature
-
-
-def calibrated(model: nn.Module, ckpt: dict) -> nn.Module:
-    """The model as predictions should use it: with the checkpoint's temperature, if it has one."""
-    t = temperature_of(ckpt)
-    return model if t == 1.0 else Tempered(model, t)
 
 
 def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> list[dict]:

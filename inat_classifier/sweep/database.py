@@ -21,7 +21,7 @@ DRIVERS = {
 }
 
 
-def shown(url: str) -> str:
+def without_password(url: str) -> str:
     """The URL without its password, for messages."""
     scheme, _, rest = url.partition("://")
     if "@" not in rest:

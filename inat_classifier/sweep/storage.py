@@ -19,7 +19,7 @@ from pathlib import Path
 
 from inat_classifier.cli import UserError
 from inat_classifier.storage import HOST
-from inat_classifier.sweep.database import DEFAULT_TIMEOUT_S, engine_kwargs, shown, with_driver
+from inat_classifier.sweep.database import DEFAULT_TIMEOUT_S, engine_kwargs, with_driver, without_password
 
 JOURNAL_NAME = "optuna.journal"
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql")
@@ -50,7 +50,11 @@ def journal_path(sweep_dir: Path | None, storage: str | None) -> Path | None:
 
 def storage_name(sweep_dir: Path | None, storage: str | None) -> str:
     """The storage for messages: the journal file, or the database URL without its password."""
-    return shown(storage) if storage is not None and is_database_url(storage) else str(journal_path(sweep_dir, storage))
+    return (
+        without_password(storage)
+        if storage is not None and is_database_url(storage)
+        else str(journal_path(sweep_dir, storage))
+    )
 
 
 def open_storage(
@@ -101,15 +105,17 @@ def _database(url: str, grace_s: int, timeout_s: float):
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
                 )
         except ImportError as e:
-            raise UserError(f"--storage {shown(given)}: needs its database driver ({e.name or e})") from None
+            raise UserError(f"--storage {without_password(given)}: needs its database driver ({e.name or e})") from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             if attempt == 2:  # runners starting together race to create the tables: the loser tries again
                 raise UserError(
-                    f"--storage {shown(given)}: cannot create the study tables ({type(e).__name__})"
+                    f"--storage {without_password(given)}: cannot create the study tables ({type(e).__name__})"
                 ) from None
             time.sleep(1.0 + attempt)
         except Exception as e:  # sqlalchemy's errors: a refused connection, a wrong password, not a study schema
-            raise UserError(f"--storage {shown(given)}: cannot open the database ({failure_text(e)})") from None
+            raise UserError(
+                f"--storage {without_password(given)}: cannot open the database ({failure_text(e)})"
+            ) from None
 
 
 def failure_text(error: BaseException) -> str:
